@@ -1,0 +1,190 @@
+//! The agent protocol: what a host pulls (desired state) and pushes (observed state).
+//!
+//! Agents always connect to the controller; the controller never reaches an agent. The local
+//! agent of `tuchka serve` uses exactly the same endpoints over the unix socket.
+//!
+//! - `POST /v1/agent/register` with [`HostRegister`] → [`HostRegistered`]
+//! - `GET  /v1/agent/hosts/{id}/desired?after=GEN` → [`HostDesired`] (long poll: answers when
+//!   the generation is newer than `after`, or after a few seconds anyway)
+//! - `POST /v1/agent/hosts/{id}/report` with [`HostReport`]
+//! - `GET  /v1/agent/images/{sha256}` → the stored qcow2 bytes
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::PowerState;
+
+/// First contact of an agent.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HostRegister {
+    /// Host name (unique in the cloud).
+    pub name: String,
+    /// Join token (empty for the local agent on the unix socket).
+    #[serde(default)]
+    pub join_token: String,
+    /// Capacity and accelerator of the host.
+    pub facts: HostFacts,
+}
+
+/// Answer to a registration.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct HostRegistered {
+    /// Id to use in the other agent endpoints.
+    pub host_id: String,
+    /// Per-host bearer credential.
+    pub credential: String,
+    /// Id of this cloud; host resources carry it so two clouds never touch each other's.
+    pub cloud_id: String,
+}
+
+/// What a host is and has.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct HostFacts {
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Storage pool size in MiB.
+    pub disk_mib: u64,
+    /// Storage pool free space in MiB.
+    pub disk_free_mib: u64,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// Why this accelerator (e.g. "KVM test guest did not run within 5 s").
+    pub accel_reason: String,
+}
+
+/// Everything one host must converge to.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct HostDesired {
+    /// Increases with every change relevant to any host.
+    pub generation: u64,
+    /// Id of the cloud (prefix of every host resource name).
+    pub cloud_id: String,
+    /// VMs that must exist on this host.
+    pub vms: Vec<VmDesired>,
+    /// Networks that must exist on this host.
+    pub networks: Vec<NetworkDesired>,
+}
+
+/// One VM as its host must run it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct VmDesired {
+    /// VM id (NoCloud instance-id, storage directory name).
+    pub id: String,
+    /// VM name (hostname).
+    pub name: String,
+    /// libvirt domain name.
+    pub domain: String,
+    /// Power state to reach.
+    pub power: PowerState,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Root disk size in MiB.
+    pub disk_mib: u64,
+    /// Image identity (sha256 of the upload).
+    pub image_sha256: String,
+    /// sha256 of the stored qcow2 served by `/v1/agent/images/{image_sha256}`.
+    pub image_file_sha256: String,
+    /// NICs in order.
+    pub nics: Vec<NicDesired>,
+    /// NoCloud user-data.
+    pub user_data: Option<String>,
+    /// SSH public keys for the NoCloud meta-data.
+    pub ssh_keys: Vec<String>,
+    /// Reboot requests: reboot when this is above the last reboot the host did.
+    pub reboot_seq: u64,
+    /// Stop: power off at once.
+    pub force_stop: bool,
+    /// Stop: seconds to wait for ACPI shutdown before powering off.
+    pub stop_timeout_s: u32,
+}
+
+/// One NIC of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct NicDesired {
+    /// Network name.
+    pub network: String,
+    /// Bridge to plug the tap into.
+    pub bridge: String,
+    /// MAC address.
+    pub mac: String,
+    /// IPv4 address (reserved by the DHCP server).
+    pub ip: String,
+    /// Tap device name (≤ 15 chars).
+    pub tap: String,
+}
+
+/// One network as a host must provide it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct NetworkDesired {
+    /// Network name (also its DNS domain).
+    pub name: String,
+    /// VXLAN id.
+    pub vni: u32,
+    /// Bridge device name.
+    pub bridge: String,
+    /// IPv4 CIDR.
+    pub cidr: String,
+    /// Gateway address.
+    pub gateway: String,
+    /// Whether this host is the network's gateway (address on the bridge, DHCP, DNS).
+    pub gateway_here: bool,
+    /// MTU of the bridge and the guests' NICs.
+    pub mtu: u32,
+    /// DHCP reservations and DNS names, one per VM NIC.
+    pub hosts: Vec<DhcpHost>,
+}
+
+/// One DHCP reservation.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DhcpHost {
+    /// MAC address.
+    pub mac: String,
+    /// Reserved address.
+    pub ip: String,
+    /// Host name (the VM name).
+    pub name: String,
+}
+
+/// What a host observed; sent every few seconds and after each change.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct HostReport {
+    /// Generation of the desired state this report answers.
+    pub generation: u64,
+    /// Current capacity figures.
+    pub facts: HostFacts,
+    /// Every VM of this cloud present on the host (including ones being removed).
+    pub vms: Vec<VmObserved>,
+    /// Every network of this cloud present on the host.
+    pub networks: Vec<NetworkObserved>,
+    /// sha256 (identities) of the images in the host's cache.
+    pub cached_images: Vec<String>,
+}
+
+/// Observed state of one VM.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct VmObserved {
+    /// VM id.
+    pub id: String,
+    /// Observed state.
+    pub state: crate::VmState,
+    /// Why it could not converge.
+    pub error: Option<String>,
+    /// Highest reboot request carried out.
+    pub reboot_seq: u64,
+}
+
+/// Observed state of one network on a host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct NetworkObserved {
+    /// Network name.
+    pub name: String,
+    /// Bridge (and, on the gateway host, DHCP/DNS) are in place.
+    pub ready: bool,
+    /// Why it is not ready.
+    pub error: Option<String>,
+}
