@@ -1,1 +1,8 @@
-//! tuchka-core
+//! Pure domain logic of tuchka: names, network addressing, IPAM, placement.
+//!
+//! Nothing here does I/O; every function is deterministic given its inputs (random choices take
+//! the random source as an argument), so the controller's decisions can be unit-tested in full.
+
+pub mod ipam;
+pub mod names;
+pub mod placement;
