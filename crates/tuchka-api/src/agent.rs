@@ -66,6 +66,8 @@ pub struct HostDesired {
     pub vms: Vec<VmDesired>,
     /// Networks that must exist on this host.
     pub networks: Vec<NetworkDesired>,
+    /// Images (sha256) that still exist in the cloud; cached images not listed here are removed.
+    pub images: Vec<String>,
 }
 
 /// One VM as its host must run it.

@@ -1,1 +1,180 @@
-//! tuchka-store
+//! The state database of the controller: one SQLite file in WAL mode.
+//!
+//! Tables hold desired state (groups, VMs with their wanted power state, networks, images) next
+//! to what hosts last observed (VM state, network readiness, host facts), plus operations. Every
+//! change a user asks for is written in one transaction ([`Store::atomic`]), so a crash leaves
+//! either all of it or none. Schema changes are numbered migrations tracked in
+//! `PRAGMA user_version`; SQL stays portable (no SQLite-only types) so PostgreSQL can follow.
+
+mod rows;
+
+pub use rows::*;
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension};
+use thiserror::Error;
+
+/// A database failure.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// SQLite refused or failed.
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A JSON column did not decode.
+    #[error("state database: bad JSON in column {column}")]
+    Json {
+        /// Column name.
+        column: &'static str,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The file was written by a newer tuchka.
+    #[error("state database schema version {found} is newer than this tuchka knows ({known}); upgrade tuchka")]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Latest migration known.
+        known: i64,
+    },
+}
+
+/// Result of store calls.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the single-host cloud
+    r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE hosts (
+  id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, credential_sha256 TEXT NOT NULL,
+  draining INTEGER NOT NULL DEFAULT 0, revoked INTEGER NOT NULL DEFAULT 0,
+  facts TEXT NOT NULL, cached_images TEXT NOT NULL DEFAULT '[]',
+  last_seen TEXT, last_seen_unix INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL);
+CREATE TABLE images (
+  name TEXT PRIMARY KEY, sha256 TEXT NOT NULL, file_sha256 TEXT NOT NULL, source_format TEXT NOT NULL,
+  virtual_size INTEGER NOT NULL, stored_size INTEGER NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE networks (
+  name TEXT PRIMARY KEY, cidr TEXT NOT NULL, vni INTEGER NOT NULL UNIQUE, gateway_host TEXT,
+  state TEXT NOT NULL, error TEXT, deleting INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL);
+CREATE TABLE host_networks (
+  host_id TEXT NOT NULL, network TEXT NOT NULL, ready INTEGER NOT NULL, error TEXT,
+  PRIMARY KEY (host_id, network));
+CREATE TABLE groups (
+  name TEXT PRIMARY KEY, image TEXT NOT NULL, image_sha256 TEXT NOT NULL, count INTEGER NOT NULL,
+  cpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, disk_mib INTEGER NOT NULL, networks TEXT NOT NULL,
+  user_data TEXT, ssh_keys TEXT NOT NULL, placement TEXT NOT NULL, anti_affinity INTEGER NOT NULL DEFAULT 0,
+  deleting INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL);
+CREATE TABLE vms (
+  id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, group_name TEXT NOT NULL REFERENCES groups(name),
+  idx INTEGER NOT NULL, host_id TEXT NOT NULL REFERENCES hosts(id), placement_reason TEXT NOT NULL,
+  desired TEXT NOT NULL, observed TEXT NOT NULL, error TEXT,
+  reboot_seq INTEGER NOT NULL DEFAULT 0, reboot_done INTEGER NOT NULL DEFAULT 0,
+  force_stop INTEGER NOT NULL DEFAULT 0, stop_timeout_s INTEGER NOT NULL DEFAULT 60,
+  deleting INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL);
+CREATE TABLE nics (
+  vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE, idx INTEGER NOT NULL,
+  network TEXT NOT NULL REFERENCES networks(name), mac TEXT NOT NULL UNIQUE, ip TEXT NOT NULL,
+  PRIMARY KEY (vm_id, idx), UNIQUE (network, ip));
+CREATE TABLE operations (
+  id TEXT PRIMARY KEY, kind TEXT NOT NULL, target TEXT NOT NULL, state TEXT NOT NULL,
+  done INTEGER NOT NULL, total INTEGER NOT NULL, message TEXT NOT NULL, error TEXT,
+  params TEXT NOT NULL, created_at TEXT NOT NULL, finished_at TEXT);
+CREATE INDEX vms_host ON vms(host_id);
+CREATE INDEX vms_group ON vms(group_name);
+CREATE INDEX operations_state ON operations(state);
+"#,
+];
+
+/// The open database.
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Open (creating if needed) the database at `path` and bring its schema up to date.
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory database (tests).
+    pub fn open_in_memory() -> Result<Store> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Store> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew { found: version, known });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(Store { conn })
+    }
+
+    /// The connection, for reads.
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Run `f` in one IMMEDIATE transaction: all its writes land, or none.
+    pub fn atomic<T, E: From<StoreError>>(&mut self, f: impl FnOnce(&Connection) -> std::result::Result<T, E>) -> std::result::Result<T, E> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(StoreError::from)?;
+        let out = f(&tx)?;
+        tx.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+
+    /// The cloud id, created on first use.
+    pub fn cloud_id(&mut self) -> Result<String> {
+        self.atomic(|c| {
+            if let Some(v) = meta_get(c, "cloud_id")? {
+                return Ok(v);
+            }
+            let id = uuid::Uuid::new_v4().to_string();
+            meta_set(c, "cloud_id", &id)?;
+            Ok(id)
+        })
+    }
+}
+
+/// Read a meta value.
+pub fn meta_get(c: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+}
+
+/// Write a meta value.
+pub fn meta_set(c: &Connection, key: &str, value: &str) -> Result<()> {
+    c.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )?;
+    Ok(())
+}
+
+/// Now as RFC 3339 UTC with seconds.
+pub fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Now as Unix seconds.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

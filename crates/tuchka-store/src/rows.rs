@@ -1,0 +1,798 @@
+//! Typed rows and the queries on them. Every function takes a `&Connection` so it can run
+//! inside or outside [`crate::Store::atomic`].
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::de::DeserializeOwned;
+use tuchka_api::agent::HostFacts;
+use tuchka_api::{PowerState, VmState};
+
+use crate::{Result, StoreError};
+
+fn json<T: DeserializeOwned>(column: &'static str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|source| StoreError::Json { column, source })
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+/// Parse a stored power state.
+pub fn power_from_str(s: &str) -> PowerState {
+    match s {
+        "paused" => PowerState::Paused,
+        "stopped" => PowerState::Stopped,
+        _ => PowerState::Running,
+    }
+}
+
+/// Parse a stored VM state.
+pub fn state_from_str(s: &str) -> VmState {
+    match s {
+        "starting" => VmState::Starting,
+        "running" => VmState::Running,
+        "paused" => VmState::Paused,
+        "stopping" => VmState::Stopping,
+        "stopped" => VmState::Stopped,
+        "error" => VmState::Error,
+        "unknown" => VmState::Unknown,
+        _ => VmState::Pending,
+    }
+}
+
+// ---------------------------------------------------------------- hosts
+
+/// A registered host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRow {
+    /// Id.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// sha256 of its bearer credential.
+    pub credential_sha256: String,
+    /// No new placements.
+    pub draining: bool,
+    /// Credential revoked.
+    pub revoked: bool,
+    /// Last reported facts.
+    pub facts: HostFacts,
+    /// Last reported image cache.
+    pub cached_images: Vec<String>,
+    /// Last report, RFC 3339.
+    pub last_seen: Option<String>,
+    /// Last report, Unix seconds (0 = never).
+    pub last_seen_unix: i64,
+}
+
+const HOST_COLS: &str = "id, name, credential_sha256, draining, revoked, facts, cached_images, last_seen, last_seen_unix";
+
+fn host_row(r: &Row) -> rusqlite::Result<(HostRow, String, String)> {
+    Ok((
+        HostRow {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            credential_sha256: r.get(2)?,
+            draining: r.get(3)?,
+            revoked: r.get(4)?,
+            facts: HostFacts::default(),
+            cached_images: vec![],
+            last_seen: r.get(7)?,
+            last_seen_unix: r.get(8)?,
+        },
+        r.get(5)?,
+        r.get(6)?,
+    ))
+}
+
+fn finish_host((mut h, facts, cached): (HostRow, String, String)) -> Result<HostRow> {
+    h.facts = json("hosts.facts", &facts)?;
+    h.cached_images = json("hosts.cached_images", &cached)?;
+    Ok(h)
+}
+
+/// All hosts by name.
+pub fn hosts(c: &Connection) -> Result<Vec<HostRow>> {
+    let mut st = c.prepare(&format!("SELECT {HOST_COLS} FROM hosts ORDER BY name"))?;
+    let rows = st.query_map([], host_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(finish_host).collect()
+}
+
+/// One host by id or name.
+pub fn host(c: &Connection, id_or_name: &str) -> Result<Option<HostRow>> {
+    let r = c
+        .query_row(&format!("SELECT {HOST_COLS} FROM hosts WHERE id = ?1 OR name = ?1"), [id_or_name], host_row)
+        .optional()?;
+    r.map(finish_host).transpose()
+}
+
+/// Insert a host, or replace the credential and facts of the host with that name.
+pub fn upsert_host(c: &Connection, id: &str, name: &str, credential_sha256: &str, facts: &HostFacts) -> Result<String> {
+    if let Some(h) = host(c, name)? {
+        c.execute(
+            "UPDATE hosts SET credential_sha256 = ?2, facts = ?3, revoked = 0 WHERE id = ?1",
+            params![h.id, credential_sha256, to_json(facts)],
+        )?;
+        return Ok(h.id);
+    }
+    c.execute(
+        "INSERT INTO hosts (id, name, credential_sha256, facts, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, name, credential_sha256, to_json(facts), crate::now()],
+    )?;
+    Ok(id.to_string())
+}
+
+/// Record a report's facts and cache.
+pub fn touch_host(c: &Connection, id: &str, facts: &HostFacts, cached: &[String]) -> Result<()> {
+    c.execute(
+        "UPDATE hosts SET facts = ?2, cached_images = ?3, last_seen = ?4, last_seen_unix = ?5 WHERE id = ?1",
+        params![id, to_json(facts), to_json(&cached), crate::now(), crate::now_unix()],
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- images
+
+/// A stored image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRow {
+    /// Unique name.
+    pub name: String,
+    /// sha256 of the upload.
+    pub sha256: String,
+    /// sha256 of the stored qcow2.
+    pub file_sha256: String,
+    /// Detected format.
+    pub source_format: String,
+    /// Virtual size, bytes.
+    pub virtual_size: u64,
+    /// Stored size, bytes.
+    pub stored_size: u64,
+    /// Upload time.
+    pub created_at: String,
+}
+
+fn image_row(r: &Row) -> rusqlite::Result<ImageRow> {
+    Ok(ImageRow {
+        name: r.get(0)?,
+        sha256: r.get(1)?,
+        file_sha256: r.get(2)?,
+        source_format: r.get(3)?,
+        virtual_size: r.get::<_, i64>(4)? as u64,
+        stored_size: r.get::<_, i64>(5)? as u64,
+        created_at: r.get(6)?,
+    })
+}
+
+const IMAGE_COLS: &str = "name, sha256, file_sha256, source_format, virtual_size, stored_size, created_at";
+
+/// All images by name.
+pub fn images(c: &Connection) -> Result<Vec<ImageRow>> {
+    let mut st = c.prepare(&format!("SELECT {IMAGE_COLS} FROM images ORDER BY name"))?;
+    let rows = st.query_map([], image_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// One image.
+pub fn image(c: &Connection, name: &str) -> Result<Option<ImageRow>> {
+    Ok(c.query_row(&format!("SELECT {IMAGE_COLS} FROM images WHERE name = ?1"), [name], image_row).optional()?)
+}
+
+/// One image by sha256 (any name).
+pub fn image_by_sha(c: &Connection, sha: &str) -> Result<Option<ImageRow>> {
+    Ok(c.query_row(&format!("SELECT {IMAGE_COLS} FROM images WHERE sha256 = ?1 LIMIT 1"), [sha], image_row).optional()?)
+}
+
+/// Insert an image.
+pub fn insert_image(c: &Connection, i: &ImageRow) -> Result<()> {
+    c.execute(
+        &format!("INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+        params![i.name, i.sha256, i.file_sha256, i.source_format, i.virtual_size as i64, i.stored_size as i64, i.created_at],
+    )?;
+    Ok(())
+}
+
+/// Delete an image row.
+pub fn delete_image(c: &Connection, name: &str) -> Result<()> {
+    c.execute("DELETE FROM images WHERE name = ?1", [name])?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- networks
+
+/// A network.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkRow {
+    /// Unique name.
+    pub name: String,
+    /// CIDR.
+    pub cidr: String,
+    /// VXLAN id.
+    pub vni: u32,
+    /// Host id of the gateway.
+    pub gateway_host: Option<String>,
+    /// creating / ready / error.
+    pub state: String,
+    /// Last error.
+    pub error: Option<String>,
+    /// Being removed.
+    pub deleting: bool,
+    /// Creation time.
+    pub created_at: String,
+}
+
+const NET_COLS: &str = "name, cidr, vni, gateway_host, state, error, deleting, created_at";
+
+fn net_row(r: &Row) -> rusqlite::Result<NetworkRow> {
+    Ok(NetworkRow {
+        name: r.get(0)?,
+        cidr: r.get(1)?,
+        vni: r.get(2)?,
+        gateway_host: r.get(3)?,
+        state: r.get(4)?,
+        error: r.get(5)?,
+        deleting: r.get(6)?,
+        created_at: r.get(7)?,
+    })
+}
+
+/// All networks by name.
+pub fn networks(c: &Connection) -> Result<Vec<NetworkRow>> {
+    let mut st = c.prepare(&format!("SELECT {NET_COLS} FROM networks ORDER BY name"))?;
+    let rows = st.query_map([], net_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// One network.
+pub fn network(c: &Connection, name: &str) -> Result<Option<NetworkRow>> {
+    Ok(c.query_row(&format!("SELECT {NET_COLS} FROM networks WHERE name = ?1"), [name], net_row).optional()?)
+}
+
+/// Insert a network.
+pub fn insert_network(c: &Connection, n: &NetworkRow) -> Result<()> {
+    c.execute(
+        &format!("INSERT INTO networks ({NET_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+        params![n.name, n.cidr, n.vni, n.gateway_host, n.state, n.error, n.deleting, n.created_at],
+    )?;
+    Ok(())
+}
+
+/// Update state/error/deleting of a network.
+pub fn update_network(c: &Connection, n: &NetworkRow) -> Result<()> {
+    c.execute(
+        "UPDATE networks SET state = ?2, error = ?3, deleting = ?4, gateway_host = ?5 WHERE name = ?1",
+        params![n.name, n.state, n.error, n.deleting, n.gateway_host],
+    )?;
+    Ok(())
+}
+
+/// Delete a network row and its host presence rows.
+pub fn delete_network(c: &Connection, name: &str) -> Result<()> {
+    c.execute("DELETE FROM host_networks WHERE network = ?1", [name])?;
+    c.execute("DELETE FROM networks WHERE name = ?1", [name])?;
+    Ok(())
+}
+
+/// Presence of a network on a host, as last reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostNetworkRow {
+    /// Host id.
+    pub host_id: String,
+    /// Network name.
+    pub network: String,
+    /// Ready.
+    pub ready: bool,
+    /// Error.
+    pub error: Option<String>,
+}
+
+/// Replace what a host reported about networks.
+pub fn set_host_networks(c: &Connection, host_id: &str, rows: &[HostNetworkRow]) -> Result<()> {
+    c.execute("DELETE FROM host_networks WHERE host_id = ?1", [host_id])?;
+    for r in rows {
+        c.execute(
+            "INSERT INTO host_networks (host_id, network, ready, error) VALUES (?1, ?2, ?3, ?4)",
+            params![host_id, r.network, r.ready, r.error],
+        )?;
+    }
+    Ok(())
+}
+
+/// Every host's reported presence of `network`.
+pub fn network_presence(c: &Connection, network: &str) -> Result<Vec<HostNetworkRow>> {
+    let mut st = c.prepare("SELECT host_id, network, ready, error FROM host_networks WHERE network = ?1")?;
+    let rows = st
+        .query_map([network], |r| {
+            Ok(HostNetworkRow { host_id: r.get(0)?, network: r.get(1)?, ready: r.get(2)?, error: r.get(3)? })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------- groups
+
+/// A group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupRow {
+    /// Unique name.
+    pub name: String,
+    /// Image name.
+    pub image: String,
+    /// Image sha256.
+    pub image_sha256: String,
+    /// Wanted count.
+    pub count: u32,
+    /// vCPUs per VM.
+    pub cpus: u32,
+    /// Memory per VM, MiB.
+    pub memory_mib: u64,
+    /// Disk per VM, MiB.
+    pub disk_mib: u64,
+    /// Networks in NIC order.
+    pub networks: Vec<String>,
+    /// user-data.
+    pub user_data: Option<String>,
+    /// ssh keys.
+    pub ssh_keys: Vec<String>,
+    /// spread / pack.
+    pub placement: String,
+    /// Anti-affinity.
+    pub anti_affinity: bool,
+    /// Being removed.
+    pub deleting: bool,
+    /// Creation time.
+    pub created_at: String,
+}
+
+const GROUP_COLS: &str =
+    "name, image, image_sha256, count, cpus, memory_mib, disk_mib, networks, user_data, ssh_keys, placement, anti_affinity, deleting, created_at";
+
+fn group_row(r: &Row) -> rusqlite::Result<(GroupRow, String, String)> {
+    Ok((
+        GroupRow {
+            name: r.get(0)?,
+            image: r.get(1)?,
+            image_sha256: r.get(2)?,
+            count: r.get(3)?,
+            cpus: r.get(4)?,
+            memory_mib: r.get::<_, i64>(5)? as u64,
+            disk_mib: r.get::<_, i64>(6)? as u64,
+            networks: vec![],
+            user_data: r.get(8)?,
+            ssh_keys: vec![],
+            placement: r.get(10)?,
+            anti_affinity: r.get(11)?,
+            deleting: r.get(12)?,
+            created_at: r.get(13)?,
+        },
+        r.get(7)?,
+        r.get(9)?,
+    ))
+}
+
+fn finish_group((mut g, nets, keys): (GroupRow, String, String)) -> Result<GroupRow> {
+    g.networks = json("groups.networks", &nets)?;
+    g.ssh_keys = json("groups.ssh_keys", &keys)?;
+    Ok(g)
+}
+
+/// All groups by name.
+pub fn groups(c: &Connection) -> Result<Vec<GroupRow>> {
+    let mut st = c.prepare(&format!("SELECT {GROUP_COLS} FROM groups ORDER BY name"))?;
+    let rows = st.query_map([], group_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(finish_group).collect()
+}
+
+/// One group.
+pub fn group(c: &Connection, name: &str) -> Result<Option<GroupRow>> {
+    let r = c.query_row(&format!("SELECT {GROUP_COLS} FROM groups WHERE name = ?1"), [name], group_row).optional()?;
+    r.map(finish_group).transpose()
+}
+
+/// Insert a group.
+pub fn insert_group(c: &Connection, g: &GroupRow) -> Result<()> {
+    c.execute(
+        &format!("INSERT INTO groups ({GROUP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+        params![
+            g.name,
+            g.image,
+            g.image_sha256,
+            g.count,
+            g.cpus,
+            g.memory_mib as i64,
+            g.disk_mib as i64,
+            to_json(&g.networks),
+            g.user_data,
+            to_json(&g.ssh_keys),
+            g.placement,
+            g.anti_affinity,
+            g.deleting,
+            g.created_at
+        ],
+    )?;
+    Ok(())
+}
+
+/// Set count / deleting of a group.
+pub fn update_group(c: &Connection, name: &str, count: u32, deleting: bool) -> Result<()> {
+    c.execute("UPDATE groups SET count = ?2, deleting = ?3 WHERE name = ?1", params![name, count, deleting])?;
+    Ok(())
+}
+
+/// Delete a group row (its VMs must be gone).
+pub fn delete_group(c: &Connection, name: &str) -> Result<()> {
+    c.execute("DELETE FROM groups WHERE name = ?1", [name])?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- vms
+
+/// A VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRow {
+    /// Id.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Group name.
+    pub group: String,
+    /// Index in group.
+    pub idx: u32,
+    /// Host id.
+    pub host_id: String,
+    /// Scheduler's reason.
+    pub placement_reason: String,
+    /// Wanted power state.
+    pub desired: PowerState,
+    /// Last observed state.
+    pub observed: VmState,
+    /// Last error.
+    pub error: Option<String>,
+    /// Reboot requests.
+    pub reboot_seq: u64,
+    /// Reboots carried out.
+    pub reboot_done: u64,
+    /// Stop without ACPI.
+    pub force_stop: bool,
+    /// ACPI timeout.
+    pub stop_timeout_s: u32,
+    /// Being removed.
+    pub deleting: bool,
+    /// Creation time.
+    pub created_at: String,
+}
+
+const VM_COLS: &str = "id, name, group_name, idx, host_id, placement_reason, desired, observed, error, reboot_seq, reboot_done, force_stop, stop_timeout_s, deleting, created_at";
+
+fn vm_row(r: &Row) -> rusqlite::Result<VmRow> {
+    Ok(VmRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        group: r.get(2)?,
+        idx: r.get(3)?,
+        host_id: r.get(4)?,
+        placement_reason: r.get(5)?,
+        desired: power_from_str(&r.get::<_, String>(6)?),
+        observed: state_from_str(&r.get::<_, String>(7)?),
+        error: r.get(8)?,
+        reboot_seq: r.get::<_, i64>(9)? as u64,
+        reboot_done: r.get::<_, i64>(10)? as u64,
+        force_stop: r.get(11)?,
+        stop_timeout_s: r.get(12)?,
+        deleting: r.get(13)?,
+        created_at: r.get(14)?,
+    })
+}
+
+fn vms_where(c: &Connection, clause: &str, p: impl rusqlite::Params) -> Result<Vec<VmRow>> {
+    let mut st = c.prepare(&format!("SELECT {VM_COLS} FROM vms {clause}"))?;
+    let rows = st.query_map(p, vm_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// All VMs, by group and index.
+pub fn vms(c: &Connection) -> Result<Vec<VmRow>> {
+    vms_where(c, "ORDER BY group_name, idx", [])
+}
+
+/// VMs of a group, by index.
+pub fn group_vms(c: &Connection, group: &str) -> Result<Vec<VmRow>> {
+    vms_where(c, "WHERE group_name = ?1 ORDER BY idx", [group])
+}
+
+/// VMs placed on a host.
+pub fn host_vms(c: &Connection, host_id: &str) -> Result<Vec<VmRow>> {
+    vms_where(c, "WHERE host_id = ?1 ORDER BY group_name, idx", [host_id])
+}
+
+/// One VM by name.
+pub fn vm(c: &Connection, name: &str) -> Result<Option<VmRow>> {
+    Ok(vms_where(c, "WHERE name = ?1", [name])?.into_iter().next())
+}
+
+/// One VM by id.
+pub fn vm_by_id(c: &Connection, id: &str) -> Result<Option<VmRow>> {
+    Ok(vms_where(c, "WHERE id = ?1", [id])?.into_iter().next())
+}
+
+/// Insert a VM.
+pub fn insert_vm(c: &Connection, v: &VmRow) -> Result<()> {
+    c.execute(
+        &format!("INSERT INTO vms ({VM_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
+        params![
+            v.id,
+            v.name,
+            v.group,
+            v.idx,
+            v.host_id,
+            v.placement_reason,
+            v.desired.as_str(),
+            v.observed.as_str(),
+            v.error,
+            v.reboot_seq as i64,
+            v.reboot_done as i64,
+            v.force_stop,
+            v.stop_timeout_s,
+            v.deleting,
+            v.created_at
+        ],
+    )?;
+    Ok(())
+}
+
+/// Write the mutable fields of a VM.
+pub fn update_vm(c: &Connection, v: &VmRow) -> Result<()> {
+    c.execute(
+        "UPDATE vms SET desired = ?2, observed = ?3, error = ?4, reboot_seq = ?5, reboot_done = ?6, force_stop = ?7, stop_timeout_s = ?8, deleting = ?9 WHERE id = ?1",
+        params![
+            v.id,
+            v.desired.as_str(),
+            v.observed.as_str(),
+            v.error,
+            v.reboot_seq as i64,
+            v.reboot_done as i64,
+            v.force_stop,
+            v.stop_timeout_s,
+            v.deleting
+        ],
+    )?;
+    Ok(())
+}
+
+/// Delete a VM and its NICs (releases its addresses).
+pub fn delete_vm(c: &Connection, id: &str) -> Result<()> {
+    c.execute("DELETE FROM nics WHERE vm_id = ?1", [id])?;
+    c.execute("DELETE FROM vms WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- nics
+
+/// One NIC with its reservation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NicRow {
+    /// VM id.
+    pub vm_id: String,
+    /// Position.
+    pub idx: u32,
+    /// Network name.
+    pub network: String,
+    /// MAC.
+    pub mac: String,
+    /// IPv4.
+    pub ip: String,
+}
+
+fn nic_row(r: &Row) -> rusqlite::Result<NicRow> {
+    Ok(NicRow { vm_id: r.get(0)?, idx: r.get(1)?, network: r.get(2)?, mac: r.get(3)?, ip: r.get(4)? })
+}
+
+/// Every NIC (for IPAM and listings).
+pub fn nics(c: &Connection) -> Result<Vec<NicRow>> {
+    let mut st = c.prepare("SELECT vm_id, idx, network, mac, ip FROM nics ORDER BY vm_id, idx")?;
+    let rows = st.query_map([], nic_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// NICs of one VM in order.
+pub fn vm_nics(c: &Connection, vm_id: &str) -> Result<Vec<NicRow>> {
+    let mut st = c.prepare("SELECT vm_id, idx, network, mac, ip FROM nics WHERE vm_id = ?1 ORDER BY idx")?;
+    let rows = st.query_map([vm_id], nic_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// Insert a NIC.
+pub fn insert_nic(c: &Connection, n: &NicRow) -> Result<()> {
+    c.execute(
+        "INSERT INTO nics (vm_id, idx, network, mac, ip) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![n.vm_id, n.idx, n.network, n.mac, n.ip],
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- operations
+
+/// An operation with its private parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpRow {
+    /// The public view.
+    pub op: tuchka_api::Operation,
+    /// What the controller needs to follow it.
+    pub params: serde_json::Value,
+}
+
+const OP_COLS: &str = "id, kind, target, state, done, total, message, error, params, created_at, finished_at";
+
+fn op_row(r: &Row) -> rusqlite::Result<(OpRow, Option<String>, String)> {
+    Ok((
+        OpRow {
+            op: tuchka_api::Operation {
+                id: r.get(0)?,
+                kind: r.get(1)?,
+                target: r.get(2)?,
+                state: r.get(3)?,
+                done: r.get(4)?,
+                total: r.get(5)?,
+                message: r.get(6)?,
+                error: None,
+                created_at: r.get(9)?,
+                finished_at: r.get(10)?,
+            },
+            params: serde_json::Value::Null,
+        },
+        r.get(7)?,
+        r.get(8)?,
+    ))
+}
+
+fn finish_op((mut o, err, params): (OpRow, Option<String>, String)) -> Result<OpRow> {
+    o.op.error = err.map(|e| json("operations.error", &e)).transpose()?;
+    o.params = json("operations.params", &params)?;
+    Ok(o)
+}
+
+fn ops_where(c: &Connection, clause: &str, p: impl rusqlite::Params) -> Result<Vec<OpRow>> {
+    let mut st = c.prepare(&format!("SELECT {OP_COLS} FROM operations {clause}"))?;
+    let rows = st.query_map(p, op_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(finish_op).collect()
+}
+
+/// The latest `limit` operations, newest first.
+pub fn operations(c: &Connection, limit: u32) -> Result<Vec<OpRow>> {
+    ops_where(c, "ORDER BY created_at DESC, rowid DESC LIMIT ?1", [limit])
+}
+
+/// Operations still running, oldest first.
+pub fn running_operations(c: &Connection) -> Result<Vec<OpRow>> {
+    ops_where(c, "WHERE state = 'running' ORDER BY rowid", [])
+}
+
+/// One operation.
+pub fn operation(c: &Connection, id: &str) -> Result<Option<OpRow>> {
+    Ok(ops_where(c, "WHERE id = ?1", [id])?.into_iter().next())
+}
+
+/// Insert or update an operation.
+pub fn save_operation(c: &Connection, o: &OpRow) -> Result<()> {
+    let op = &o.op;
+    c.execute(
+        &format!(
+            "INSERT INTO operations ({OP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT(id) DO UPDATE SET state = excluded.state, done = excluded.done, total = excluded.total,
+               message = excluded.message, error = excluded.error, params = excluded.params, finished_at = excluded.finished_at"
+        ),
+        params![
+            op.id,
+            op.kind,
+            op.target,
+            op.state,
+            op.done,
+            op.total,
+            op.message,
+            op.error.as_ref().map(to_json),
+            to_json(&o.params),
+            op.created_at,
+            op.finished_at
+        ],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Store;
+
+    #[test]
+    fn migrates_and_round_trips_a_group_with_vms() {
+        let mut s = Store::open_in_memory().expect("open");
+        let cloud = s.cloud_id().expect("id");
+        assert_eq!(s.cloud_id().expect("same id"), cloud);
+        s.atomic(|c| {
+            upsert_host(c, "h1", "local", "x", &HostFacts::default())?;
+            insert_network(
+                c,
+                &NetworkRow {
+                    name: "lan".into(),
+                    cidr: "10.80.0.0/24".into(),
+                    vni: 5000,
+                    gateway_host: Some("h1".into()),
+                    state: "ready".into(),
+                    error: None,
+                    deleting: false,
+                    created_at: crate::now(),
+                },
+            )?;
+            insert_group(
+                c,
+                &GroupRow {
+                    name: "web".into(),
+                    image: "tiny".into(),
+                    image_sha256: "abc".into(),
+                    count: 1,
+                    cpus: 1,
+                    memory_mib: 256,
+                    disk_mib: 1024,
+                    networks: vec!["lan".into()],
+                    user_data: Some("#!/bin/sh\necho 'hi' \"<x>\"".into()),
+                    ssh_keys: vec!["ssh-ed25519 AAA x@y".into()],
+                    placement: "spread".into(),
+                    anti_affinity: false,
+                    deleting: false,
+                    created_at: crate::now(),
+                },
+            )?;
+            let v = VmRow {
+                id: "v1".into(),
+                name: "web-0".into(),
+                group: "web".into(),
+                idx: 0,
+                host_id: "h1".into(),
+                placement_reason: "only host".into(),
+                desired: PowerState::Running,
+                observed: VmState::Pending,
+                error: None,
+                reboot_seq: 0,
+                reboot_done: 0,
+                force_stop: false,
+                stop_timeout_s: 60,
+                deleting: false,
+                created_at: crate::now(),
+            };
+            insert_vm(c, &v)?;
+            insert_nic(c, &NicRow { vm_id: "v1".into(), idx: 0, network: "lan".into(), mac: "52:54:00:00:00:01".into(), ip: "10.80.0.2".into() })?;
+            Ok::<_, StoreError>(())
+        })
+        .expect("tx");
+        let g = group(s.conn(), "web").expect("q").expect("row");
+        assert_eq!(g.user_data.as_deref(), Some("#!/bin/sh\necho 'hi' \"<x>\""));
+        assert_eq!(g.networks, vec!["lan".to_string()]);
+        assert_eq!(group_vms(s.conn(), "web").expect("q").len(), 1);
+        // the same address twice on one network is refused by the schema
+        let dup = insert_nic(s.conn(), &NicRow { vm_id: "v1".into(), idx: 1, network: "lan".into(), mac: "52:54:00:00:00:02".into(), ip: "10.80.0.2".into() });
+        assert!(dup.is_err());
+        delete_vm(s.conn(), "v1").expect("delete");
+        assert!(nics(s.conn()).expect("q").is_empty());
+    }
+
+    #[test]
+    fn failed_transaction_leaves_nothing() {
+        let mut s = Store::open_in_memory().expect("open");
+        let r: std::result::Result<(), StoreError> = s.atomic(|c| {
+            upsert_host(c, "h1", "local", "x", &HostFacts::default())?;
+            upsert_host(c, "h1", "other", "x", &HostFacts::default())?; // duplicate id
+            Ok(())
+        });
+        assert!(r.is_err());
+        assert!(hosts(s.conn()).expect("q").is_empty());
+    }
+
+    #[test]
+    fn reopening_a_file_keeps_data() {
+        let dir = std::env::temp_dir().join(format!("tuchka-store-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("state.db");
+        let id = Store::open(&path).expect("open").cloud_id().expect("id");
+        assert_eq!(Store::open(&path).expect("reopen").cloud_id().expect("id"), id);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
