@@ -1,0 +1,213 @@
+//! The agent side of the controller: registration, the desired state of a host, and applying
+//! what a host reports.
+
+use std::collections::{HashMap, HashSet};
+
+use rusqlite::Connection;
+use sha2::{Digest, Sha256};
+use tuchka_api::agent::{
+    DhcpHost, HostDesired, HostRegister, HostRegistered, HostReport, NetworkDesired, NicDesired, VmDesired,
+};
+use tuchka_api::VmState;
+use tuchka_core::names;
+use tuchka_store::{self as db, HostNetworkRow};
+
+use crate::error::{Error, Result};
+use crate::state::Controller;
+
+/// MTU of tenant bridges and guest NICs (leaves room for VXLAN on a 1500 fabric).
+pub const TENANT_MTU: u32 = 1450;
+
+/// sha256 hex of a credential.
+pub fn credential_hash(credential: &str) -> String {
+    hex::encode(Sha256::digest(credential.as_bytes()))
+}
+
+/// Register (or re-register) a host; returns its id and a fresh credential.
+pub fn register(ctl: &Controller, req: HostRegister, trusted: bool) -> Result<HostRegistered> {
+    if !trusted {
+        return Err(Error::Unauthorized("joining over TCP needs a join token (comes with the cluster issue)".into()));
+    }
+    tuchka_core::names::validate_name("host", &req.name).map_err(|e| Error::invalid("InvalidName", e.to_string()))?;
+    let mut secret = [0u8; 32];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut secret);
+    let credential = hex::encode(secret);
+    let id = ctl.db().atomic(|c| {
+        let id = db::upsert_host(c, &uuid::Uuid::new_v4().to_string(), &req.name, &credential_hash(&credential), &req.facts)?;
+        db::touch_host(c, &id, &req.facts, &[])?;
+        Ok::<_, Error>(id)
+    })?;
+    ctl.emit("host.registered", &format!("host/{}", req.name), format!("host {} registered ({})", req.name, req.facts.accel));
+    ctl.bump();
+    Ok(HostRegistered { host_id: id, credential, cloud_id: ctl.cloud_id().to_string() })
+}
+
+/// Check a host credential (TCP agents).
+pub fn authenticate_host(ctl: &Controller, host_id: &str, credential: &str) -> Result<()> {
+    let h = db::host(ctl.db().conn(), host_id)?.ok_or_else(|| Error::Unauthorized("unknown host".into()))?;
+    if h.revoked || h.credential_sha256 != credential_hash(credential) {
+        return Err(Error::Unauthorized(format!("credential of host {:?} refused", h.name)));
+    }
+    Ok(())
+}
+
+/// Everything host `host_id` must converge to.
+pub fn desired_for(ctl: &Controller, host_id: &str, generation: u64) -> Result<HostDesired> {
+    let db = ctl.db();
+    let c = db.conn();
+    if db::host(c, host_id)?.is_none() {
+        return Err(Error::NotFound { kind: "host", cli: "host", name: host_id.into() });
+    }
+    build_desired(c, ctl.cloud_id(), host_id, generation)
+}
+
+fn build_desired(c: &Connection, cloud_id: &str, host_id: &str, generation: u64) -> Result<HostDesired> {
+    let all_vms = db::vms(c)?;
+    let live: Vec<&db::VmRow> = all_vms.iter().filter(|v| !v.deleting).collect();
+    let names_by_id: HashMap<&str, &str> = live.iter().map(|v| (v.id.as_str(), v.name.as_str())).collect();
+    let nics = db::nics(c)?;
+    let networks: HashMap<String, db::NetworkRow> =
+        db::networks(c)?.into_iter().filter(|n| !n.deleting).map(|n| (n.name.clone(), n)).collect();
+    let images: HashMap<String, db::ImageRow> = db::images(c)?.into_iter().map(|i| (i.sha256.clone(), i)).collect();
+
+    let mut vms = vec![];
+    let mut nets_here: HashSet<String> = networks
+        .values()
+        .filter(|n| n.gateway_host.as_deref() == Some(host_id))
+        .map(|n| n.name.clone())
+        .collect();
+    for v in live.iter().filter(|v| v.host_id == host_id) {
+        let Some(g) = db::group(c, &v.group)? else { continue };
+        let Some(img) = images.get(&g.image_sha256) else { continue };
+        let mut vm_nics = vec![];
+        for n in nics.iter().filter(|n| n.vm_id == v.id) {
+            let Some(net) = networks.get(&n.network) else { continue };
+            nets_here.insert(net.name.clone());
+            vm_nics.push(NicDesired {
+                network: net.name.clone(),
+                bridge: names::bridge_name(net.vni),
+                mac: n.mac.clone(),
+                ip: n.ip.clone(),
+                tap: names::tap_name(&n.mac),
+            });
+        }
+        vms.push(VmDesired {
+            id: v.id.clone(),
+            name: v.name.clone(),
+            domain: names::domain_name(cloud_id, &v.name),
+            power: v.desired,
+            cpus: g.cpus,
+            memory_mib: g.memory_mib,
+            disk_mib: g.disk_mib,
+            image_sha256: img.sha256.clone(),
+            image_file_sha256: img.file_sha256.clone(),
+            nics: vm_nics,
+            user_data: g.user_data.clone(),
+            ssh_keys: g.ssh_keys.clone(),
+            reboot_seq: v.reboot_seq,
+            force_stop: v.force_stop,
+            stop_timeout_s: v.stop_timeout_s,
+        });
+    }
+    let mut out_nets: Vec<NetworkDesired> = nets_here
+        .iter()
+        .filter_map(|name| networks.get(name))
+        .map(|n| {
+            let mut hosts: Vec<DhcpHost> = nics
+                .iter()
+                .filter(|x| x.network == n.name)
+                .filter_map(|x| names_by_id.get(x.vm_id.as_str()).map(|vm| DhcpHost { mac: x.mac.clone(), ip: x.ip.clone(), name: vm.to_string() }))
+                .collect();
+            hosts.sort();
+            NetworkDesired {
+                name: n.name.clone(),
+                vni: n.vni,
+                bridge: names::bridge_name(n.vni),
+                cidr: n.cidr.clone(),
+                gateway: n.cidr.parse::<tuchka_core::ipam::Cidr>().map(|c| c.gateway().to_string()).unwrap_or_default(),
+                gateway_here: n.gateway_host.as_deref() == Some(host_id),
+                mtu: TENANT_MTU,
+                hosts,
+            }
+        })
+        .collect();
+    out_nets.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut image_list: Vec<String> = images.into_keys().collect();
+    image_list.sort();
+    Ok(HostDesired { generation, cloud_id: cloud_id.to_string(), vms, networks: out_nets, images: image_list })
+}
+
+/// Record what a host observed, then move operations on.
+pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Result<()> {
+    let mut changes: Vec<(String, String)> = vec![];
+    let mut deleted_any = false;
+    ctl.db().atomic(|c| {
+        db::host(c, host_id)?.ok_or_else(|| Error::NotFound { kind: "host", cli: "host", name: host_id.into() })?;
+        db::touch_host(c, host_id, &report.facts, &report.cached_images)?;
+        let seen: HashMap<&str, &tuchka_api::agent::VmObserved> = report.vms.iter().map(|v| (v.id.as_str(), v)).collect();
+        for mut v in db::host_vms(c, host_id)? {
+            match seen.get(v.id.as_str()) {
+                None if v.deleting => {
+                    db::delete_vm(c, &v.id)?;
+                    changes.push((v.name.clone(), "removed".into()));
+                    deleted_any = true;
+                }
+                None => {}
+                Some(o) => {
+                    let before = (v.observed, v.error.clone());
+                    v.observed = o.state;
+                    v.error = if o.state == VmState::Error { o.error.clone() } else { None };
+                    v.reboot_done = v.reboot_done.max(o.reboot_seq);
+                    if before != (v.observed, v.error.clone()) {
+                        changes.push((v.name.clone(), v.observed.as_str().to_string()));
+                    }
+                    db::update_vm(c, &v)?;
+                }
+            }
+        }
+        let rows: Vec<HostNetworkRow> = report
+            .networks
+            .iter()
+            .map(|n| HostNetworkRow { host_id: host_id.into(), network: n.name.clone(), ready: n.ready, error: n.error.clone() })
+            .collect();
+        db::set_host_networks(c, host_id, &rows)?;
+        for n in &report.networks {
+            let Some(mut row) = db::network(c, &n.name)? else { continue };
+            if row.gateway_host.as_deref() != Some(host_id) || row.deleting {
+                continue;
+            }
+            let (state, error) = match (&n.error, n.ready) {
+                (Some(e), _) => ("error", Some(e.clone())),
+                (None, true) => ("ready", None),
+                (None, false) => ("creating", None),
+            };
+            if row.state != state || row.error != error {
+                row.state = state.into();
+                row.error = error;
+                db::update_network(c, &row)?;
+                changes.push((format!("network {}", row.name), state.into()));
+            }
+        }
+        Ok::<_, Error>(())
+    })?;
+    for (object, state) in changes {
+        ctl.emit("state", &object, format!("{object}: {state}"));
+    }
+    if deleted_any {
+        ctl.bump();
+    }
+    crate::ops::progress(ctl);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_hash_is_stable_hex() {
+        assert_eq!(credential_hash("x").len(), 64);
+        assert_eq!(credential_hash("x"), credential_hash("x"));
+        assert_ne!(credential_hash("x"), credential_hash("y"));
+    }
+}
