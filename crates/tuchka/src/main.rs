@@ -1,1 +1,132 @@
-fn main() {}
+//! `tuchka`: the one binary. `serve` runs the controller (and the local agent), `agent` runs a
+//! host agent, every other subcommand is the CLI client.
+
+mod serve;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// tuchka: a small cloud for your own hardware, on libvirt.
+#[derive(Debug, Parser)]
+#[command(name = "tuchka", version, about, propagate_version = true)]
+struct Top {
+    #[command(flatten)]
+    global: tuchka_cli::GlobalOpts,
+    #[command(subcommand)]
+    command: TopCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum TopCmd {
+    /// Run the controller (API, state, scheduler) and, by default, an agent for this host.
+    Serve(ServeArgs),
+    /// Run a host agent that joins a controller.
+    Agent(AgentArgs),
+    #[command(flatten)]
+    Client(tuchka_cli::Command),
+}
+
+/// Accelerator choice on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AccelArg {
+    /// KVM if a real test guest runs under it, else TCG.
+    Auto,
+    /// KVM (fails if it does not work).
+    Kvm,
+    /// TCG software emulation.
+    Tcg,
+}
+
+impl From<AccelArg> for tuchka_host::AccelChoice {
+    fn from(a: AccelArg) -> Self {
+        match a {
+            AccelArg::Auto => tuchka_host::AccelChoice::Auto,
+            AccelArg::Kvm => tuchka_host::AccelChoice::Kvm,
+            AccelArg::Tcg => tuchka_host::AccelChoice::Tcg,
+        }
+    }
+}
+
+/// Options of `tuchka serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Data directory (state.db, images, token, tuchka.sock, the local agent's pool).
+    #[arg(long, env = "TUCHKA_DATA_DIR", default_value = "/var/lib/tuchka")]
+    pub data_dir: PathBuf,
+    /// Also serve the API on TCP (bearer token required; it is in <data-dir>/token).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Accelerator for guests.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// Do not run an agent for this host (a dedicated controller).
+    #[arg(long)]
+    pub no_local_agent: bool,
+    /// Name of this host in the cloud [default: the system host name].
+    #[arg(long)]
+    pub host_name: Option<String>,
+    /// libvirt connection of the local agent.
+    #[arg(long, default_value = "qemu:///system")]
+    pub libvirt_uri: String,
+    /// Seconds without a report before a host is shown down.
+    #[arg(long, default_value_t = 15)]
+    pub down_after: u64,
+}
+
+/// Options of `tuchka agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Controller URL, e.g. http://10.0.0.1:7480.
+    #[arg(long)]
+    pub controller: String,
+    /// Join token printed by the controller.
+    #[arg(long, env = "TUCHKA_JOIN_TOKEN")]
+    pub join_token: String,
+    /// Storage pool directory of this host.
+    #[arg(long, default_value = "/var/lib/tuchka/pool")]
+    pub pool: PathBuf,
+    /// Accelerator for guests.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// Name of this host in the cloud [default: the system host name].
+    #[arg(long)]
+    pub host_name: Option<String>,
+    /// libvirt connection.
+    #[arg(long, default_value = "qemu:///system")]
+    pub libvirt_uri: String,
+}
+
+fn main() {
+    let top = Top::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(async move {
+        match top.command {
+            TopCmd::Serve(args) => report(serve::serve(args).await),
+            TopCmd::Agent(args) => report(serve::agent(args).await),
+            TopCmd::Client(cmd) => match tuchka_cli::run_command(top.global, cmd).await {
+                Ok(code) => code,
+                Err(e) => {
+                    tuchka_cli::print_error(&e);
+                    1
+                }
+            },
+        }
+    });
+    std::process::exit(code);
+}
+
+fn report(r: anyhow::Result<()>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            tuchka_cli::print_error(&e);
+            1
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Pure decisions of the reconcile loop: given what a VM should be and what libvirt shows, what
+//! to do next and what to report. No I/O, so every case is unit-tested.
+
+use std::time::Duration;
+
+use tuchka_api::agent::VmDesired;
+use tuchka_api::{PowerState, VmState};
+use tuchka_host::DomainState;
+
+/// Re-send the ACPI power button this often while a guest is shutting down (a press that
+/// arrives before the guest's acpid runs is lost).
+pub const SHUTDOWN_RESEND: Duration = Duration::from_secs(3);
+
+/// One action on a domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to do.
+    None,
+    /// Prepare disk and seed, define the domain.
+    Create,
+    /// Start it.
+    Start,
+    /// Press the power button.
+    Shutdown,
+    /// Power off now.
+    Destroy,
+    /// Pause.
+    Suspend,
+    /// Unpause.
+    Resume,
+    /// ACPI reboot.
+    Reboot,
+}
+
+/// What the agent remembers between passes about one VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmMemory {
+    /// How long ago the first shutdown request of the current stop was sent.
+    pub shutdown_since: Option<Duration>,
+    /// How long ago the last shutdown request was sent.
+    pub shutdown_last: Option<Duration>,
+    /// Highest reboot request carried out.
+    pub reboot_done: u64,
+}
+
+/// The next action for `want` given the domain's observed `state` (None: not defined).
+pub fn next_action(want: &VmDesired, state: Option<&DomainState>, mem: &VmMemory) -> Action {
+    let Some(state) = state else { return Action::Create };
+    match (want.power, state) {
+        (_, DomainState::Crashed) => Action::Destroy,
+        (PowerState::Running, DomainState::ShutOff) => Action::Start,
+        (PowerState::Running, DomainState::Paused) => Action::Resume,
+        (PowerState::Running, DomainState::Running) if want.reboot_seq > mem.reboot_done => Action::Reboot,
+        (PowerState::Paused, DomainState::ShutOff) => Action::Start,
+        (PowerState::Paused, DomainState::Running) => Action::Suspend,
+        (PowerState::Stopped, DomainState::ShutOff) => Action::None,
+        (PowerState::Stopped, _) if want.force_stop => Action::Destroy,
+        // A paused guest cannot see the power button: resume it first.
+        (PowerState::Stopped, DomainState::Paused) => Action::Resume,
+        (PowerState::Stopped, DomainState::Running | DomainState::ShuttingDown | DomainState::Other(_)) => {
+            match (mem.shutdown_since, mem.shutdown_last) {
+                (Some(since), _) if since >= Duration::from_secs(u64::from(want.stop_timeout_s)) => Action::Destroy,
+                (Some(_), Some(last)) if last < SHUTDOWN_RESEND => Action::None,
+                _ => Action::Shutdown,
+            }
+        }
+        _ => Action::None,
+    }
+}
+
+/// The state to report for a VM whose domain shows `state`.
+pub fn observed_state(want: &VmDesired, state: Option<&DomainState>) -> VmState {
+    match state {
+        None => VmState::Starting,
+        Some(DomainState::Running) if want.power == PowerState::Stopped => VmState::Stopping,
+        Some(DomainState::Running) => VmState::Running,
+        Some(DomainState::ShuttingDown) => VmState::Stopping,
+        Some(DomainState::Paused) if want.power == PowerState::Stopped => VmState::Stopping,
+        Some(DomainState::Paused) => VmState::Paused,
+        Some(DomainState::ShutOff) if want.power == PowerState::Stopped => VmState::Stopped,
+        Some(DomainState::ShutOff) => VmState::Starting,
+        Some(DomainState::Crashed) => VmState::Error,
+        Some(DomainState::Other(_)) => VmState::Starting,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(power: PowerState) -> VmDesired {
+        VmDesired {
+            id: "id".into(),
+            name: "web-0".into(),
+            domain: "tk-x-web-0".into(),
+            power,
+            cpus: 1,
+            memory_mib: 256,
+            disk_mib: 1024,
+            image_sha256: "a".into(),
+            image_file_sha256: "a".into(),
+            nics: vec![],
+            user_data: None,
+            ssh_keys: vec![],
+            reboot_seq: 0,
+            force_stop: false,
+            stop_timeout_s: 60,
+        }
+    }
+
+    #[test]
+    fn creates_then_starts_then_rests() {
+        let w = vm(PowerState::Running);
+        let m = VmMemory::default();
+        assert_eq!(next_action(&w, None, &m), Action::Create);
+        assert_eq!(next_action(&w, Some(&DomainState::ShutOff), &m), Action::Start);
+        assert_eq!(next_action(&w, Some(&DomainState::Running), &m), Action::None);
+        assert_eq!(observed_state(&w, Some(&DomainState::Running)), VmState::Running);
+        assert_eq!(observed_state(&w, None), VmState::Starting);
+    }
+
+    #[test]
+    fn pause_and_resume() {
+        let m = VmMemory::default();
+        assert_eq!(next_action(&vm(PowerState::Paused), Some(&DomainState::Running), &m), Action::Suspend);
+        assert_eq!(next_action(&vm(PowerState::Running), Some(&DomainState::Paused), &m), Action::Resume);
+        assert_eq!(observed_state(&vm(PowerState::Paused), Some(&DomainState::Paused)), VmState::Paused);
+    }
+
+    #[test]
+    fn stop_presses_the_button_resends_then_forces() {
+        let w = vm(PowerState::Stopped);
+        let running = DomainState::Running;
+        let mut m = VmMemory::default();
+        assert_eq!(next_action(&w, Some(&running), &m), Action::Shutdown);
+        m.shutdown_since = Some(Duration::from_secs(1));
+        m.shutdown_last = Some(Duration::from_secs(1));
+        assert_eq!(next_action(&w, Some(&running), &m), Action::None);
+        m.shutdown_last = Some(Duration::from_secs(4));
+        assert_eq!(next_action(&w, Some(&running), &m), Action::Shutdown);
+        m.shutdown_since = Some(Duration::from_secs(60));
+        assert_eq!(next_action(&w, Some(&running), &m), Action::Destroy);
+        assert_eq!(observed_state(&w, Some(&running)), VmState::Stopping);
+        assert_eq!(observed_state(&w, Some(&DomainState::ShutOff)), VmState::Stopped);
+        assert_eq!(next_action(&w, Some(&DomainState::ShutOff), &m), Action::None);
+    }
+
+    #[test]
+    fn force_stop_and_paused_stop() {
+        let mut w = vm(PowerState::Stopped);
+        let m = VmMemory::default();
+        assert_eq!(next_action(&w, Some(&DomainState::Paused), &m), Action::Resume);
+        w.force_stop = true;
+        assert_eq!(next_action(&w, Some(&DomainState::Running), &m), Action::Destroy);
+        assert_eq!(next_action(&w, Some(&DomainState::Paused), &m), Action::Destroy);
+    }
+
+    #[test]
+    fn reboot_once_per_request() {
+        let mut w = vm(PowerState::Running);
+        w.reboot_seq = 2;
+        let mut m = VmMemory { reboot_done: 1, ..Default::default() };
+        assert_eq!(next_action(&w, Some(&DomainState::Running), &m), Action::Reboot);
+        m.reboot_done = 2;
+        assert_eq!(next_action(&w, Some(&DomainState::Running), &m), Action::None);
+    }
+
+    #[test]
+    fn crashed_is_destroyed_and_reported_as_error() {
+        let w = vm(PowerState::Running);
+        assert_eq!(next_action(&w, Some(&DomainState::Crashed), &VmMemory::default()), Action::Destroy);
+        assert_eq!(observed_state(&w, Some(&DomainState::Crashed)), VmState::Error);
+    }
+}

@@ -1,0 +1,168 @@
+//! The agent's loop: register, then forever: long-poll the desired state, fetch missing images,
+//! reconcile, report. Survives controller restarts (it retries and re-registers).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+use tuchka_api::agent::{HostDesired, HostRegister, HostRegistered, HostReport};
+use tuchka_client::{Client, ClientError};
+use tuchka_host::{AccelChoice, DirStorage, Libvirt, LinuxDataplane, Storage};
+
+use crate::reconcile::{reconcile, HostParts, Memory};
+
+/// How an agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Host name in the cloud.
+    pub name: String,
+    /// Storage pool directory.
+    pub pool: PathBuf,
+    /// libvirt URI.
+    pub libvirt_uri: String,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// Join token (empty for the local agent on the unix socket).
+    pub join_token: String,
+}
+
+/// Setup failures; everything after setup is retried instead.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// The host adapters could not be opened.
+    #[error("agent setup failed")]
+    Host(#[from] tuchka_host::HostError),
+    /// A worker thread died.
+    #[error("agent worker failed: {0}")]
+    Join(String),
+}
+
+/// Run the agent until the process ends.
+pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> {
+    let choice = config.accel;
+    let (accel, accel_reason) = tokio::task::spawn_blocking(move || tuchka_host::probe_accel(choice))
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))?;
+    if accel == tuchka_host::Accel::Tcg {
+        tracing::warn!("guests use TCG (software emulation): {accel_reason}");
+    } else {
+        tracing::info!("guests use KVM: {accel_reason}");
+    }
+    let storage = DirStorage::open(&config.pool)?;
+    let facts = |s: &dyn Storage| tuchka_host::host_facts(s, accel, &accel_reason).unwrap_or_default();
+    let reg = register(&client, &config, facts(&storage)).await;
+    tracing::info!(host = %config.name, id = %reg.host_id, "agent registered");
+    let parts = Arc::new(HostParts {
+        hypervisor: Box::new(Libvirt::connect(&config.libvirt_uri, &reg.cloud_id)?),
+        storage: Box::new(storage),
+        dataplane: Box::new(LinuxDataplane::new(&config.pool, &reg.cloud_id)),
+        accel,
+        cloud_id: reg.cloud_id.clone(),
+    });
+    let client = client.with_token(Some(reg.credential.clone()));
+    let mut host_id = reg.host_id.clone();
+    let memory = Arc::new(Mutex::new(Memory::default()));
+    let mut after = 0u64;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let desired: HostDesired = match client.get(&format!("/v1/agent/hosts/{host_id}/desired?after={after}")).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot fetch desired state; retrying");
+                if e.status() == Some(404) || e.status() == Some(401) {
+                    let reg = register(&client, &config, facts(parts.storage.as_ref())).await;
+                    host_id = reg.host_id;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(250);
+        let image_errors = fetch_images(&client, &parts, &desired).await;
+        let (p, m, d) = (parts.clone(), memory.clone(), desired.clone());
+        let pass = tokio::task::spawn_blocking(move || {
+            let mut mem = m.lock().unwrap_or_else(|p| p.into_inner());
+            reconcile(&p, &d, &mut mem, &image_errors)
+        })
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))?;
+        let mut report: HostReport = pass.report;
+        report.facts = facts(parts.storage.as_ref());
+        if let Err(e) = client.post_empty(&format!("/v1/agent/hosts/{host_id}/report"), &report).await {
+            tracing::warn!(error = %e, "cannot send report");
+        }
+        if pass.settled {
+            after = desired.generation;
+        } else {
+            after = 0;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+async fn register(client: &Client, config: &AgentConfig, facts: tuchka_api::agent::HostFacts) -> HostRegistered {
+    let req = HostRegister { name: config.name.clone(), join_token: config.join_token.clone(), facts };
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match client.post::<_, HostRegistered>("/v1/agent/register", &req).await {
+            Ok(r) => return r,
+            Err(e) => {
+                log_register_error(&e);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn log_register_error(e: &ClientError) {
+    tracing::warn!(error = %e, "cannot register with the controller; retrying");
+}
+
+/// Fetch every image a desired VM needs and the cache lacks. Returns the ones that failed.
+async fn fetch_images(client: &Client, parts: &Arc<HostParts>, desired: &HostDesired) -> HashMap<String, String> {
+    let mut errors = HashMap::new();
+    let cached = parts.storage.cached_images().unwrap_or_default();
+    let mut needed: Vec<(&str, &str)> = desired
+        .vms
+        .iter()
+        .filter(|v| !cached.contains(&v.image_sha256))
+        .map(|v| (v.image_sha256.as_str(), v.image_file_sha256.as_str()))
+        .collect();
+    needed.sort();
+    needed.dedup();
+    for (sha, file_sha) in needed {
+        let mut last = String::new();
+        // A corrupted transfer is detected by the digest check and fetched again once.
+        for attempt in 1..=2 {
+            match fetch_one(client, parts, sha, file_sha).await {
+                Ok(()) => {
+                    tracing::info!(image = %sha, attempt, "image cached");
+                    last.clear();
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(image = %sha, attempt, error = %e, "image fetch failed");
+                    last = e;
+                }
+            }
+        }
+        if !last.is_empty() {
+            errors.insert(sha.to_string(), last);
+        }
+    }
+    errors
+}
+
+async fn fetch_one(client: &Client, parts: &Arc<HostParts>, sha: &str, file_sha: &str) -> Result<(), String> {
+    let partial = parts.storage.image_partial_path(sha);
+    client.download(&format!("/v1/agent/images/{sha}"), &partial).await.map_err(|e| e.to_string())?;
+    let (p, s, f) = (parts.clone(), sha.to_string(), file_sha.to_string());
+    tokio::task::spawn_blocking(move || p.storage.commit_image(&s, &f).map(|_| ()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}

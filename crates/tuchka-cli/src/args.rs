@@ -1,0 +1,460 @@
+//! The command line grammar (clap derive): global options and every subcommand.
+//!
+//! The lead's binary embeds [`Command`] and [`GlobalOpts`] in its own top-level parser (which
+//! adds `serve` and `agent`); [`Cli`] is the same grammar on its own, for tests and reuse.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::size::parse_size_arg;
+
+/// Help heading of the options every subcommand accepts.
+const GLOBAL: &str = "Global options";
+
+/// The tuchka command line (everything except `serve` and `agent`).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "tuchka", version, about = "A small cloud on libvirt.")]
+pub struct Cli {
+    /// Where and how to talk to the controller.
+    #[command(flatten)]
+    pub global: GlobalOpts,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every client subcommand understands.
+#[derive(Debug, Clone, Default, Args)]
+pub struct GlobalOpts {
+    /// Controller unix socket [default: $TUCHKA_DATA_DIR/tuchka.sock if TUCHKA_DATA_DIR is set,
+    /// else /var/lib/tuchka/tuchka.sock].
+    #[arg(
+        long,
+        env = "TUCHKA_SOCKET",
+        global = true,
+        value_name = "PATH",
+        help_heading = GLOBAL
+    )]
+    pub socket: Option<PathBuf>,
+    /// Controller URL (http://HOST:PORT); used instead of the socket when set.
+    #[arg(
+        long,
+        env = "TUCHKA_URL",
+        global = true,
+        value_name = "URL",
+        help_heading = GLOBAL
+    )]
+    pub url: Option<String>,
+    /// Bearer token for --url.
+    #[arg(
+        long,
+        env = "TUCHKA_TOKEN",
+        global = true,
+        value_name = "T",
+        hide_env_values = true,
+        help_heading = GLOBAL
+    )]
+    pub token: Option<String>,
+    /// Output format: aligned tables for people, or the raw API JSON.
+    #[arg(
+        short = 'o',
+        long,
+        value_enum,
+        global = true,
+        default_value_t = Output::Table,
+        help_heading = GLOBAL
+    )]
+    pub output: Output,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns and `key: value` lines.
+    #[default]
+    Table,
+    /// The API's JSON, pretty-printed.
+    Json,
+}
+
+/// The client subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Upload, list and remove disk images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Create, list and remove virtual networks.
+    #[command(subcommand, visible_alias = "network")]
+    Net(NetCmd),
+    /// Launch, scale and remove groups of VMs.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Inspect VMs and change their power state.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Inspect hypervisor hosts.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Inspect and follow operations.
+    #[command(subcommand, visible_alias = "operation")]
+    Op(OpCmd),
+    /// Check that this machine can run tuchka (CPU flags, /dev/kvm, libvirt, tools).
+    Check,
+}
+
+/// `tuchka image …`
+#[derive(Debug, Clone, Subcommand)]
+pub enum ImageCmd {
+    /// Upload a qcow2 or raw disk image (streamed; progress on stderr).
+    Upload {
+        /// The image file.
+        file: PathBuf,
+        /// Image name [default: the file name up to its first dot].
+        #[arg(long, short = 'n')]
+        name: Option<String>,
+    },
+    /// List images.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one image.
+    Show {
+        /// Image name.
+        name: String,
+    },
+    /// Remove an image (refused while VMs use it).
+    #[command(visible_alias = "delete")]
+    Rm {
+        /// Image name.
+        name: String,
+    },
+}
+
+/// `tuchka net …`
+#[derive(Debug, Clone, Subcommand)]
+pub enum NetCmd {
+    /// Create a network.
+    Create {
+        /// Network name.
+        name: String,
+        /// IPv4 CIDR, e.g. 10.80.0.0/24 (prefix 16..=29).
+        #[arg(long)]
+        cidr: String,
+        /// Follow the operation until it finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List networks.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one network and its addresses.
+    Show {
+        /// Network name.
+        name: String,
+    },
+    /// Remove a network (refused while VMs use it).
+    #[command(visible_alias = "delete")]
+    Rm {
+        /// Network name.
+        name: String,
+        /// Follow the operation until it finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// VM placement policy of a group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum Placement {
+    /// Put the VMs on as many hosts as possible.
+    #[default]
+    Spread,
+    /// Fill one host before using the next.
+    Pack,
+}
+
+impl Placement {
+    /// The name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::Spread => "spread",
+            Placement::Pack => "pack",
+        }
+    }
+}
+
+/// Arguments of `tuchka group create`.
+#[derive(Debug, Clone, Args)]
+pub struct GroupCreateArgs {
+    /// Group name; its VMs are NAME-0 … NAME-{count-1}.
+    pub name: String,
+    /// Image name.
+    #[arg(long)]
+    pub image: String,
+    /// Number of VMs (1..=100).
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
+    /// vCPUs per VM.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Memory per VM, e.g. 256M, 1G, 1.5G (a bare number is MiB).
+    #[arg(long, default_value = "256M", value_parser = parse_size_arg, value_name = "SIZE")]
+    pub memory: u64,
+    /// Root disk per VM [default: the image's virtual size].
+    #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
+    pub disk: Option<u64>,
+    /// Network to attach (one NIC each, in order); may repeat.
+    #[arg(long = "net", value_name = "NETWORK")]
+    pub nets: Vec<String>,
+    /// NoCloud user-data file given to every VM.
+    #[arg(long, value_name = "FILE")]
+    pub user_data: Option<PathBuf>,
+    /// SSH public key file (.pub or authorized_keys); may repeat.
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    pub ssh_keys: Vec<PathBuf>,
+    /// How to place the VMs on hosts.
+    #[arg(long, value_enum, default_value_t = Placement::Spread)]
+    pub placement: Placement,
+    /// Follow the operation until it finishes.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `tuchka group …`
+#[derive(Debug, Clone, Subcommand)]
+pub enum GroupCmd {
+    /// Launch a group of identical VMs (all or nothing).
+    Create(GroupCreateArgs),
+    /// List groups.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one group.
+    Show {
+        /// Group name.
+        name: String,
+    },
+    /// Change the number of VMs (scaling down removes the highest indexes).
+    Scale {
+        /// Group name.
+        name: String,
+        /// New number of VMs (0..=100).
+        #[arg(long)]
+        count: u32,
+        /// Follow the operation until it finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Remove a group and all its VMs.
+    #[command(visible_alias = "delete")]
+    Rm {
+        /// Group name.
+        name: String,
+        /// Follow the operation until it finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// A VM name plus `--wait`.
+#[derive(Debug, Clone, Args)]
+pub struct VmAction {
+    /// VM name (GROUP-INDEX).
+    pub name: String,
+    /// Follow the operation until it finishes.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `tuchka vm …`
+#[derive(Debug, Clone, Subcommand)]
+pub enum VmCmd {
+    /// List VMs.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one VM.
+    Show {
+        /// VM name.
+        name: String,
+    },
+    /// Start a stopped VM.
+    Start(VmAction),
+    /// Stop a VM (ACPI shutdown, forced after --timeout).
+    Stop {
+        /// VM name.
+        name: String,
+        /// Power off at once.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the ACPI shutdown before powering off [server default: 60].
+        #[arg(long, value_name = "S")]
+        timeout: Option<u32>,
+        /// Follow the operation until it finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Pause a running VM (vCPUs stop, memory kept).
+    Pause(VmAction),
+    /// Resume a paused VM.
+    Resume(VmAction),
+    /// Reboot a running VM.
+    Reboot(VmAction),
+    /// Remove a VM (its group's count goes down by one).
+    #[command(visible_alias = "delete")]
+    Rm(VmAction),
+    /// Print the VM's serial console log.
+    Console {
+        /// VM name.
+        name: String,
+    },
+}
+
+/// `tuchka host …`
+#[derive(Debug, Clone, Subcommand)]
+pub enum HostCmd {
+    /// List hosts.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one host.
+    Show {
+        /// Host name.
+        name: String,
+    },
+}
+
+/// `tuchka op …`
+#[derive(Debug, Clone, Subcommand)]
+pub enum OpCmd {
+    /// List operations.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one operation.
+    Show {
+        /// Operation id.
+        id: String,
+    },
+    /// Follow an operation until it finishes (exit 1 if it failed).
+    Wait {
+        /// Operation id.
+        id: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tuchka").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn grammar_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn group_create_parses_every_option() {
+        let cli = parse(&[
+            "group",
+            "create",
+            "web",
+            "--image",
+            "base",
+            "--count",
+            "3",
+            "--cpus",
+            "2",
+            "--memory",
+            "1.5G",
+            "--disk",
+            "2G",
+            "--net",
+            "a",
+            "--net",
+            "b",
+            "--ssh-key",
+            "k1.pub",
+            "--ssh-key",
+            "k2.pub",
+            "--user-data",
+            "ud.yaml",
+            "--placement",
+            "pack",
+            "--wait",
+            "-o",
+            "json",
+        ])
+        .expect("parse");
+        assert_eq!(cli.global.output, Output::Json);
+        let Command::Group(GroupCmd::Create(a)) = cli.command else {
+            panic!("wrong command {:?}", cli.command);
+        };
+        assert_eq!(a.name, "web");
+        assert_eq!(a.count, 3);
+        assert_eq!(a.cpus, 2);
+        assert_eq!(a.memory, 1536);
+        assert_eq!(a.disk, Some(2048));
+        assert_eq!(a.nets, vec!["a", "b"]);
+        assert_eq!(a.ssh_keys.len(), 2);
+        assert_eq!(a.placement, Placement::Pack);
+        assert!(a.wait);
+    }
+
+    #[test]
+    fn group_create_defaults() {
+        let cli = parse(&["group", "create", "web", "--image", "base"]).expect("parse");
+        let Command::Group(GroupCmd::Create(a)) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!((a.count, a.cpus, a.memory, a.disk), (1, 1, 256, None));
+        assert_eq!(a.placement, Placement::Spread);
+        assert!(!a.wait);
+    }
+
+    #[test]
+    fn bad_sizes_are_rejected_with_the_hint() {
+        let err =
+            parse(&["group", "create", "w", "--image", "i", "--memory", "12X"]).expect_err("12X");
+        let text = err.to_string();
+        assert!(
+            text.contains("invalid size \"12X\": use a number with M or G, e.g. 256M"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn vm_stop_options() {
+        let cli =
+            parse(&["vm", "stop", "web-0", "--force", "--timeout", "5", "--wait"]).expect("parse");
+        match cli.command {
+            Command::Vm(VmCmd::Stop {
+                name,
+                force,
+                timeout,
+                wait,
+            }) => {
+                assert_eq!(name, "web-0");
+                assert!(force && wait);
+                assert_eq!(timeout, Some(5));
+            }
+            other => panic!("wrong command {other:?}"),
+        }
+    }
+
+    #[test]
+    fn global_options_go_anywhere() {
+        let cli = parse(&["vm", "list", "--socket", "/tmp/x.sock", "-o", "json"]).expect("parse");
+        assert_eq!(cli.global.socket, Some(PathBuf::from("/tmp/x.sock")));
+        assert_eq!(cli.global.output, Output::Json);
+        let cli = parse(&["--url", "http://h:1", "--token", "t", "host", "ls"]).expect("parse");
+        assert_eq!(cli.global.url.as_deref(), Some("http://h:1"));
+        assert_eq!(cli.global.token.as_deref(), Some("t"));
+        assert!(matches!(cli.command, Command::Host(HostCmd::List)));
+    }
+
+    #[test]
+    fn unknown_output_format_is_refused() {
+        assert!(parse(&["vm", "list", "-o", "yaml"]).is_err());
+    }
+}

@@ -1,0 +1,703 @@
+//! Pure renderers: API objects to aligned tables and `key: value` detail views.
+//!
+//! Nothing here does I/O; every function returns the text to print (ending in a newline), so
+//! the views are unit-tested. Columns are separated by two spaces, padded by character count,
+//! with no trailing whitespace.
+
+use tuchka_api::{CheckItem, Group, Host, Image, Network, Operation, Vm, VmAddress};
+
+use crate::size::{format_bytes, format_mib};
+
+/// Shown in a cell that has no value.
+const NONE: &str = "-";
+
+/// Render `rows` under `headers` as aligned columns.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            let w = cell.chars().count();
+            match widths.get_mut(i) {
+                Some(width) => *width = (*width).max(w),
+                None => widths.push(w),
+            }
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(cell);
+            let pad = widths
+                .get(i)
+                .copied()
+                .unwrap_or(0)
+                .saturating_sub(cell.chars().count());
+            line.extend(std::iter::repeat_n(' ', pad));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Render `key: value` lines with the values aligned.
+pub fn fields(pairs: &[(&str, String)]) -> String {
+    let width = pairs
+        .iter()
+        .map(|(k, _)| k.chars().count() + 1)
+        .max()
+        .unwrap_or(0);
+    let mut out = String::new();
+    for (key, value) in pairs {
+        let label = if key.is_empty() {
+            String::new()
+        } else {
+            format!("{key}:")
+        };
+        let line = format!("{label:<width$} {value}");
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn or_none(s: Option<&str>) -> String {
+    match s {
+        Some(s) if !s.is_empty() => s.to_string(),
+        _ => NONE.to_string(),
+    }
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        NONE.to_string()
+    } else {
+        items.join(",")
+    }
+}
+
+fn short_sha(sha: &str) -> String {
+    sha.chars().take(12).collect()
+}
+
+fn ips(addresses: &[VmAddress]) -> String {
+    let ips: Vec<String> = addresses.iter().map(|a| a.ip.clone()).collect();
+    list_or_none(&ips)
+}
+
+/// `image list`.
+pub fn image_table(images: &[Image]) -> String {
+    let rows: Vec<Vec<String>> = images
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                i.source_format.clone(),
+                format_bytes(i.virtual_size),
+                format_bytes(i.stored_size),
+                short_sha(&i.sha256),
+                list_or_none(&i.used_by),
+                i.created_at.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "FORMAT", "VIRTUAL", "STORED", "SHA256", "USED BY", "CREATED",
+        ],
+        &rows,
+    )
+}
+
+/// `image show` and the result of `image upload`.
+pub fn image_detail(i: &Image) -> String {
+    fields(&[
+        ("name", i.name.clone()),
+        ("sha256", i.sha256.clone()),
+        ("format", i.source_format.clone()),
+        (
+            "virtual size",
+            format!(
+                "{} ({} bytes)",
+                format_bytes(i.virtual_size),
+                i.virtual_size
+            ),
+        ),
+        (
+            "stored size",
+            format!(
+                "{} ({} bytes, qcow2)",
+                format_bytes(i.stored_size),
+                i.stored_size
+            ),
+        ),
+        ("created", i.created_at.clone()),
+        ("used by", list_or_none(&i.used_by)),
+    ])
+}
+
+/// `net list`.
+pub fn network_table(nets: &[Network]) -> String {
+    let rows: Vec<Vec<String>> = nets
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.cidr.clone(),
+                n.gateway.clone(),
+                n.vni.to_string(),
+                n.bridge.clone(),
+                n.state.clone(),
+                or_none(n.gateway_host.as_deref()),
+                n.addresses.len().to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "CIDR",
+            "GATEWAY",
+            "VNI",
+            "BRIDGE",
+            "STATE",
+            "GW HOST",
+            "ADDRESSES",
+        ],
+        &rows,
+    )
+}
+
+/// `net show`: fields, then the address reservations.
+pub fn network_detail(n: &Network) -> String {
+    let mut out = fields(&[
+        ("name", n.name.clone()),
+        ("cidr", n.cidr.clone()),
+        ("gateway", n.gateway.clone()),
+        ("vni", n.vni.to_string()),
+        ("bridge", n.bridge.clone()),
+        ("state", n.state.clone()),
+        ("gateway host", or_none(n.gateway_host.as_deref())),
+        ("error", or_none(n.error.as_deref())),
+    ]);
+    if !n.addresses.is_empty() {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = n
+            .addresses
+            .iter()
+            .map(|a| vec![a.ip.clone(), a.mac.clone(), or_none(a.vm.as_deref())])
+            .collect();
+        out.push_str(&table(&["IP", "MAC", "VM"], &rows));
+    }
+    out
+}
+
+/// `group list`.
+pub fn group_table(groups: &[Group]) -> String {
+    let rows: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| {
+            vec![
+                g.name.clone(),
+                g.image.clone(),
+                format!("{}/{}", g.vms.len(), g.count),
+                g.cpus.to_string(),
+                format_mib(g.memory_mib),
+                format_mib(g.disk_mib),
+                list_or_none(&g.networks),
+                g.placement.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "IMAGE",
+            "VMS",
+            "CPUS",
+            "MEMORY",
+            "DISK",
+            "NETWORKS",
+            "PLACEMENT",
+        ],
+        &rows,
+    )
+}
+
+/// `group show`.
+pub fn group_detail(g: &Group) -> String {
+    fields(&[
+        ("name", g.name.clone()),
+        ("image", g.image.clone()),
+        ("count", g.count.to_string()),
+        ("cpus", g.cpus.to_string()),
+        ("memory", format_mib(g.memory_mib)),
+        ("disk", format_mib(g.disk_mib)),
+        ("networks", list_or_none(&g.networks)),
+        ("placement", g.placement.clone()),
+        ("vms", list_or_none(&g.vms)),
+        ("created", g.created_at.clone()),
+    ])
+}
+
+/// The STATE cell of a VM: the observed state, with the wanted one when they differ.
+fn vm_state(vm: &Vm) -> String {
+    let observed = vm.state.as_str();
+    let desired = vm.desired.as_str();
+    if observed == desired {
+        observed.to_string()
+    } else {
+        format!("{observed} (want {desired})")
+    }
+}
+
+/// `vm list`: NAME GROUP STATE HOST IP(S) CPUS MEMORY.
+pub fn vm_table(vms: &[Vm]) -> String {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| {
+            vec![
+                vm.name.clone(),
+                vm.group.clone(),
+                vm_state(vm),
+                or_none(Some(&vm.host)),
+                ips(&vm.addresses),
+                vm.cpus.to_string(),
+                format_mib(vm.memory_mib),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "GROUP", "STATE", "HOST", "IP(S)", "CPUS", "MEMORY"],
+        &rows,
+    )
+}
+
+/// `vm show`.
+pub fn vm_detail(vm: &Vm) -> String {
+    let addresses: Vec<String> = vm
+        .addresses
+        .iter()
+        .map(|a| format!("{} {} ({})", a.network, a.ip, a.mac))
+        .collect();
+    let mut pairs = vec![
+        ("name", vm.name.clone()),
+        ("id", vm.id.clone()),
+        ("group", format!("{} (index {})", vm.group, vm.index)),
+        ("state", vm.state.as_str().to_string()),
+        ("desired", vm.desired.as_str().to_string()),
+        ("host", or_none(Some(&vm.host))),
+        ("placement", or_none(Some(&vm.placement_reason))),
+        ("image", vm.image.clone()),
+        ("cpus", vm.cpus.to_string()),
+        ("memory", format_mib(vm.memory_mib)),
+        ("disk", format_mib(vm.disk_mib)),
+        ("domain", vm.domain.clone()),
+        ("error", or_none(vm.error.as_deref())),
+        ("created", vm.created_at.clone()),
+    ];
+    if addresses.is_empty() {
+        pairs.insert(6, ("addresses", NONE.to_string()));
+    } else {
+        for (i, a) in addresses.into_iter().enumerate() {
+            pairs.insert(6 + i, (if i == 0 { "addresses" } else { "" }, a));
+        }
+    }
+    fields(&pairs)
+}
+
+/// `host list`.
+pub fn host_table(hosts: &[Host]) -> String {
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.name.clone(),
+                h.state.clone(),
+                h.accel.clone(),
+                format!("{}/{}", h.cpus_used, h.cpus),
+                format!(
+                    "{}/{}",
+                    format_mib(h.memory_used_mib),
+                    format_mib(h.memory_mib)
+                ),
+                format!("{}/{}", format_mib(h.disk_free_mib), format_mib(h.disk_mib)),
+                h.vms.len().to_string(),
+                or_none(h.last_seen.as_deref()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "STATE",
+            "ACCEL",
+            "VCPUS USED",
+            "MEMORY USED",
+            "DISK FREE",
+            "VMS",
+            "LAST SEEN",
+        ],
+        &rows,
+    )
+}
+
+/// `host show`.
+pub fn host_detail(h: &Host) -> String {
+    let cached: Vec<String> = h.cached_images.iter().map(|s| short_sha(s)).collect();
+    fields(&[
+        ("name", h.name.clone()),
+        ("id", h.id.clone()),
+        ("state", h.state.clone()),
+        ("accel", h.accel.clone()),
+        ("accel reason", or_none(Some(&h.accel_reason))),
+        ("vcpus", format!("{} used of {}", h.cpus_used, h.cpus)),
+        (
+            "memory",
+            format!(
+                "{} used of {}",
+                format_mib(h.memory_used_mib),
+                format_mib(h.memory_mib)
+            ),
+        ),
+        (
+            "disk",
+            format!(
+                "{} free of {}, {} provisioned",
+                format_mib(h.disk_free_mib),
+                format_mib(h.disk_mib),
+                format_mib(h.disk_provisioned_mib)
+            ),
+        ),
+        ("vms", list_or_none(&h.vms)),
+        ("cached images", list_or_none(&cached)),
+        ("last seen", or_none(h.last_seen.as_deref())),
+    ])
+}
+
+/// `done/total`, or `-` before the total is known.
+fn progress(op: &Operation) -> String {
+    if op.total == 0 {
+        NONE.to_string()
+    } else {
+        format!("{}/{}", op.done, op.total)
+    }
+}
+
+/// `op list`.
+pub fn operation_table(ops: &[Operation]) -> String {
+    let rows: Vec<Vec<String>> = ops
+        .iter()
+        .map(|op| {
+            vec![
+                op.id.clone(),
+                op.kind.clone(),
+                op.target.clone(),
+                op.state.clone(),
+                progress(op),
+                op.created_at.clone(),
+                match &op.error {
+                    Some(e) => e.message.clone(),
+                    None => op.message.clone(),
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "KIND", "TARGET", "STATE", "PROGRESS", "CREATED", "MESSAGE",
+        ],
+        &rows,
+    )
+}
+
+/// `op show`.
+pub fn operation_detail(op: &Operation) -> String {
+    let mut pairs = vec![
+        ("id", op.id.clone()),
+        ("kind", op.kind.clone()),
+        ("target", op.target.clone()),
+        ("state", op.state.clone()),
+        ("progress", progress(op)),
+        ("message", or_none(Some(&op.message))),
+        ("created", op.created_at.clone()),
+        ("finished", or_none(op.finished_at.as_deref())),
+    ];
+    if let Some(e) = &op.error {
+        pairs.push(("error", format!("{} ({})", e.message, e.code)));
+        for cause in &e.chain {
+            pairs.push(("caused by", cause.clone()));
+        }
+    }
+    fields(&pairs)
+}
+
+/// What `--wait`-less actions print: the operation and how to follow it.
+pub fn operation_started(op: &Operation) -> String {
+    format!(
+        "operation {} started: {} {}\nfollow it with: tuchka op wait {}\n",
+        op.id, op.kind, op.target, op.id
+    )
+}
+
+/// `tuchka check`: one ✓/✗ line per item, hints under the failed ones.
+pub fn check_report(items: &[CheckItem]) -> String {
+    let mut out = String::new();
+    for item in items {
+        let mark = if item.ok { "✓" } else { "✗" };
+        let line = format!("{mark} {}: {}", item.name, item.detail);
+        out.push_str(line.trim_end());
+        out.push('\n');
+        if let (false, Some(hint)) = (item.ok, &item.hint) {
+            out.push_str(&format!("    hint: {hint}\n"));
+        }
+    }
+    let failed = items.iter().filter(|i| !i.ok).count();
+    if failed == 0 {
+        out.push_str("all checks passed\n");
+    } else {
+        out.push_str(&format!("{failed} of {} checks failed\n", items.len()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tuchka_api::{ApiError, PowerState, VmState};
+
+    fn vm(name: &str, state: VmState, desired: PowerState, ips: &[&str]) -> Vm {
+        Vm {
+            name: name.to_string(),
+            id: "0b7e".to_string(),
+            group: "web".to_string(),
+            index: 0,
+            state,
+            desired,
+            host: "h1".to_string(),
+            placement_reason: "spread: fewest VMs of the group".to_string(),
+            image: "base".to_string(),
+            cpus: 1,
+            memory_mib: 256,
+            disk_mib: 1024,
+            addresses: ips
+                .iter()
+                .enumerate()
+                .map(|(i, ip)| VmAddress {
+                    network: format!("n{i}"),
+                    mac: format!("52:54:00:00:00:0{i}"),
+                    ip: ip.to_string(),
+                    vm: None,
+                })
+                .collect(),
+            domain: "tk-1-web-0".to_string(),
+            error: None,
+            created_at: "2026-01-01T00:00:00Z".to_string(),
+        }
+    }
+
+    #[test]
+    fn table_aligns_columns_without_trailing_spaces() {
+        let out = table(
+            &["NAME", "IP"],
+            &[
+                vec!["a-long-name".into(), "10.0.0.1".into()],
+                vec!["b".into(), "-".into()],
+            ],
+        );
+        assert_eq!(
+            out,
+            "NAME         IP\n\
+             a-long-name  10.0.0.1\n\
+             b            -\n"
+        );
+    }
+
+    #[test]
+    fn table_counts_characters_not_bytes() {
+        let out = table(&["A", "B"], &[vec!["é".into(), "x".into()]]);
+        assert_eq!(out, "A  B\né  x\n");
+    }
+
+    #[test]
+    fn vm_list_shows_what_a_user_checks() {
+        let vms = vec![
+            vm(
+                "web-0",
+                VmState::Running,
+                PowerState::Running,
+                &["10.80.0.2", "10.81.0.2"],
+            ),
+            vm("web-1", VmState::Starting, PowerState::Running, &[]),
+        ];
+        let out = vm_table(&vms);
+        assert_eq!(
+            out,
+            "NAME   GROUP  STATE                    HOST  IP(S)                CPUS  MEMORY\n\
+             web-0  web    running                  h1    10.80.0.2,10.81.0.2  1     256M\n\
+             web-1  web    starting (want running)  h1    -                    1     256M\n"
+        );
+    }
+
+    #[test]
+    fn vm_detail_lists_addresses_one_per_line() {
+        let out = vm_detail(&vm(
+            "web-0",
+            VmState::Running,
+            PowerState::Running,
+            &["10.80.0.2", "10.81.0.2"],
+        ));
+        assert!(
+            out.contains("addresses: n0 10.80.0.2 (52:54:00:00:00:00)\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\n           n1 10.81.0.2 (52:54:00:00:00:01)\n"),
+            "{out}"
+        );
+        assert!(out.contains("memory:    256M\n"), "{out}");
+        assert!(out.contains("error:     -\n"), "{out}");
+    }
+
+    #[test]
+    fn fields_align_values() {
+        assert_eq!(
+            fields(&[
+                ("a", "1".into()),
+                ("long key", "2".into()),
+                ("e", String::new())
+            ]),
+            "a:        1\nlong key: 2\ne:\n"
+        );
+    }
+
+    #[test]
+    fn image_views_show_sizes_and_sha() {
+        let img = Image {
+            name: "base".into(),
+            sha256: "0123456789abcdef".repeat(4),
+            source_format: "raw".into(),
+            virtual_size: 1024 * 1024 * 1024,
+            stored_size: 3 * 1024 * 1024 + 512 * 1024,
+            created_at: "2026-01-01T00:00:00Z".into(),
+            used_by: vec!["web-0".into(), "web-1".into()],
+        };
+        let out = image_table(std::slice::from_ref(&img));
+        assert_eq!(
+            out,
+            "NAME  FORMAT  VIRTUAL  STORED  SHA256        USED BY      CREATED\n\
+             base  raw     1G       3.5M    0123456789ab  web-0,web-1  2026-01-01T00:00:00Z\n"
+        );
+        let detail = image_detail(&img);
+        assert!(
+            detail.contains(&format!("sha256:       {}\n", img.sha256)),
+            "{detail}"
+        );
+        assert!(
+            detail.contains("virtual size: 1G (1073741824 bytes)\n"),
+            "{detail}"
+        );
+    }
+
+    fn op(state: &str, error: Option<ApiError>) -> Operation {
+        Operation {
+            id: "op-1".into(),
+            kind: "vm.start".into(),
+            target: "vm/web-0".into(),
+            state: state.into(),
+            done: 1,
+            total: 2,
+            message: "starting".into(),
+            error,
+            created_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn operation_views() {
+        let failed = op(
+            "failed",
+            Some(ApiError {
+                code: "HostDown".into(),
+                message: "host h1 is down".into(),
+                chain: vec!["no report for 30 s".into()],
+            }),
+        );
+        let out = operation_table(&[op("running", None), failed.clone()]);
+        assert_eq!(
+            out,
+            "ID    KIND      TARGET    STATE    PROGRESS  CREATED               MESSAGE\n\
+             op-1  vm.start  vm/web-0  running  1/2       2026-01-01T00:00:00Z  starting\n\
+             op-1  vm.start  vm/web-0  failed   1/2       2026-01-01T00:00:00Z  host h1 is down\n"
+        );
+        let detail = operation_detail(&failed);
+        assert!(
+            detail.contains("error:     host h1 is down (HostDown)\n"),
+            "{detail}"
+        );
+        assert!(
+            detail.contains("caused by: no report for 30 s\n"),
+            "{detail}"
+        );
+        assert_eq!(
+            operation_started(&failed),
+            "operation op-1 started: vm.start vm/web-0\nfollow it with: tuchka op wait op-1\n"
+        );
+    }
+
+    #[test]
+    fn host_table_shows_usage_against_capacity() {
+        let h = Host {
+            name: "h1".into(),
+            id: "1".into(),
+            state: "up".into(),
+            accel: "tcg".into(),
+            accel_reason: "nested KVM hangs".into(),
+            cpus: 2,
+            cpus_used: 3,
+            memory_mib: 8000,
+            memory_used_mib: 768,
+            disk_mib: 20480,
+            disk_free_mib: 12800,
+            disk_provisioned_mib: 3072,
+            vms: vec!["web-0".into()],
+            cached_images: vec![],
+            last_seen: None,
+        };
+        assert_eq!(
+            host_table(&[h]),
+            "NAME  STATE  ACCEL  VCPUS USED  MEMORY USED  DISK FREE  VMS  LAST SEEN\n\
+             h1    up     tcg    3/2         768M/7.8G    12.5G/20G  1    -\n"
+        );
+    }
+
+    #[test]
+    fn check_report_marks_and_hints() {
+        let items = vec![
+            CheckItem {
+                name: "libvirt".into(),
+                ok: true,
+                detail: "qemu:///system answers".into(),
+                hint: None,
+            },
+            CheckItem {
+                name: "/dev/kvm".into(),
+                ok: false,
+                detail: "mode 0600".into(),
+                hint: Some("chmod 0660 /dev/kvm".into()),
+            },
+        ];
+        assert_eq!(
+            check_report(&items),
+            "✓ libvirt: qemu:///system answers\n\
+             ✗ /dev/kvm: mode 0600\n    hint: chmod 0660 /dev/kvm\n\
+             1 of 2 checks failed\n"
+        );
+    }
+}

@@ -1,0 +1,742 @@
+//! Hand-written fakes of [`Hypervisor`], [`Storage`] and [`Dataplane`] for unit tests of the
+//! code that drives them (the agent's reconcile loop).
+//!
+//! Each fake keeps an in-memory state that follows the same rules as the real implementation
+//! (idempotent stops, `NoDomain` for unknown domains, refusal of foreign domains, validation of
+//! inputs), records every call as `"<op> <arg>"`, and can be told to fail an operation:
+//!
+//! ```
+//! use tuchka_host::fake::FakeHypervisor;
+//! use tuchka_host::Hypervisor;
+//! let hv = FakeHypervisor::new("0f2a6c1e-0000-4000-8000-000000000001");
+//! hv.fail_on("start", "tk-0f2a6c1e-web-0");
+//! assert!(hv.start("tk-0f2a6c1e-web-0").is_err());
+//! assert_eq!(hv.calls(), vec!["start tk-0f2a6c1e-web-0"]);
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use sha2::{Digest, Sha256};
+use tuchka_api::agent::NetworkDesired;
+
+use crate::domain_xml::{validate_spec, DomainSpec};
+use crate::libvirt::{DomainInfo, DomainState, Hypervisor};
+use crate::net::{Dataplane, NetPlan};
+use crate::storage::{is_sha256, is_vm_id, Storage};
+use crate::HostError;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One failure rule.
+#[derive(Debug, Clone)]
+struct Rule {
+    op: String,
+    arg: Option<String>,
+    /// `None`: forever; `Some(n)`: the next n matching calls.
+    remaining: Option<u32>,
+}
+
+/// Call log plus failure injection, shared by the fakes.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    calls: Mutex<Vec<String>>,
+    rules: Mutex<Vec<Rule>>,
+}
+
+impl Recorder {
+    /// Record `op arg` and return the injected failure, if a rule matches.
+    fn call(&self, op: &str, arg: &str) -> Result<(), HostError> {
+        lock(&self.calls).push(if arg.is_empty() {
+            op.to_string()
+        } else {
+            format!("{op} {arg}")
+        });
+        let mut rules = lock(&self.rules);
+        let hit = rules.iter_mut().find(|r| {
+            r.op == op && r.arg.as_deref().is_none_or(|a| a == arg) && r.remaining != Some(0)
+        });
+        match hit {
+            Some(rule) => {
+                if let Some(n) = rule.remaining.as_mut() {
+                    *n -= 1;
+                }
+                Err(HostError::Injected {
+                    op: op.to_string(),
+                    arg: arg.to_string(),
+                })
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn add(&self, op: &str, arg: Option<&str>, remaining: Option<u32>) {
+        lock(&self.rules).push(Rule {
+            op: op.to_string(),
+            arg: arg.map(str::to_string),
+            remaining,
+        });
+    }
+}
+
+/// The failure-injection and call-log methods every fake has.
+macro_rules! recorder_methods {
+    () => {
+        /// Every call so far, as `"<op> <arg>"` (e.g. `"start tk-1a2b3c4d-web-0"`).
+        pub fn calls(&self) -> Vec<String> {
+            lock(&self.rec.calls).clone()
+        }
+
+        /// Return and forget the calls so far.
+        pub fn take_calls(&self) -> Vec<String> {
+            std::mem::take(&mut *lock(&self.rec.calls))
+        }
+
+        /// How many calls of `op` were made.
+        pub fn count(&self, op: &str) -> usize {
+            lock(&self.rec.calls)
+                .iter()
+                .filter(|c| c.split(' ').next() == Some(op))
+                .count()
+        }
+
+        /// Make every call of `op` fail with [`HostError::Injected`] (until [`Self::clear_failures`]).
+        pub fn fail(&self, op: &str) {
+            self.rec.add(op, None, None);
+        }
+
+        /// Make every call of `op` with main argument `arg` fail.
+        pub fn fail_on(&self, op: &str, arg: &str) {
+            self.rec.add(op, Some(arg), None);
+        }
+
+        /// Make only the next call of `op` fail.
+        pub fn fail_once(&self, op: &str) {
+            self.rec.add(op, None, Some(1));
+        }
+
+        /// Remove all failure rules.
+        pub fn clear_failures(&self) {
+            lock(&self.rec.rules).clear();
+        }
+    };
+}
+
+/// A domain as the fake hypervisor holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeDomain {
+    /// The spec it was last defined with.
+    pub spec: DomainSpec,
+    /// Current state.
+    pub state: DomainState,
+    /// ACPI reboots carried out.
+    pub reboots: u32,
+    /// Starts carried out.
+    pub starts: u32,
+}
+
+#[derive(Debug, Default)]
+struct HvState {
+    domains: BTreeMap<String, FakeDomain>,
+    /// Domains of other clouds (name → their cloud id).
+    foreign: BTreeMap<String, String>,
+    ignore_acpi: bool,
+}
+
+/// In-memory [`Hypervisor`] of one cloud.
+#[derive(Debug)]
+pub struct FakeHypervisor {
+    cloud_id: String,
+    rec: Recorder,
+    state: Mutex<HvState>,
+}
+
+impl FakeHypervisor {
+    /// An empty hypervisor for cloud `cloud_id`.
+    pub fn new(cloud_id: &str) -> Self {
+        FakeHypervisor {
+            cloud_id: cloud_id.to_string(),
+            rec: Recorder::default(),
+            state: Mutex::new(HvState::default()),
+        }
+    }
+
+    recorder_methods!();
+
+    /// The domain `name`, if defined.
+    pub fn domain(&self, name: &str) -> Option<FakeDomain> {
+        lock(&self.state).domains.get(name).cloned()
+    }
+
+    /// Change a domain's state behind the agent's back (guest powered off, crashed, …).
+    pub fn set_state(&self, name: &str, state: DomainState) {
+        if let Some(d) = lock(&self.state).domains.get_mut(name) {
+            d.state = state;
+        }
+    }
+
+    /// When `true`, ACPI shutdown requests are ignored (the guest keeps running), so a caller's
+    /// "wait, then destroy" path can be tested. Default `false`: shutdown powers off at once.
+    pub fn set_ignore_acpi(&self, ignore: bool) {
+        lock(&self.state).ignore_acpi = ignore;
+    }
+
+    /// Pretend a domain `name` of another cloud exists on the host.
+    pub fn add_foreign(&self, name: &str, other_cloud: &str) {
+        lock(&self.state)
+            .foreign
+            .insert(name.to_string(), other_cloud.to_string());
+    }
+
+    fn check_foreign(&self, st: &HvState, name: &str) -> Result<(), HostError> {
+        match st.foreign.get(name) {
+            Some(owner) => Err(HostError::ForeignDomain {
+                name: name.to_string(),
+                owner: format!("cloud {owner}"),
+                cloud: self.cloud_id.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Apply `f` to the existing domain `name`.
+    fn with_domain<T>(
+        &self,
+        op: &str,
+        name: &str,
+        f: impl FnOnce(&mut FakeDomain, bool) -> Result<T, HostError>,
+    ) -> Result<T, HostError> {
+        self.rec.call(op, name)?;
+        let mut st = lock(&self.state);
+        self.check_foreign(&st, name)?;
+        let ignore_acpi = st.ignore_acpi;
+        let dom = st
+            .domains
+            .get_mut(name)
+            .ok_or_else(|| HostError::NoDomain {
+                name: name.to_string(),
+            })?;
+        f(dom, ignore_acpi)
+    }
+}
+
+fn bad_state(name: &str, action: &'static str, state: &DomainState) -> HostError {
+    HostError::BadState {
+        name: name.to_string(),
+        action,
+        state: state.to_string(),
+    }
+}
+
+impl Hypervisor for FakeHypervisor {
+    fn list(&self) -> Result<Vec<DomainInfo>, HostError> {
+        self.rec.call("list", "")?;
+        let st = lock(&self.state);
+        Ok(st
+            .domains
+            .iter()
+            .map(|(name, d)| DomainInfo {
+                name: name.clone(),
+                vm_id: d.spec.vm_id.clone(),
+                state: d.state.clone(),
+            })
+            .collect())
+    }
+
+    fn define(&self, spec: &DomainSpec) -> Result<(), HostError> {
+        self.rec.call("define", &spec.name)?;
+        validate_spec(spec).map_err(|m| HostError::invalid(format!("domain {}", spec.name), m))?;
+        if spec.cloud_id != self.cloud_id {
+            return Err(HostError::invalid(
+                format!("domain {}", spec.name),
+                "spec names another cloud",
+            ));
+        }
+        let mut st = lock(&self.state);
+        self.check_foreign(&st, &spec.name)?;
+        st.domains
+            .entry(spec.name.clone())
+            .and_modify(|d| d.spec = spec.clone())
+            .or_insert_with(|| FakeDomain {
+                spec: spec.clone(),
+                state: DomainState::ShutOff,
+                reboots: 0,
+                starts: 0,
+            });
+        Ok(())
+    }
+
+    fn start(&self, name: &str) -> Result<(), HostError> {
+        self.with_domain("start", name, |d, _| {
+            if !d.state.is_active() {
+                d.state = DomainState::Running;
+                d.starts += 1;
+            }
+            Ok(())
+        })
+    }
+
+    fn shutdown(&self, name: &str) -> Result<(), HostError> {
+        self.with_domain("shutdown", name, |d, ignore_acpi| {
+            if d.state.is_active() && !ignore_acpi {
+                d.state = DomainState::ShutOff;
+            }
+            Ok(())
+        })
+    }
+
+    fn destroy(&self, name: &str) -> Result<(), HostError> {
+        self.with_domain("destroy", name, |d, _| {
+            d.state = DomainState::ShutOff;
+            Ok(())
+        })
+    }
+
+    fn suspend(&self, name: &str) -> Result<(), HostError> {
+        self.with_domain("suspend", name, |d, _| match d.state {
+            DomainState::Paused => Ok(()),
+            DomainState::Running | DomainState::ShuttingDown => {
+                d.state = DomainState::Paused;
+                Ok(())
+            }
+            ref other => Err(bad_state(name, "suspend", other)),
+        })
+    }
+
+    fn resume(&self, name: &str) -> Result<(), HostError> {
+        self.with_domain("resume", name, |d, _| match d.state {
+            DomainState::Running => Ok(()),
+            DomainState::Paused => {
+                d.state = DomainState::Running;
+                Ok(())
+            }
+            ref other => Err(bad_state(name, "resume", other)),
+        })
+    }
+
+    fn reboot(&self, name: &str) -> Result<(), HostError> {
+        self.with_domain("reboot", name, |d, _| match d.state {
+            DomainState::Running => {
+                d.reboots += 1;
+                Ok(())
+            }
+            ref other => Err(bad_state(name, "reboot", other)),
+        })
+    }
+
+    fn undefine(&self, name: &str) -> Result<(), HostError> {
+        self.rec.call("undefine", name)?;
+        let mut st = lock(&self.state);
+        self.check_foreign(&st, name)?;
+        st.domains.remove(name);
+        Ok(())
+    }
+}
+
+/// A VM's storage as the fake holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FakeVm {
+    /// Image the root disk was created from.
+    pub image: Option<String>,
+    /// Root disk size.
+    pub disk_mib: Option<u64>,
+    /// Seed inputs: `(name, user-data, ssh keys)`.
+    pub seed: Option<(String, Option<String>, Vec<String>)>,
+    /// How many times the seed was (re)built.
+    pub seed_builds: u32,
+}
+
+#[derive(Debug)]
+struct StoreState {
+    /// sha256 → virtual size in MiB.
+    images: BTreeMap<String, u64>,
+    vms: BTreeMap<String, FakeVm>,
+    capacity: (u64, u64),
+}
+
+/// [`Storage`] whose VMs live in memory. Image downloads are real files under `root` (the agent
+/// writes to [`Storage::image_partial_path`]); [`Storage::commit_image`] really hashes them.
+#[derive(Debug)]
+pub struct FakeStorage {
+    root: PathBuf,
+    rec: Recorder,
+    state: Mutex<StoreState>,
+}
+
+impl FakeStorage {
+    /// A fake pool whose image files go to `root/images` (created).
+    pub fn new(root: &Path) -> Result<Self, HostError> {
+        let images = root.join("images");
+        std::fs::create_dir_all(&images)
+            .map_err(|e| HostError::io("fake pool", "create", &images, e))?;
+        Ok(FakeStorage {
+            root: root.to_path_buf(),
+            rec: Recorder::default(),
+            state: Mutex::new(StoreState {
+                images: BTreeMap::new(),
+                vms: BTreeMap::new(),
+                capacity: (100_000, 90_000),
+            }),
+        })
+    }
+
+    recorder_methods!();
+
+    /// Put an image into the cache without downloading it.
+    pub fn add_image(&self, sha256: &str, virtual_mib: u64) {
+        lock(&self.state)
+            .images
+            .insert(sha256.to_string(), virtual_mib);
+    }
+
+    /// Images in the cache.
+    pub fn images(&self) -> BTreeSet<String> {
+        lock(&self.state).images.keys().cloned().collect()
+    }
+
+    /// The storage of VM `vm_id`, if it has any.
+    pub fn vm(&self, vm_id: &str) -> Option<FakeVm> {
+        lock(&self.state).vms.get(vm_id).cloned()
+    }
+
+    /// Set what [`Storage::capacity`] reports.
+    pub fn set_capacity(&self, total_mib: u64, free_mib: u64) {
+        lock(&self.state).capacity = (total_mib, free_mib);
+    }
+
+    fn check_vm_id(vm_id: &str) -> Result<(), HostError> {
+        if is_vm_id(vm_id) {
+            Ok(())
+        } else {
+            Err(HostError::invalid(
+                format!("vm id {vm_id:?}"),
+                "not a valid vm id",
+            ))
+        }
+    }
+}
+
+impl Storage for FakeStorage {
+    fn cached_images(&self) -> Result<Vec<String>, HostError> {
+        self.rec.call("cached_images", "")?;
+        Ok(lock(&self.state).images.keys().cloned().collect())
+    }
+
+    fn image_path(&self, sha256: &str) -> PathBuf {
+        self.root.join("images").join(format!("{sha256}.qcow2"))
+    }
+
+    fn image_partial_path(&self, sha256: &str) -> PathBuf {
+        self.root
+            .join("images")
+            .join(format!("{sha256}.qcow2.partial"))
+    }
+
+    fn commit_image(&self, sha256: &str, file_sha256: &str) -> Result<PathBuf, HostError> {
+        self.rec.call("commit_image", sha256)?;
+        if !is_sha256(sha256) {
+            return Err(HostError::invalid(
+                format!("image {sha256:?}"),
+                "not a sha256",
+            ));
+        }
+        let partial = self.image_partial_path(sha256);
+        let obj = format!("image {sha256}");
+        let mut data = Vec::new();
+        std::fs::File::open(&partial)
+            .and_then(|mut f| f.read_to_end(&mut data))
+            .map_err(|e| HostError::io(&obj, "read", &partial, e))?;
+        let actual = hex::encode(Sha256::digest(&data));
+        let expected = file_sha256.to_ascii_lowercase();
+        if actual != expected {
+            let _ = std::fs::remove_file(&partial);
+            return Err(HostError::Corrupt {
+                sha256: sha256.to_string(),
+                expected,
+                actual,
+            });
+        }
+        let dest = self.image_path(sha256);
+        std::fs::rename(&partial, &dest)
+            .map_err(|e| HostError::io(&obj, "move into place", &dest, e))?;
+        let virtual_mib = crate::qcow2::parse_header(&data)
+            .map(|h| h.virtual_size.div_ceil(1 << 20))
+            .unwrap_or(0);
+        lock(&self.state)
+            .images
+            .insert(sha256.to_string(), virtual_mib);
+        Ok(dest)
+    }
+
+    fn remove_image(&self, sha256: &str) -> Result<(), HostError> {
+        self.rec.call("remove_image", sha256)?;
+        let mut st = lock(&self.state);
+        if let Some((vm_id, _)) = st
+            .vms
+            .iter()
+            .find(|(_, v)| v.image.as_deref() == Some(sha256))
+        {
+            return Err(HostError::ImageInUse {
+                sha256: sha256.to_string(),
+                vm_id: vm_id.clone(),
+            });
+        }
+        st.images.remove(sha256);
+        let _ = std::fs::remove_file(self.image_path(sha256));
+        let _ = std::fs::remove_file(self.image_partial_path(sha256));
+        Ok(())
+    }
+
+    fn ensure_root_disk(
+        &self,
+        vm_id: &str,
+        image_sha256: &str,
+        disk_mib: u64,
+    ) -> Result<PathBuf, HostError> {
+        self.rec.call("ensure_root_disk", vm_id)?;
+        Self::check_vm_id(vm_id)?;
+        let mut st = lock(&self.state);
+        let path = self.root.join("vms").join(vm_id).join("root.qcow2");
+        if st.vms.get(vm_id).is_some_and(|v| v.image.is_some()) {
+            return Ok(path);
+        }
+        let obj = format!("vm {vm_id} root disk");
+        let virtual_mib = *st.images.get(image_sha256).ok_or_else(|| {
+            HostError::invalid(&obj, format!("image {image_sha256} is not in the cache"))
+        })?;
+        if disk_mib < virtual_mib {
+            return Err(HostError::invalid(
+                obj,
+                format!("disk of {disk_mib} MiB is smaller than the image's {virtual_mib} MiB"),
+            ));
+        }
+        let vm = st.vms.entry(vm_id.to_string()).or_default();
+        vm.image = Some(image_sha256.to_string());
+        vm.disk_mib = Some(disk_mib);
+        Ok(path)
+    }
+
+    fn ensure_seed(
+        &self,
+        vm_id: &str,
+        name: &str,
+        user_data: Option<&str>,
+        ssh_keys: &[String],
+    ) -> Result<PathBuf, HostError> {
+        self.rec.call("ensure_seed", vm_id)?;
+        Self::check_vm_id(vm_id)?;
+        let want = (
+            name.to_string(),
+            user_data.map(str::to_string),
+            ssh_keys.to_vec(),
+        );
+        let mut st = lock(&self.state);
+        let vm = st.vms.entry(vm_id.to_string()).or_default();
+        if vm.seed.as_ref() != Some(&want) {
+            vm.seed = Some(want);
+            vm.seed_builds += 1;
+        }
+        Ok(self.root.join("vms").join(vm_id).join("seed.iso"))
+    }
+
+    fn console_log_path(&self, vm_id: &str) -> PathBuf {
+        self.root.join("vms").join(vm_id).join("console.log")
+    }
+
+    fn vm_dirs(&self) -> Result<Vec<String>, HostError> {
+        self.rec.call("vm_dirs", "")?;
+        Ok(lock(&self.state).vms.keys().cloned().collect())
+    }
+
+    fn remove_vm(&self, vm_id: &str) -> Result<(), HostError> {
+        self.rec.call("remove_vm", vm_id)?;
+        Self::check_vm_id(vm_id)?;
+        lock(&self.state).vms.remove(vm_id);
+        Ok(())
+    }
+
+    fn capacity(&self) -> Result<(u64, u64), HostError> {
+        self.rec.call("capacity", "")?;
+        Ok(lock(&self.state).capacity)
+    }
+}
+
+/// In-memory [`Dataplane`].
+#[derive(Debug, Default)]
+pub struct FakeDataplane {
+    rec: Recorder,
+    networks: Mutex<BTreeMap<String, NetworkDesired>>,
+}
+
+impl FakeDataplane {
+    /// No networks.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    recorder_methods!();
+
+    /// The last desired state applied for network `name`, if present.
+    pub fn network(&self, name: &str) -> Option<NetworkDesired> {
+        lock(&self.networks).get(name).cloned()
+    }
+}
+
+impl Dataplane for FakeDataplane {
+    fn ensure_network(&self, net: &NetworkDesired) -> Result<(), HostError> {
+        self.rec.call("ensure_network", &net.name)?;
+        NetPlan::from_desired(net)
+            .map_err(|m| HostError::invalid(format!("network {:?}", net.name), m))?;
+        lock(&self.networks).insert(net.name.clone(), net.clone());
+        Ok(())
+    }
+
+    fn remove_network(&self, name: &str) -> Result<(), HostError> {
+        self.rec.call("remove_network", name)?;
+        lock(&self.networks).remove(name);
+        Ok(())
+    }
+
+    fn networks(&self) -> Result<Vec<String>, HostError> {
+        self.rec.call("networks", "")?;
+        Ok(lock(&self.networks).keys().cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accel::Accel;
+
+    const CLOUD: &str = "0f2a6c1e-0000-4000-8000-000000000001";
+
+    fn spec(name: &str) -> DomainSpec {
+        DomainSpec {
+            name: name.into(),
+            vm_id: "vm-1".into(),
+            cloud_id: CLOUD.into(),
+            accel: Accel::Tcg,
+            vcpus: 1,
+            memory_mib: 128,
+            root_disk: "/p/vms/vm-1/root.qcow2".into(),
+            seed_iso: "/p/vms/vm-1/seed.iso".into(),
+            console_log: "/p/vms/vm-1/console.log".into(),
+            nics: vec![],
+        }
+    }
+
+    #[test]
+    fn hypervisor_lifecycle_and_idempotence() {
+        let hv = FakeHypervisor::new(CLOUD);
+        assert!(matches!(hv.start("x"), Err(HostError::NoDomain { .. })));
+        hv.define(&spec("x")).expect("define");
+        hv.start("x").expect("start");
+        hv.start("x").expect("start again");
+        assert_eq!(
+            hv.domain("x").map(|d| (d.state, d.starts)),
+            Some((DomainState::Running, 1))
+        );
+        hv.suspend("x").expect("suspend");
+        assert_eq!(hv.list().expect("list")[0].state, DomainState::Paused);
+        hv.resume("x").expect("resume");
+        hv.set_ignore_acpi(true);
+        hv.shutdown("x").expect("shutdown");
+        assert_eq!(hv.domain("x").map(|d| d.state), Some(DomainState::Running));
+        hv.destroy("x").expect("destroy");
+        hv.destroy("x").expect("destroy again");
+        assert!(matches!(hv.reboot("x"), Err(HostError::BadState { .. })));
+        hv.undefine("x").expect("undefine");
+        hv.undefine("x").expect("undefine again");
+        assert!(hv.list().expect("list").is_empty());
+    }
+
+    #[test]
+    fn failures_are_injected_by_op_and_arg() {
+        let hv = FakeHypervisor::new(CLOUD);
+        hv.define(&spec("a")).expect("define");
+        hv.define(&spec("b")).expect("define");
+        hv.fail_on("start", "a");
+        assert!(matches!(hv.start("a"), Err(HostError::Injected { .. })));
+        hv.start("b").expect("b unaffected");
+        hv.fail_once("destroy");
+        assert!(hv.destroy("b").is_err());
+        hv.destroy("b").expect("only once");
+        hv.clear_failures();
+        hv.start("a").expect("cleared");
+        assert_eq!(hv.count("start"), 3);
+    }
+
+    #[test]
+    fn foreign_domains_are_refused() {
+        let hv = FakeHypervisor::new(CLOUD);
+        hv.add_foreign("theirs", "other");
+        assert!(matches!(
+            hv.undefine("theirs"),
+            Err(HostError::ForeignDomain { .. })
+        ));
+        assert!(matches!(
+            hv.define(&spec("theirs")),
+            Err(HostError::ForeignDomain { .. })
+        ));
+    }
+
+    #[test]
+    fn storage_tracks_disks_seeds_and_images() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = FakeStorage::new(dir.path()).expect("fake");
+        let sha = "a".repeat(64);
+        assert!(st.ensure_root_disk("vm-1", &sha, 100).is_err());
+        st.add_image(&sha, 64);
+        assert!(st.ensure_root_disk("vm-1", &sha, 32).is_err());
+        st.ensure_root_disk("vm-1", &sha, 100).expect("root disk");
+        st.ensure_seed("vm-1", "web-0", None, &[]).expect("seed");
+        st.ensure_seed("vm-1", "web-0", None, &[])
+            .expect("seed again");
+        assert_eq!(st.vm("vm-1").map(|v| v.seed_builds), Some(1));
+        assert!(matches!(
+            st.remove_image(&sha),
+            Err(HostError::ImageInUse { .. })
+        ));
+        st.remove_vm("vm-1").expect("remove vm");
+        st.remove_image(&sha).expect("remove image");
+
+        let data = b"image bytes";
+        let file_sha = hex::encode(Sha256::digest(data));
+        let sha2 = "b".repeat(64);
+        std::fs::write(st.image_partial_path(&sha2), data).expect("write partial");
+        assert!(matches!(
+            st.commit_image(&sha2, &"0".repeat(64)),
+            Err(HostError::Corrupt { .. })
+        ));
+        assert!(!st.image_partial_path(&sha2).exists());
+        std::fs::write(st.image_partial_path(&sha2), data).expect("write partial");
+        st.commit_image(&sha2, &file_sha).expect("commit");
+        assert_eq!(st.cached_images().expect("list"), vec![sha2]);
+    }
+
+    #[test]
+    fn dataplane_validates_and_records() {
+        let dp = FakeDataplane::new();
+        let mut net = NetworkDesired {
+            name: "blue".into(),
+            vni: 100,
+            bridge: "tk100".into(),
+            cidr: "10.10.0.0/24".into(),
+            gateway: "10.10.0.1".into(),
+            gateway_here: true,
+            mtu: 1450,
+            hosts: vec![],
+        };
+        dp.ensure_network(&net).expect("ensure");
+        net.cidr = "bogus".into();
+        assert!(dp.ensure_network(&net).is_err());
+        assert_eq!(dp.networks().expect("list"), vec!["blue"]);
+        dp.fail("remove_network");
+        assert!(dp.remove_network("blue").is_err());
+        assert_eq!(dp.count("ensure_network"), 2);
+    }
+}

@@ -1,0 +1,368 @@
+//! DHCP and DNS of one network on its gateway host: a dnsmasq per network.
+//!
+//! Render (pure): [`dnsmasq_args`], [`render_dhcp_hosts`], [`render_addn_hosts`]. Apply: the
+//! files are written atomically into `<pool>/net/<name>/`, dnsmasq is started daemonized (it
+//! outlives the agent), reloaded with SIGHUP when the reservations change, and restarted when
+//! its arguments change. A pid from the pid file is trusted only if `/proc/<pid>/cmdline` is a
+//! dnsmasq with our `--pid-file=` argument, so a recycled pid is never signalled.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::{kill_process, test_kill_process, Pid, Signal};
+use tuchka_api::agent::DhcpHost;
+
+use super::cidr::Ipv4Net;
+use crate::cmd;
+use crate::domain_xml::is_mac;
+
+/// Lease time handed out (reservations are static, so this only paces renewals).
+pub const LEASE_TIME: &str = "1h";
+
+/// The files of one network's dnsmasq, all inside its state directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsmasqFiles {
+    /// `<dir>/dnsmasq.pid`
+    pub pid: PathBuf,
+    /// `<dir>/leases`
+    pub leases: PathBuf,
+    /// `<dir>/dhcp-hosts` (`--dhcp-hostsfile`)
+    pub dhcp_hosts: PathBuf,
+    /// `<dir>/hosts` (`--addn-hosts`)
+    pub addn_hosts: PathBuf,
+    /// `<dir>/dnsmasq.log` (`--log-facility`)
+    pub log: PathBuf,
+    /// `<dir>/dnsmasq.stderr` (startup errors)
+    pub stderr: PathBuf,
+}
+
+impl DnsmasqFiles {
+    /// The files under `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        DnsmasqFiles {
+            pid: dir.join("dnsmasq.pid"),
+            leases: dir.join("leases"),
+            dhcp_hosts: dir.join("dhcp-hosts"),
+            addn_hosts: dir.join("hosts"),
+            log: dir.join("dnsmasq.log"),
+            stderr: dir.join("dnsmasq.stderr"),
+        }
+    }
+}
+
+/// Everything the arguments are made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsmasqConfig {
+    /// Network name; also the DNS domain.
+    pub domain: String,
+    /// Bridge to serve on.
+    pub bridge: String,
+    /// The network.
+    pub net: Ipv4Net,
+    /// Gateway address (on the bridge): DNS server, router and listen address.
+    pub gateway: Ipv4Addr,
+    /// Where the files live.
+    pub files: DnsmasqFiles,
+}
+
+/// The dnsmasq command line (without the program name), pure.
+pub fn dnsmasq_args(c: &DnsmasqConfig) -> Vec<String> {
+    let p = |path: &PathBuf| path.to_string_lossy().into_owned();
+    vec![
+        "--conf-file=/dev/null".to_string(),
+        "--bind-interfaces".to_string(),
+        format!("--interface={}", c.bridge),
+        "--except-interface=lo".to_string(),
+        format!("--listen-address={}", c.gateway),
+        format!(
+            "--dhcp-range={},static,{},{LEASE_TIME}",
+            c.net.addr,
+            c.net.netmask()
+        ),
+        "--dhcp-authoritative".to_string(),
+        format!("--dhcp-hostsfile={}", p(&c.files.dhcp_hosts)),
+        format!("--dhcp-leasefile={}", p(&c.files.leases)),
+        format!("--dhcp-option=option:router,{}", c.gateway),
+        format!("--dhcp-option=option:dns-server,{}", c.gateway),
+        "--no-hosts".to_string(),
+        format!("--addn-hosts={}", p(&c.files.addn_hosts)),
+        format!("--domain={}", c.domain),
+        format!("--local=/{}/", c.domain),
+        "--no-resolv".to_string(),
+        format!("--pid-file={}", p(&c.files.pid)),
+        format!("--log-facility={}", p(&c.files.log)),
+        "--user=root".to_string(),
+    ]
+}
+
+/// Pure: a DNS label / host name we accept: 1–63 of `[A-Za-z0-9-]`, not starting or ending
+/// with `-`.
+pub fn is_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Check every reservation (a bad line would break the whole file for dnsmasq).
+pub fn validate_hosts(net: &Ipv4Net, hosts: &[DhcpHost]) -> Result<(), String> {
+    for h in hosts {
+        if !is_mac(&h.mac) {
+            return Err(format!(
+                "reservation {:?}: MAC {:?} is not of the form 52:54:00:12:34:56",
+                h.name, h.mac
+            ));
+        }
+        let ip: Ipv4Addr = h.ip.parse().map_err(|_| {
+            format!(
+                "reservation {:?}: {:?} is not an IPv4 address",
+                h.name, h.ip
+            )
+        })?;
+        if !net.contains(ip) {
+            return Err(format!("reservation {:?}: {ip} is outside {net}", h.name));
+        }
+        if !is_hostname(&h.name) {
+            return Err(format!(
+                "reservation {:?}: not a valid host name (letters, digits, '-')",
+                h.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn sorted(hosts: &[DhcpHost]) -> Vec<&DhcpHost> {
+    let mut v: Vec<&DhcpHost> = hosts.iter().collect();
+    v.sort();
+    v
+}
+
+/// `--dhcp-hostsfile` contents: `mac,ip,name` per line, sorted (pure).
+pub fn render_dhcp_hosts(hosts: &[DhcpHost]) -> String {
+    sorted(hosts)
+        .into_iter()
+        .map(|h| format!("{},{},{}\n", h.mac.to_ascii_lowercase(), h.ip, h.name))
+        .collect()
+}
+
+/// `--addn-hosts` contents: `ip name.domain name` per line, sorted (pure).
+pub fn render_addn_hosts(hosts: &[DhcpHost], domain: &str) -> String {
+    sorted(hosts)
+        .into_iter()
+        .map(|h| format!("{} {}.{domain} {}\n", h.ip, h.name, h.name))
+        .collect()
+}
+
+/// Pure: whether a `/proc/<pid>/cmdline` (NUL-separated) is a dnsmasq using `pid_file`.
+pub fn cmdline_matches(cmdline: &[u8], pid_file: &Path) -> bool {
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let want = format!("--pid-file={}", pid_file.to_string_lossy());
+    args.first().is_some_and(|a0| a0.ends_with(b"dnsmasq")) && args.contains(&want.as_bytes())
+}
+
+/// Pure: the arguments (after argv\[0\]) of a cmdline.
+pub fn cmdline_args(cmdline: &[u8]) -> Vec<String> {
+    cmdline
+        .split(|b| *b == 0)
+        .skip(1)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Why dnsmasq could not be managed.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsmasqError {
+    /// It did not start.
+    #[error("dnsmasq did not start")]
+    Start(#[source] cmd::CommandError),
+    /// It started but wrote no live pid.
+    #[error("dnsmasq started but {0} names no running dnsmasq")]
+    NoPid(PathBuf),
+    /// A signal could not be sent.
+    #[error("cannot signal dnsmasq pid {pid}")]
+    Signal {
+        /// The pid.
+        pid: i32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The stderr file could not be created.
+    #[error("cannot create {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The running dnsmasq of these files: `(pid, its arguments)`.
+pub fn running(files: &DnsmasqFiles) -> Option<(i32, Vec<String>)> {
+    let pid: i32 = std::fs::read_to_string(&files.pid)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    if !cmdline_matches(&cmdline, &files.pid) {
+        return None;
+    }
+    // A zombie still has a cmdline file, but an empty one; cmdline_matches already failed then.
+    Some((pid, cmdline_args(&cmdline)))
+}
+
+fn signal(pid: i32, sig: Signal) -> Result<(), DnsmasqError> {
+    let p = Pid::from_raw(pid).ok_or(DnsmasqError::Signal {
+        pid,
+        source: std::io::ErrorKind::InvalidInput.into(),
+    })?;
+    match kill_process(p, sig) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(DnsmasqError::Signal {
+            pid,
+            source: e.into(),
+        }),
+    }
+}
+
+/// Ask dnsmasq to re-read its hosts files.
+pub fn reload(pid: i32) -> Result<(), DnsmasqError> {
+    signal(pid, Signal::HUP)
+}
+
+/// Start dnsmasq with `args`; returns its pid. dnsmasq forks into the background (and calls
+/// setsid) once it is ready; the foreground process's exit status reports startup errors.
+pub fn start(files: &DnsmasqFiles, args: &[String]) -> Result<i32, DnsmasqError> {
+    let stderr = std::fs::File::create(&files.stderr).map_err(|source| DnsmasqError::Io {
+        path: files.stderr.clone(),
+        source,
+    })?;
+    let status = Command::new(cmd::tool("dnsmasq"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .status()
+        .map_err(|source| {
+            DnsmasqError::Start(cmd::CommandError::Spawn {
+                program: "dnsmasq".into(),
+                source,
+            })
+        })?;
+    if !status.success() {
+        let err = std::fs::read_to_string(&files.stderr).unwrap_or_default();
+        return Err(DnsmasqError::Start(cmd::CommandError::Failed {
+            command: cmd::display("dnsmasq", args),
+            status: status.to_string(),
+            stderr: err.trim().to_string(),
+        }));
+    }
+    // The pid file is written before the parent exits; allow a moment anyway.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Some((pid, _)) = running(files) {
+            return Ok(pid);
+        }
+        if Instant::now() >= deadline {
+            return Err(DnsmasqError::NoPid(files.pid.clone()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stop the dnsmasq of these files if it runs (SIGTERM, then SIGKILL after 2 s); remove the
+/// pid file. Returns whether one was running.
+pub fn stop(files: &DnsmasqFiles) -> Result<bool, DnsmasqError> {
+    let Some((pid, _)) = running(files) else {
+        let _ = std::fs::remove_file(&files.pid);
+        return Ok(false);
+    };
+    signal(pid, Signal::TERM)?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if alive(pid) {
+        signal(pid, Signal::KILL)?;
+    }
+    let _ = std::fs::remove_file(&files.pid);
+    Ok(true)
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    let Some(p) = Pid::from_raw(pid) else {
+        return false;
+    };
+    if test_kill_process(p).is_err() {
+        return false;
+    }
+    // "pid (comm) S ..." — state Z means it is gone but not reaped (our child only if we
+    // spawned it directly, which we never do: dnsmasq daemonizes).
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(true),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_must_name_our_pid_file() {
+        let pid = Path::new("/p/net/blue/dnsmasq.pid");
+        let ours =
+            b"/usr/sbin/dnsmasq\0--conf-file=/dev/null\0--pid-file=/p/net/blue/dnsmasq.pid\0";
+        let other = b"/usr/sbin/dnsmasq\0--pid-file=/p/net/red/dnsmasq.pid\0";
+        let not_dnsmasq = b"/bin/sleep\0--pid-file=/p/net/blue/dnsmasq.pid\0";
+        assert!(cmdline_matches(ours, pid));
+        assert!(!cmdline_matches(other, pid));
+        assert!(!cmdline_matches(not_dnsmasq, pid));
+        assert!(!cmdline_matches(b"", pid));
+        assert_eq!(
+            cmdline_args(ours),
+            vec![
+                "--conf-file=/dev/null",
+                "--pid-file=/p/net/blue/dnsmasq.pid"
+            ]
+        );
+    }
+
+    #[test]
+    fn hosts_are_validated() {
+        let net = Ipv4Net::parse("10.1.0.0/24").expect("cidr");
+        let ok = DhcpHost {
+            mac: "52:54:00:00:00:01".into(),
+            ip: "10.1.0.5".into(),
+            name: "web-0".into(),
+        };
+        assert!(validate_hosts(&net, std::slice::from_ref(&ok)).is_ok());
+        let outside = DhcpHost {
+            ip: "10.2.0.5".into(),
+            ..ok.clone()
+        };
+        assert!(validate_hosts(&net, &[outside]).is_err());
+        let bad_name = DhcpHost {
+            name: "web,0\n".into(),
+            ..ok.clone()
+        };
+        assert!(validate_hosts(&net, &[bad_name]).is_err());
+        let bad_mac = DhcpHost {
+            mac: "52:54:00".into(),
+            ..ok
+        };
+        assert!(validate_hosts(&net, &[bad_mac]).is_err());
+    }
+}

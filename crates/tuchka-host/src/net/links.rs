@@ -1,0 +1,246 @@
+//! Bridges and their IPv4 addresses over rtnetlink.
+//!
+//! The public API of this crate is synchronous, so every call builds a small current-thread
+//! tokio runtime, opens a netlink socket in the calling thread's network namespace, does its
+//! requests and drops both. That costs well under a millisecond and keeps no state to go stale.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{
+    BridgeStpState, InfoBridge, InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+
+/// A netlink failure.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The runtime or the netlink socket could not be set up.
+    #[error("cannot open a netlink socket")]
+    Socket(#[source] std::io::Error),
+    /// The kernel refused a request.
+    #[error("netlink request failed")]
+    Netlink(#[source] rtnetlink::Error),
+    /// A device of that name exists but is not a bridge.
+    #[error("device {0} exists and is not a bridge; refusing to reuse it")]
+    NotABridge(String),
+}
+
+impl From<rtnetlink::Error> for LinkError {
+    fn from(e: rtnetlink::Error) -> Self {
+        LinkError::Netlink(e)
+    }
+}
+
+/// What we need to know about a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkState {
+    /// Interface index.
+    pub index: u32,
+    /// Whether it is a bridge.
+    pub is_bridge: bool,
+    /// MTU.
+    pub mtu: Option<u32>,
+    /// Administratively up.
+    pub up: bool,
+    /// STP enabled (bridges only; `None` if not reported).
+    pub stp: Option<bool>,
+    /// Forward delay in centiseconds (bridges only).
+    pub forward_delay: Option<u32>,
+}
+
+fn link_state(msg: &LinkMessage) -> LinkState {
+    let mut st = LinkState {
+        index: msg.header.index,
+        is_bridge: false,
+        mtu: None,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        stp: None,
+        forward_delay: None,
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::Mtu(m) => st.mtu = Some(*m),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    match info {
+                        LinkInfo::Kind(InfoKind::Bridge) => st.is_bridge = true,
+                        LinkInfo::Data(InfoData::Bridge(opts)) => {
+                            for o in opts {
+                                match o {
+                                    InfoBridge::StpState(s) => {
+                                        st.stp = Some(*s != BridgeStpState::Disabled)
+                                    }
+                                    InfoBridge::ForwardDelay(d) => st.forward_delay = Some(*d),
+                                    _ => {}
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    st
+}
+
+/// Run `f` with a fresh netlink handle on a private current-thread runtime.
+fn with_handle<T, F, Fut>(f: F) -> Result<T, LinkError>
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: std::future::Future<Output = Result<T, LinkError>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(LinkError::Socket)?;
+    rt.block_on(async move {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(LinkError::Socket)?;
+        let task = tokio::spawn(conn);
+        let out = f(handle).await;
+        task.abort();
+        out
+    })
+}
+
+/// `ENODEV` from the kernel: no such device.
+fn is_no_device(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::ENODEV)
+}
+
+async fn get_link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, LinkError> {
+    let mut stream = handle.link().get().match_name(name.to_string()).execute();
+    match stream.try_next().await {
+        Ok(m) => Ok(m),
+        Err(e) if is_no_device(&e) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The state of device `name`, `None` if absent.
+pub fn link(name: &str) -> Result<Option<LinkState>, LinkError> {
+    let name = name.to_string();
+    with_handle(|h| async move { Ok(get_link(&h, &name).await?.map(|m| link_state(&m))) })
+}
+
+/// Make bridge `name` exist with STP off, forward delay 0, the given MTU, and up.
+/// Returns whether it was created by this call (for rollback).
+pub fn ensure_bridge(name: &str, mtu: u32) -> Result<bool, LinkError> {
+    let name = name.to_string();
+    with_handle(|h| async move {
+        match get_link(&h, &name).await? {
+            None => {
+                let msg = LinkBridge::new(&name)
+                    .stp_state(BridgeStpState::Disabled)
+                    .forward_delay(0)
+                    .mtu(mtu)
+                    .build();
+                h.link().add(msg).execute().await?;
+                Ok(true)
+            }
+            Some(msg) => {
+                let st = link_state(&msg);
+                if !st.is_bridge {
+                    return Err(LinkError::NotABridge(name));
+                }
+                if st.stp != Some(false) || st.forward_delay != Some(0) {
+                    let change = LinkBridge::new(&name)
+                        .index(st.index)
+                        .stp_state(BridgeStpState::Disabled)
+                        .forward_delay(0)
+                        .build();
+                    h.link().change(change).execute().await?;
+                }
+                if st.mtu != Some(mtu) || !st.up {
+                    h.link()
+                        .set(LinkUnspec::new_with_index(st.index).mtu(mtu).up().build())
+                        .execute()
+                        .await?;
+                }
+                Ok(false)
+            }
+        }
+    })
+}
+
+/// Delete device `name`; returns whether it existed.
+pub fn delete_link(name: &str) -> Result<bool, LinkError> {
+    let name = name.to_string();
+    with_handle(|h| async move {
+        let Some(msg) = get_link(&h, &name).await? else {
+            return Ok(false);
+        };
+        match h.link().del(msg.header.index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if is_no_device(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    })
+}
+
+fn ipv4_of(msg: &AddressMessage) -> Option<(Ipv4Addr, u8)> {
+    if msg.header.family != AddressFamily::Inet {
+        return None;
+    }
+    msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
+            Some((*ip, msg.header.prefix_len))
+        }
+        _ => None,
+    })
+}
+
+/// The IPv4 addresses of device `name` (empty if the device is absent).
+pub fn ipv4_addrs(name: &str) -> Result<Vec<(Ipv4Addr, u8)>, LinkError> {
+    let name = name.to_string();
+    with_handle(|h| async move {
+        let Some(link) = get_link(&h, &name).await? else {
+            return Ok(Vec::new());
+        };
+        let msgs: Vec<AddressMessage> = h
+            .address()
+            .get()
+            .set_link_index_filter(link.header.index)
+            .execute()
+            .try_collect()
+            .await?;
+        Ok(msgs.iter().filter_map(ipv4_of).collect())
+    })
+}
+
+/// Make the IPv4 addresses of device `name` exactly `want` (none when `None`). IPv6 is left alone.
+pub fn set_ipv4(name: &str, want: Option<(Ipv4Addr, u8)>) -> Result<(), LinkError> {
+    let name = name.to_string();
+    with_handle(|h| async move {
+        let Some(link) = get_link(&h, &name).await? else {
+            return Ok(());
+        };
+        let index = link.header.index;
+        let msgs: Vec<AddressMessage> = h
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await?;
+        let mut present = false;
+        for msg in msgs {
+            match ipv4_of(&msg) {
+                Some(a) if Some(a) == want => present = true,
+                Some(_) => h.address().del(msg).execute().await?,
+                None => {}
+            }
+        }
+        if let (Some((ip, prefix)), false) = (want, present) {
+            h.address()
+                .add(index, IpAddr::V4(ip), prefix)
+                .execute()
+                .await?;
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,391 @@
+//! The dataplane of one host: per network a bridge `tk<vni>`, on the network's gateway host
+//! the gateway address and a dnsmasq, and the cloud's isolation firewall.
+//!
+//! State lives in `<pool>/net/<network>/`: `network.json` (the last desired state applied — it
+//! is also how [`Dataplane::networks`] and the firewall know which bridges are ours) and the
+//! dnsmasq files. [`Dataplane::ensure_network`] converges in this order — state dir, firewall
+//! (so a bridge never exists unprotected; nft matches interface names, present or not), bridge,
+//! address, dnsmasq — and rolls back what it created itself when a later step fails.
+
+pub mod cidr;
+pub mod dnsmasq;
+pub mod links;
+pub mod nft;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use tuchka_api::agent::NetworkDesired;
+
+use self::cidr::Ipv4Net;
+use self::dnsmasq::{DnsmasqConfig, DnsmasqFiles};
+use self::nft::FirewallModel;
+use crate::domain_xml::is_ifname;
+use crate::storage::write_atomic;
+use crate::{cloud8, HostError};
+
+/// Networks of one cloud on one host. Synchronous: call from a blocking thread.
+pub trait Dataplane: Send + Sync {
+    /// Idempotently make the network exist on this host (bridge with STP off, forward delay 0
+    /// and the MTU; on the gateway host also the gateway address and a dnsmasq with the
+    /// reservations), and re-apply the cloud's firewall. Rolls back what this call created when
+    /// a later step fails.
+    fn ensure_network(&self, net: &NetworkDesired) -> Result<(), HostError>;
+    /// Stop the network's dnsmasq, delete its bridge and state directory, re-apply the
+    /// firewall. Ok if absent.
+    fn remove_network(&self, name: &str) -> Result<(), HostError>;
+    /// Names of this cloud's networks present on this host.
+    fn networks(&self) -> Result<Vec<String>, HostError>;
+}
+
+/// A network's validated, parsed desired state (pure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetPlan {
+    /// Network name.
+    pub name: String,
+    /// Bridge name.
+    pub bridge: String,
+    /// The network.
+    pub net: Ipv4Net,
+    /// Gateway address.
+    pub gateway: Ipv4Addr,
+    /// MTU.
+    pub mtu: u32,
+}
+
+impl NetPlan {
+    /// Validate `d` (names, CIDR, gateway inside it, MTU, reservations).
+    pub fn from_desired(d: &NetworkDesired) -> Result<Self, String> {
+        if !dnsmasq::is_hostname(&d.name) {
+            return Err(
+                "name must be 1-63 of [A-Za-z0-9-] (it is also the DNS domain)".to_string(),
+            );
+        }
+        if !is_ifname(&d.bridge) {
+            return Err(format!(
+                "bridge name {:?} is not a valid interface name (1-15 chars)",
+                d.bridge
+            ));
+        }
+        let net = Ipv4Net::parse(&d.cidr).map_err(|e| format!("cidr: {e}"))?;
+        let gw_text = d.gateway.split('/').next().unwrap_or_default();
+        let gateway: Ipv4Addr = gw_text
+            .parse()
+            .map_err(|_| format!("gateway {:?} is not an IPv4 address", d.gateway))?;
+        if !net.contains(gateway) || gateway == net.addr {
+            return Err(format!("gateway {gateway} is not a host address of {net}"));
+        }
+        if !(68..=65535).contains(&d.mtu) {
+            return Err(format!("MTU {} is out of range 68..65535", d.mtu));
+        }
+        dnsmasq::validate_hosts(&net, &d.hosts)?;
+        Ok(NetPlan {
+            name: d.name.clone(),
+            bridge: d.bridge.clone(),
+            net,
+            gateway,
+            mtu: d.mtu,
+        })
+    }
+}
+
+/// [`Dataplane`] on the Linux host (rtnetlink, dnsmasq, nftables).
+#[derive(Debug)]
+pub struct LinuxDataplane {
+    net_root: PathBuf,
+    cloud8: String,
+    /// Serialises changes: the firewall is rendered from all networks' state.
+    lock: Mutex<()>,
+}
+
+/// What one `ensure_network` call created, for rollback.
+#[derive(Debug, Default)]
+struct Created {
+    dir: bool,
+    bridge: bool,
+    dnsmasq: bool,
+}
+
+impl LinuxDataplane {
+    /// The dataplane of cloud `cloud_id`, keeping its state in `<pool>/net/`.
+    pub fn new(pool: &Path, cloud_id: &str) -> Self {
+        LinuxDataplane {
+            net_root: pool.join("net"),
+            cloud8: cloud8(cloud_id),
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Name of this cloud's nft table (`tk_<cloud8>`).
+    pub fn table_name(&self) -> String {
+        nft::table_name(&self.cloud8)
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.net_root.join(name)
+    }
+
+    fn read_state(&self, name: &str) -> Option<NetworkDesired> {
+        let text = std::fs::read_to_string(self.dir(name).join("network.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn list_dirs(&self) -> Result<Vec<String>, HostError> {
+        let obj = format!("networks in {}", self.net_root.display());
+        let entries = match std::fs::read_dir(&self.net_root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(HostError::io(obj, "list", &self.net_root, e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| HostError::io(&obj, "list", &self.net_root, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) && dnsmasq::is_hostname(&name)
+            {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Render the firewall from every network directory and apply it.
+    fn apply_firewall(&self, context: &str) -> Result<(), HostError> {
+        let bridges = self
+            .list_dirs()?
+            .iter()
+            .filter_map(|n| self.read_state(n))
+            .map(|d| d.bridge)
+            .collect();
+        let script = nft::render_firewall(&FirewallModel {
+            cloud8: self.cloud8.clone(),
+            bridges,
+        });
+        nft::apply(&script).map_err(|source| HostError::Tool {
+            object: format!("network {context}"),
+            action: "apply firewall (nft)",
+            source,
+        })
+    }
+
+    fn link_err(
+        name: &str,
+        action: impl Into<String>,
+    ) -> impl FnOnce(links::LinkError) -> HostError {
+        let name = name.to_string();
+        let action = action.into();
+        move |source| HostError::Link {
+            name,
+            action,
+            source,
+        }
+    }
+
+    fn converge(
+        &self,
+        d: &NetworkDesired,
+        plan: &NetPlan,
+        created: &mut Created,
+    ) -> Result<(), HostError> {
+        let obj = format!("network {}", d.name);
+        let dir = self.dir(&d.name);
+        std::fs::create_dir_all(&self.net_root)
+            .map_err(|e| HostError::io(&obj, "create", &self.net_root, e))?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => created.dir = true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(HostError::io(&obj, "create", &dir, e)),
+        }
+        let files = DnsmasqFiles::in_dir(&dir);
+
+        // A renamed bridge: retire the old one first.
+        if let Some(old) = self.read_state(&d.name) {
+            if old.bridge != d.bridge {
+                dnsmasq::stop(&files).map_err(|e| dhcp_err(&obj, e))?;
+                links::delete_link(&old.bridge).map_err(Self::link_err(
+                    &d.name,
+                    format!("delete old bridge {}", old.bridge),
+                ))?;
+            }
+        }
+        let json = serde_json::to_vec_pretty(d)
+            .map_err(|e| HostError::invalid(&obj, format!("cannot serialise: {e}")))?;
+        write_atomic(&dir.join("network.json"), &json, 0o644, &obj)?;
+
+        self.apply_firewall(&d.name)?;
+
+        created.bridge = links::ensure_bridge(&plan.bridge, plan.mtu).map_err(Self::link_err(
+            &d.name,
+            format!("create bridge {}", plan.bridge),
+        ))?;
+        let addr = d.gateway_here.then_some((plan.gateway, plan.net.prefix));
+        links::set_ipv4(&plan.bridge, addr).map_err(Self::link_err(
+            &d.name,
+            format!("set the address of bridge {}", plan.bridge),
+        ))?;
+
+        if !d.gateway_here {
+            dnsmasq::stop(&files).map_err(|e| dhcp_err(&obj, e))?;
+            return Ok(());
+        }
+        let hosts_changed = write_if_changed(
+            &files.dhcp_hosts,
+            &dnsmasq::render_dhcp_hosts(&d.hosts),
+            &obj,
+        )?;
+        let addn_changed = write_if_changed(
+            &files.addn_hosts,
+            &dnsmasq::render_addn_hosts(&d.hosts, &d.name),
+            &obj,
+        )?;
+        let cfg = DnsmasqConfig {
+            domain: d.name.clone(),
+            bridge: plan.bridge.clone(),
+            net: plan.net,
+            gateway: plan.gateway,
+            files: files.clone(),
+        };
+        let args = dnsmasq::dnsmasq_args(&cfg);
+        match dnsmasq::running(&files) {
+            Some((_, running_args)) if running_args != args => {
+                tracing::info!(network = %d.name, "dnsmasq arguments changed; restarting it");
+                dnsmasq::stop(&files).map_err(|e| dhcp_err(&obj, e))?;
+                dnsmasq::start(&files, &args).map_err(|e| dhcp_err(&obj, e))?;
+            }
+            Some((pid, _)) => {
+                if hosts_changed || addn_changed {
+                    dnsmasq::reload(pid).map_err(|e| dhcp_err(&obj, e))?;
+                }
+            }
+            None => {
+                dnsmasq::start(&files, &args).map_err(|e| dhcp_err(&obj, e))?;
+                created.dnsmasq = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undo what `created` says this call made; best effort, errors are logged.
+    fn rollback(&self, d: &NetworkDesired, created: &Created) {
+        let dir = self.dir(&d.name);
+        if created.dnsmasq {
+            if let Err(e) = dnsmasq::stop(&DnsmasqFiles::in_dir(&dir)) {
+                tracing::warn!(network = %d.name, error = %e, "rollback: cannot stop dnsmasq");
+            }
+        }
+        if created.bridge {
+            if let Err(e) = links::delete_link(&d.bridge) {
+                tracing::warn!(network = %d.name, error = %e, "rollback: cannot delete bridge");
+            }
+        }
+        if created.dir {
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Err(e) = self.apply_firewall(&d.name) {
+                tracing::warn!(network = %d.name, error = %e.chain(), "rollback: cannot re-apply firewall");
+            }
+        }
+    }
+}
+
+fn dhcp_err(obj: &str, source: dnsmasq::DnsmasqError) -> HostError {
+    let network = obj.strip_prefix("network ").unwrap_or(obj).to_string();
+    HostError::Dhcp { network, source }
+}
+
+/// Write `content` to `path` unless it already holds exactly that; returns whether it wrote.
+fn write_if_changed(path: &Path, content: &str, obj: &str) -> Result<bool, HostError> {
+    if std::fs::read_to_string(path).ok().as_deref() == Some(content) {
+        return Ok(false);
+    }
+    write_atomic(path, content.as_bytes(), 0o644, obj)?;
+    Ok(true)
+}
+
+impl Dataplane for LinuxDataplane {
+    fn ensure_network(&self, net: &NetworkDesired) -> Result<(), HostError> {
+        let plan = NetPlan::from_desired(net)
+            .map_err(|m| HostError::invalid(format!("network {:?}", net.name), m))?;
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut created = Created::default();
+        let result = self.converge(net, &plan, &mut created);
+        if result.is_err() {
+            self.rollback(net, &created);
+        }
+        result
+    }
+
+    fn remove_network(&self, name: &str) -> Result<(), HostError> {
+        if !dnsmasq::is_hostname(name) {
+            return Err(HostError::invalid(
+                format!("network {name:?}"),
+                "not a valid network name",
+            ));
+        }
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let obj = format!("network {name}");
+        let dir = self.dir(name);
+        if !dir.exists() {
+            return Ok(());
+        }
+        dnsmasq::stop(&DnsmasqFiles::in_dir(&dir)).map_err(|e| dhcp_err(&obj, e))?;
+        if let Some(state) = self.read_state(name) {
+            links::delete_link(&state.bridge).map_err(Self::link_err(
+                name,
+                format!("delete bridge {}", state.bridge),
+            ))?;
+        }
+        std::fs::remove_dir_all(&dir).map_err(|e| HostError::io(&obj, "remove", &dir, e))?;
+        self.apply_firewall(name)
+    }
+
+    fn networks(&self) -> Result<Vec<String>, HostError> {
+        self.list_dirs()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tuchka_api::agent::DhcpHost;
+
+    fn desired() -> NetworkDesired {
+        NetworkDesired {
+            name: "blue".into(),
+            vni: 100,
+            bridge: "tk100".into(),
+            cidr: "10.10.0.0/24".into(),
+            gateway: "10.10.0.1".into(),
+            gateway_here: true,
+            mtu: 1450,
+            hosts: vec![DhcpHost {
+                mac: "52:54:00:00:00:01".into(),
+                ip: "10.10.0.5".into(),
+                name: "web-0".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn plan_accepts_a_good_network() {
+        let p = NetPlan::from_desired(&desired()).expect("valid");
+        assert_eq!(p.gateway, Ipv4Addr::new(10, 10, 0, 1));
+        assert_eq!(p.net.prefix, 24);
+    }
+
+    #[test]
+    fn plan_refuses_bad_input() {
+        let bad = |f: fn(&mut NetworkDesired)| {
+            let mut d = desired();
+            f(&mut d);
+            NetPlan::from_desired(&d).is_err()
+        };
+        assert!(bad(|d| d.name = "../x".into()));
+        assert!(bad(|d| d.bridge = "a-bridge-name-too-long".into()));
+        assert!(bad(|d| d.gateway = "10.11.0.1".into()));
+        assert!(bad(|d| d.gateway = "10.10.0.0".into()));
+        assert!(bad(|d| d.cidr = "10.10.0.0".into()));
+        assert!(bad(|d| d.mtu = 10));
+    }
+}

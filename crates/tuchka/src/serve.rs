@@ -1,0 +1,147 @@
+//! `tuchka serve` and `tuchka agent`: wire the controller, listeners and agents together.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tuchka_agent::AgentConfig;
+use tuchka_client::{Client, Endpoint};
+use tuchka_controller::api::{router, Transport};
+use tuchka_controller::{Controller, ControllerConfig};
+
+use crate::{AgentArgs, ServeArgs};
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TUCHKA_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).try_init();
+}
+
+/// This machine's name as a valid host name (`local` if it has none usable).
+fn system_host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut name: String = raw
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .take(63)
+        .collect();
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        name = format!("h{name}");
+        name.truncate(63);
+    }
+    if name.len() < 2 {
+        "local".into()
+    } else {
+        name
+    }
+}
+
+async fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!("another tuchka serve is already running on {} (stop it first)", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set permissions of {}", path.display()))?;
+    Ok(l)
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// Run the controller and the local agent until SIGTERM/SIGINT.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let data_dir = absolute(&args.data_dir)?;
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    // qemu (user libvirt-qemu) must reach disks and logs under the data directory.
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("cannot set permissions of {}", data_dir.display()))?;
+    let pool = data_dir.join("pool");
+    let mut config = ControllerConfig::new(data_dir.clone());
+    config.down_after = Duration::from_secs(args.down_after.max(3));
+    config.local_pool = (!args.no_local_agent).then(|| pool.clone());
+    config.long_poll = Duration::from_secs((args.down_after / 3).clamp(1, 10));
+    let ctl = Controller::open(config).context("cannot open the controller state")?;
+    let sock = data_dir.join("tuchka.sock");
+    let unix = bind_unix(&sock).await?;
+    tracing::info!(socket = %sock.display(), cloud = %ctl.cloud_id(), "tuchka controller listening");
+    let mut servers = tokio::task::JoinSet::new();
+    let app = router(ctl.clone(), Transport::Unix);
+    servers.spawn(async move { axum::serve(unix, app).with_graceful_shutdown(shutdown_signal()).await.context("unix socket server failed") });
+    if let Some(addr) = args.listen {
+        let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(%addr, token_file = %data_dir.join("token").display(), "API also on TCP (bearer token required)");
+        let app = router(ctl.clone(), Transport::Tcp);
+        servers.spawn(async move { axum::serve(tcp, app).with_graceful_shutdown(shutdown_signal()).await.context("TCP server failed") });
+    }
+    let ticker = ctl.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            let c = ticker.clone();
+            let _ = tokio::task::spawn_blocking(move || tuchka_controller::ops::progress(&c)).await;
+        }
+    });
+    if !args.no_local_agent {
+        let agent = AgentConfig {
+            name: args.host_name.clone().unwrap_or_else(system_host_name),
+            pool,
+            libvirt_uri: args.libvirt_uri.clone(),
+            accel: args.accel.into(),
+            join_token: String::new(),
+        };
+        let client = Client::new(Endpoint::Unix(sock.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = tuchka_agent::run(agent, client).await {
+                tracing::error!(error = ?anyhow::Error::from(e), "local agent stopped");
+            }
+        });
+    }
+    while let Some(r) = servers.join_next().await {
+        r.context("server task failed")??;
+    }
+    let _ = std::fs::remove_file(&sock);
+    tracing::info!("tuchka controller stopped");
+    Ok(())
+}
+
+/// Run a host agent that joins a remote controller.
+pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let config = AgentConfig {
+        name: args.host_name.clone().unwrap_or_else(system_host_name),
+        pool: absolute(&args.pool)?,
+        libvirt_uri: args.libvirt_uri.clone(),
+        accel: args.accel.into(),
+        join_token: args.join_token.clone(),
+    };
+    let client = Client::new(Endpoint::Http { url: args.controller.clone(), token: None });
+    tokio::select! {
+        r = tuchka_agent::run(config, client) => r.context("agent failed"),
+        _ = shutdown_signal() => Ok(()),
+    }
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir().context("cannot read the current directory")?.join(p))
+    }
+}

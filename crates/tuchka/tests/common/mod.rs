@@ -1,0 +1,313 @@
+//! Test harness: a real `tuchka serve` (real libvirt, TCG guests, real bridges and dnsmasq) in
+//! its own data directory, driven through the `tuchka` CLI the way a user would.
+//!
+//! Every cloud started here gets a unique host name and data directory; its networks get random
+//! VNIs (so unique bridges) and the CIDRs tests pick are unique per test. On drop the harness
+//! removes, through the product first and then by name, every domain, bridge, dnsmasq and file
+//! it made, even when the test failed.
+
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `tuchka` binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tuchka"))
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+fn must_have(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+        || Path::new("/usr/sbin").join(tool).is_file();
+    assert!(found, "`{tool}` is missing (Debian package {package}); ./scripts/install-deps installs it, ./scripts/test runs it");
+}
+
+/// Fail loudly unless libvirt and the tools the tests use are here.
+pub fn require_host() {
+    for (tool, pkg) in [
+        ("virsh", "libvirt-clients"),
+        ("qemu-img", "qemu-utils"),
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("dnsmasq", "dnsmasq-base"),
+        ("nft", "nftables"),
+        ("ip", "iproute2"),
+        ("genisoimage", "genisoimage"),
+    ] {
+        must_have(tool, pkg);
+    }
+    let ok = Command::new("virsh")
+        .args(["-c", "qemu:///system", "version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "libvirtd is not reachable at qemu:///system: run ./scripts/start-libvirt (./scripts/test does)");
+}
+
+/// The project's test image, built once (scripts/build-test-image) and reused.
+pub fn test_image() -> PathBuf {
+    if let Some(p) = std::env::var_os("TUCHKA_TEST_IMAGE") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "TUCHKA_TEST_IMAGE={} does not exist", p.display());
+        return p;
+    }
+    let path = root().join("target/testimg/tiny.qcow2");
+    if !path.is_file() {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir target/testimg");
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let out = Command::new(root().join("scripts/build-test-image")).arg(&tmp).output().expect("run scripts/build-test-image");
+        assert!(
+            out.status.success(),
+            "scripts/build-test-image failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::rename(&tmp, &path).expect("move test image into place");
+    }
+    path
+}
+
+/// A running cloud.
+pub struct Cloud {
+    /// Data directory.
+    pub dir: PathBuf,
+    /// Host name of the local agent.
+    pub host: String,
+    serve: Option<Child>,
+    /// Names of domains seen (for forced cleanup).
+    pub domains: std::cell::RefCell<Vec<String>>,
+    /// Bridges seen (for forced cleanup).
+    pub bridges: std::cell::RefCell<Vec<String>>,
+}
+
+/// Result of a CLI call.
+pub struct Run {
+    /// Exit code.
+    pub code: i32,
+    /// stdout.
+    pub out: String,
+    /// stderr.
+    pub err: String,
+}
+
+impl Run {
+    /// The stdout parsed as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.out).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.out, self.err))
+    }
+}
+
+impl Cloud {
+    /// Start `tuchka serve` in a fresh data directory with TCG guests.
+    pub fn start(tag: &str) -> Cloud {
+        require_host();
+        let dir = PathBuf::from(format!("/var/tmp/tuchka-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("data dir");
+        let host = format!("t{tag}{}", std::process::id());
+        let mut c = Cloud { dir, host, serve: None, domains: Default::default(), bridges: Default::default() };
+        c.spawn_serve(&["--accel", "tcg"]);
+        c
+    }
+
+    /// The unix socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("tuchka.sock")
+    }
+
+    /// (Re)start `tuchka serve` with extra arguments and wait until its host is up.
+    pub fn spawn_serve(&mut self, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("serve.log")).expect("log");
+        let child = Command::new(bin())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--host-name", &self.host])
+            .args(extra)
+            .env("TUCHKA_LOG", "info")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start tuchka serve");
+        self.serve = Some(child);
+        self.wait_for("host up", Duration::from_secs(60), || {
+            let r = self.tk(&["host", "list", "-o", "json"]);
+            r.code == 0 && r.json().as_array().is_some_and(|a| a.iter().any(|h| h["name"] == self.host.as_str() && h["state"] == "up"))
+        });
+    }
+
+    /// Stop `tuchka serve` (SIGTERM) and wait for it to exit.
+    pub fn stop_serve(&mut self) {
+        if let Some(mut child) = self.serve.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Run the CLI against this cloud.
+    pub fn tk(&self, args: &[&str]) -> Run {
+        let out: Output = Command::new(bin())
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .expect("run tuchka");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            out: String::from_utf8_lossy(&out.stdout).into_owned(),
+            err: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Run the CLI and require success.
+    pub fn ok(&self, args: &[&str]) -> Run {
+        let r = self.tk(args);
+        assert_eq!(r.code, 0, "tuchka {} failed:\nstdout: {}\nstderr: {}\n{}", args.join(" "), r.out, r.err, self.log_tail());
+        r
+    }
+
+    /// Run the CLI and require failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let r = self.tk(args);
+        assert_ne!(r.code, 0, "tuchka {} should have failed:\nstdout: {}", args.join(" "), r.out);
+        r.err
+    }
+
+    /// The last lines of the serve log.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        format!("--- serve.log (tail) ---\n{}", lines[lines.len().saturating_sub(40)..].join("\n"))
+    }
+
+    /// `vm show -o json`.
+    pub fn vm(&self, name: &str) -> Value {
+        let v = self.ok(&["vm", "show", name, "-o", "json"]).json();
+        if let Some(d) = v["domain"].as_str() {
+            let mut ds = self.domains.borrow_mut();
+            if !ds.iter().any(|x| x == d) {
+                ds.push(d.to_string());
+            }
+        }
+        v
+    }
+
+    /// First IP of a VM.
+    pub fn ip(&self, name: &str) -> Ipv4Addr {
+        self.vm(name)["addresses"][0]["ip"].as_str().expect("ip").parse().expect("ipv4")
+    }
+
+    /// Remember a network's bridge for cleanup.
+    pub fn track_network(&self, name: &str) {
+        let n = self.ok(&["net", "show", name, "-o", "json"]).json();
+        if let Some(b) = n["bridge"].as_str() {
+            self.bridges.borrow_mut().push(b.to_string());
+        }
+    }
+
+    /// Poll `f` until true or panic after `limit` with `what`.
+    pub fn wait_for(&self, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!("timed out after {limit:?} waiting for {what}\n{}", self.log_tail());
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        // Through the product first: that is what a user does, and it must leave nothing.
+        if self.serve.is_some() {
+            let groups = self.tk(&["group", "list", "-o", "json"]);
+            if groups.code == 0 {
+                for g in groups.json().as_array().cloned().unwrap_or_default() {
+                    if let Some(n) = g["name"].as_str() {
+                        let _ = self.tk(&["group", "rm", n, "--wait"]);
+                    }
+                }
+            }
+            let nets = self.tk(&["net", "list", "-o", "json"]);
+            if nets.code == 0 {
+                for n in nets.json().as_array().cloned().unwrap_or_default() {
+                    if let Some(b) = n["bridge"].as_str() {
+                        self.bridges.borrow_mut().push(b.to_string());
+                    }
+                    if let Some(name) = n["name"].as_str() {
+                        let _ = self.tk(&["net", "rm", name, "--wait"]);
+                    }
+                }
+            }
+        }
+        self.stop_serve();
+        // Then by name, whatever is left.
+        for d in self.domains.borrow().iter() {
+            let _ = Command::new("virsh").args(["-c", "qemu:///system", "destroy", d]).output();
+            let _ = Command::new("virsh").args(["-c", "qemu:///system", "undefine", d]).output();
+        }
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("pool/net")) {
+            for e in entries.flatten() {
+                if let Ok(pid) = std::fs::read_to_string(e.path().join("dnsmasq.pid")) {
+                    let pid = pid.trim();
+                    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    if cmdline.contains("dnsmasq") && cmdline.contains(&*self.dir.to_string_lossy()) {
+                        let _ = Command::new("kill").arg(pid).status();
+                    }
+                }
+            }
+        }
+        for b in self.bridges.borrow().iter() {
+            let _ = Command::new("ip").args(["link", "del", b]).output();
+        }
+        if std::env::var_os("TUCHKA_KEEP_TEST_DIR").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// GET http://ip:port/ with short timeouts; the body, or None if it did not answer.
+pub fn http_get(ip: Ipv4Addr, port: u16) -> Option<String> {
+    let addr = SocketAddr::from((ip, port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes()).ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.trim().to_string())
+}
+
+/// Names of libvirt domains whose name starts with `prefix`.
+pub fn domains_with_prefix(prefix: &str) -> Vec<String> {
+    let out = Command::new("virsh").args(["-c", "qemu:///system", "list", "--all", "--name"]).output().expect("virsh list");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| l.starts_with(prefix)).map(String::from).collect()
+}
+
+/// Whether a network device exists.
+pub fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
