@@ -45,25 +45,32 @@ pub struct VmMemory {
 
 /// The next action for `want` given the domain's observed `state` (None: not defined).
 pub fn next_action(want: &VmDesired, state: Option<&DomainState>, mem: &VmMemory) -> Action {
-    let Some(state) = state else { return Action::Create };
+    let Some(state) = state else {
+        return Action::Create;
+    };
     match (want.power, state) {
         (_, DomainState::Crashed) => Action::Destroy,
         (PowerState::Running, DomainState::ShutOff) => Action::Start,
         (PowerState::Running, DomainState::Paused) => Action::Resume,
-        (PowerState::Running, DomainState::Running) if want.reboot_seq > mem.reboot_done => Action::Reboot,
+        (PowerState::Running, DomainState::Running) if want.reboot_seq > mem.reboot_done => {
+            Action::Reboot
+        }
         (PowerState::Paused, DomainState::ShutOff) => Action::Start,
         (PowerState::Paused, DomainState::Running) => Action::Suspend,
         (PowerState::Stopped, DomainState::ShutOff) => Action::None,
         (PowerState::Stopped, _) if want.force_stop => Action::Destroy,
         // A paused guest cannot see the power button: resume it first.
         (PowerState::Stopped, DomainState::Paused) => Action::Resume,
-        (PowerState::Stopped, DomainState::Running | DomainState::ShuttingDown | DomainState::Other(_)) => {
-            match (mem.shutdown_since, mem.shutdown_last) {
-                (Some(since), _) if since >= Duration::from_secs(u64::from(want.stop_timeout_s)) => Action::Destroy,
-                (Some(_), Some(last)) if last < SHUTDOWN_RESEND => Action::None,
-                _ => Action::Shutdown,
+        (
+            PowerState::Stopped,
+            DomainState::Running | DomainState::ShuttingDown | DomainState::Other(_),
+        ) => match (mem.shutdown_since, mem.shutdown_last) {
+            (Some(since), _) if since >= Duration::from_secs(u64::from(want.stop_timeout_s)) => {
+                Action::Destroy
             }
-        }
+            (Some(_), Some(last)) if last < SHUTDOWN_RESEND => Action::None,
+            _ => Action::Shutdown,
+        },
         _ => Action::None,
     }
 }
@@ -113,18 +120,36 @@ mod tests {
         let w = vm(PowerState::Running);
         let m = VmMemory::default();
         assert_eq!(next_action(&w, None, &m), Action::Create);
-        assert_eq!(next_action(&w, Some(&DomainState::ShutOff), &m), Action::Start);
-        assert_eq!(next_action(&w, Some(&DomainState::Running), &m), Action::None);
-        assert_eq!(observed_state(&w, Some(&DomainState::Running)), VmState::Running);
+        assert_eq!(
+            next_action(&w, Some(&DomainState::ShutOff), &m),
+            Action::Start
+        );
+        assert_eq!(
+            next_action(&w, Some(&DomainState::Running), &m),
+            Action::None
+        );
+        assert_eq!(
+            observed_state(&w, Some(&DomainState::Running)),
+            VmState::Running
+        );
         assert_eq!(observed_state(&w, None), VmState::Starting);
     }
 
     #[test]
     fn pause_and_resume() {
         let m = VmMemory::default();
-        assert_eq!(next_action(&vm(PowerState::Paused), Some(&DomainState::Running), &m), Action::Suspend);
-        assert_eq!(next_action(&vm(PowerState::Running), Some(&DomainState::Paused), &m), Action::Resume);
-        assert_eq!(observed_state(&vm(PowerState::Paused), Some(&DomainState::Paused)), VmState::Paused);
+        assert_eq!(
+            next_action(&vm(PowerState::Paused), Some(&DomainState::Running), &m),
+            Action::Suspend
+        );
+        assert_eq!(
+            next_action(&vm(PowerState::Running), Some(&DomainState::Paused), &m),
+            Action::Resume
+        );
+        assert_eq!(
+            observed_state(&vm(PowerState::Paused), Some(&DomainState::Paused)),
+            VmState::Paused
+        );
     }
 
     #[test]
@@ -141,34 +166,64 @@ mod tests {
         m.shutdown_since = Some(Duration::from_secs(60));
         assert_eq!(next_action(&w, Some(&running), &m), Action::Destroy);
         assert_eq!(observed_state(&w, Some(&running)), VmState::Stopping);
-        assert_eq!(observed_state(&w, Some(&DomainState::ShutOff)), VmState::Stopped);
-        assert_eq!(next_action(&w, Some(&DomainState::ShutOff), &m), Action::None);
+        assert_eq!(
+            observed_state(&w, Some(&DomainState::ShutOff)),
+            VmState::Stopped
+        );
+        assert_eq!(
+            next_action(&w, Some(&DomainState::ShutOff), &m),
+            Action::None
+        );
     }
 
     #[test]
     fn force_stop_and_paused_stop() {
         let mut w = vm(PowerState::Stopped);
         let m = VmMemory::default();
-        assert_eq!(next_action(&w, Some(&DomainState::Paused), &m), Action::Resume);
+        assert_eq!(
+            next_action(&w, Some(&DomainState::Paused), &m),
+            Action::Resume
+        );
         w.force_stop = true;
-        assert_eq!(next_action(&w, Some(&DomainState::Running), &m), Action::Destroy);
-        assert_eq!(next_action(&w, Some(&DomainState::Paused), &m), Action::Destroy);
+        assert_eq!(
+            next_action(&w, Some(&DomainState::Running), &m),
+            Action::Destroy
+        );
+        assert_eq!(
+            next_action(&w, Some(&DomainState::Paused), &m),
+            Action::Destroy
+        );
     }
 
     #[test]
     fn reboot_once_per_request() {
         let mut w = vm(PowerState::Running);
         w.reboot_seq = 2;
-        let mut m = VmMemory { reboot_done: 1, ..Default::default() };
-        assert_eq!(next_action(&w, Some(&DomainState::Running), &m), Action::Reboot);
+        let mut m = VmMemory {
+            reboot_done: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            next_action(&w, Some(&DomainState::Running), &m),
+            Action::Reboot
+        );
         m.reboot_done = 2;
-        assert_eq!(next_action(&w, Some(&DomainState::Running), &m), Action::None);
+        assert_eq!(
+            next_action(&w, Some(&DomainState::Running), &m),
+            Action::None
+        );
     }
 
     #[test]
     fn crashed_is_destroyed_and_reported_as_error() {
         let w = vm(PowerState::Running);
-        assert_eq!(next_action(&w, Some(&DomainState::Crashed), &VmMemory::default()), Action::Destroy);
-        assert_eq!(observed_state(&w, Some(&DomainState::Crashed)), VmState::Error);
+        assert_eq!(
+            next_action(&w, Some(&DomainState::Crashed), &VmMemory::default()),
+            Action::Destroy
+        );
+        assert_eq!(
+            observed_state(&w, Some(&DomainState::Crashed)),
+            VmState::Error
+        );
     }
 }

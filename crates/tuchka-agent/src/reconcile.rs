@@ -6,22 +6,25 @@
 //! concerns and retried on the next pass.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tuchka_api::agent::{HostDesired, HostReport, NetworkObserved, VmDesired, VmObserved};
 use tuchka_api::VmState;
-use tuchka_host::{Accel, Dataplane, DomainInfo, DomainSpec, HostError, Hypervisor, NicSpec, Storage};
+use tuchka_host::{
+    Accel, Dataplane, DomainInfo, DomainSpec, HostError, Hypervisor, NicSpec, Storage,
+};
 
 use crate::plan::{next_action, observed_state, Action, VmMemory};
 
 /// The side-effect adapters of one host.
 pub struct HostParts {
     /// libvirt.
-    pub hypervisor: Box<dyn Hypervisor>,
+    pub hypervisor: Arc<dyn Hypervisor>,
     /// The storage pool.
-    pub storage: Box<dyn Storage>,
+    pub storage: Arc<dyn Storage>,
     /// Bridges, DHCP/DNS, firewall.
-    pub dataplane: Box<dyn Dataplane>,
+    pub dataplane: Arc<dyn Dataplane>,
     /// Accelerator for new domains.
     pub accel: Accel,
     /// Id of the cloud (domain metadata).
@@ -56,7 +59,12 @@ pub struct PassResult {
 }
 
 /// Converge the host once. `image_errors` holds images that could not be fetched (sha → why).
-pub fn reconcile(parts: &HostParts, desired: &HostDesired, mem: &mut Memory, image_errors: &HashMap<String, String>) -> PassResult {
+pub fn reconcile(
+    parts: &HostParts,
+    desired: &HostDesired,
+    mem: &mut Memory,
+    image_errors: &HashMap<String, String>,
+) -> PassResult {
     let mut settled = true;
     let mut net_errors: HashMap<String, String> = HashMap::new();
     for n in &desired.networks {
@@ -74,20 +82,47 @@ pub fn reconcile(parts: &HostParts, desired: &HostDesired, mem: &mut Memory, ima
             let vms = desired
                 .vms
                 .iter()
-                .map(|v| VmObserved { id: v.id.clone(), state: VmState::Error, error: Some(e.to_string()), reboot_seq: 0 })
+                .map(|v| VmObserved {
+                    id: v.id.clone(),
+                    state: VmState::Error,
+                    error: Some(e.to_string()),
+                    reboot_seq: 0,
+                })
                 .collect();
-            return PassResult { report: HostReport { generation: desired.generation, vms, ..Default::default() }, settled: false };
+            return PassResult {
+                report: HostReport {
+                    generation: desired.generation,
+                    vms,
+                    ..Default::default()
+                },
+                settled: false,
+            };
         }
     };
 
-    let mtus: HashMap<&str, u32> = desired.networks.iter().map(|n| (n.name.as_str(), n.mtu)).collect();
+    let mtus: HashMap<&str, u32> = desired
+        .networks
+        .iter()
+        .map(|n| (n.name.as_str(), n.mtu))
+        .collect();
     let mut observed = vec![];
     for want in &desired.vms {
         let result = match image_errors.get(&want.image_sha256) {
             Some(why) => Err(format!("image not available on this host: {why}")),
-            None => converge_vm(parts, want, domains.get(&want.id).map(|d| &d.state), mem, &mtus),
+            None => converge_vm(
+                parts,
+                want,
+                domains.get(&want.id).map(|d| &d.state),
+                mem,
+                &mtus,
+            ),
         };
-        let state_now = parts.hypervisor.list().ok().and_then(|l| l.into_iter().find(|d| d.vm_id == want.id)).map(|d| d.state);
+        let state_now = parts
+            .hypervisor
+            .list()
+            .ok()
+            .and_then(|l| l.into_iter().find(|d| d.vm_id == want.id))
+            .map(|d| d.state);
         let (state, error) = match result {
             Ok(()) => (observed_state(want, state_now.as_ref()), None),
             Err(e) => {
@@ -98,31 +133,60 @@ pub fn reconcile(parts: &HostParts, desired: &HostDesired, mem: &mut Memory, ima
         if !matches!(state, VmState::Running | VmState::Paused | VmState::Stopped) {
             settled = false;
         }
-        observed.push(VmObserved { id: want.id.clone(), state, error, reboot_seq: mem.reboot_done.get(&want.id).copied().unwrap_or(0) });
+        observed.push(VmObserved {
+            id: want.id.clone(),
+            state,
+            error,
+            reboot_seq: mem.reboot_done.get(&want.id).copied().unwrap_or(0),
+        });
     }
 
     // Remove what is not desired: domains, then their directories.
     let wanted: HashSet<&str> = desired.vms.iter().map(|v| v.id.as_str()).collect();
-    for d in domains.values().filter(|d| !wanted.contains(d.vm_id.as_str())) {
-        let gone = parts.hypervisor.undefine(&d.name).and_then(|_| parts.storage.remove_vm(&d.vm_id));
+    for d in domains
+        .values()
+        .filter(|d| !wanted.contains(d.vm_id.as_str()))
+    {
+        let gone = parts
+            .hypervisor
+            .undefine(&d.name)
+            .and_then(|_| parts.storage.remove_vm(&d.vm_id));
         if let Err(e) = gone {
             tracing::warn!(domain = %d.name, error = %e, "cannot remove domain");
-            observed.push(VmObserved { id: d.vm_id.clone(), state: VmState::Stopping, error: Some(e.to_string()), reboot_seq: 0 });
+            observed.push(VmObserved {
+                id: d.vm_id.clone(),
+                state: VmState::Stopping,
+                error: Some(e.to_string()),
+                reboot_seq: 0,
+            });
             settled = false;
         }
         forget(mem, &d.vm_id);
     }
     if let Ok(dirs) = parts.storage.vm_dirs() {
-        for id in dirs.iter().filter(|id| !wanted.contains(id.as_str()) && !domains.contains_key(id.as_str())) {
+        for id in dirs
+            .iter()
+            .filter(|id| !wanted.contains(id.as_str()) && !domains.contains_key(id.as_str()))
+        {
             if let Err(e) = parts.storage.remove_vm(id) {
                 tracing::warn!(vm = %id, error = %e, "cannot remove VM directory");
-                observed.push(VmObserved { id: id.clone(), state: VmState::Stopping, error: Some(e.to_string()), reboot_seq: 0 });
+                observed.push(VmObserved {
+                    id: id.clone(),
+                    state: VmState::Stopping,
+                    error: Some(e.to_string()),
+                    reboot_seq: 0,
+                });
             }
         }
     }
 
     // Cached images the cloud no longer has and no desired VM uses.
-    let keep: HashSet<&str> = desired.images.iter().map(String::as_str).chain(desired.vms.iter().map(|v| v.image_sha256.as_str())).collect();
+    let keep: HashSet<&str> = desired
+        .images
+        .iter()
+        .map(String::as_str)
+        .chain(desired.vms.iter().map(|v| v.image_sha256.as_str()))
+        .collect();
     let mut cached = parts.storage.cached_images().unwrap_or_default();
     cached.retain(|sha| {
         if keep.contains(sha.as_str()) {
@@ -146,17 +210,31 @@ pub fn reconcile(parts: &HostParts, desired: &HostDesired, mem: &mut Memory, ima
         }
         if let Err(e) = parts.dataplane.remove_network(&name) {
             tracing::warn!(network = %name, error = %e, "cannot remove network");
-            networks.push(NetworkObserved { name, ready: false, error: Some(e.to_string()) });
+            networks.push(NetworkObserved {
+                name,
+                ready: false,
+                error: Some(e.to_string()),
+            });
             settled = false;
         }
     }
     for n in &desired.networks {
         let error = net_errors.remove(&n.name);
-        networks.push(NetworkObserved { name: n.name.clone(), ready: error.is_none(), error });
+        networks.push(NetworkObserved {
+            name: n.name.clone(),
+            ready: error.is_none(),
+            error,
+        });
     }
 
     PassResult {
-        report: HostReport { generation: desired.generation, facts: Default::default(), vms: observed, networks, cached_images: cached },
+        report: HostReport {
+            generation: desired.generation,
+            facts: Default::default(),
+            vms: observed,
+            networks,
+            cached_images: cached,
+        },
         settled,
     }
 }
@@ -190,12 +268,24 @@ fn converge_vm(
         if matches!(action, Action::Shutdown | Action::Reboot) {
             return Ok(()); // the guest acts on its own time
         }
-        state = parts.hypervisor.list().map_err(|e| e.to_string())?.into_iter().find(|d| d.vm_id == want.id).map(|d| d.state);
+        state = parts
+            .hypervisor
+            .list()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|d| d.vm_id == want.id)
+            .map(|d| d.state);
     }
     Ok(())
 }
 
-fn apply(parts: &HostParts, want: &VmDesired, action: Action, mem: &mut Memory, mtus: &HashMap<&str, u32>) -> Result<(), HostError> {
+fn apply(
+    parts: &HostParts,
+    want: &VmDesired,
+    action: Action,
+    mem: &mut Memory,
+    mtus: &HashMap<&str, u32>,
+) -> Result<(), HostError> {
     let hv = &parts.hypervisor;
     tracing::debug!(vm = %want.name, ?action, "converging");
     match action {
@@ -230,7 +320,12 @@ fn create(parts: &HostParts, want: &VmDesired, mtus: &HashMap<&str, u32>) -> Res
     let st = &parts.storage;
     let result = (|| {
         let root_disk = st.ensure_root_disk(&want.id, &want.image_sha256, want.disk_mib)?;
-        let seed_iso = st.ensure_seed(&want.id, &want.name, want.user_data.as_deref(), &want.ssh_keys)?;
+        let seed_iso = st.ensure_seed(
+            &want.id,
+            &want.name,
+            want.user_data.as_deref(),
+            &want.ssh_keys,
+        )?;
         let spec = DomainSpec {
             name: want.domain.clone(),
             vm_id: want.id.clone(),
@@ -259,4 +354,259 @@ fn create(parts: &HostParts, want: &VmDesired, mtus: &HashMap<&str, u32>) -> Res
         let _ = st.remove_vm(&want.id);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tuchka_api::agent::{NetworkDesired, NicDesired};
+    use tuchka_api::PowerState;
+    use tuchka_host::fake::{FakeDataplane, FakeHypervisor, FakeStorage};
+    use tuchka_host::DomainState;
+
+    const CLOUD: &str = "0f2a6c1e-0000-4000-8000-000000000001";
+    const VM: &str = "3b0e8a52-5a1f-4c55-9a0e-1d2c3b4a5f60";
+    const IMG: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    struct Host {
+        hv: Arc<FakeHypervisor>,
+        st: Arc<FakeStorage>,
+        dp: Arc<FakeDataplane>,
+        parts: HostParts,
+        _dir: tempfile::TempDir,
+    }
+
+    fn host() -> Host {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hv = Arc::new(FakeHypervisor::new(CLOUD));
+        let st = Arc::new(FakeStorage::new(dir.path()).expect("fake storage"));
+        let dp = Arc::new(FakeDataplane::new());
+        st.add_image(IMG, 64);
+        let parts = HostParts {
+            hypervisor: hv.clone(),
+            storage: st.clone(),
+            dataplane: dp.clone(),
+            accel: Accel::Tcg,
+            cloud_id: CLOUD.into(),
+        };
+        Host {
+            hv,
+            st,
+            dp,
+            parts,
+            _dir: dir,
+        }
+    }
+
+    fn net() -> NetworkDesired {
+        NetworkDesired {
+            name: "lan".into(),
+            vni: 5000,
+            bridge: "tk5000".into(),
+            cidr: "10.80.0.0/24".into(),
+            gateway: "10.80.0.1".into(),
+            gateway_here: true,
+            mtu: 1450,
+            hosts: vec![],
+        }
+    }
+
+    fn vm(power: PowerState) -> VmDesired {
+        VmDesired {
+            id: VM.into(),
+            name: "web-0".into(),
+            domain: "tk-0f2a6c1e-web-0".into(),
+            power,
+            cpus: 1,
+            memory_mib: 256,
+            disk_mib: 1024,
+            image_sha256: IMG.into(),
+            image_file_sha256: IMG.into(),
+            nics: vec![NicDesired {
+                network: "lan".into(),
+                bridge: "tk5000".into(),
+                mac: "52:54:00:aa:bb:cc".into(),
+                ip: "10.80.0.2".into(),
+                tap: "tkvaabbcc".into(),
+            }],
+            user_data: Some("#!/bin/sh\necho hi\n".into()),
+            ssh_keys: vec![],
+            reboot_seq: 0,
+            force_stop: false,
+            stop_timeout_s: 60,
+        }
+    }
+
+    fn desired(vms: Vec<VmDesired>) -> HostDesired {
+        HostDesired {
+            generation: 1,
+            cloud_id: CLOUD.into(),
+            vms,
+            networks: vec![net()],
+            images: vec![IMG.into()],
+        }
+    }
+
+    fn state_of(r: &PassResult) -> VmState {
+        r.report
+            .vms
+            .iter()
+            .find(|v| v.id == VM)
+            .map(|v| v.state)
+            .expect("vm reported")
+    }
+
+    #[test]
+    fn a_new_vm_gets_network_disk_seed_and_runs() {
+        let h = host();
+        let mut mem = Memory::default();
+        let r = reconcile(
+            &h.parts,
+            &desired(vec![vm(PowerState::Running)]),
+            &mut mem,
+            &HashMap::new(),
+        );
+        assert_eq!(state_of(&r), VmState::Running);
+        assert!(r.settled);
+        assert!(h.dp.network("lan").is_some());
+        let d = h.hv.domain("tk-0f2a6c1e-web-0").expect("defined");
+        assert_eq!(d.state, DomainState::Running);
+        let storage = h.st.vm(VM).expect("storage");
+        assert_eq!(storage.disk_mib, Some(1024));
+        assert_eq!(storage.seed.map(|s| s.0), Some("web-0".to_string()));
+        assert!(r.report.networks[0].ready);
+        // A second pass changes nothing.
+        h.hv.take_calls();
+        let r = reconcile(
+            &h.parts,
+            &desired(vec![vm(PowerState::Running)]),
+            &mut mem,
+            &HashMap::new(),
+        );
+        assert_eq!(state_of(&r), VmState::Running);
+        assert_eq!(h.hv.count("start") + h.hv.count("define"), 0);
+    }
+
+    #[test]
+    fn a_failed_define_is_reported_and_leaves_no_storage() {
+        let h = host();
+        h.hv.fail("define");
+        let r = reconcile(
+            &h.parts,
+            &desired(vec![vm(PowerState::Running)]),
+            &mut Memory::default(),
+            &HashMap::new(),
+        );
+        assert_eq!(state_of(&r), VmState::Error);
+        assert!(
+            r.report.vms[0]
+                .error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("define"),
+            "{:?}",
+            r.report.vms[0].error
+        );
+        assert!(h.st.vm(VM).is_none(), "disk and seed are removed again");
+        assert!(h.hv.domain("tk-0f2a6c1e-web-0").is_none());
+    }
+
+    #[test]
+    fn an_image_that_could_not_be_fetched_fails_the_vm() {
+        let h = host();
+        let errors = HashMap::from([(IMG.to_string(), "sha256 mismatch".to_string())]);
+        let r = reconcile(
+            &h.parts,
+            &desired(vec![vm(PowerState::Running)]),
+            &mut Memory::default(),
+            &errors,
+        );
+        assert_eq!(state_of(&r), VmState::Error);
+        assert!(r.report.vms[0]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("sha256 mismatch"));
+        assert!(h.hv.domain("tk-0f2a6c1e-web-0").is_none());
+    }
+
+    #[test]
+    fn what_is_not_desired_is_removed() {
+        let h = host();
+        let mut mem = Memory::default();
+        reconcile(
+            &h.parts,
+            &desired(vec![vm(PowerState::Running)]),
+            &mut mem,
+            &HashMap::new(),
+        );
+        let empty = HostDesired {
+            generation: 2,
+            cloud_id: CLOUD.into(),
+            vms: vec![],
+            networks: vec![],
+            images: vec![],
+        };
+        let r = reconcile(&h.parts, &empty, &mut mem, &HashMap::new());
+        assert!(r.report.vms.is_empty(), "{:?}", r.report.vms);
+        assert!(h.hv.domain("tk-0f2a6c1e-web-0").is_none());
+        assert!(h.st.vm(VM).is_none());
+        assert!(h.dp.network("lan").is_none());
+        assert!(
+            h.st.images().is_empty(),
+            "the unused cached image is removed"
+        );
+        assert!(r.report.networks.is_empty());
+    }
+
+    #[test]
+    fn stop_waits_for_acpi_then_forces_after_the_timeout() {
+        let h = host();
+        let mut mem = Memory::default();
+        reconcile(
+            &h.parts,
+            &desired(vec![vm(PowerState::Running)]),
+            &mut mem,
+            &HashMap::new(),
+        );
+        h.hv.set_ignore_acpi(true);
+        let mut stop = vm(PowerState::Stopped);
+        stop.stop_timeout_s = 0;
+        let r = reconcile(
+            &h.parts,
+            &desired(vec![stop.clone()]),
+            &mut mem,
+            &HashMap::new(),
+        );
+        assert_eq!(state_of(&r), VmState::Stopping);
+        assert!(!r.settled);
+        assert_eq!(h.hv.count("shutdown"), 1);
+        let r = reconcile(&h.parts, &desired(vec![stop]), &mut mem, &HashMap::new());
+        assert_eq!(state_of(&r), VmState::Stopped);
+        assert_eq!(h.hv.count("destroy"), 1);
+    }
+
+    #[test]
+    fn a_domain_deleted_behind_our_back_comes_back() {
+        let h = host();
+        let mut mem = Memory::default();
+        reconcile(
+            &h.parts,
+            &desired(vec![vm(PowerState::Running)]),
+            &mut mem,
+            &HashMap::new(),
+        );
+        h.hv.undefine("tk-0f2a6c1e-web-0").expect("undefine");
+        let r = reconcile(
+            &h.parts,
+            &desired(vec![vm(PowerState::Running)]),
+            &mut mem,
+            &HashMap::new(),
+        );
+        assert_eq!(state_of(&r), VmState::Running);
+        assert_eq!(
+            h.hv.domain("tk-0f2a6c1e-web-0").map(|d| d.state),
+            Some(DomainState::Running)
+        );
+    }
 }

@@ -42,22 +42,24 @@ pub enum AgentError {
 /// Run the agent until the process ends.
 pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> {
     let choice = config.accel;
-    let (accel, accel_reason) = tokio::task::spawn_blocking(move || tuchka_host::probe_accel(choice))
-        .await
-        .map_err(|e| AgentError::Join(e.to_string()))?;
+    let (accel, accel_reason) =
+        tokio::task::spawn_blocking(move || tuchka_host::probe_accel(choice))
+            .await
+            .map_err(|e| AgentError::Join(e.to_string()))?;
     if accel == tuchka_host::Accel::Tcg {
         tracing::warn!("guests use TCG (software emulation): {accel_reason}");
     } else {
         tracing::info!("guests use KVM: {accel_reason}");
     }
     let storage = DirStorage::open(&config.pool)?;
-    let facts = |s: &dyn Storage| tuchka_host::host_facts(s, accel, &accel_reason).unwrap_or_default();
+    let facts =
+        |s: &dyn Storage| tuchka_host::host_facts(s, accel, &accel_reason).unwrap_or_default();
     let reg = register(&client, &config, facts(&storage)).await;
     tracing::info!(host = %config.name, id = %reg.host_id, "agent registered");
     let parts = Arc::new(HostParts {
-        hypervisor: Box::new(Libvirt::connect(&config.libvirt_uri, &reg.cloud_id)?),
-        storage: Box::new(storage),
-        dataplane: Box::new(LinuxDataplane::new(&config.pool, &reg.cloud_id)),
+        hypervisor: Arc::new(Libvirt::connect(&config.libvirt_uri, &reg.cloud_id)?),
+        storage: Arc::new(storage),
+        dataplane: Arc::new(LinuxDataplane::new(&config.pool, &reg.cloud_id)),
         accel,
         cloud_id: reg.cloud_id.clone(),
     });
@@ -67,7 +69,10 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
     let mut after = 0u64;
     let mut backoff = Duration::from_millis(250);
     loop {
-        let desired: HostDesired = match client.get(&format!("/v1/agent/hosts/{host_id}/desired?after={after}")).await {
+        let desired: HostDesired = match client
+            .get(&format!("/v1/agent/hosts/{host_id}/desired?after={after}"))
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot fetch desired state; retrying");
@@ -91,7 +96,10 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         .map_err(|e| AgentError::Join(e.to_string()))?;
         let mut report: HostReport = pass.report;
         report.facts = facts(parts.storage.as_ref());
-        if let Err(e) = client.post_empty(&format!("/v1/agent/hosts/{host_id}/report"), &report).await {
+        if let Err(e) = client
+            .post_empty(&format!("/v1/agent/hosts/{host_id}/report"), &report)
+            .await
+        {
             tracing::warn!(error = %e, "cannot send report");
         }
         if pass.settled {
@@ -103,11 +111,22 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
     }
 }
 
-async fn register(client: &Client, config: &AgentConfig, facts: tuchka_api::agent::HostFacts) -> HostRegistered {
-    let req = HostRegister { name: config.name.clone(), join_token: config.join_token.clone(), facts };
+async fn register(
+    client: &Client,
+    config: &AgentConfig,
+    facts: tuchka_api::agent::HostFacts,
+) -> HostRegistered {
+    let req = HostRegister {
+        name: config.name.clone(),
+        join_token: config.join_token.clone(),
+        facts,
+    };
     let mut wait = Duration::from_millis(200);
     loop {
-        match client.post::<_, HostRegistered>("/v1/agent/register", &req).await {
+        match client
+            .post::<_, HostRegistered>("/v1/agent/register", &req)
+            .await
+        {
             Ok(r) => return r,
             Err(e) => {
                 log_register_error(&e);
@@ -123,7 +142,11 @@ fn log_register_error(e: &ClientError) {
 }
 
 /// Fetch every image a desired VM needs and the cache lacks. Returns the ones that failed.
-async fn fetch_images(client: &Client, parts: &Arc<HostParts>, desired: &HostDesired) -> HashMap<String, String> {
+async fn fetch_images(
+    client: &Client,
+    parts: &Arc<HostParts>,
+    desired: &HostDesired,
+) -> HashMap<String, String> {
     let mut errors = HashMap::new();
     let cached = parts.storage.cached_images().unwrap_or_default();
     let mut needed: Vec<(&str, &str)> = desired
@@ -157,9 +180,17 @@ async fn fetch_images(client: &Client, parts: &Arc<HostParts>, desired: &HostDes
     errors
 }
 
-async fn fetch_one(client: &Client, parts: &Arc<HostParts>, sha: &str, file_sha: &str) -> Result<(), String> {
+async fn fetch_one(
+    client: &Client,
+    parts: &Arc<HostParts>,
+    sha: &str,
+    file_sha: &str,
+) -> Result<(), String> {
     let partial = parts.storage.image_partial_path(sha);
-    client.download(&format!("/v1/agent/images/{sha}"), &partial).await.map_err(|e| e.to_string())?;
+    client
+        .download(&format!("/v1/agent/images/{sha}"), &partial)
+        .await
+        .map_err(|e| e.to_string())?;
     let (p, s, f) = (parts.clone(), sha.to_string(), file_sha.to_string());
     tokio::task::spawn_blocking(move || p.storage.commit_image(&s, &f).map(|_| ()))
         .await

@@ -20,7 +20,8 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tuchka_api::agent::{HostDesired, HostRegister, HostRegistered, HostReport};
 use tuchka_api::{
-    ApiError, Group, GroupCreate, GroupScale, Host, Image, Network, NetworkCreate, Operation, Vm, VmStop,
+    ApiError, Group, GroupCreate, GroupScale, Host, Image, Network, NetworkCreate, Operation, Vm,
+    VmStop,
 };
 
 use crate::error::{Error, Result};
@@ -40,10 +41,18 @@ pub enum Transport {
 /// The API router for one listener.
 pub fn router(ctl: Controller, transport: Transport) -> Router {
     Router::new()
-        .route("/v1/images", get(list_images).post(upload_image).layer(DefaultBodyLimit::disable()))
+        .route(
+            "/v1/images",
+            get(list_images)
+                .post(upload_image)
+                .layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/images/{name}", get(get_image).delete(delete_image))
         .route("/v1/networks", get(list_networks).post(create_network))
-        .route("/v1/networks/{name}", get(get_network).delete(delete_network))
+        .route(
+            "/v1/networks/{name}",
+            get(get_network).delete(delete_network),
+        )
         .route("/v1/groups", get(list_groups).post(create_group))
         .route("/v1/groups/{name}", get(get_group).delete(delete_group))
         .route("/v1/groups/{name}/scale", post(scale_group))
@@ -68,14 +77,27 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
 }
 
 async fn not_found() -> Error {
-    Error::NotFound { kind: "API path", cli: "--help", name: "".into() }
+    Error::NotFound {
+        kind: "API path",
+        cli: "--help",
+        name: "".into(),
+    }
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
 }
 
-async fn auth(State(ctl): State<Controller>, Extension(t): Extension<Transport>, req: Request, next: Next) -> Response {
+async fn auth(
+    State(ctl): State<Controller>,
+    Extension(t): Extension<Transport>,
+    req: Request,
+    next: Next,
+) -> Response {
     if t == Transport::Tcp {
         let path = req.uri().path().to_string();
         let token = bearer(req.headers()).unwrap_or_default().to_string();
@@ -103,7 +125,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Error::Internal { message: "worker failed".into(), chain: vec![e.to_string()] })?
+        .map_err(|e| Error::Internal {
+            message: "worker failed".into(),
+            chain: vec![e.to_string()],
+        })?
 }
 
 fn accepted(op: Operation) -> (StatusCode, Json<Operation>) {
@@ -126,45 +151,76 @@ pub async fn list_images(State(ctl): State<Controller>) -> Result<Json<Vec<Image
 /// Upload an image (raw file bytes as the body).
 #[utoipa::path(post, path = "/v1/images", params(UploadQuery), request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 201, body = Image), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
-pub async fn upload_image(State(ctl): State<Controller>, Query(q): Query<UploadQuery>, body: Body) -> Result<(StatusCode, Json<Image>)> {
+pub async fn upload_image(
+    State(ctl): State<Controller>,
+    Query(q): Query<UploadQuery>,
+    body: Body,
+) -> Result<(StatusCode, Json<Image>)> {
     let img = images::upload(&ctl, &q.name, body.into_data_stream()).await?;
     Ok((StatusCode::CREATED, Json(img)))
 }
 
 /// Show an image.
 #[utoipa::path(get, path = "/v1/images/{name}", responses((status = 200, body = Image), (status = 404, body = ApiError)))]
-pub async fn get_image(State(ctl): State<Controller>, Path(name): Path<String>) -> Result<Json<Image>> {
-    blocking(move || service::get_image(&ctl, &name)).await.map(Json)
+pub async fn get_image(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Image>> {
+    blocking(move || service::get_image(&ctl, &name))
+        .await
+        .map(Json)
 }
 
 /// Remove an image (refused while in use).
 #[utoipa::path(delete, path = "/v1/images/{name}", responses((status = 204), (status = 409, body = ApiError)))]
-pub async fn delete_image(State(ctl): State<Controller>, Path(name): Path<String>) -> Result<StatusCode> {
-    blocking(move || service::delete_image(&ctl, &name)).await.map(|_| StatusCode::NO_CONTENT)
+pub async fn delete_image(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<StatusCode> {
+    blocking(move || service::delete_image(&ctl, &name))
+        .await
+        .map(|_| StatusCode::NO_CONTENT)
 }
 
 /// List networks.
 #[utoipa::path(get, path = "/v1/networks", responses((status = 200, body = Vec<Network>)))]
 pub async fn list_networks(State(ctl): State<Controller>) -> Result<Json<Vec<Network>>> {
-    blocking(move || service::list_networks(&ctl)).await.map(Json)
+    blocking(move || service::list_networks(&ctl))
+        .await
+        .map(Json)
 }
 
 /// Create a network.
 #[utoipa::path(post, path = "/v1/networks", request_body = NetworkCreate, responses((status = 202, body = Operation), (status = 400, body = ApiError)))]
-pub async fn create_network(State(ctl): State<Controller>, Json(req): Json<NetworkCreate>) -> Result<(StatusCode, Json<Operation>)> {
-    blocking(move || service::create_network(&ctl, req)).await.map(accepted)
+pub async fn create_network(
+    State(ctl): State<Controller>,
+    Json(req): Json<NetworkCreate>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    blocking(move || service::create_network(&ctl, req))
+        .await
+        .map(accepted)
 }
 
 /// Show a network.
 #[utoipa::path(get, path = "/v1/networks/{name}", responses((status = 200, body = Network), (status = 404, body = ApiError)))]
-pub async fn get_network(State(ctl): State<Controller>, Path(name): Path<String>) -> Result<Json<Network>> {
-    blocking(move || service::get_network(&ctl, &name)).await.map(Json)
+pub async fn get_network(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Network>> {
+    blocking(move || service::get_network(&ctl, &name))
+        .await
+        .map(Json)
 }
 
 /// Remove a network (refused while VMs use it).
 #[utoipa::path(delete, path = "/v1/networks/{name}", responses((status = 202, body = Operation), (status = 409, body = ApiError)))]
-pub async fn delete_network(State(ctl): State<Controller>, Path(name): Path<String>) -> Result<(StatusCode, Json<Operation>)> {
-    blocking(move || service::delete_network(&ctl, &name)).await.map(accepted)
+pub async fn delete_network(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    blocking(move || service::delete_network(&ctl, &name))
+        .await
+        .map(accepted)
 }
 
 /// List groups.
@@ -176,26 +232,47 @@ pub async fn list_groups(State(ctl): State<Controller>) -> Result<Json<Vec<Group
 /// Create a group (all or nothing).
 #[utoipa::path(post, path = "/v1/groups", request_body = GroupCreate,
     responses((status = 202, body = Operation), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
-pub async fn create_group(State(ctl): State<Controller>, Json(req): Json<GroupCreate>) -> Result<(StatusCode, Json<Operation>)> {
-    blocking(move || service::create_group(&ctl, req)).await.map(accepted)
+pub async fn create_group(
+    State(ctl): State<Controller>,
+    Json(req): Json<GroupCreate>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    blocking(move || service::create_group(&ctl, req))
+        .await
+        .map(accepted)
 }
 
 /// Show a group.
 #[utoipa::path(get, path = "/v1/groups/{name}", responses((status = 200, body = Group), (status = 404, body = ApiError)))]
-pub async fn get_group(State(ctl): State<Controller>, Path(name): Path<String>) -> Result<Json<Group>> {
-    blocking(move || service::get_group(&ctl, &name)).await.map(Json)
+pub async fn get_group(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Group>> {
+    blocking(move || service::get_group(&ctl, &name))
+        .await
+        .map(Json)
 }
 
 /// Scale a group.
 #[utoipa::path(post, path = "/v1/groups/{name}/scale", request_body = GroupScale, responses((status = 202, body = Operation)))]
-pub async fn scale_group(State(ctl): State<Controller>, Path(name): Path<String>, Json(req): Json<GroupScale>) -> Result<(StatusCode, Json<Operation>)> {
-    blocking(move || service::scale_group(&ctl, &name, req)).await.map(accepted)
+pub async fn scale_group(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    Json(req): Json<GroupScale>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    blocking(move || service::scale_group(&ctl, &name, req))
+        .await
+        .map(accepted)
 }
 
 /// Remove a group and all its VMs.
 #[utoipa::path(delete, path = "/v1/groups/{name}", responses((status = 202, body = Operation)))]
-pub async fn delete_group(State(ctl): State<Controller>, Path(name): Path<String>) -> Result<(StatusCode, Json<Operation>)> {
-    blocking(move || service::delete_group(&ctl, &name)).await.map(accepted)
+pub async fn delete_group(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    blocking(move || service::delete_group(&ctl, &name))
+        .await
+        .map(accepted)
 }
 
 /// List VMs.
@@ -207,18 +284,28 @@ pub async fn list_vms(State(ctl): State<Controller>) -> Result<Json<Vec<Vm>>> {
 /// Show a VM.
 #[utoipa::path(get, path = "/v1/vms/{name}", responses((status = 200, body = Vm), (status = 404, body = ApiError)))]
 pub async fn get_vm(State(ctl): State<Controller>, Path(name): Path<String>) -> Result<Json<Vm>> {
-    blocking(move || service::get_vm(&ctl, &name)).await.map(Json)
+    blocking(move || service::get_vm(&ctl, &name))
+        .await
+        .map(Json)
 }
 
 /// Remove a VM.
 #[utoipa::path(delete, path = "/v1/vms/{name}", responses((status = 202, body = Operation)))]
-pub async fn delete_vm(State(ctl): State<Controller>, Path(name): Path<String>) -> Result<(StatusCode, Json<Operation>)> {
-    blocking(move || service::delete_vm(&ctl, &name)).await.map(accepted)
+pub async fn delete_vm(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    blocking(move || service::delete_vm(&ctl, &name))
+        .await
+        .map(accepted)
 }
 
 /// The serial console log of a VM.
 #[utoipa::path(get, path = "/v1/vms/{name}/console", responses((status = 200, body = String, content_type = "text/plain")))]
-pub async fn vm_console(State(ctl): State<Controller>, Path(name): Path<String>) -> Result<Response> {
+pub async fn vm_console(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Response> {
     let text = blocking(move || service::vm_console(&ctl, &name)).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
@@ -227,21 +314,33 @@ pub async fn vm_console(State(ctl): State<Controller>, Path(name): Path<String>)
 #[utoipa::path(post, path = "/v1/vms/{name}/{action}", request_body(content = Option<VmStop>),
     params(("name" = String, Path, description = "VM name"), ("action" = String, Path, description = "start | stop | pause | resume | reboot")),
     responses((status = 202, body = Operation), (status = 409, body = ApiError)))]
-pub async fn vm_action(State(ctl): State<Controller>, Path((name, action)): Path<(String, String)>, body: axum::body::Bytes) -> Result<(StatusCode, Json<Operation>)> {
+pub async fn vm_action(
+    State(ctl): State<Controller>,
+    Path((name, action)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Operation>)> {
     let action = match action.as_str() {
         "start" => VmAction::Start,
         "stop" => VmAction::Stop,
         "pause" => VmAction::Pause,
         "resume" => VmAction::Resume,
         "reboot" => VmAction::Reboot,
-        other => return Err(Error::invalid("InvalidAction", format!("unknown VM action {other:?}: use start, stop, pause, resume or reboot"))),
+        other => {
+            return Err(Error::invalid(
+                "InvalidAction",
+                format!("unknown VM action {other:?}: use start, stop, pause, resume or reboot"),
+            ))
+        }
     };
     let stop: VmStop = if body.is_empty() {
         VmStop::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| Error::invalid("InvalidBody", format!("bad request body: {e}")))?
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid("InvalidBody", format!("bad request body: {e}")))?
     };
-    blocking(move || service::vm_action(&ctl, &name, action, stop)).await.map(accepted)
+    blocking(move || service::vm_action(&ctl, &name, action, stop))
+        .await
+        .map(accepted)
 }
 
 /// List hosts.
@@ -252,42 +351,69 @@ pub async fn list_hosts(State(ctl): State<Controller>) -> Result<Json<Vec<Host>>
 
 /// Show a host.
 #[utoipa::path(get, path = "/v1/hosts/{name}", responses((status = 200, body = Host), (status = 404, body = ApiError)))]
-pub async fn get_host(State(ctl): State<Controller>, Path(name): Path<String>) -> Result<Json<Host>> {
-    blocking(move || service::get_host(&ctl, &name)).await.map(Json)
+pub async fn get_host(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Host>> {
+    blocking(move || service::get_host(&ctl, &name))
+        .await
+        .map(Json)
 }
 
 /// Latest operations, newest first.
 #[utoipa::path(get, path = "/v1/operations", responses((status = 200, body = Vec<Operation>)))]
 pub async fn list_operations(State(ctl): State<Controller>) -> Result<Json<Vec<Operation>>> {
-    blocking(move || service::list_operations(&ctl)).await.map(Json)
+    blocking(move || service::list_operations(&ctl))
+        .await
+        .map(Json)
 }
 
 /// Show an operation.
 #[utoipa::path(get, path = "/v1/operations/{id}", responses((status = 200, body = Operation), (status = 404, body = ApiError)))]
-pub async fn get_operation(State(ctl): State<Controller>, Path(id): Path<String>) -> Result<Json<Operation>> {
-    blocking(move || service::get_operation(&ctl, &id)).await.map(Json)
+pub async fn get_operation(
+    State(ctl): State<Controller>,
+    Path(id): Path<String>,
+) -> Result<Json<Operation>> {
+    blocking(move || service::get_operation(&ctl, &id))
+        .await
+        .map(Json)
 }
 
 /// Server-sent events: one `tuchka_api::Event` (JSON) per message.
 #[utoipa::path(get, path = "/v1/events", responses((status = 200, description = "text/event-stream of Event", content_type = "text/event-stream")))]
 pub async fn events(State(ctl): State<Controller>) -> impl IntoResponse {
-    let stream = tokio_stream::wrappers::BroadcastStream::new(ctl.events()).filter_map(|ev| async move {
-        let ev = ev.ok()?;
-        Some(Ok::<_, std::convert::Infallible>(SseEvent::default().event(ev.kind.clone()).data(serde_json::to_string(&ev).ok()?)))
-    });
+    let stream =
+        tokio_stream::wrappers::BroadcastStream::new(ctl.events()).filter_map(|ev| async move {
+            let ev = ev.ok()?;
+            Some(Ok::<_, std::convert::Infallible>(
+                SseEvent::default()
+                    .event(ev.kind.clone())
+                    .data(serde_json::to_string(&ev).ok()?),
+            ))
+        });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 /// The OpenAPI document of this API.
 #[utoipa::path(get, path = "/v1/openapi.json", responses((status = 200, description = "OpenAPI 3.1 document")))]
 pub async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], crate::openapi::document()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::document(),
+    )
+        .into_response()
 }
 
 /// Register a host (agents).
 #[utoipa::path(post, path = "/v1/agent/register", request_body = HostRegister, responses((status = 200, body = HostRegistered), (status = 401, body = ApiError)))]
-pub async fn register(State(ctl): State<Controller>, Extension(t): Extension<Transport>, Json(req): Json<HostRegister>) -> Result<Json<HostRegistered>> {
-    blocking(move || desired::register(&ctl, req, t == Transport::Unix)).await.map(Json)
+pub async fn register(
+    State(ctl): State<Controller>,
+    Extension(t): Extension<Transport>,
+    Json(req): Json<HostRegister>,
+) -> Result<Json<HostRegistered>> {
+    blocking(move || desired::register(&ctl, req, t == Transport::Unix))
+        .await
+        .map(Json)
 }
 
 /// Query of the desired-state long poll.
@@ -300,26 +426,52 @@ pub struct DesiredQuery {
 
 /// The desired state of a host (long poll).
 #[utoipa::path(get, path = "/v1/agent/hosts/{id}/desired", params(DesiredQuery), responses((status = 200, body = HostDesired)))]
-pub async fn host_desired(State(ctl): State<Controller>, Path(id): Path<String>, Query(q): Query<DesiredQuery>) -> Result<Json<HostDesired>> {
+pub async fn host_desired(
+    State(ctl): State<Controller>,
+    Path(id): Path<String>,
+    Query(q): Query<DesiredQuery>,
+) -> Result<Json<HostDesired>> {
     let generation = ctl.wait_generation(q.after, ctl.config().long_poll).await;
-    blocking(move || desired::desired_for(&ctl, &id, generation)).await.map(Json)
+    blocking(move || desired::desired_for(&ctl, &id, generation))
+        .await
+        .map(Json)
 }
 
 /// A host's report of what it observed.
 #[utoipa::path(post, path = "/v1/agent/hosts/{id}/report", request_body = HostReport, responses((status = 204)))]
-pub async fn host_report(State(ctl): State<Controller>, Path(id): Path<String>, Json(report): Json<HostReport>) -> Result<StatusCode> {
-    blocking(move || desired::apply_report(&ctl, &id, report)).await.map(|_| StatusCode::NO_CONTENT)
+pub async fn host_report(
+    State(ctl): State<Controller>,
+    Path(id): Path<String>,
+    Json(report): Json<HostReport>,
+) -> Result<StatusCode> {
+    blocking(move || desired::apply_report(&ctl, &id, report))
+        .await
+        .map(|_| StatusCode::NO_CONTENT)
 }
 
 /// The stored qcow2 of an image (agents); honours `Range: bytes=N-`.
 #[utoipa::path(get, path = "/v1/agent/images/{sha256}", responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206)))]
-pub async fn image_file(State(ctl): State<Controller>, Path(sha): Path<String>, headers: HeaderMap) -> Result<Response> {
+pub async fn image_file(
+    State(ctl): State<Controller>,
+    Path(sha): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response> {
     if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(Error::invalid("InvalidSha256", "not a sha256"));
     }
     let path = images::stored_path(&ctl, &sha);
-    let mut f = tokio::fs::File::open(&path).await.map_err(|_| Error::NotFound { kind: "image", cli: "image", name: sha.clone() })?;
-    let len = f.metadata().await.map_err(|e| Error::internal("cannot stat image", &e))?.len();
+    let mut f = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| Error::NotFound {
+            kind: "image",
+            cli: "image",
+            name: sha.clone(),
+        })?;
+    let len = f
+        .metadata()
+        .await
+        .map_err(|e| Error::internal("cannot stat image", &e))?
+        .len();
     let start = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
@@ -328,17 +480,29 @@ pub async fn image_file(State(ctl): State<Controller>, Path(sha): Path<String>, 
         .and_then(|v| v.parse::<u64>().ok());
     let (status, start) = match start {
         Some(s) if s <= len => (StatusCode::PARTIAL_CONTENT, s),
-        Some(_) => return Ok((StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{len}"))]).into_response()),
+        Some(_) => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+            )
+                .into_response())
+        }
         None => (StatusCode::OK, 0),
     };
-    f.seek(SeekFrom::Start(start)).await.map_err(|e| Error::internal("cannot read image", &e))?;
+    f.seek(SeekFrom::Start(start))
+        .await
+        .map_err(|e| Error::internal("cannot read image", &e))?;
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(f.take(len - start)));
     let mut resp = Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, len - start);
     if status == StatusCode::PARTIAL_CONTENT {
-        resp = resp.header(header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", len.saturating_sub(1)));
+        resp = resp.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{len}", len.saturating_sub(1)),
+        );
     }
-    resp.body(body).map_err(|e| Error::internal("cannot build response", &e))
+    resp.body(body)
+        .map_err(|e| Error::internal("cannot build response", &e))
 }

@@ -6,7 +6,8 @@ use std::collections::{HashMap, HashSet};
 use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 use tuchka_api::agent::{
-    DhcpHost, HostDesired, HostRegister, HostRegistered, HostReport, NetworkDesired, NicDesired, VmDesired,
+    DhcpHost, HostDesired, HostRegister, HostRegistered, HostReport, NetworkDesired, NicDesired,
+    VmDesired,
 };
 use tuchka_api::VmState;
 use tuchka_core::names;
@@ -26,27 +27,48 @@ pub fn credential_hash(credential: &str) -> String {
 /// Register (or re-register) a host; returns its id and a fresh credential.
 pub fn register(ctl: &Controller, req: HostRegister, trusted: bool) -> Result<HostRegistered> {
     if !trusted {
-        return Err(Error::Unauthorized("joining over TCP needs a join token (comes with the cluster issue)".into()));
+        return Err(Error::Unauthorized(
+            "joining over TCP needs a join token (comes with the cluster issue)".into(),
+        ));
     }
-    tuchka_core::names::validate_name("host", &req.name).map_err(|e| Error::invalid("InvalidName", e.to_string()))?;
+    tuchka_core::names::validate_name("host", &req.name)
+        .map_err(|e| Error::invalid("InvalidName", e.to_string()))?;
     let mut secret = [0u8; 32];
     rand::Rng::fill(&mut rand::thread_rng(), &mut secret);
     let credential = hex::encode(secret);
     let id = ctl.db().atomic(|c| {
-        let id = db::upsert_host(c, &uuid::Uuid::new_v4().to_string(), &req.name, &credential_hash(&credential), &req.facts)?;
+        let id = db::upsert_host(
+            c,
+            &uuid::Uuid::new_v4().to_string(),
+            &req.name,
+            &credential_hash(&credential),
+            &req.facts,
+        )?;
         db::touch_host(c, &id, &req.facts, &[])?;
         Ok::<_, Error>(id)
     })?;
-    ctl.emit("host.registered", &format!("host/{}", req.name), format!("host {} registered ({})", req.name, req.facts.accel));
+    ctl.emit(
+        "host.registered",
+        &format!("host/{}", req.name),
+        format!("host {} registered ({})", req.name, req.facts.accel),
+    );
     ctl.bump();
-    Ok(HostRegistered { host_id: id, credential, cloud_id: ctl.cloud_id().to_string() })
+    Ok(HostRegistered {
+        host_id: id,
+        credential,
+        cloud_id: ctl.cloud_id().to_string(),
+    })
 }
 
 /// Check a host credential (TCP agents).
 pub fn authenticate_host(ctl: &Controller, host_id: &str, credential: &str) -> Result<()> {
-    let h = db::host(ctl.db().conn(), host_id)?.ok_or_else(|| Error::Unauthorized("unknown host".into()))?;
+    let h = db::host(ctl.db().conn(), host_id)?
+        .ok_or_else(|| Error::Unauthorized("unknown host".into()))?;
     if h.revoked || h.credential_sha256 != credential_hash(credential) {
-        return Err(Error::Unauthorized(format!("credential of host {:?} refused", h.name)));
+        return Err(Error::Unauthorized(format!(
+            "credential of host {:?} refused",
+            h.name
+        )));
     }
     Ok(())
 }
@@ -56,19 +78,37 @@ pub fn desired_for(ctl: &Controller, host_id: &str, generation: u64) -> Result<H
     let db = ctl.db();
     let c = db.conn();
     if db::host(c, host_id)?.is_none() {
-        return Err(Error::NotFound { kind: "host", cli: "host", name: host_id.into() });
+        return Err(Error::NotFound {
+            kind: "host",
+            cli: "host",
+            name: host_id.into(),
+        });
     }
     build_desired(c, ctl.cloud_id(), host_id, generation)
 }
 
-fn build_desired(c: &Connection, cloud_id: &str, host_id: &str, generation: u64) -> Result<HostDesired> {
+fn build_desired(
+    c: &Connection,
+    cloud_id: &str,
+    host_id: &str,
+    generation: u64,
+) -> Result<HostDesired> {
     let all_vms = db::vms(c)?;
     let live: Vec<&db::VmRow> = all_vms.iter().filter(|v| !v.deleting).collect();
-    let names_by_id: HashMap<&str, &str> = live.iter().map(|v| (v.id.as_str(), v.name.as_str())).collect();
+    let names_by_id: HashMap<&str, &str> = live
+        .iter()
+        .map(|v| (v.id.as_str(), v.name.as_str()))
+        .collect();
     let nics = db::nics(c)?;
-    let networks: HashMap<String, db::NetworkRow> =
-        db::networks(c)?.into_iter().filter(|n| !n.deleting).map(|n| (n.name.clone(), n)).collect();
-    let images: HashMap<String, db::ImageRow> = db::images(c)?.into_iter().map(|i| (i.sha256.clone(), i)).collect();
+    let networks: HashMap<String, db::NetworkRow> = db::networks(c)?
+        .into_iter()
+        .filter(|n| !n.deleting)
+        .map(|n| (n.name.clone(), n))
+        .collect();
+    let images: HashMap<String, db::ImageRow> = db::images(c)?
+        .into_iter()
+        .map(|i| (i.sha256.clone(), i))
+        .collect();
 
     let mut vms = vec![];
     let mut nets_here: HashSet<String> = networks
@@ -77,11 +117,17 @@ fn build_desired(c: &Connection, cloud_id: &str, host_id: &str, generation: u64)
         .map(|n| n.name.clone())
         .collect();
     for v in live.iter().filter(|v| v.host_id == host_id) {
-        let Some(g) = db::group(c, &v.group)? else { continue };
-        let Some(img) = images.get(&g.image_sha256) else { continue };
+        let Some(g) = db::group(c, &v.group)? else {
+            continue;
+        };
+        let Some(img) = images.get(&g.image_sha256) else {
+            continue;
+        };
         let mut vm_nics = vec![];
         for n in nics.iter().filter(|n| n.vm_id == v.id) {
-            let Some(net) = networks.get(&n.network) else { continue };
+            let Some(net) = networks.get(&n.network) else {
+                continue;
+            };
             nets_here.insert(net.name.clone());
             vm_nics.push(NicDesired {
                 network: net.name.clone(),
@@ -116,7 +162,13 @@ fn build_desired(c: &Connection, cloud_id: &str, host_id: &str, generation: u64)
             let mut hosts: Vec<DhcpHost> = nics
                 .iter()
                 .filter(|x| x.network == n.name)
-                .filter_map(|x| names_by_id.get(x.vm_id.as_str()).map(|vm| DhcpHost { mac: x.mac.clone(), ip: x.ip.clone(), name: vm.to_string() }))
+                .filter_map(|x| {
+                    names_by_id.get(x.vm_id.as_str()).map(|vm| DhcpHost {
+                        mac: x.mac.clone(),
+                        ip: x.ip.clone(),
+                        name: vm.to_string(),
+                    })
+                })
                 .collect();
             hosts.sort();
             NetworkDesired {
@@ -124,7 +176,11 @@ fn build_desired(c: &Connection, cloud_id: &str, host_id: &str, generation: u64)
                 vni: n.vni,
                 bridge: names::bridge_name(n.vni),
                 cidr: n.cidr.clone(),
-                gateway: n.cidr.parse::<tuchka_core::ipam::Cidr>().map(|c| c.gateway().to_string()).unwrap_or_default(),
+                gateway: n
+                    .cidr
+                    .parse::<tuchka_core::ipam::Cidr>()
+                    .map(|c| c.gateway().to_string())
+                    .unwrap_or_default(),
                 gateway_here: n.gateway_host.as_deref() == Some(host_id),
                 mtu: TENANT_MTU,
                 hosts,
@@ -134,7 +190,13 @@ fn build_desired(c: &Connection, cloud_id: &str, host_id: &str, generation: u64)
     out_nets.sort_by(|a, b| a.name.cmp(&b.name));
     let mut image_list: Vec<String> = images.into_keys().collect();
     image_list.sort();
-    Ok(HostDesired { generation, cloud_id: cloud_id.to_string(), vms, networks: out_nets, images: image_list })
+    Ok(HostDesired {
+        generation,
+        cloud_id: cloud_id.to_string(),
+        vms,
+        networks: out_nets,
+        images: image_list,
+    })
 }
 
 /// Record what a host observed, then move operations on.
@@ -142,9 +204,14 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
     let mut changes: Vec<(String, String)> = vec![];
     let mut deleted_any = false;
     ctl.db().atomic(|c| {
-        db::host(c, host_id)?.ok_or_else(|| Error::NotFound { kind: "host", cli: "host", name: host_id.into() })?;
+        db::host(c, host_id)?.ok_or_else(|| Error::NotFound {
+            kind: "host",
+            cli: "host",
+            name: host_id.into(),
+        })?;
         db::touch_host(c, host_id, &report.facts, &report.cached_images)?;
-        let seen: HashMap<&str, &tuchka_api::agent::VmObserved> = report.vms.iter().map(|v| (v.id.as_str(), v)).collect();
+        let seen: HashMap<&str, &tuchka_api::agent::VmObserved> =
+            report.vms.iter().map(|v| (v.id.as_str(), v)).collect();
         for mut v in db::host_vms(c, host_id)? {
             match seen.get(v.id.as_str()) {
                 None if v.deleting => {
@@ -156,7 +223,11 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
                 Some(o) => {
                     let before = (v.observed, v.error.clone());
                     v.observed = o.state;
-                    v.error = if o.state == VmState::Error { o.error.clone() } else { None };
+                    v.error = if o.state == VmState::Error {
+                        o.error.clone()
+                    } else {
+                        None
+                    };
                     v.reboot_done = v.reboot_done.max(o.reboot_seq);
                     if before != (v.observed, v.error.clone()) {
                         changes.push((v.name.clone(), v.observed.as_str().to_string()));
@@ -168,11 +239,18 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
         let rows: Vec<HostNetworkRow> = report
             .networks
             .iter()
-            .map(|n| HostNetworkRow { host_id: host_id.into(), network: n.name.clone(), ready: n.ready, error: n.error.clone() })
+            .map(|n| HostNetworkRow {
+                host_id: host_id.into(),
+                network: n.name.clone(),
+                ready: n.ready,
+                error: n.error.clone(),
+            })
             .collect();
         db::set_host_networks(c, host_id, &rows)?;
         for n in &report.networks {
-            let Some(mut row) = db::network(c, &n.name)? else { continue };
+            let Some(mut row) = db::network(c, &n.name)? else {
+                continue;
+            };
             if row.gateway_host.as_deref() != Some(host_id) || row.deleting {
                 continue;
             }

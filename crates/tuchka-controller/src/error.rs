@@ -58,17 +58,26 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// Shorthand for [`Error::Invalid`].
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Error {
-        Error::Invalid { code, message: message.into() }
+        Error::Invalid {
+            code,
+            message: message.into(),
+        }
     }
 
     /// Shorthand for [`Error::Conflict`].
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Error {
-        Error::Conflict { code, message: message.into() }
+        Error::Conflict {
+            code,
+            message: message.into(),
+        }
     }
 
     /// Shorthand for [`Error::Internal`] with a cause.
     pub fn internal(message: impl Into<String>, cause: &dyn std::error::Error) -> Error {
-        Error::Internal { message: message.into(), chain: chain_of(cause) }
+        Error::Internal {
+            message: message.into(),
+            chain: chain_of(cause),
+        }
     }
 
     /// The stable code of this error.
@@ -109,7 +118,11 @@ impl Error {
             Error::Store(e) => chain_of(e),
             _ => vec![],
         };
-        ApiError { code: self.code(), message: self.to_string(), chain }
+        ApiError {
+            code: self.code(),
+            message: self.to_string(),
+            chain,
+        }
     }
 }
 
@@ -139,10 +152,17 @@ mod tests {
 
     #[test]
     fn codes_and_statuses() {
-        let e = Error::NotFound { kind: "vm", cli: "vm", name: "web-9".into() };
+        let e = Error::NotFound {
+            kind: "vm",
+            cli: "vm",
+            name: "web-9".into(),
+        };
         assert_eq!(e.code(), "VmNotFound");
         assert_eq!(e.status(), StatusCode::NOT_FOUND);
-        assert_eq!(e.to_string(), "vm \"web-9\" not found (see: tuchka vm list)");
+        assert_eq!(
+            e.to_string(),
+            "vm \"web-9\" not found (see: tuchka vm list)"
+        );
         let e = Error::conflict("ImageInUse", "image \"tiny\" is used by web-0");
         assert_eq!(e.status(), StatusCode::CONFLICT);
         assert_eq!(e.to_api().code, "ImageInUse");

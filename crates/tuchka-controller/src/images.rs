@@ -22,7 +22,10 @@ use crate::state::Controller;
 
 /// Where the stored qcow2 of an image lives.
 pub fn stored_path(ctl: &Controller, sha256: &str) -> PathBuf {
-    ctl.config().data_dir.join("images").join(format!("{sha256}.qcow2"))
+    ctl.config()
+        .data_dir
+        .join("images")
+        .join(format!("{sha256}.qcow2"))
 }
 
 /// Removes a temporary file when dropped, unless disarmed.
@@ -46,12 +49,18 @@ where
     S: Stream<Item = std::result::Result<bytes::Bytes, E>> + Unpin,
     E: std::error::Error + Send + Sync + 'static,
 {
-    tuchka_core::names::validate_name("image", name).map_err(|e| Error::invalid("InvalidName", e.to_string()))?;
+    tuchka_core::names::validate_name("image", name)
+        .map_err(|e| Error::invalid("InvalidName", e.to_string()))?;
     if db::image(ctl.db().conn(), name)?.is_some() {
-        return Err(Error::conflict("ImageExists", format!("image {name:?} already exists (remove it first: tuchka image rm {name})")));
+        return Err(Error::conflict(
+            "ImageExists",
+            format!("image {name:?} already exists (remove it first: tuchka image rm {name})"),
+        ));
     }
     let tmp_dir = ctl.config().data_dir.join("images/tmp");
-    let upload = TempFile(Some(tmp_dir.join(format!("upload-{}", uuid::Uuid::new_v4()))));
+    let upload = TempFile(Some(
+        tmp_dir.join(format!("upload-{}", uuid::Uuid::new_v4())),
+    ));
     let path = upload.0.clone().unwrap_or_default();
     let (sha256, size) = receive(&path, body).await?;
     if size == 0 {
@@ -82,9 +91,14 @@ where
     let file_sha256 = if final_path.exists() {
         sha256_file(&final_path).await?
     } else {
-        let digest = if source_format == "qcow2" { sha256.clone() } else { sha256_file(&stored_tmp).await? };
+        let digest = if source_format == "qcow2" {
+            sha256.clone()
+        } else {
+            sha256_file(&stored_tmp).await?
+        };
         set_readonly(&stored_tmp)?;
-        std::fs::rename(&stored_tmp, &final_path).map_err(|e| Error::internal(format!("cannot store image {name:?}"), &e))?;
+        std::fs::rename(&stored_tmp, &final_path)
+            .map_err(|e| Error::internal(format!("cannot store image {name:?}"), &e))?;
         digest
     };
     let stored_size = std::fs::metadata(&final_path).map(|m| m.len()).unwrap_or(0);
@@ -99,7 +113,10 @@ where
     };
     let inserted = ctl.db().atomic(|c| {
         if db::image(c, name)?.is_some() {
-            return Err(Error::conflict("ImageExists", format!("image {name:?} already exists")));
+            return Err(Error::conflict(
+                "ImageExists",
+                format!("image {name:?} already exists"),
+            ));
         }
         db::insert_image(c, &row)?;
         Ok(())
@@ -111,7 +128,11 @@ where
         return Err(e);
     }
     ctl.bump();
-    ctl.emit("image.uploaded", &format!("image/{name}"), format!("image {name} stored ({source_format}, sha256 {sha256})"));
+    ctl.emit(
+        "image.uploaded",
+        &format!("image/{name}"),
+        format!("image {name} stored ({source_format}, sha256 {sha256})"),
+    );
     crate::service::get_image(ctl, name)
 }
 
@@ -126,13 +147,20 @@ where
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| Error::invalid("UploadFailed", format!("upload interrupted: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| Error::invalid("UploadFailed", format!("upload interrupted: {e}")))?;
         hasher.update(&chunk);
         size += chunk.len() as u64;
-        f.write_all(&chunk).await.map_err(|e| Error::internal("cannot write the upload (is the disk full?)", &e))?;
+        f.write_all(&chunk)
+            .await
+            .map_err(|e| Error::internal("cannot write the upload (is the disk full?)", &e))?;
     }
-    f.flush().await.map_err(|e| Error::internal("cannot write the upload (is the disk full?)", &e))?;
-    f.sync_all().await.map_err(|e| Error::internal("cannot write the upload (is the disk full?)", &e))?;
+    f.flush()
+        .await
+        .map_err(|e| Error::internal("cannot write the upload (is the disk full?)", &e))?;
+    f.sync_all()
+        .await
+        .map_err(|e| Error::internal("cannot write the upload (is the disk full?)", &e))?;
     Ok((hex::encode(hasher.finalize()), size))
 }
 
@@ -153,7 +181,12 @@ pub struct ImgInfo {
 }
 
 async fn run(cmd: &mut Command) -> Result<std::process::Output> {
-    let out = cmd.output().await.map_err(|e| Error::internal("cannot run qemu-img (install qemu-utils: ./scripts/install-deps)", &e))?;
+    let out = cmd.output().await.map_err(|e| {
+        Error::internal(
+            "cannot run qemu-img (install qemu-utils: ./scripts/install-deps)",
+            &e,
+        )
+    })?;
     if !out.status.success() {
         return Err(Error::Internal {
             message: "qemu-img failed".into(),
@@ -170,24 +203,49 @@ async fn qemu_img_info(path: &Path, format: Option<&str>) -> Result<ImgInfo> {
         cmd.args(["-f", f]);
     }
     cmd.arg(path);
-    let out = cmd.output().await.map_err(|e| Error::internal("cannot run qemu-img (install qemu-utils: ./scripts/install-deps)", &e))?;
+    let out = cmd.output().await.map_err(|e| {
+        Error::internal(
+            "cannot run qemu-img (install qemu-utils: ./scripts/install-deps)",
+            &e,
+        )
+    })?;
     if !out.status.success() {
-        return Err(bad(format!("not a disk image qemu-img can read: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(bad(format!(
+            "not a disk image qemu-img can read: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| Error::internal("cannot parse qemu-img info output", &e))
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::internal("cannot parse qemu-img info output", &e))
 }
 
-async fn check_qcow2(path: &Path, info: &ImgInfo, file_size: u64) -> std::result::Result<(), String> {
+async fn check_qcow2(
+    path: &Path,
+    info: &ImgInfo,
+    file_size: u64,
+) -> std::result::Result<(), String> {
     if let Some(b) = &info.backing_filename {
         return Err(format!(
             "it has a backing file ({b:?}) outside the upload; upload a standalone image (qemu-img convert -O qcow2 IN OUT.qcow2)"
         ));
     }
-    let data_file = info.format_specific.as_ref().and_then(|f| f.pointer("/data/data-file")).and_then(|v| v.as_str());
+    let data_file = info
+        .format_specific
+        .as_ref()
+        .and_then(|f| f.pointer("/data/data-file"))
+        .and_then(|v| v.as_str());
     if let Some(d) = data_file {
-        return Err(format!("it uses an external data file ({d:?}); upload a standalone image"));
+        return Err(format!(
+            "it uses an external data file ({d:?}); upload a standalone image"
+        ));
     }
-    if info.format_specific.as_ref().and_then(|f| f.pointer("/data/corrupt")).and_then(|v| v.as_bool()) == Some(true) {
+    if info
+        .format_specific
+        .as_ref()
+        .and_then(|f| f.pointer("/data/corrupt"))
+        .and_then(|v| v.as_bool())
+        == Some(true)
+    {
         return Err("qemu-img marks it corrupt".into());
     }
     let out = Command::new("qemu-img")
@@ -200,7 +258,11 @@ async fn check_qcow2(path: &Path, info: &ImgInfo, file_size: u64) -> std::result
     if !matches!(out.status.code(), Some(0) | Some(3)) {
         return Err(format!(
             "the qcow2 is corrupt or truncated (qemu-img check: {})",
-            String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("failed").trim()
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .next()
+                .unwrap_or("failed")
+                .trim()
         ));
     }
     let map = Command::new("qemu-img")
@@ -210,11 +272,17 @@ async fn check_qcow2(path: &Path, info: &ImgInfo, file_size: u64) -> std::result
         .await
         .map_err(|e| format!("cannot run qemu-img map: {e}"))?;
     if !map.status.success() {
-        return Err(format!("the qcow2 is corrupt or truncated (qemu-img map: {})", String::from_utf8_lossy(&map.stderr).trim()));
+        return Err(format!(
+            "the qcow2 is corrupt or truncated (qemu-img map: {})",
+            String::from_utf8_lossy(&map.stderr).trim()
+        ));
     }
-    let extents: Vec<serde_json::Value> = serde_json::from_slice(&map.stdout).map_err(|e| format!("cannot parse qemu-img map: {e}"))?;
+    let extents: Vec<serde_json::Value> = serde_json::from_slice(&map.stdout)
+        .map_err(|e| format!("cannot parse qemu-img map: {e}"))?;
     if let Some(end) = extents_beyond(&extents, file_size) {
-        return Err(format!("the qcow2 is truncated: data at byte {end} but the file has {file_size} bytes"));
+        return Err(format!(
+            "the qcow2 is truncated: data at byte {end} but the file has {file_size} bytes"
+        ));
     }
     Ok(())
 }
@@ -224,7 +292,10 @@ fn extents_beyond(extents: &[serde_json::Value], file_size: u64) -> Option<u64> 
     extents.iter().find_map(|e| {
         let off = e.get("offset")?.as_u64()?;
         let len = e.get("length")?.as_u64()?;
-        let compressed = e.get("compressed").and_then(|c| c.as_bool()).unwrap_or(false);
+        let compressed = e
+            .get("compressed")
+            .and_then(|c| c.as_bool())
+            .unwrap_or(false);
         let end = if compressed { off + 1 } else { off + len };
         (end > file_size).then_some(end)
     })
@@ -232,11 +303,16 @@ fn extents_beyond(extents: &[serde_json::Value], file_size: u64) -> Option<u64> 
 
 async fn read_head(path: &Path) -> Result<Vec<u8>> {
     use tokio::io::AsyncReadExt;
-    let mut f = tokio::fs::File::open(path).await.map_err(|e| Error::internal("cannot read the upload", &e))?;
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| Error::internal("cannot read the upload", &e))?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut n = 0;
     while n < buf.len() {
-        let r = f.read(&mut buf[n..]).await.map_err(|e| Error::internal("cannot read the upload", &e))?;
+        let r = f
+            .read(&mut buf[n..])
+            .await
+            .map_err(|e| Error::internal("cannot read the upload", &e))?;
         if r == 0 {
             break;
         }
@@ -248,7 +324,7 @@ async fn read_head(path: &Path) -> Result<Vec<u8>> {
 
 /// Whether `head` (the first bytes) of a file of `size` bytes looks like a raw disk.
 pub fn check_raw(head: &[u8], size: u64) -> std::result::Result<(), String> {
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         return Err(format!(
             "it is neither qcow2 nor a raw disk image: {size} bytes is not a whole number of 512-byte sectors (a text file or random data?)"
         ));
@@ -275,11 +351,16 @@ fn set_readonly(path: &Path) -> Result<()> {
 /// sha256 hex of a file.
 pub async fn sha256_file(path: &Path) -> Result<String> {
     use tokio::io::AsyncReadExt;
-    let mut f = tokio::fs::File::open(path).await.map_err(|e| Error::internal(format!("cannot read {}", path.display()), &e))?;
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| Error::internal(format!("cannot read {}", path.display()), &e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).await.map_err(|e| Error::internal(format!("cannot read {}", path.display()), &e))?;
+        let n = f
+            .read(&mut buf)
+            .await
+            .map_err(|e| Error::internal(format!("cannot read {}", path.display()), &e))?;
         if n == 0 {
             break;
         }
@@ -299,9 +380,13 @@ mod tests {
         mbr[511] = 0xaa;
         assert!(check_raw(&mbr, 1 << 20).is_ok());
         let text = b"hello world\n".repeat(100);
-        assert!(check_raw(&text, text.len() as u64).unwrap_err().contains("512-byte sectors"));
+        assert!(check_raw(&text, text.len() as u64)
+            .unwrap_err()
+            .contains("512-byte sectors"));
         let zeros = vec![0u8; 4096];
-        assert!(check_raw(&zeros, 4096).unwrap_err().contains("no partition table"));
+        assert!(check_raw(&zeros, 4096)
+            .unwrap_err()
+            .contains("no partition table"));
     }
 
     #[test]

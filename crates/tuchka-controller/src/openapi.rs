@@ -7,31 +7,78 @@ use crate::api;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "tuchka", description = "A small cloud for your own hardware: images, VM groups, networks, hosts. Long actions answer 202 with an Operation.", version = "1"),
+    info(
+        title = "tuchka",
+        description = "A small cloud for your own hardware: images, VM groups, networks, hosts. Long actions answer 202 with an Operation.",
+        version = "1"
+    ),
     paths(
-        api::list_images, api::upload_image, api::get_image, api::delete_image,
-        api::list_networks, api::create_network, api::get_network, api::delete_network,
-        api::list_groups, api::create_group, api::get_group, api::scale_group, api::delete_group,
-        api::list_vms, api::get_vm, api::delete_vm, api::vm_console, api::vm_action,
-        api::list_hosts, api::get_host, api::list_operations, api::get_operation, api::events, api::openapi,
-        api::register, api::host_desired, api::host_report, api::image_file,
+        api::list_images,
+        api::upload_image,
+        api::get_image,
+        api::delete_image,
+        api::list_networks,
+        api::create_network,
+        api::get_network,
+        api::delete_network,
+        api::list_groups,
+        api::create_group,
+        api::get_group,
+        api::scale_group,
+        api::delete_group,
+        api::list_vms,
+        api::get_vm,
+        api::delete_vm,
+        api::vm_console,
+        api::vm_action,
+        api::list_hosts,
+        api::get_host,
+        api::list_operations,
+        api::get_operation,
+        api::events,
+        api::openapi,
+        api::register,
+        api::host_desired,
+        api::host_report,
+        api::image_file,
     ),
     components(schemas(
-        tuchka_api::ApiError, tuchka_api::Image, tuchka_api::Network, tuchka_api::NetworkCreate, tuchka_api::VmAddress,
-        tuchka_api::Group, tuchka_api::GroupCreate, tuchka_api::GroupScale, tuchka_api::Vm, tuchka_api::VmState,
-        tuchka_api::PowerState, tuchka_api::VmStop, tuchka_api::Host, tuchka_api::Operation, tuchka_api::Event,
+        tuchka_api::ApiError,
+        tuchka_api::Image,
+        tuchka_api::Network,
+        tuchka_api::NetworkCreate,
+        tuchka_api::VmAddress,
+        tuchka_api::Group,
+        tuchka_api::GroupCreate,
+        tuchka_api::GroupScale,
+        tuchka_api::Vm,
+        tuchka_api::VmState,
+        tuchka_api::PowerState,
+        tuchka_api::VmStop,
+        tuchka_api::Host,
+        tuchka_api::Operation,
+        tuchka_api::Event,
         tuchka_api::CheckItem,
-        tuchka_api::agent::HostRegister, tuchka_api::agent::HostRegistered, tuchka_api::agent::HostFacts,
-        tuchka_api::agent::HostDesired, tuchka_api::agent::VmDesired, tuchka_api::agent::NicDesired,
-        tuchka_api::agent::NetworkDesired, tuchka_api::agent::DhcpHost, tuchka_api::agent::HostReport,
-        tuchka_api::agent::VmObserved, tuchka_api::agent::NetworkObserved,
+        tuchka_api::agent::HostRegister,
+        tuchka_api::agent::HostRegistered,
+        tuchka_api::agent::HostFacts,
+        tuchka_api::agent::HostDesired,
+        tuchka_api::agent::VmDesired,
+        tuchka_api::agent::NicDesired,
+        tuchka_api::agent::NetworkDesired,
+        tuchka_api::agent::DhcpHost,
+        tuchka_api::agent::HostReport,
+        tuchka_api::agent::VmObserved,
+        tuchka_api::agent::NetworkObserved,
     ))
 )]
 struct ApiDoc;
 
 /// The document as pretty JSON with a trailing newline.
 pub fn document() -> String {
-    let mut s = ApiDoc::openapi().to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    let mut s = ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
     s.push('\n');
     s
 }

@@ -51,7 +51,10 @@ fn try_progress(ctl: &Controller) -> Result<()> {
                 .unwrap_or_default();
             let step = match step {
                 Step::Running { .. } if age > OP_TIMEOUT => Step::Failed {
-                    error: format!("timed out after {} s waiting for the host (see: tuchka host list)", OP_TIMEOUT.as_secs()),
+                    error: format!(
+                        "timed out after {} s waiting for the host (see: tuchka host list)",
+                        OP_TIMEOUT.as_secs()
+                    ),
                 },
                 s => s,
             };
@@ -80,7 +83,11 @@ fn try_progress(ctl: &Controller) -> Result<()> {
                 Step::Failed { error } => {
                     o.op.state = "failed".into();
                     o.op.message = error.clone();
-                    o.op.error = Some(ApiError { code: "OperationFailed".into(), message: error, chain: vec![] });
+                    o.op.error = Some(ApiError {
+                        code: "OperationFailed".into(),
+                        message: error,
+                        chain: vec![],
+                    });
                     o.op.finished_at = Some(db::now());
                     db::save_operation(c, &o)?;
                     finished.push(o.op.clone());
@@ -93,7 +100,11 @@ fn try_progress(ctl: &Controller) -> Result<()> {
         ctl.bump();
     }
     for op in finished {
-        ctl.emit("operation.finished", &op.target, format!("{} {}: {} ({})", op.kind, op.target, op.state, op.message));
+        ctl.emit(
+            "operation.finished",
+            &op.target,
+            format!("{} {}: {} ({})", op.kind, op.target, op.state, op.message),
+        );
     }
     Ok(())
 }
@@ -114,34 +125,59 @@ fn finalize_deletions(c: &Connection) -> Result<()> {
 }
 
 fn param<'a>(o: &'a OpRow, key: &str) -> &'a str {
-    o.params.get(key).and_then(Value::as_str).unwrap_or_default()
+    o.params
+        .get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
 }
 
 fn param_list(o: &OpRow, key: &str) -> Vec<String> {
     o.params
         .get(key)
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn vm_failure(v: &db::VmRow) -> Option<String> {
-    (v.observed == VmState::Error).then(|| format!("vm {}: {}", v.name, v.error.as_deref().unwrap_or("failed on its host")))
+    (v.observed == VmState::Error).then(|| {
+        format!(
+            "vm {}: {}",
+            v.name,
+            v.error.as_deref().unwrap_or("failed on its host")
+        )
+    })
 }
 
 fn evaluate(c: &Connection, o: &mut OpRow) -> Result<Step> {
-    let rollback = o.params.get("rollback_error").and_then(Value::as_str).map(String::from);
+    let rollback = o
+        .params
+        .get("rollback_error")
+        .and_then(Value::as_str)
+        .map(String::from);
     Ok(match o.op.kind.as_str() {
         "group.create" => {
             let group = param(o, "group").to_string();
             let Some(g) = db::group(c, &group)? else {
-                return Ok(Step::Failed { error: rollback.unwrap_or_else(|| format!("group {group:?} was removed")) });
+                return Ok(Step::Failed {
+                    error: rollback.unwrap_or_else(|| format!("group {group:?} was removed")),
+                });
             };
             if rollback.is_some() {
                 let left = db::group_vms(c, &group)?.len() as u32;
-                return Ok(Step::Running { done: o.op.done, message: format!("rolling back: {left} VMs left to remove") });
+                return Ok(Step::Running {
+                    done: o.op.done,
+                    message: format!("rolling back: {left} VMs left to remove"),
+                });
             }
-            let vms: Vec<db::VmRow> = db::group_vms(c, &group)?.into_iter().filter(|v| !v.deleting).collect();
+            let vms: Vec<db::VmRow> = db::group_vms(c, &group)?
+                .into_iter()
+                .filter(|v| !v.deleting)
+                .collect();
             if let Some(error) = vms.iter().find_map(vm_failure) {
                 db::update_group(c, &group, g.count, true)?;
                 for mut v in db::group_vms(c, &group)? {
@@ -150,11 +186,19 @@ fn evaluate(c: &Connection, o: &mut OpRow) -> Result<Step> {
                 }
                 return Ok(Step::RollingBack { error });
             }
-            let running = vms.iter().filter(|v| v.observed == VmState::Running).count() as u32;
+            let running = vms
+                .iter()
+                .filter(|v| v.observed == VmState::Running)
+                .count() as u32;
             if running == g.count && vms.len() as u32 == g.count {
-                Step::Succeeded { message: format!("{running} VMs running") }
+                Step::Succeeded {
+                    message: format!("{running} VMs running"),
+                }
             } else {
-                Step::Running { done: running, message: format!("{running} of {} VMs running", g.count) }
+                Step::Running {
+                    done: running,
+                    message: format!("{running} of {} VMs running", g.count),
+                }
             }
         }
         "group.scale" => {
@@ -175,7 +219,10 @@ fn evaluate(c: &Connection, o: &mut OpRow) -> Result<Step> {
                 return Ok(if added_rows.is_empty() {
                     Step::Failed { error }
                 } else {
-                    Step::Running { done: o.op.done, message: format!("rolling back: {} VMs left to remove", added_rows.len()) }
+                    Step::Running {
+                        done: o.op.done,
+                        message: format!("rolling back: {} VMs left to remove", added_rows.len()),
+                    }
                 });
             }
             if let Some(error) = added_rows.iter().find_map(vm_failure) {
@@ -184,26 +231,49 @@ fn evaluate(c: &Connection, o: &mut OpRow) -> Result<Step> {
                     db::update_vm(c, &v)?;
                 }
                 if let Some(g) = db::group(c, &group)? {
-                    let previous = o.params.get("previous").and_then(Value::as_u64).unwrap_or(g.count as u64) as u32;
+                    let previous = o
+                        .params
+                        .get("previous")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(g.count as u64) as u32;
                     db::update_group(c, &group, previous, g.deleting)?;
                 }
                 return Ok(Step::RollingBack { error });
             }
-            let running = added_rows.iter().filter(|v| v.observed == VmState::Running).count() as u32;
+            let running = added_rows
+                .iter()
+                .filter(|v| v.observed == VmState::Running)
+                .count() as u32;
             let done = running + (removed.len() as u32 - removed_left);
             if done == o.op.total {
-                Step::Succeeded { message: format!("group {group} has {} VMs", db::group(c, &group)?.map(|g| g.count).unwrap_or(0)) }
+                Step::Succeeded {
+                    message: format!(
+                        "group {group} has {} VMs",
+                        db::group(c, &group)?.map(|g| g.count).unwrap_or(0)
+                    ),
+                }
             } else {
-                Step::Running { done, message: format!("{running} of {} new VMs running, {removed_left} left to remove", added.len()) }
+                Step::Running {
+                    done,
+                    message: format!(
+                        "{running} of {} new VMs running, {removed_left} left to remove",
+                        added.len()
+                    ),
+                }
             }
         }
         "group.delete" => {
             let group = param(o, "group");
             match db::group(c, group)? {
-                None => Step::Succeeded { message: format!("group {group} removed") },
+                None => Step::Succeeded {
+                    message: format!("group {group} removed"),
+                },
                 Some(_) => {
                     let left = db::group_vms(c, group)?.len() as u32;
-                    Step::Running { done: o.op.total.saturating_sub(left), message: format!("{left} VMs left to remove") }
+                    Step::Running {
+                        done: o.op.total.saturating_sub(left),
+                        message: format!("{left} VMs left to remove"),
+                    }
                 }
             }
         }
@@ -211,75 +281,126 @@ fn evaluate(c: &Connection, o: &mut OpRow) -> Result<Step> {
             let name = param(o, "vm");
             let want = param(o, "want");
             let Some(v) = db::vm(c, name)? else {
-                return Ok(Step::Failed { error: format!("vm {name:?} was removed") });
+                return Ok(Step::Failed {
+                    error: format!("vm {name:?} was removed"),
+                });
             };
             if v.desired.as_str() != want {
-                return Ok(Step::Failed { error: format!("superseded: vm {name} was asked to be {}", v.desired.as_str()) });
+                return Ok(Step::Failed {
+                    error: format!(
+                        "superseded: vm {name} was asked to be {}",
+                        v.desired.as_str()
+                    ),
+                });
             }
             if let Some(error) = vm_failure(&v) {
                 return Ok(Step::Failed { error });
             }
             let reached = matches!(
                 (v.desired, v.observed),
-                (PowerState::Running, VmState::Running) | (PowerState::Paused, VmState::Paused) | (PowerState::Stopped, VmState::Stopped)
+                (PowerState::Running, VmState::Running)
+                    | (PowerState::Paused, VmState::Paused)
+                    | (PowerState::Stopped, VmState::Stopped)
             );
             if reached {
-                Step::Succeeded { message: format!("vm {name} is {}", v.observed.as_str()) }
+                Step::Succeeded {
+                    message: format!("vm {name} is {}", v.observed.as_str()),
+                }
             } else {
-                Step::Running { done: 0, message: format!("vm {name} is {}", v.observed.as_str()) }
+                Step::Running {
+                    done: 0,
+                    message: format!("vm {name} is {}", v.observed.as_str()),
+                }
             }
         }
         "vm.reboot" => {
             let name = param(o, "vm");
             let seq = o.params.get("seq").and_then(Value::as_u64).unwrap_or(0);
             let Some(v) = db::vm(c, name)? else {
-                return Ok(Step::Failed { error: format!("vm {name:?} was removed") });
+                return Ok(Step::Failed {
+                    error: format!("vm {name:?} was removed"),
+                });
             };
             if let Some(error) = vm_failure(&v) {
                 return Ok(Step::Failed { error });
             }
             if v.reboot_done >= seq {
-                Step::Succeeded { message: format!("vm {name} rebooted") }
+                Step::Succeeded {
+                    message: format!("vm {name} rebooted"),
+                }
             } else {
-                Step::Running { done: 0, message: "waiting for the host to reboot it".into() }
+                Step::Running {
+                    done: 0,
+                    message: "waiting for the host to reboot it".into(),
+                }
             }
         }
         "vm.delete" => {
             let name = param(o, "vm");
             let id = param(o, "id");
             if db::vm_by_id(c, id)?.is_none() {
-                Step::Succeeded { message: format!("vm {name} removed") }
+                Step::Succeeded {
+                    message: format!("vm {name} removed"),
+                }
             } else {
-                Step::Running { done: 0, message: "removing".into() }
+                Step::Running {
+                    done: 0,
+                    message: "removing".into(),
+                }
             }
         }
         "net.create" => {
             let name = param(o, "network").to_string();
             let Some(mut n) = db::network(c, &name)? else {
-                return Ok(Step::Failed { error: rollback.unwrap_or_else(|| format!("network {name:?} was removed")) });
+                return Ok(Step::Failed {
+                    error: rollback.unwrap_or_else(|| format!("network {name:?} was removed")),
+                });
             };
             if rollback.is_some() {
-                return Ok(Step::Running { done: 0, message: "rolling back".into() });
+                return Ok(Step::Running {
+                    done: 0,
+                    message: "rolling back".into(),
+                });
             }
             match n.state.as_str() {
-                "ready" => Step::Succeeded { message: format!("network {name} ready on bridge {}", tuchka_core::names::bridge_name(n.vni)) },
+                "ready" => Step::Succeeded {
+                    message: format!(
+                        "network {name} ready on bridge {}",
+                        tuchka_core::names::bridge_name(n.vni)
+                    ),
+                },
                 "error" => {
-                    let error = format!("network {name}: {}", n.error.clone().unwrap_or_else(|| "failed on its host".into()));
+                    let error = format!(
+                        "network {name}: {}",
+                        n.error
+                            .clone()
+                            .unwrap_or_else(|| "failed on its host".into())
+                    );
                     n.deleting = true;
                     db::update_network(c, &n)?;
                     Step::RollingBack { error }
                 }
-                _ => Step::Running { done: 0, message: "creating bridge and DHCP".into() },
+                _ => Step::Running {
+                    done: 0,
+                    message: "creating bridge and DHCP".into(),
+                },
             }
         }
         "net.delete" => {
             let name = param(o, "network");
             if db::network(c, name)?.is_none() {
-                Step::Succeeded { message: format!("network {name} removed") }
+                Step::Succeeded {
+                    message: format!("network {name} removed"),
+                }
             } else {
-                Step::Running { done: 0, message: "removing bridge and DHCP".into() }
+                Step::Running {
+                    done: 0,
+                    message: "removing bridge and DHCP".into(),
+                }
             }
         }
-        other => Step::Failed { error: format!("unknown operation kind {other:?}") },
+        other => Step::Failed {
+            error: format!("unknown operation kind {other:?}"),
+        },
     })
 }

@@ -8,7 +8,8 @@ use std::net::Ipv4Addr;
 use rusqlite::Connection;
 use serde_json::json;
 use tuchka_api::{
-    GroupCreate, GroupScale, Host, Image, Network, NetworkCreate, Operation, PowerState, Vm, VmAddress, VmState, VmStop,
+    GroupCreate, GroupScale, Host, Image, Network, NetworkCreate, Operation, PowerState, Vm,
+    VmAddress, VmState, VmStop,
 };
 use tuchka_core::ipam::{self, Cidr};
 use tuchka_core::names::{self, validate_name};
@@ -32,7 +33,11 @@ pub const MAX_DISK_MIB: u64 = 64 << 20;
 pub const MAX_USER_DATA: usize = 64 * 1024;
 
 fn not_found(kind: &'static str, cli: &'static str, name: &str) -> Error {
-    Error::NotFound { kind, cli, name: name.to_string() }
+    Error::NotFound {
+        kind,
+        cli,
+        name: name.to_string(),
+    }
 }
 
 fn name_ok(kind: &'static str, name: &str) -> Result<()> {
@@ -43,29 +48,49 @@ fn name_ok(kind: &'static str, name: &str) -> Result<()> {
 
 /// Whether a host reported recently.
 pub fn host_is_up(ctl: &Controller, h: &db::HostRow) -> bool {
-    h.last_seen_unix > 0 && db::now_unix() - h.last_seen_unix <= ctl.config().down_after.as_secs() as i64
+    h.last_seen_unix > 0
+        && db::now_unix() - h.last_seen_unix <= ctl.config().down_after.as_secs() as i64
 }
 
 fn host_names(c: &Connection) -> Result<HashMap<String, db::HostRow>> {
-    Ok(db::hosts(c)?.into_iter().map(|h| (h.id.clone(), h)).collect())
+    Ok(db::hosts(c)?
+        .into_iter()
+        .map(|h| (h.id.clone(), h))
+        .collect())
 }
 
-fn vm_view(ctl: &Controller, c: &Connection, v: &VmRow, hosts: &HashMap<String, db::HostRow>) -> Result<Vm> {
+fn vm_view(
+    ctl: &Controller,
+    c: &Connection,
+    v: &VmRow,
+    hosts: &HashMap<String, db::HostRow>,
+) -> Result<Vm> {
     let g = db::group(c, &v.group)?.ok_or_else(|| not_found("group", "group", &v.group))?;
     let host = hosts.get(&v.host_id);
     let up = host.is_some_and(|h| host_is_up(ctl, h));
     let addresses = db::vm_nics(c, &v.id)?
         .into_iter()
-        .map(|n| VmAddress { network: n.network, mac: n.mac, ip: n.ip, vm: None })
+        .map(|n| VmAddress {
+            network: n.network,
+            mac: n.mac,
+            ip: n.ip,
+            vm: None,
+        })
         .collect();
     Ok(Vm {
         name: v.name.clone(),
         id: v.id.clone(),
         group: v.group.clone(),
         index: v.idx,
-        state: if up || v.observed == VmState::Pending { v.observed } else { VmState::Unknown },
+        state: if up || v.observed == VmState::Pending {
+            v.observed
+        } else {
+            VmState::Unknown
+        },
         desired: v.desired,
-        host: host.map(|h| h.name.clone()).unwrap_or_else(|| v.host_id.clone()),
+        host: host
+            .map(|h| h.name.clone())
+            .unwrap_or_else(|| v.host_id.clone()),
         placement_reason: v.placement_reason.clone(),
         image: g.image,
         cpus: g.cpus,
@@ -83,7 +108,10 @@ pub fn list_vms(ctl: &Controller) -> Result<Vec<Vm>> {
     let db = ctl.db();
     let c = db.conn();
     let hosts = host_names(c)?;
-    db::vms(c)?.iter().map(|v| vm_view(ctl, c, v, &hosts)).collect()
+    db::vms(c)?
+        .iter()
+        .map(|v| vm_view(ctl, c, v, &hosts))
+        .collect()
 }
 
 /// One VM.
@@ -98,7 +126,9 @@ fn image_view(c: &Connection, i: db::ImageRow) -> Result<Image> {
     let used_by = db::groups(c)?
         .into_iter()
         .filter(|g| g.image == i.name)
-        .map(|g| db::group_vms(c, &g.name).map(|vs| vs.into_iter().map(|v| v.name).collect::<Vec<_>>()))
+        .map(|g| {
+            db::group_vms(c, &g.name).map(|vs| vs.into_iter().map(|v| v.name).collect::<Vec<_>>())
+        })
         .collect::<std::result::Result<Vec<_>, _>>()?
         .concat();
     Ok(Image {
@@ -116,7 +146,10 @@ fn image_view(c: &Connection, i: db::ImageRow) -> Result<Image> {
 pub fn list_images(ctl: &Controller) -> Result<Vec<Image>> {
     let db = ctl.db();
     let c = db.conn();
-    db::images(c)?.into_iter().map(|i| image_view(c, i)).collect()
+    db::images(c)?
+        .into_iter()
+        .map(|i| image_view(c, i))
+        .collect()
 }
 
 /// One image.
@@ -127,19 +160,41 @@ pub fn get_image(ctl: &Controller, name: &str) -> Result<Image> {
     image_view(c, i)
 }
 
-fn network_view(c: &Connection, n: NetworkRow, hosts: &HashMap<String, db::HostRow>) -> Result<Network> {
-    let cidr: Cidr = n.cidr.parse().map_err(|e: ipam::IpamError| Error::internal("bad CIDR in database", &e))?;
-    let vm_names: HashMap<String, String> = db::vms(c)?.into_iter().map(|v| (v.id, v.name)).collect();
+fn network_view(
+    c: &Connection,
+    n: NetworkRow,
+    hosts: &HashMap<String, db::HostRow>,
+) -> Result<Network> {
+    let cidr: Cidr = n
+        .cidr
+        .parse()
+        .map_err(|e: ipam::IpamError| Error::internal("bad CIDR in database", &e))?;
+    let vm_names: HashMap<String, String> =
+        db::vms(c)?.into_iter().map(|v| (v.id, v.name)).collect();
     let addresses = db::nics(c)?
         .into_iter()
         .filter(|x| x.network == n.name)
-        .map(|x| VmAddress { network: x.network, mac: x.mac, ip: x.ip, vm: vm_names.get(&x.vm_id).cloned() })
+        .map(|x| VmAddress {
+            network: x.network,
+            mac: x.mac,
+            ip: x.ip,
+            vm: vm_names.get(&x.vm_id).cloned(),
+        })
         .collect();
     Ok(Network {
         gateway: cidr.gateway().to_string(),
         bridge: names::bridge_name(n.vni),
-        state: if n.deleting { "deleting".into() } else { n.state },
-        gateway_host: n.gateway_host.as_ref().map(|id| hosts.get(id).map(|h| h.name.clone()).unwrap_or_else(|| id.clone())),
+        state: if n.deleting {
+            "deleting".into()
+        } else {
+            n.state
+        },
+        gateway_host: n.gateway_host.as_ref().map(|id| {
+            hosts
+                .get(id)
+                .map(|h| h.name.clone())
+                .unwrap_or_else(|| id.clone())
+        }),
         addresses,
         error: n.error,
         name: n.name,
@@ -153,7 +208,10 @@ pub fn list_networks(ctl: &Controller) -> Result<Vec<Network>> {
     let db = ctl.db();
     let c = db.conn();
     let hosts = host_names(c)?;
-    db::networks(c)?.into_iter().map(|n| network_view(c, n, &hosts)).collect()
+    db::networks(c)?
+        .into_iter()
+        .map(|n| network_view(c, n, &hosts))
+        .collect()
 }
 
 /// One network.
@@ -165,7 +223,10 @@ pub fn get_network(ctl: &Controller, name: &str) -> Result<Network> {
 }
 
 fn group_view(c: &Connection, g: GroupRow) -> Result<tuchka_api::Group> {
-    let vms = db::group_vms(c, &g.name)?.into_iter().map(|v| v.name).collect();
+    let vms = db::group_vms(c, &g.name)?
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
     Ok(tuchka_api::Group {
         name: g.name,
         image: g.image,
@@ -184,7 +245,10 @@ fn group_view(c: &Connection, g: GroupRow) -> Result<tuchka_api::Group> {
 pub fn list_groups(ctl: &Controller) -> Result<Vec<tuchka_api::Group>> {
     let db = ctl.db();
     let c = db.conn();
-    db::groups(c)?.into_iter().map(|g| group_view(c, g)).collect()
+    db::groups(c)?
+        .into_iter()
+        .map(|g| group_view(c, g))
+        .collect()
 }
 
 /// One group.
@@ -236,7 +300,10 @@ fn host_view(ctl: &Controller, c: &Connection, h: db::HostRow) -> Result<Host> {
         disk_mib: h.facts.disk_mib,
         disk_free_mib: h.facts.disk_free_mib,
         disk_provisioned_mib,
-        vms: db::host_vms(c, &h.id)?.into_iter().map(|v| v.name).collect(),
+        vms: db::host_vms(c, &h.id)?
+            .into_iter()
+            .map(|v| v.name)
+            .collect(),
         cached_images: h.cached_images,
         last_seen: h.last_seen,
         name: h.name,
@@ -248,7 +315,10 @@ fn host_view(ctl: &Controller, c: &Connection, h: db::HostRow) -> Result<Host> {
 pub fn list_hosts(ctl: &Controller) -> Result<Vec<Host>> {
     let db = ctl.db();
     let c = db.conn();
-    db::hosts(c)?.into_iter().map(|h| host_view(ctl, c, h)).collect()
+    db::hosts(c)?
+        .into_iter()
+        .map(|h| host_view(ctl, c, h))
+        .collect()
 }
 
 /// One host.
@@ -261,12 +331,17 @@ pub fn get_host(ctl: &Controller, name: &str) -> Result<Host> {
 
 /// Latest operations.
 pub fn list_operations(ctl: &Controller) -> Result<Vec<Operation>> {
-    Ok(db::operations(ctl.db().conn(), 200)?.into_iter().map(|o| o.op).collect())
+    Ok(db::operations(ctl.db().conn(), 200)?
+        .into_iter()
+        .map(|o| o.op)
+        .collect())
 }
 
 /// One operation.
 pub fn get_operation(ctl: &Controller, id: &str) -> Result<Operation> {
-    db::operation(ctl.db().conn(), id)?.map(|o| o.op).ok_or_else(|| not_found("operation", "op", id))
+    db::operation(ctl.db().conn(), id)?
+        .map(|o| o.op)
+        .ok_or_else(|| not_found("operation", "op", id))
 }
 
 // ------------------------------------------------------------------ operations
@@ -292,7 +367,11 @@ fn new_op(kind: &str, target: &str, total: u32, message: &str, params: serde_jso
 /// Record the change, wake the agents and tell the world.
 fn started(ctl: &Controller, op: OpRow) -> Operation {
     ctl.bump();
-    ctl.emit("operation.started", &op.op.target, format!("{} {}: {}", op.op.kind, op.op.target, op.op.message));
+    ctl.emit(
+        "operation.started",
+        &op.op.target,
+        format!("{} {}: {}", op.op.kind, op.op.target, op.op.message),
+    );
     crate::ops::progress(ctl);
     get_operation(ctl, &op.op.id).unwrap_or(op.op)
 }
@@ -302,14 +381,24 @@ fn started(ctl: &Controller, op: OpRow) -> Operation {
 /// `net create`.
 pub fn create_network(ctl: &Controller, req: NetworkCreate) -> Result<Operation> {
     name_ok("network", &req.name)?;
-    let cidr = Cidr::parse_network(&req.cidr).map_err(|e| Error::invalid("InvalidCidr", e.to_string()))?;
+    let cidr =
+        Cidr::parse_network(&req.cidr).map_err(|e| Error::invalid("InvalidCidr", e.to_string()))?;
     let op = ctl.db().atomic(|c| {
         if db::network(c, &req.name)?.is_some() {
-            return Err(Error::conflict("NetworkExists", format!("network {:?} already exists (see: tuchka net show {})", req.name, req.name)));
+            return Err(Error::conflict(
+                "NetworkExists",
+                format!(
+                    "network {:?} already exists (see: tuchka net show {})",
+                    req.name, req.name
+                ),
+            ));
         }
         let nets = db::networks(c)?;
-        ipam::check_overlap(&cidr, nets.iter().map(|n| (n.name.as_str(), n.cidr.as_str())))
-            .map_err(|e| Error::invalid("CidrOverlap", e.to_string()))?;
+        ipam::check_overlap(
+            &cidr,
+            nets.iter().map(|n| (n.name.as_str(), n.cidr.as_str())),
+        )
+        .map_err(|e| Error::invalid("CidrOverlap", e.to_string()))?;
         let gateway_host = pick_gateway_host(ctl, c)?;
         let used: HashSet<u32> = nets.iter().map(|n| n.vni).collect();
         let vni = ipam::allocate_vni(&mut rand::thread_rng(), &used);
@@ -326,7 +415,13 @@ pub fn create_network(ctl: &Controller, req: NetworkCreate) -> Result<Operation>
                 created_at: db::now(),
             },
         )?;
-        let op = new_op("net.create", &format!("network/{}", req.name), 1, "creating bridge and DHCP", json!({"network": req.name}));
+        let op = new_op(
+            "net.create",
+            &format!("network/{}", req.name),
+            1,
+            "creating bridge and DHCP",
+            json!({"network": req.name}),
+        );
         db::save_operation(c, &op)?;
         Ok::<_, Error>(op)
     })?;
@@ -340,7 +435,12 @@ fn pick_gateway_host(ctl: &Controller, c: &Connection) -> Result<String> {
         .filter(|h| host_is_up(ctl, h) && !h.draining && !h.revoked)
         .min_by(|a, b| a.name.cmp(&b.name))
         .map(|h| h.id.clone())
-        .ok_or_else(|| Error::conflict("NoHost", "no host is up to run the network's gateway (see: tuchka host list)"))
+        .ok_or_else(|| {
+            Error::conflict(
+                "NoHost",
+                "no host is up to run the network's gateway (see: tuchka host list)",
+            )
+        })
 }
 
 /// `net rm`: refused while VMs use it.
@@ -348,18 +448,35 @@ pub fn delete_network(ctl: &Controller, name: &str) -> Result<Operation> {
     let op = ctl.db().atomic(|c| {
         let mut n = db::network(c, name)?.ok_or_else(|| not_found("network", "net", name))?;
         let users: Vec<String> = {
-            let ids: HashSet<String> = db::nics(c)?.into_iter().filter(|x| x.network == name).map(|x| x.vm_id).collect();
-            db::vms(c)?.into_iter().filter(|v| ids.contains(&v.id)).map(|v| v.name).collect()
+            let ids: HashSet<String> = db::nics(c)?
+                .into_iter()
+                .filter(|x| x.network == name)
+                .map(|x| x.vm_id)
+                .collect();
+            db::vms(c)?
+                .into_iter()
+                .filter(|v| ids.contains(&v.id))
+                .map(|v| v.name)
+                .collect()
         };
         if !users.is_empty() {
             return Err(Error::conflict(
                 "NetworkInUse",
-                format!("network {name:?} is used by {}: remove them first (tuchka group rm …)", users.join(", ")),
+                format!(
+                    "network {name:?} is used by {}: remove them first (tuchka group rm …)",
+                    users.join(", ")
+                ),
             ));
         }
         n.deleting = true;
         db::update_network(c, &n)?;
-        let op = new_op("net.delete", &format!("network/{name}"), 1, "removing bridge and DHCP", json!({"network": name}));
+        let op = new_op(
+            "net.delete",
+            &format!("network/{name}"),
+            1,
+            "removing bridge and DHCP",
+            json!({"network": name}),
+        );
         db::save_operation(c, &op)?;
         Ok::<_, Error>(op)
     })?;
@@ -372,12 +489,23 @@ pub fn delete_network(ctl: &Controller, name: &str) -> Result<Operation> {
 fn check_group(c: &Connection, req: &GroupCreate) -> Result<(db::ImageRow, u64, Policy)> {
     name_ok("group", &req.name)?;
     if req.count == 0 || req.count > MAX_COUNT {
-        return Err(Error::invalid("InvalidCount", format!("count {} is out of range: use 1 to {MAX_COUNT}", req.count)));
+        return Err(Error::invalid(
+            "InvalidCount",
+            format!("count {} is out of range: use 1 to {MAX_COUNT}", req.count),
+        ));
     }
     let last = names::vm_name(&req.name, req.count - 1);
-    validate_name("vm", &last).map_err(|e| Error::invalid("InvalidName", format!("group name too long for its VM names: {e}")))?;
+    validate_name("vm", &last).map_err(|e| {
+        Error::invalid(
+            "InvalidName",
+            format!("group name too long for its VM names: {e}"),
+        )
+    })?;
     if req.cpus == 0 || req.cpus > MAX_CPUS {
-        return Err(Error::invalid("InvalidCpus", format!("cpus {} is out of range: use 1 to {MAX_CPUS}", req.cpus)));
+        return Err(Error::invalid(
+            "InvalidCpus",
+            format!("cpus {} is out of range: use 1 to {MAX_CPUS}", req.cpus),
+        ));
     }
     if req.memory_mib < MIN_MEMORY_MIB || req.memory_mib > MAX_MEMORY_MIB {
         return Err(Error::invalid(
@@ -385,19 +513,37 @@ fn check_group(c: &Connection, req: &GroupCreate) -> Result<(db::ImageRow, u64, 
             format!("memory {} MiB is out of range: use {MIN_MEMORY_MIB} MiB to {} GiB, e.g. --memory 256M", req.memory_mib, MAX_MEMORY_MIB >> 10),
         ));
     }
-    let policy = Policy::parse(req.placement.as_deref().unwrap_or("spread"))
-        .ok_or_else(|| Error::invalid("InvalidPlacement", "placement must be \"spread\" or \"pack\""))?;
-    if req.user_data.as_ref().is_some_and(|u| u.len() > MAX_USER_DATA) {
-        return Err(Error::invalid("InvalidUserData", format!("user-data is larger than {} KiB", MAX_USER_DATA / 1024)));
+    let policy = Policy::parse(req.placement.as_deref().unwrap_or("spread")).ok_or_else(|| {
+        Error::invalid(
+            "InvalidPlacement",
+            "placement must be \"spread\" or \"pack\"",
+        )
+    })?;
+    if req
+        .user_data
+        .as_ref()
+        .is_some_and(|u| u.len() > MAX_USER_DATA)
+    {
+        return Err(Error::invalid(
+            "InvalidUserData",
+            format!("user-data is larger than {} KiB", MAX_USER_DATA / 1024),
+        ));
     }
     for k in &req.ssh_keys {
         if k.trim().is_empty() || k.trim().contains('\n') || k.contains('\0') {
-            return Err(Error::invalid("InvalidSshKey", "each ssh key must be one non-empty line (an OpenSSH public key)"));
+            return Err(Error::invalid(
+                "InvalidSshKey",
+                "each ssh key must be one non-empty line (an OpenSSH public key)",
+            ));
         }
     }
     let img = db::image(c, &req.image)?.ok_or_else(|| not_found("image", "image", &req.image))?;
     let image_mib = img.virtual_size.div_ceil(1 << 20);
-    let disk = if req.disk_mib == 0 { image_mib } else { req.disk_mib };
+    let disk = if req.disk_mib == 0 {
+        image_mib
+    } else {
+        req.disk_mib
+    };
     if disk < image_mib {
         return Err(Error::invalid(
             "DiskTooSmall",
@@ -405,16 +551,25 @@ fn check_group(c: &Connection, req: &GroupCreate) -> Result<(db::ImageRow, u64, 
         ));
     }
     if disk > MAX_DISK_MIB {
-        return Err(Error::invalid("InvalidDisk", format!("disk {disk} MiB is larger than {} TiB", MAX_DISK_MIB >> 20)));
+        return Err(Error::invalid(
+            "InvalidDisk",
+            format!("disk {disk} MiB is larger than {} TiB", MAX_DISK_MIB >> 20),
+        ));
     }
     let mut seen = HashSet::new();
     for n in &req.networks {
         let net = db::network(c, n)?.ok_or_else(|| not_found("network", "net", n))?;
         if net.deleting {
-            return Err(Error::conflict("NetworkDeleting", format!("network {n:?} is being removed")));
+            return Err(Error::conflict(
+                "NetworkDeleting",
+                format!("network {n:?} is being removed"),
+            ));
         }
         if !seen.insert(n) {
-            return Err(Error::invalid("DuplicateNetwork", format!("network {n:?} is given twice")));
+            return Err(Error::invalid(
+                "DuplicateNetwork",
+                format!("network {n:?} is given twice"),
+            ));
         }
     }
     Ok((img, disk, policy))
@@ -443,11 +598,19 @@ fn capacities(ctl: &Controller, c: &Connection) -> Result<Vec<HostCapacity>> {
 }
 
 /// Place, address and insert VMs `indexes` of group `g`. Returns their ids.
-fn add_vms(ctl: &Controller, c: &Connection, g: &GroupRow, indexes: std::ops::Range<u32>) -> Result<Vec<String>> {
-    let existing: BTreeMap<String, u32> = db::group_vms(c, &g.name)?.iter().filter(|v| !v.deleting).fold(BTreeMap::new(), |mut m, v| {
-        *m.entry(v.host_id.clone()).or_default() += 1;
-        m
-    });
+fn add_vms(
+    ctl: &Controller,
+    c: &Connection,
+    g: &GroupRow,
+    indexes: std::ops::Range<u32>,
+) -> Result<Vec<String>> {
+    let existing: BTreeMap<String, u32> = db::group_vms(c, &g.name)?
+        .iter()
+        .filter(|v| !v.deleting)
+        .fold(BTreeMap::new(), |mut m, v| {
+            *m.entry(v.host_id.clone()).or_default() += 1;
+            m
+        });
     let req = GroupRequest {
         group: g.name.clone(),
         count: indexes.len() as u32,
@@ -472,7 +635,10 @@ fn add_vms(ctl: &Controller, c: &Connection, g: &GroupRow, indexes: std::ops::Ra
     let mut nets = HashMap::new();
     for n in &g.networks {
         let row = db::network(c, n)?.ok_or_else(|| not_found("network", "net", n))?;
-        let cidr: Cidr = row.cidr.parse().map_err(|e: ipam::IpamError| Error::internal("bad CIDR in database", &e))?;
+        let cidr: Cidr = row
+            .cidr
+            .parse()
+            .map_err(|e: ipam::IpamError| Error::internal("bad CIDR in database", &e))?;
         nets.insert(n.clone(), cidr);
     }
     let mut rng = rand::thread_rng();
@@ -481,7 +647,10 @@ fn add_vms(ctl: &Controller, c: &Connection, g: &GroupRow, indexes: std::ops::Ra
         let id = uuid::Uuid::new_v4().to_string();
         let name = names::vm_name(&g.name, idx);
         if db::vm(c, &name)?.is_some() {
-            return Err(Error::conflict("VmExists", format!("a VM named {name:?} already exists")));
+            return Err(Error::conflict(
+                "VmExists",
+                format!("a VM named {name:?} already exists"),
+            ));
         }
         db::insert_vm(
             c,
@@ -505,11 +674,21 @@ fn add_vms(ctl: &Controller, c: &Connection, g: &GroupRow, indexes: std::ops::Ra
         )?;
         for (i, net) in g.networks.iter().enumerate() {
             let used = used_ips.entry(net.clone()).or_default();
-            let ip = ipam::allocate_ip(net, &nets[net], used).map_err(|e| Error::conflict("AddressesExhausted", e.to_string()))?;
+            let ip = ipam::allocate_ip(net, &nets[net], used)
+                .map_err(|e| Error::conflict("AddressesExhausted", e.to_string()))?;
             used.insert(ip);
             let mac = ipam::allocate_mac(&mut rng, &used_macs);
             used_macs.insert(mac.clone());
-            db::insert_nic(c, &NicRow { vm_id: id.clone(), idx: i as u32, network: net.clone(), mac, ip: ip.to_string() })?;
+            db::insert_nic(
+                c,
+                &NicRow {
+                    vm_id: id.clone(),
+                    idx: i as u32,
+                    network: net.clone(),
+                    mac,
+                    ip: ip.to_string(),
+                },
+            )?;
         }
         ids.push(id);
     }
@@ -521,7 +700,13 @@ pub fn create_group(ctl: &Controller, req: GroupCreate) -> Result<Operation> {
     let op = ctl.db().atomic(|c| {
         let (img, disk_mib, policy) = check_group(c, &req)?;
         if db::group(c, &req.name)?.is_some() {
-            return Err(Error::conflict("GroupExists", format!("group {:?} already exists (see: tuchka group show {})", req.name, req.name)));
+            return Err(Error::conflict(
+                "GroupExists",
+                format!(
+                    "group {:?} already exists (see: tuchka group show {})",
+                    req.name, req.name
+                ),
+            ));
         }
         let g = GroupRow {
             name: req.name.clone(),
@@ -560,18 +745,32 @@ pub fn create_group(ctl: &Controller, req: GroupCreate) -> Result<Operation> {
 /// `group scale`: up adds the next indexes; down removes the highest.
 pub fn scale_group(ctl: &Controller, name: &str, req: GroupScale) -> Result<Operation> {
     if req.count > MAX_COUNT {
-        return Err(Error::invalid("InvalidCount", format!("count {} is out of range: use 0 to {MAX_COUNT}", req.count)));
+        return Err(Error::invalid(
+            "InvalidCount",
+            format!("count {} is out of range: use 0 to {MAX_COUNT}", req.count),
+        ));
     }
     let op = ctl.db().atomic(|c| {
         let g = db::group(c, name)?.ok_or_else(|| not_found("group", "group", name))?;
         if g.deleting {
-            return Err(Error::conflict("GroupDeleting", format!("group {name:?} is being removed")));
+            return Err(Error::conflict(
+                "GroupDeleting",
+                format!("group {name:?} is being removed"),
+            ));
         }
         if req.count > 0 {
             let last = names::vm_name(name, req.count - 1);
-            validate_name("vm", &last).map_err(|e| Error::invalid("InvalidName", format!("group name too long for {} VMs: {e}", req.count)))?;
+            validate_name("vm", &last).map_err(|e| {
+                Error::invalid(
+                    "InvalidName",
+                    format!("group name too long for {} VMs: {e}", req.count),
+                )
+            })?;
         }
-        let live: Vec<VmRow> = db::group_vms(c, name)?.into_iter().filter(|v| !v.deleting).collect();
+        let live: Vec<VmRow> = db::group_vms(c, name)?
+            .into_iter()
+            .filter(|v| !v.deleting)
+            .collect();
         let mut added = vec![];
         let mut removed = vec![];
         if req.count as usize > live.len() {
@@ -611,7 +810,13 @@ pub fn delete_group(ctl: &Controller, name: &str) -> Result<Operation> {
             db::update_vm(c, &v)?;
         }
         db::update_group(c, name, g.count, true)?;
-        let op = new_op("group.delete", &format!("group/{name}"), vms.len() as u32, "removing VMs", json!({"group": name}));
+        let op = new_op(
+            "group.delete",
+            &format!("group/{name}"),
+            vms.len() as u32,
+            "removing VMs",
+            json!({"group": name}),
+        );
         db::save_operation(c, &op)?;
         Ok::<_, Error>(op)
     })?;
@@ -636,20 +841,40 @@ pub enum VmAction {
 }
 
 /// Ask a VM to change power state.
-pub fn vm_action(ctl: &Controller, name: &str, action: VmAction, stop: VmStop) -> Result<Operation> {
+pub fn vm_action(
+    ctl: &Controller,
+    name: &str,
+    action: VmAction,
+    stop: VmStop,
+) -> Result<Operation> {
     let op = ctl.db().atomic(|c| {
         let mut v = db::vm(c, name)?.ok_or_else(|| not_found("vm", "vm", name))?;
         if v.deleting {
-            return Err(Error::conflict("VmDeleting", format!("vm {name:?} is being removed")));
+            return Err(Error::conflict(
+                "VmDeleting",
+                format!("vm {name:?} is being removed"),
+            ));
         }
         let target = format!("vm/{name}");
         let op = match action {
             VmAction::Reboot => {
                 if v.desired != PowerState::Running {
-                    return Err(Error::conflict("VmNotRunning", format!("vm {name:?} is {}: start it first (tuchka vm start {name})", v.desired.as_str())));
+                    return Err(Error::conflict(
+                        "VmNotRunning",
+                        format!(
+                            "vm {name:?} is {}: start it first (tuchka vm start {name})",
+                            v.desired.as_str()
+                        ),
+                    ));
                 }
                 v.reboot_seq = v.reboot_seq.max(v.reboot_done) + 1;
-                new_op("vm.reboot", &target, 1, "rebooting", json!({"vm": name, "seq": v.reboot_seq}))
+                new_op(
+                    "vm.reboot",
+                    &target,
+                    1,
+                    "rebooting",
+                    json!({"vm": name, "seq": v.reboot_seq}),
+                )
             }
             _ => {
                 let want = match action {
@@ -658,10 +883,16 @@ pub fn vm_action(ctl: &Controller, name: &str, action: VmAction, stop: VmStop) -
                     _ => PowerState::Stopped,
                 };
                 if action == VmAction::Resume && v.desired != PowerState::Paused {
-                    return Err(Error::conflict("VmNotPaused", format!("vm {name:?} is not paused (it is {})", v.desired.as_str())));
+                    return Err(Error::conflict(
+                        "VmNotPaused",
+                        format!("vm {name:?} is not paused (it is {})", v.desired.as_str()),
+                    ));
                 }
                 if action == VmAction::Pause && v.desired == PowerState::Stopped {
-                    return Err(Error::conflict("VmStopped", format!("vm {name:?} is stopped: start it first (tuchka vm start {name})")));
+                    return Err(Error::conflict(
+                        "VmStopped",
+                        format!("vm {name:?} is stopped: start it first (tuchka vm start {name})"),
+                    ));
                 }
                 v.desired = want;
                 if action == VmAction::Stop {
@@ -675,7 +906,13 @@ pub fn vm_action(ctl: &Controller, name: &str, action: VmAction, stop: VmStop) -
                     VmAction::Pause => "pausing",
                     _ => "resuming",
                 };
-                new_op(&format!("vm.{}", action_name(action)), &target, 1, verb, json!({"vm": name, "want": want.as_str()}))
+                new_op(
+                    &format!("vm.{}", action_name(action)),
+                    &target,
+                    1,
+                    verb,
+                    json!({"vm": name, "want": want.as_str()}),
+                )
             }
         };
         v.error = None;
@@ -705,7 +942,13 @@ pub fn delete_vm(ctl: &Controller, name: &str) -> Result<Operation> {
         if let Some(g) = db::group(c, &v.group)? {
             db::update_group(c, &g.name, g.count.saturating_sub(1), g.deleting)?;
         }
-        let op = new_op("vm.delete", &format!("vm/{name}"), 1, "removing", json!({"vm": name, "id": v.id}));
+        let op = new_op(
+            "vm.delete",
+            &format!("vm/{name}"),
+            1,
+            "removing",
+            json!({"vm": name, "id": v.id}),
+        );
         db::save_operation(c, &op)?;
         Ok::<_, Error>(op)
     })?;
@@ -715,16 +958,23 @@ pub fn delete_vm(ctl: &Controller, name: &str) -> Result<Operation> {
 /// The serial console log of a VM on the local host.
 pub fn vm_console(ctl: &Controller, name: &str) -> Result<String> {
     let v = get_vm(ctl, name)?;
-    let pool = ctl
-        .config()
-        .local_pool
-        .clone()
-        .ok_or_else(|| Error::conflict("ConsoleUnavailable", format!("vm {name:?} runs on host {}; its console is on that host", v.host)))?;
+    let pool = ctl.config().local_pool.clone().ok_or_else(|| {
+        Error::conflict(
+            "ConsoleUnavailable",
+            format!(
+                "vm {name:?} runs on host {}; its console is on that host",
+                v.host
+            ),
+        )
+    })?;
     let path = pool.join("vms").join(&v.id).join("console.log");
     match std::fs::read(&path) {
         Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-        Err(e) => Err(Error::internal(format!("cannot read the console log of vm {name:?}"), &e)),
+        Err(e) => Err(Error::internal(
+            format!("cannot read the console log of vm {name:?}"),
+            &e,
+        )),
     }
 }
 
@@ -732,11 +982,18 @@ pub fn vm_console(ctl: &Controller, name: &str) -> Result<String> {
 pub fn delete_image(ctl: &Controller, name: &str) -> Result<()> {
     let file = ctl.db().atomic(|c| {
         let img = db::image(c, name)?.ok_or_else(|| not_found("image", "image", name))?;
-        let users: Vec<String> = db::groups(c)?.into_iter().filter(|g| g.image == name).map(|g| g.name).collect();
+        let users: Vec<String> = db::groups(c)?
+            .into_iter()
+            .filter(|g| g.image == name)
+            .map(|g| g.name)
+            .collect();
         if !users.is_empty() {
             return Err(Error::conflict(
                 "ImageInUse",
-                format!("image {name:?} is used by group(s) {}: remove them first (tuchka group rm …)", users.join(", ")),
+                format!(
+                    "image {name:?} is used by group(s) {}: remove them first (tuchka group rm …)",
+                    users.join(", ")
+                ),
             ));
         }
         db::delete_image(c, name)?;
@@ -750,6 +1007,10 @@ pub fn delete_image(ctl: &Controller, name: &str) -> Result<()> {
         }
     }
     ctl.bump();
-    ctl.emit("image.deleted", &format!("image/{name}"), format!("image {name} removed"));
+    ctl.emit(
+        "image.deleted",
+        &format!("image/{name}"),
+        format!("image {name} removed"),
+    );
     Ok(())
 }

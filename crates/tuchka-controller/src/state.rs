@@ -61,7 +61,8 @@ impl Controller {
     pub fn open(config: ControllerConfig) -> Result<Controller> {
         let dir = &config.data_dir;
         for d in [dir.clone(), dir.join("images"), dir.join("images/tmp")] {
-            std::fs::create_dir_all(&d).map_err(|e| Error::internal(format!("cannot create {}", d.display()), &e))?;
+            std::fs::create_dir_all(&d)
+                .map_err(|e| Error::internal(format!("cannot create {}", d.display()), &e))?;
         }
         let mut store = Store::open(&dir.join("state.db"))?;
         let cloud_id = store.cloud_id()?;
@@ -129,7 +130,13 @@ impl Controller {
     /// Publish an event.
     pub fn emit(&self, kind: &str, object: &str, message: impl Into<String>) {
         let seq = self.inner.event_seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let ev = Event { seq, time: tuchka_store::now(), kind: kind.into(), object: object.into(), message: message.into() };
+        let ev = Event {
+            seq,
+            time: tuchka_store::now(),
+            kind: kind.into(),
+            object: object.into(),
+            message: message.into(),
+        };
         tracing::info!(kind = %ev.kind, object = %ev.object, "{}", ev.message);
         let _ = self.inner.events.send(ev);
     }

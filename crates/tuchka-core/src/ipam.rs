@@ -40,7 +40,9 @@ pub enum IpamError {
         suggested: String,
     },
     /// Overlaps an existing network.
-    #[error("CIDR {cidr} overlaps network {other:?} ({other_cidr}): pick a range that does not overlap")]
+    #[error(
+        "CIDR {cidr} overlaps network {other:?} ({other_cidr}): pick a range that does not overlap"
+    )]
     Overlap {
         /// The new CIDR.
         cidr: String,
@@ -71,14 +73,26 @@ impl Cidr {
     pub fn parse_network(s: &str) -> Result<Cidr, IpamError> {
         let c: Cidr = s.parse()?;
         if c.prefix < MIN_PREFIX {
-            return Err(IpamError::Size { cidr: s.into(), why: "too large" });
+            return Err(IpamError::Size {
+                cidr: s.into(),
+                why: "too large",
+            });
         }
         if c.prefix > MAX_PREFIX {
-            return Err(IpamError::Size { cidr: s.into(), why: "too small" });
+            return Err(IpamError::Size {
+                cidr: s.into(),
+                why: "too small",
+            });
         }
-        let net = Cidr { addr: Ipv4Addr::from(u32::from(c.addr) & c.mask()), prefix: c.prefix };
+        let net = Cidr {
+            addr: Ipv4Addr::from(u32::from(c.addr) & c.mask()),
+            prefix: c.prefix,
+        };
         if net.addr != c.addr {
-            return Err(IpamError::HostBits { given: s.into(), suggested: net.to_string() });
+            return Err(IpamError::HostBits {
+                given: s.into(),
+                suggested: net.to_string(),
+            });
         }
         Ok(net)
     }
@@ -184,10 +198,17 @@ pub fn check_overlap<'a>(
 }
 
 /// The lowest VM address of `cidr` not in `used`.
-pub fn allocate_ip(network: &str, cidr: &Cidr, used: &HashSet<Ipv4Addr>) -> Result<Ipv4Addr, IpamError> {
+pub fn allocate_ip(
+    network: &str,
+    cidr: &Cidr,
+    used: &HashSet<Ipv4Addr>,
+) -> Result<Ipv4Addr, IpamError> {
     cidr.vm_range()
         .find(|ip| !used.contains(ip))
-        .ok_or_else(|| IpamError::Exhausted { network: network.into(), cidr: cidr.to_string() })
+        .ok_or_else(|| IpamError::Exhausted {
+            network: network.into(),
+            cidr: cidr.to_string(),
+        })
 }
 
 /// A locally administered, unicast MAC in QEMU's `52:54:00` range that is not in `used`.
@@ -232,7 +253,16 @@ mod tests {
 
     #[test]
     fn refuses_bad_cidrs_with_a_hint() {
-        for bad in ["", "10.80.0.0", "10.80.0/24", "10.80.0.0/", "10.80.0.0/33", "x/24", "10.80.0.0/+4", "10.80.0.0/024"] {
+        for bad in [
+            "",
+            "10.80.0.0",
+            "10.80.0/24",
+            "10.80.0.0/",
+            "10.80.0.0/33",
+            "x/24",
+            "10.80.0.0/+4",
+            "10.80.0.0/024",
+        ] {
             let e = Cidr::parse_network(bad).expect_err(bad);
             assert!(matches!(e, IpamError::Syntax(_)), "{bad}: {e:?}");
         }
@@ -248,7 +278,8 @@ mod tests {
     fn detects_overlaps() {
         let a = Cidr::parse_network("10.80.0.0/24").expect("valid");
         assert!(check_overlap(&a, [("x", "10.81.0.0/24")]).is_ok());
-        let e = check_overlap(&a, [("x", "10.81.0.0/24"), ("big", "10.80.0.0/16")]).expect_err("overlap");
+        let e = check_overlap(&a, [("x", "10.81.0.0/24"), ("big", "10.80.0.0/16")])
+            .expect_err("overlap");
         assert!(e.to_string().contains("\"big\""), "{e}");
         let small = Cidr::parse_network("10.80.0.128/25").expect("valid");
         assert!(a.overlaps(&small) && small.overlaps(&a));

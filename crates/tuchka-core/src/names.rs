@@ -22,7 +22,11 @@ pub struct NameError {
 
 /// Check `name` for an object of `kind` (`"group"`, `"network"`, …).
 pub fn validate_name(kind: &'static str, name: &str) -> Result<(), NameError> {
-    let err = |why: String| NameError { kind, name: name.to_string(), why };
+    let err = |why: String| NameError {
+        kind,
+        name: name.to_string(),
+        why,
+    };
     let Some(first) = name.chars().next() else {
         return Err(err("it is empty".into()));
     };
@@ -109,6 +113,9 @@ mod tests {
     fn derived_names_fit_linux_limits() {
         assert_eq!(tap_name("52:54:00:ab:cd:ef"), "tkvabcdef");
         assert!(bridge_name(16_777_215).len() <= 15);
-        assert_eq!(domain_name("3fa2b4c1-0000-4000-8000-000000000000", "web-0"), "tk-3fa2b4c1-web-0");
+        assert_eq!(
+            domain_name("3fa2b4c1-0000-4000-8000-000000000000", "web-0"),
+            "tk-3fa2b4c1-web-0"
+        );
     }
 }

@@ -54,7 +54,12 @@ pub struct Ratios {
 
 impl Default for Ratios {
     fn default() -> Self {
-        Ratios { cpu: 4.0, memory: 1.0, disk: 2.0, memory_reserved_mib: 512 }
+        Ratios {
+            cpu: 4.0,
+            memory: 1.0,
+            disk: 2.0,
+            memory_reserved_mib: 512,
+        }
     }
 }
 
@@ -125,7 +130,12 @@ pub struct PlacementError {
 }
 
 /// Why `host` cannot take one more VM of `req`, or None if it can.
-pub fn refuse_reason(host: &HostCapacity, req: &GroupRequest, ratios: &Ratios, in_group: u32) -> Option<String> {
+pub fn refuse_reason(
+    host: &HostCapacity,
+    req: &GroupRequest,
+    ratios: &Ratios,
+    in_group: u32,
+) -> Option<String> {
     if !host.up {
         return Some("host is down".into());
     }
@@ -140,26 +150,43 @@ pub fn refuse_reason(host: &HostCapacity, req: &GroupRequest, ratios: &Ratios, i
             host.cpus, ratios.cpu, req.cpus
         ));
     }
-    let mem_cap = (host.memory_mib.saturating_sub(ratios.memory_reserved_mib) as f64 * ratios.memory) as u64;
+    let mem_cap =
+        (host.memory_mib.saturating_sub(ratios.memory_reserved_mib) as f64 * ratios.memory) as u64;
     let mem_free = mem_cap.saturating_sub(host.memory_used_mib);
     if req.memory_mib > mem_free {
-        return Some(format!("memory: {mem_free} MiB free of {mem_cap} MiB, {} MiB needed", req.memory_mib));
+        return Some(format!(
+            "memory: {mem_free} MiB free of {mem_cap} MiB, {} MiB needed",
+            req.memory_mib
+        ));
     }
     let disk_cap = (host.disk_mib as f64 * ratios.disk) as u64;
     let disk_free = disk_cap.saturating_sub(host.disk_provisioned_mib);
     if req.disk_mib > disk_free {
-        return Some(format!("disk: {disk_free} MiB free to provision of {disk_cap} MiB, {} MiB needed", req.disk_mib));
+        return Some(format!(
+            "disk: {disk_free} MiB free to provision of {disk_cap} MiB, {} MiB needed",
+            req.disk_mib
+        ));
     }
     if req.anti_affinity && in_group > 0 {
-        return Some(format!("anti-affinity: already holds a VM of group {:?}", req.group));
+        return Some(format!(
+            "anti-affinity: already holds a VM of group {:?}",
+            req.group
+        ));
     }
     None
 }
 
 /// Place all `req.count` VMs, or none.
-pub fn place_group(hosts: &[HostCapacity], req: &GroupRequest, ratios: &Ratios) -> Result<Vec<Placement>, PlacementError> {
+pub fn place_group(
+    hosts: &[HostCapacity],
+    req: &GroupRequest,
+    ratios: &Ratios,
+) -> Result<Vec<Placement>, PlacementError> {
     let mut hosts: Vec<HostCapacity> = hosts.to_vec();
-    let mut in_group: Vec<u32> = hosts.iter().map(|h| req.existing.get(&h.id).copied().unwrap_or(0)).collect();
+    let mut in_group: Vec<u32> = hosts
+        .iter()
+        .map(|h| req.existing.get(&h.id).copied().unwrap_or(0))
+        .collect();
     let mut out = Vec::with_capacity(req.count as usize);
     for placed in 0..req.count {
         let mut reasons = BTreeMap::new();
@@ -170,7 +197,7 @@ pub fn place_group(hosts: &[HostCapacity], req: &GroupRequest, ratios: &Ratios) 
                 continue;
             }
             let free_mem = h.memory_mib as i64 - h.memory_used_mib as i64;
-            let cached = i64::from(h.cached_images.iter().any(|s| *s == req.image_sha256));
+            let cached = i64::from(h.cached_images.contains(&req.image_sha256));
             let score = match req.policy {
                 Policy::Spread => (free_mem, -(in_group[i] as i64), cached),
                 Policy::Pack => (-free_mem, in_group[i] as i64, cached),
@@ -187,7 +214,12 @@ pub fn place_group(hosts: &[HostCapacity], req: &GroupRequest, ratios: &Ratios) 
             for (n, (name, why)) in reasons.iter().enumerate() {
                 let _ = write!(detail, "{}{name}: {why}", if n > 0 { "; " } else { "" });
             }
-            return Err(PlacementError { group: req.group.clone(), count: req.count, placed, detail });
+            return Err(PlacementError {
+                group: req.group.clone(),
+                count: req.count,
+                placed,
+                detail,
+            });
         };
         let h = &mut hosts[i];
         let candidates = in_group.len() - reasons.len();
@@ -201,13 +233,16 @@ pub fn place_group(hosts: &[HostCapacity], req: &GroupRequest, ratios: &Ratios) 
             in_group.len(),
             if req.anti_affinity { ", anti-affinity" } else { "" },
             h.memory_mib.saturating_sub(h.memory_used_mib),
-            if h.cached_images.iter().any(|s| *s == req.image_sha256) { ", image cached" } else { "" },
+            if h.cached_images.contains(&req.image_sha256) { ", image cached" } else { "" },
         );
         h.cpus_used += req.cpus;
         h.memory_used_mib += req.memory_mib;
         h.disk_provisioned_mib += req.disk_mib;
         in_group[i] += 1;
-        out.push(Placement { host_id: h.id.clone(), reason });
+        out.push(Placement {
+            host_id: h.id.clone(),
+            reason,
+        });
     }
     Ok(out)
 }
@@ -253,7 +288,8 @@ mod tests {
     #[test]
     fn spread_balances_and_pack_fills_first() {
         let hosts = [host("h1", 8192), host("h2", 8192), host("h3", 8192)];
-        let p = place_group(&hosts, &req(6, 256, Policy::Spread), &Ratios::default()).expect("fits");
+        let p =
+            place_group(&hosts, &req(6, 256, Policy::Spread), &Ratios::default()).expect("fits");
         for h in ["h1", "h2", "h3"] {
             assert_eq!(count_on(&p, h), 2, "{p:?}");
         }
@@ -264,10 +300,16 @@ mod tests {
     #[test]
     fn refuses_whole_group_with_per_host_reasons() {
         let hosts = [host("h1", 2048)];
-        let e = place_group(&hosts, &req(1, 30_000, Policy::Spread), &Ratios::default()).expect_err("too big");
-        assert!(e.to_string().contains("h1: memory: 1536 MiB free of 1536 MiB, 30000 MiB needed"), "{e}");
+        let e = place_group(&hosts, &req(1, 30_000, Policy::Spread), &Ratios::default())
+            .expect_err("too big");
+        assert!(
+            e.to_string()
+                .contains("h1: memory: 1536 MiB free of 1536 MiB, 30000 MiB needed"),
+            "{e}"
+        );
         assert_eq!(e.placed, 0);
-        let e = place_group(&hosts, &req(7, 256, Policy::Spread), &Ratios::default()).expect_err("7th does not fit");
+        let e = place_group(&hosts, &req(7, 256, Policy::Spread), &Ratios::default())
+            .expect_err("7th does not fit");
         assert_eq!(e.placed, 6);
     }
 
@@ -283,14 +325,18 @@ mod tests {
         hosts[1].up = false;
         hosts[2].draining = true;
         let e = place_group(&hosts, &r, &Ratios::default()).expect_err("only one host usable");
-        assert!(e.detail.contains("h2: host is down") && e.detail.contains("h3: host is draining"), "{e}");
+        assert!(
+            e.detail.contains("h2: host is down") && e.detail.contains("h3: host is draining"),
+            "{e}"
+        );
     }
 
     #[test]
     fn cpu_overcommit_and_cached_image_tie_break() {
         let mut hosts = vec![host("h1", 8192), host("h2", 8192)];
         hosts[1].cached_images = vec!["abc".into()];
-        let p = place_group(&hosts, &req(1, 256, Policy::Spread), &Ratios::default()).expect("fits");
+        let p =
+            place_group(&hosts, &req(1, 256, Policy::Spread), &Ratios::default()).expect("fits");
         assert_eq!(p[0].host_id, "h2");
         assert!(p[0].reason.contains("image cached"));
         let mut r = req(1, 256, Policy::Spread);
@@ -301,7 +347,8 @@ mod tests {
 
     #[test]
     fn no_hosts_says_so() {
-        let e = place_group(&[], &req(1, 256, Policy::Spread), &Ratios::default()).expect_err("none");
+        let e =
+            place_group(&[], &req(1, 256, Policy::Spread), &Ratios::default()).expect_err("none");
         assert!(e.to_string().contains("no hosts"));
     }
 }

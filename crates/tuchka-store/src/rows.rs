@@ -93,20 +93,32 @@ fn finish_host((mut h, facts, cached): (HostRow, String, String)) -> Result<Host
 /// All hosts by name.
 pub fn hosts(c: &Connection) -> Result<Vec<HostRow>> {
     let mut st = c.prepare(&format!("SELECT {HOST_COLS} FROM hosts ORDER BY name"))?;
-    let rows = st.query_map([], host_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = st
+        .query_map([], host_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(finish_host).collect()
 }
 
 /// One host by id or name.
 pub fn host(c: &Connection, id_or_name: &str) -> Result<Option<HostRow>> {
     let r = c
-        .query_row(&format!("SELECT {HOST_COLS} FROM hosts WHERE id = ?1 OR name = ?1"), [id_or_name], host_row)
+        .query_row(
+            &format!("SELECT {HOST_COLS} FROM hosts WHERE id = ?1 OR name = ?1"),
+            [id_or_name],
+            host_row,
+        )
         .optional()?;
     r.map(finish_host).transpose()
 }
 
 /// Insert a host, or replace the credential and facts of the host with that name.
-pub fn upsert_host(c: &Connection, id: &str, name: &str, credential_sha256: &str, facts: &HostFacts) -> Result<String> {
+pub fn upsert_host(
+    c: &Connection,
+    id: &str,
+    name: &str,
+    credential_sha256: &str,
+    facts: &HostFacts,
+) -> Result<String> {
     if let Some(h) = host(c, name)? {
         c.execute(
             "UPDATE hosts SET credential_sha256 = ?2, facts = ?3, revoked = 0 WHERE id = ?1",
@@ -163,30 +175,51 @@ fn image_row(r: &Row) -> rusqlite::Result<ImageRow> {
     })
 }
 
-const IMAGE_COLS: &str = "name, sha256, file_sha256, source_format, virtual_size, stored_size, created_at";
+const IMAGE_COLS: &str =
+    "name, sha256, file_sha256, source_format, virtual_size, stored_size, created_at";
 
 /// All images by name.
 pub fn images(c: &Connection) -> Result<Vec<ImageRow>> {
     let mut st = c.prepare(&format!("SELECT {IMAGE_COLS} FROM images ORDER BY name"))?;
-    let rows = st.query_map([], image_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = st
+        .query_map([], image_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
 /// One image.
 pub fn image(c: &Connection, name: &str) -> Result<Option<ImageRow>> {
-    Ok(c.query_row(&format!("SELECT {IMAGE_COLS} FROM images WHERE name = ?1"), [name], image_row).optional()?)
+    Ok(c.query_row(
+        &format!("SELECT {IMAGE_COLS} FROM images WHERE name = ?1"),
+        [name],
+        image_row,
+    )
+    .optional()?)
 }
 
 /// One image by sha256 (any name).
 pub fn image_by_sha(c: &Connection, sha: &str) -> Result<Option<ImageRow>> {
-    Ok(c.query_row(&format!("SELECT {IMAGE_COLS} FROM images WHERE sha256 = ?1 LIMIT 1"), [sha], image_row).optional()?)
+    Ok(c.query_row(
+        &format!("SELECT {IMAGE_COLS} FROM images WHERE sha256 = ?1 LIMIT 1"),
+        [sha],
+        image_row,
+    )
+    .optional()?)
 }
 
 /// Insert an image.
 pub fn insert_image(c: &Connection, i: &ImageRow) -> Result<()> {
     c.execute(
         &format!("INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
-        params![i.name, i.sha256, i.file_sha256, i.source_format, i.virtual_size as i64, i.stored_size as i64, i.created_at],
+        params![
+            i.name,
+            i.sha256,
+            i.file_sha256,
+            i.source_format,
+            i.virtual_size as i64,
+            i.stored_size as i64,
+            i.created_at
+        ],
     )?;
     Ok(())
 }
@@ -238,20 +271,36 @@ fn net_row(r: &Row) -> rusqlite::Result<NetworkRow> {
 /// All networks by name.
 pub fn networks(c: &Connection) -> Result<Vec<NetworkRow>> {
     let mut st = c.prepare(&format!("SELECT {NET_COLS} FROM networks ORDER BY name"))?;
-    let rows = st.query_map([], net_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = st
+        .query_map([], net_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
 /// One network.
 pub fn network(c: &Connection, name: &str) -> Result<Option<NetworkRow>> {
-    Ok(c.query_row(&format!("SELECT {NET_COLS} FROM networks WHERE name = ?1"), [name], net_row).optional()?)
+    Ok(c.query_row(
+        &format!("SELECT {NET_COLS} FROM networks WHERE name = ?1"),
+        [name],
+        net_row,
+    )
+    .optional()?)
 }
 
 /// Insert a network.
 pub fn insert_network(c: &Connection, n: &NetworkRow) -> Result<()> {
     c.execute(
         &format!("INSERT INTO networks ({NET_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
-        params![n.name, n.cidr, n.vni, n.gateway_host, n.state, n.error, n.deleting, n.created_at],
+        params![
+            n.name,
+            n.cidr,
+            n.vni,
+            n.gateway_host,
+            n.state,
+            n.error,
+            n.deleting,
+            n.created_at
+        ],
     )?;
     Ok(())
 }
@@ -299,10 +348,16 @@ pub fn set_host_networks(c: &Connection, host_id: &str, rows: &[HostNetworkRow])
 
 /// Every host's reported presence of `network`.
 pub fn network_presence(c: &Connection, network: &str) -> Result<Vec<HostNetworkRow>> {
-    let mut st = c.prepare("SELECT host_id, network, ready, error FROM host_networks WHERE network = ?1")?;
+    let mut st =
+        c.prepare("SELECT host_id, network, ready, error FROM host_networks WHERE network = ?1")?;
     let rows = st
         .query_map([network], |r| {
-            Ok(HostNetworkRow { host_id: r.get(0)?, network: r.get(1)?, ready: r.get(2)?, error: r.get(3)? })
+            Ok(HostNetworkRow {
+                host_id: r.get(0)?,
+                network: r.get(1)?,
+                ready: r.get(2)?,
+                error: r.get(3)?,
+            })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
@@ -378,13 +433,21 @@ fn finish_group((mut g, nets, keys): (GroupRow, String, String)) -> Result<Group
 /// All groups by name.
 pub fn groups(c: &Connection) -> Result<Vec<GroupRow>> {
     let mut st = c.prepare(&format!("SELECT {GROUP_COLS} FROM groups ORDER BY name"))?;
-    let rows = st.query_map([], group_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = st
+        .query_map([], group_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(finish_group).collect()
 }
 
 /// One group.
 pub fn group(c: &Connection, name: &str) -> Result<Option<GroupRow>> {
-    let r = c.query_row(&format!("SELECT {GROUP_COLS} FROM groups WHERE name = ?1"), [name], group_row).optional()?;
+    let r = c
+        .query_row(
+            &format!("SELECT {GROUP_COLS} FROM groups WHERE name = ?1"),
+            [name],
+            group_row,
+        )
+        .optional()?;
     r.map(finish_group).transpose()
 }
 
@@ -414,7 +477,10 @@ pub fn insert_group(c: &Connection, g: &GroupRow) -> Result<()> {
 
 /// Set count / deleting of a group.
 pub fn update_group(c: &Connection, name: &str, count: u32, deleting: bool) -> Result<()> {
-    c.execute("UPDATE groups SET count = ?2, deleting = ?3 WHERE name = ?1", params![name, count, deleting])?;
+    c.execute(
+        "UPDATE groups SET count = ?2, deleting = ?3 WHERE name = ?1",
+        params![name, count, deleting],
+    )?;
     Ok(())
 }
 
@@ -485,7 +551,9 @@ fn vm_row(r: &Row) -> rusqlite::Result<VmRow> {
 
 fn vms_where(c: &Connection, clause: &str, p: impl rusqlite::Params) -> Result<Vec<VmRow>> {
     let mut st = c.prepare(&format!("SELECT {VM_COLS} FROM vms {clause}"))?;
-    let rows = st.query_map(p, vm_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = st
+        .query_map(p, vm_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
@@ -583,20 +651,31 @@ pub struct NicRow {
 }
 
 fn nic_row(r: &Row) -> rusqlite::Result<NicRow> {
-    Ok(NicRow { vm_id: r.get(0)?, idx: r.get(1)?, network: r.get(2)?, mac: r.get(3)?, ip: r.get(4)? })
+    Ok(NicRow {
+        vm_id: r.get(0)?,
+        idx: r.get(1)?,
+        network: r.get(2)?,
+        mac: r.get(3)?,
+        ip: r.get(4)?,
+    })
 }
 
 /// Every NIC (for IPAM and listings).
 pub fn nics(c: &Connection) -> Result<Vec<NicRow>> {
     let mut st = c.prepare("SELECT vm_id, idx, network, mac, ip FROM nics ORDER BY vm_id, idx")?;
-    let rows = st.query_map([], nic_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = st
+        .query_map([], nic_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
 /// NICs of one VM in order.
 pub fn vm_nics(c: &Connection, vm_id: &str) -> Result<Vec<NicRow>> {
-    let mut st = c.prepare("SELECT vm_id, idx, network, mac, ip FROM nics WHERE vm_id = ?1 ORDER BY idx")?;
-    let rows = st.query_map([vm_id], nic_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut st =
+        c.prepare("SELECT vm_id, idx, network, mac, ip FROM nics WHERE vm_id = ?1 ORDER BY idx")?;
+    let rows = st
+        .query_map([vm_id], nic_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
@@ -620,7 +699,8 @@ pub struct OpRow {
     pub params: serde_json::Value,
 }
 
-const OP_COLS: &str = "id, kind, target, state, done, total, message, error, params, created_at, finished_at";
+const OP_COLS: &str =
+    "id, kind, target, state, done, total, message, error, params, created_at, finished_at";
 
 fn op_row(r: &Row) -> rusqlite::Result<(OpRow, Option<String>, String)> {
     Ok((
@@ -652,7 +732,9 @@ fn finish_op((mut o, err, params): (OpRow, Option<String>, String)) -> Result<Op
 
 fn ops_where(c: &Connection, clause: &str, p: impl rusqlite::Params) -> Result<Vec<OpRow>> {
     let mut st = c.prepare(&format!("SELECT {OP_COLS} FROM operations {clause}"))?;
-    let rows = st.query_map(p, op_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = st
+        .query_map(p, op_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(finish_op).collect()
 }
 
@@ -759,7 +841,16 @@ mod tests {
                 created_at: crate::now(),
             };
             insert_vm(c, &v)?;
-            insert_nic(c, &NicRow { vm_id: "v1".into(), idx: 0, network: "lan".into(), mac: "52:54:00:00:00:01".into(), ip: "10.80.0.2".into() })?;
+            insert_nic(
+                c,
+                &NicRow {
+                    vm_id: "v1".into(),
+                    idx: 0,
+                    network: "lan".into(),
+                    mac: "52:54:00:00:00:01".into(),
+                    ip: "10.80.0.2".into(),
+                },
+            )?;
             Ok::<_, StoreError>(())
         })
         .expect("tx");
@@ -768,7 +859,16 @@ mod tests {
         assert_eq!(g.networks, vec!["lan".to_string()]);
         assert_eq!(group_vms(s.conn(), "web").expect("q").len(), 1);
         // the same address twice on one network is refused by the schema
-        let dup = insert_nic(s.conn(), &NicRow { vm_id: "v1".into(), idx: 1, network: "lan".into(), mac: "52:54:00:00:00:02".into(), ip: "10.80.0.2".into() });
+        let dup = insert_nic(
+            s.conn(),
+            &NicRow {
+                vm_id: "v1".into(),
+                idx: 1,
+                network: "lan".into(),
+                mac: "52:54:00:00:00:02".into(),
+                ip: "10.80.0.2".into(),
+            },
+        );
         assert!(dup.is_err());
         delete_vm(s.conn(), "v1").expect("delete");
         assert!(nics(s.conn()).expect("q").is_empty());
@@ -792,7 +892,10 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("state.db");
         let id = Store::open(&path).expect("open").cloud_id().expect("id");
-        assert_eq!(Store::open(&path).expect("reopen").cloud_id().expect("id"), id);
+        assert_eq!(
+            Store::open(&path).expect("reopen").cloud_id().expect("id"),
+            id
+        );
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -13,9 +13,14 @@ use tuchka_controller::{Controller, ControllerConfig};
 use crate::{AgentArgs, ServeArgs};
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TUCHKA_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TUCHKA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .try_init();
 }
 
 /// This machine's name as a valid host name (`local` if it has none usable).
@@ -25,7 +30,13 @@ fn system_host_name() -> String {
         .trim()
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(63)
         .collect();
     if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
@@ -42,11 +53,16 @@ fn system_host_name() -> String {
 async fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
-            bail!("another tuchka serve is already running on {} (stop it first)", path.display());
+            bail!(
+                "another tuchka serve is already running on {} (stop it first)",
+                path.display()
+            );
         }
-        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("cannot set permissions of {}", path.display()))?;
     Ok(l)
@@ -67,7 +83,8 @@ async fn shutdown_signal() {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing();
     let data_dir = absolute(&args.data_dir)?;
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     // qemu (user libvirt-qemu) must reach disks and logs under the data directory.
     std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711))
         .with_context(|| format!("cannot set permissions of {}", data_dir.display()))?;
@@ -82,12 +99,24 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(socket = %sock.display(), cloud = %ctl.cloud_id(), "tuchka controller listening");
     let mut servers = tokio::task::JoinSet::new();
     let app = router(ctl.clone(), Transport::Unix);
-    servers.spawn(async move { axum::serve(unix, app).with_graceful_shutdown(shutdown_signal()).await.context("unix socket server failed") });
+    servers.spawn(async move {
+        axum::serve(unix, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("unix socket server failed")
+    });
     if let Some(addr) = args.listen {
-        let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!(%addr, token_file = %data_dir.join("token").display(), "API also on TCP (bearer token required)");
         let app = router(ctl.clone(), Transport::Tcp);
-        servers.spawn(async move { axum::serve(tcp, app).with_graceful_shutdown(shutdown_signal()).await.context("TCP server failed") });
+        servers.spawn(async move {
+            axum::serve(tcp, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+                .context("TCP server failed")
+        });
     }
     let ticker = ctl.clone();
     tokio::spawn(async move {
@@ -131,7 +160,10 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         accel: args.accel.into(),
         join_token: args.join_token.clone(),
     };
-    let client = Client::new(Endpoint::Http { url: args.controller.clone(), token: None });
+    let client = Client::new(Endpoint::Http {
+        url: args.controller.clone(),
+        token: None,
+    });
     tokio::select! {
         r = tuchka_agent::run(config, client) => r.context("agent failed"),
         _ = shutdown_signal() => Ok(()),
@@ -142,6 +174,8 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     if p.is_absolute() {
         Ok(p.to_path_buf())
     } else {
-        Ok(std::env::current_dir().context("cannot read the current directory")?.join(p))
+        Ok(std::env::current_dir()
+            .context("cannot read the current directory")?
+            .join(p))
     }
 }

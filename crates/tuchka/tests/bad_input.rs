@@ -12,7 +12,12 @@ use serde_json::json;
 
 fn files_in(dir: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(dir)
-        .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.path().is_file()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().is_file())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -41,9 +46,32 @@ fn bad_images_are_refused_and_leave_nothing() {
     std::fs::write(&truncated, &full[..full.len() / 2]).expect("write");
     let base = d.join("base.qcow2");
     let overlay = d.join("overlay.qcow2");
-    let qi = |args: &[&str]| assert!(Command::new("qemu-img").args(args).status().expect("qemu-img").success());
-    qi(&["create", "-q", "-f", "qcow2", base.to_str().expect("p"), "16M"]);
-    qi(&["create", "-q", "-f", "qcow2", "-b", base.to_str().expect("p"), "-F", "qcow2", overlay.to_str().expect("p")]);
+    let qi = |args: &[&str]| {
+        assert!(Command::new("qemu-img")
+            .args(args)
+            .status()
+            .expect("qemu-img")
+            .success())
+    };
+    qi(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().expect("p"),
+        "16M",
+    ]);
+    qi(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().expect("p"),
+        "-F",
+        "qcow2",
+        overlay.to_str().expect("p"),
+    ]);
 
     let cases = [
         (&text, "neither qcow2 nor a raw disk image"),
@@ -52,28 +80,82 @@ fn bad_images_are_refused_and_leave_nothing() {
         (&overlay, "backing file"),
     ];
     for (file, why) in cases {
-        let err = c.fails(&["image", "upload", file.to_str().expect("p"), "--name", "bad"]);
-        assert!(err.contains(why), "{}: expected {why:?} in: {err}", file.display());
+        let err = c.fails(&[
+            "image",
+            "upload",
+            file.to_str().expect("p"),
+            "--name",
+            "bad",
+        ]);
+        assert!(
+            err.contains(why),
+            "{}: expected {why:?} in: {err}",
+            file.display()
+        );
         assert!(err.contains("\"bad\""), "the error names the image: {err}");
     }
     for name in ["Bad", "it's", "a<b", "x\"y", ""] {
-        let err = c.fails(&["image", "upload", image.to_str().expect("p"), "--name", name]);
+        let err = c.fails(&[
+            "image",
+            "upload",
+            image.to_str().expect("p"),
+            "--name",
+            name,
+        ]);
         assert!(err.contains("invalid image name"), "{name:?}: {err}");
     }
     assert_eq!(c.ok(&["image", "list", "-o", "json"]).json(), json!([]));
-    assert!(files_in(&c.dir.join("images")).is_empty(), "nothing stored: {:?}", files_in(&c.dir.join("images")));
-    assert!(files_in(&c.dir.join("images/tmp")).is_empty(), "no temp files: {:?}", files_in(&c.dir.join("images/tmp")));
+    assert!(
+        files_in(&c.dir.join("images")).is_empty(),
+        "nothing stored: {:?}",
+        files_in(&c.dir.join("images"))
+    );
+    assert!(
+        files_in(&c.dir.join("images/tmp")).is_empty(),
+        "no temp files: {:?}",
+        files_in(&c.dir.join("images/tmp"))
+    );
 
     // A good raw image is accepted and stored as qcow2.
     let raw = d.join("disk.raw");
-    qi(&["convert", "-q", "-O", "raw", image.to_str().expect("p"), raw.to_str().expect("p")]);
-    let img = c.ok(&["image", "upload", raw.to_str().expect("p"), "--name", "rawdisk", "-o", "json"]).json();
+    qi(&[
+        "convert",
+        "-q",
+        "-O",
+        "raw",
+        image.to_str().expect("p"),
+        raw.to_str().expect("p"),
+    ]);
+    let img = c
+        .ok(&[
+            "image",
+            "upload",
+            raw.to_str().expect("p"),
+            "--name",
+            "rawdisk",
+            "-o",
+            "json",
+        ])
+        .json();
     assert_eq!(img["source_format"], "raw");
-    let stored = c.dir.join("images").join(format!("{}.qcow2", img["sha256"].as_str().expect("sha")));
-    let info = Command::new("qemu-img").args(["info", "--output=json"]).arg(&stored).output().expect("info");
+    let stored = c
+        .dir
+        .join("images")
+        .join(format!("{}.qcow2", img["sha256"].as_str().expect("sha")));
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&stored)
+        .output()
+        .expect("info");
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
     assert_eq!(info["format"], "qcow2");
-    let err = c.fails(&["image", "upload", raw.to_str().expect("p"), "--name", "rawdisk"]);
+    let err = c.fails(&[
+        "image",
+        "upload",
+        raw.to_str().expect("p"),
+        "--name",
+        "rawdisk",
+    ]);
     assert!(err.contains("already exists"), "{err}");
     c.ok(&["image", "rm", "rawdisk"]);
     assert!(files_in(&c.dir.join("images")).is_empty());
@@ -83,7 +165,13 @@ fn bad_images_are_refused_and_leave_nothing() {
 fn bad_networks_groups_and_vms_are_refused_and_change_nothing() {
     let image = common::test_image();
     let c = Cloud::start("bad");
-    c.ok(&["image", "upload", image.to_str().expect("p"), "--name", "tiny"]);
+    c.ok(&[
+        "image",
+        "upload",
+        image.to_str().expect("p"),
+        "--name",
+        "tiny",
+    ]);
     let lan = cidr(0);
     c.ok(&["net", "create", "lan", "--cidr", &lan, "--wait"]);
     c.track_network("lan");
@@ -102,7 +190,13 @@ fn bad_networks_groups_and_vms_are_refused_and_change_nothing() {
     assert!(err.contains("already exists"), "{err}");
     let err = c.fails(&["net", "create", "x<y", "--cidr", &cidr(1)]);
     assert!(err.contains("invalid network name"), "{err}");
-    assert_eq!(c.ok(&["net", "list", "-o", "json"]).json().as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        c.ok(&["net", "list", "-o", "json"])
+            .json()
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
 
     let base = ["group", "create", "--image", "tiny", "--net", "lan"];
     let group = |extra: &[&str]| -> String {
@@ -115,20 +209,44 @@ fn bad_networks_groups_and_vms_are_refused_and_change_nothing() {
         (vec!["W", "--count", "1"], "invalid group name"),
         (vec!["a<b>", "--count", "1"], "invalid group name"),
         (vec!["web", "--count", "0"], "count 0"),
-        (vec!["web", "--count", "1", "--memory", "12X"], "invalid size"),
+        (
+            vec!["web", "--count", "1", "--memory", "12X"],
+            "invalid size",
+        ),
         (vec!["web", "--count", "1", "--memory", "0"], "invalid size"),
-        (vec!["web", "--count", "1", "--memory", "16M"], "out of range"),
-        (vec!["web", "--count", "1", "--disk", "8M"], "smaller than image"),
-        (vec!["web", "--count", "1", "--image", "nope"], "image \"nope\" not found"),
-        (vec!["web", "--count", "1", "--net", "nope"], "network \"nope\" not found"),
-        (vec!["web", "--count", "1", "--memory", "900G"], "cannot be placed"),
-        (vec!["web", "--count", "1", "--cpus", "64", "--memory", "128M"], "cannot be placed"),
+        (
+            vec!["web", "--count", "1", "--memory", "16M"],
+            "out of range",
+        ),
+        (
+            vec!["web", "--count", "1", "--disk", "8M"],
+            "smaller than image",
+        ),
+        (
+            vec!["web", "--count", "1", "--image", "nope"],
+            "image \"nope\" not found",
+        ),
+        (
+            vec!["web", "--count", "1", "--net", "nope"],
+            "network \"nope\" not found",
+        ),
+        (
+            vec!["web", "--count", "1", "--memory", "900G"],
+            "cannot be placed",
+        ),
+        (
+            vec!["web", "--count", "1", "--cpus", "64", "--memory", "128M"],
+            "cannot be placed",
+        ),
     ] {
         let err = group(&extra);
         assert!(err.contains(why), "{extra:?}: expected {why:?} in: {err}");
     }
     let err = group(&["web", "--count", "1", "--memory", "900G"]);
-    assert!(err.contains(&c.host) && err.contains("memory"), "the error says which resource was short on which host: {err}");
+    assert!(
+        err.contains(&c.host) && err.contains("memory"),
+        "the error says which resource was short on which host: {err}"
+    );
     let err = c.fails(&["vm", "stop", "web-7"]);
     assert!(err.contains("vm \"web-7\" not found"), "{err}");
     let err = c.fails(&["group", "scale", "nope", "--count", "2"]);
@@ -136,33 +254,71 @@ fn bad_networks_groups_and_vms_are_refused_and_change_nothing() {
 
     assert_eq!(c.ok(&["group", "list", "-o", "json"]).json(), json!([]));
     assert_eq!(c.ok(&["vm", "list", "-o", "json"]).json(), json!([]));
-    assert_eq!(c.ok(&["net", "show", "lan", "-o", "json"]).json()["addresses"], json!([]));
-    assert!(std::fs::read_dir(c.dir.join("pool/vms")).map(|d| d.count()).unwrap_or(0) == 0);
+    assert_eq!(
+        c.ok(&["net", "show", "lan", "-o", "json"]).json()["addresses"],
+        json!([])
+    );
+    assert!(
+        std::fs::read_dir(c.dir.join("pool/vms"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0
+    );
 
     // A group that starts and then fails on its host (the image arrives corrupted, twice) is
     // rolled back as a whole, and the error says why.
     let img = c.ok(&["image", "show", "tiny", "-o", "json"]).json();
-    let stored = c.dir.join("images").join(format!("{}.qcow2", img["sha256"].as_str().expect("sha")));
+    let stored = c
+        .dir
+        .join("images")
+        .join(format!("{}.qcow2", img["sha256"].as_str().expect("sha")));
     let original = std::fs::read(&stored).expect("read stored image");
     let mut broken = original.clone();
     let mid = broken.len() / 2;
     broken[mid] ^= 0xff;
     std::fs::write(&stored, &broken).expect("corrupt stored image");
-    let op = c.ok(&["group", "create", "doomed", "--image", "tiny", "--count", "2", "--net", "lan", "-o", "json"]).json();
+    let op = c
+        .ok(&[
+            "group", "create", "doomed", "--image", "tiny", "--count", "2", "--net", "lan", "-o",
+            "json",
+        ])
+        .json();
     let op_id = op["id"].as_str().expect("operation id").to_string();
-    let domain = c.vm("doomed-0")["domain"].as_str().expect("domain").to_string();
+    let domain = c.vm("doomed-0")["domain"]
+        .as_str()
+        .expect("domain")
+        .to_string();
     let r = c.tk(&["op", "wait", &op_id]);
     assert_ne!(r.code, 0, "the group must fail: {}", r.out);
     let failed = c.ok(&["op", "show", &op_id, "-o", "json"]).json();
     assert_eq!(failed["state"], "failed");
-    let why = failed["error"]["message"].as_str().unwrap_or_default().to_string();
-    assert!(why.contains("sha256") || why.contains("corrupt"), "the error says why: {why}");
+    let why = failed["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        why.contains("sha256") || why.contains("corrupt"),
+        "the error says why: {why}"
+    );
     assert_eq!(c.ok(&["group", "list", "-o", "json"]).json(), json!([]));
     assert_eq!(c.ok(&["vm", "list", "-o", "json"]).json(), json!([]));
-    assert_eq!(c.ok(&["net", "show", "lan", "-o", "json"]).json()["addresses"], json!([]), "addresses released");
+    assert_eq!(
+        c.ok(&["net", "show", "lan", "-o", "json"]).json()["addresses"],
+        json!([]),
+        "addresses released"
+    );
     let cached: Vec<String> = files_in(&c.dir.join("pool/images"));
-    assert!(cached.is_empty(), "no partial or bad image left in the host cache: {cached:?}");
-    assert!(std::fs::read_dir(c.dir.join("pool/vms")).map(|d| d.count()).unwrap_or(0) == 0, "no VM directories left");
+    assert!(
+        cached.is_empty(),
+        "no partial or bad image left in the host cache: {cached:?}"
+    );
+    assert!(
+        std::fs::read_dir(c.dir.join("pool/vms"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0,
+        "no VM directories left"
+    );
     assert!(domains_with_prefix(&domain).is_empty(), "no domains left");
     std::fs::write(&stored, &original).expect("restore stored image");
 }
@@ -178,6 +334,10 @@ fn accel_auto_does_not_pick_a_kvm_that_cannot_run_guests() {
     assert!(!reason.is_empty(), "the choice is explained");
     // Decided by a real test guest. On these machines /dev/kvm exists but KVM guests hang, so
     // auto must fall back to tcg; on hardware where KVM works, set TUCHKA_EXPECT_KVM=1.
-    let expected = if std::env::var_os("TUCHKA_EXPECT_KVM").is_some() { "kvm" } else { "tcg" };
+    let expected = if std::env::var_os("TUCHKA_EXPECT_KVM").is_some() {
+        "kvm"
+    } else {
+        "tcg"
+    };
     assert_eq!(accel, expected, "accel reason: {reason}");
 }

@@ -22,14 +22,28 @@ fn state(c: &Cloud, vm: &str) -> String {
 
 fn answers(c: &Cloud, vm: &str, within: Duration) {
     let ip = c.ip(vm);
-    c.wait_for(&format!("{vm} ({ip}) to answer HTTP with its name"), within, || http_get(ip, 80).as_deref() == Some(vm));
+    c.wait_for(
+        &format!("{vm} ({ip}) to answer HTTP with its name"),
+        within,
+        || http_get(ip, 80).as_deref() == Some(vm),
+    );
 }
 
 #[test]
 fn single_host_cloud_end_to_end() {
     let image = common::test_image();
     let mut c = Cloud::start("life");
-    let img = c.ok(&["image", "upload", image.to_str().expect("path"), "--name", "tiny", "-o", "json"]).json();
+    let img = c
+        .ok(&[
+            "image",
+            "upload",
+            image.to_str().expect("path"),
+            "--name",
+            "tiny",
+            "-o",
+            "json",
+        ])
+        .json();
     assert_eq!(img["source_format"], "qcow2");
     assert_eq!(img["sha256"].as_str().map(str::len), Some(64));
 
@@ -43,10 +57,32 @@ fn single_host_cloud_end_to_end() {
     let user_data = c.dir.join("init.sh");
     std::fs::write(&user_data, "#!/bin/sh\necho USERDATA-RAN-$(hostname)\n").expect("user-data");
     let key = c.dir.join("id.pub");
-    std::fs::write(&key, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBogusKeyForTests test@tuchka\n").expect("key");
+    std::fs::write(
+        &key,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBogusKeyForTests test@tuchka\n",
+    )
+    .expect("key");
     c.ok(&[
-        "group", "create", "web", "--image", "tiny", "--count", "3", "--cpus", "1", "--memory", "192M", "--disk", "1G", "--net",
-        "lan", "--user-data", user_data.to_str().expect("p"), "--ssh-key", key.to_str().expect("p"), "--wait",
+        "group",
+        "create",
+        "web",
+        "--image",
+        "tiny",
+        "--count",
+        "3",
+        "--cpus",
+        "1",
+        "--memory",
+        "192M",
+        "--disk",
+        "1G",
+        "--net",
+        "lan",
+        "--user-data",
+        user_data.to_str().expect("p"),
+        "--ssh-key",
+        key.to_str().expect("p"),
+        "--wait",
     ]);
     let vms = c.ok(&["vm", "list", "-o", "json"]).json();
     let vms = vms.as_array().expect("list");
@@ -61,19 +97,35 @@ fn single_host_cloud_end_to_end() {
     for vm in ["web-0", "web-1", "web-2"] {
         answers(&c, vm, Duration::from_secs(120));
         let console = c.ok(&["vm", "console", vm]).out;
-        c.wait_for(&format!("user-data marker in {vm}'s console"), Duration::from_secs(30), || {
-            c.ok(&["vm", "console", vm]).out.contains(&format!("USERDATA-RAN-{vm}"))
-        });
-        assert!(console.contains("TESTIMG-"), "console of {vm} shows the guest's markers");
+        c.wait_for(
+            &format!("user-data marker in {vm}'s console"),
+            Duration::from_secs(30),
+            || {
+                c.ok(&["vm", "console", vm])
+                    .out
+                    .contains(&format!("USERDATA-RAN-{vm}"))
+            },
+        );
+        assert!(
+            console.contains("TESTIMG-"),
+            "console of {vm} shows the guest's markers"
+        );
     }
     // The table view names every VM with its address.
     let table = c.ok(&["vm", "list"]).out;
-    assert!(table.contains("web-1") && table.contains(&c.ip("web-1").to_string()), "{table}");
+    assert!(
+        table.contains("web-1") && table.contains(&c.ip("web-1").to_string()),
+        "{table}"
+    );
 
     // pause → HTTP stops answering; resume → it answers again.
     c.ok(&["vm", "pause", "web-1", "--wait"]);
     assert_eq!(state(&c, "web-1"), "paused");
-    assert_eq!(http_get(c.ip("web-1"), 80), None, "a paused VM must not answer");
+    assert_eq!(
+        http_get(c.ip("web-1"), 80),
+        None,
+        "a paused VM must not answer"
+    );
     c.ok(&["vm", "resume", "web-1", "--wait"]);
     assert_eq!(state(&c, "web-1"), "running");
     answers(&c, "web-1", Duration::from_secs(30));
@@ -81,28 +133,54 @@ fn single_host_cloud_end_to_end() {
     // stop (ACPI) → stopped; start → answers again.
     c.ok(&["vm", "stop", "web-2", "--timeout", "60", "--wait"]);
     assert_eq!(state(&c, "web-2"), "stopped");
-    let log = std::fs::read_to_string(c.dir.join("pool/vms").join(c.vm("web-2")["id"].as_str().expect("id")).join("console.log"))
-        .unwrap_or_default();
-    assert!(log.contains("TESTIMG-SHUTDOWN") || log.contains("TESTIMG-POWERBUTTON"), "stop must be an ACPI shutdown the guest saw");
+    let log = std::fs::read_to_string(
+        c.dir
+            .join("pool/vms")
+            .join(c.vm("web-2")["id"].as_str().expect("id"))
+            .join("console.log"),
+    )
+    .unwrap_or_default();
+    assert!(
+        log.contains("TESTIMG-SHUTDOWN") || log.contains("TESTIMG-POWERBUTTON"),
+        "stop must be an ACPI shutdown the guest saw"
+    );
     assert_eq!(http_get(c.ip("web-2"), 80), None);
     c.ok(&["vm", "start", "web-2", "--wait"]);
     answers(&c, "web-2", Duration::from_secs(120));
 
     // reboot → comes back.
-    let before = c.ok(&["vm", "console", "web-0"]).out.matches("TESTIMG-READY").count();
+    let before = c
+        .ok(&["vm", "console", "web-0"])
+        .out
+        .matches("TESTIMG-READY")
+        .count();
     c.ok(&["vm", "reboot", "web-0", "--wait"]);
     c.wait_for("web-0 to boot again", Duration::from_secs(120), || {
-        c.ok(&["vm", "console", "web-0"]).out.matches("TESTIMG-READY").count() > before
+        c.ok(&["vm", "console", "web-0"])
+            .out
+            .matches("TESTIMG-READY")
+            .count()
+            > before
     });
     answers(&c, "web-0", Duration::from_secs(60));
 
     // Restart the controller under running VMs: nothing changes for them.
-    let states: Vec<String> = ["web-0", "web-1", "web-2"].iter().map(|v| state(&c, v)).collect();
+    let states: Vec<String> = ["web-0", "web-1", "web-2"]
+        .iter()
+        .map(|v| state(&c, v))
+        .collect();
     let ip0 = c.ip("web-0");
     c.stop_serve();
-    assert_eq!(http_get(ip0, 80).as_deref(), Some("web-0"), "VMs keep running without the controller");
+    assert_eq!(
+        http_get(ip0, 80).as_deref(),
+        Some("web-0"),
+        "VMs keep running without the controller"
+    );
     c.spawn_serve(&["--accel", "tcg"]);
-    let after: Vec<String> = ["web-0", "web-1", "web-2"].iter().map(|v| state(&c, v)).collect();
+    let after: Vec<String> = ["web-0", "web-1", "web-2"]
+        .iter()
+        .map(|v| state(&c, v))
+        .collect();
     assert_eq!(states, after);
     answers(&c, "web-1", Duration::from_secs(10));
 
@@ -112,12 +190,25 @@ fn single_host_cloud_end_to_end() {
         assert_eq!(state(&c, vm), "running");
         answers(&c, vm, Duration::from_secs(120));
     }
-    let removed_domains: Vec<String> = ["web-2", "web-3", "web-4"].iter().map(|v| c.vm(v)["domain"].as_str().expect("d").to_string()).collect();
+    let removed_domains: Vec<String> = ["web-2", "web-3", "web-4"]
+        .iter()
+        .map(|v| c.vm(v)["domain"].as_str().expect("d").to_string())
+        .collect();
     c.ok(&["group", "scale", "web", "--count", "2", "--wait"]);
-    let names: Vec<String> = c.ok(&["vm", "list", "-o", "json"]).json().as_array().expect("list").iter().map(|v| v["name"].as_str().expect("n").to_string()).collect();
+    let names: Vec<String> = c
+        .ok(&["vm", "list", "-o", "json"])
+        .json()
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|v| v["name"].as_str().expect("n").to_string())
+        .collect();
     assert_eq!(names, vec!["web-0", "web-1"]);
     for d in &removed_domains {
-        assert!(domains_with_prefix(d).iter().all(|x| x != d), "domain {d} should be gone");
+        assert!(
+            domains_with_prefix(d).iter().all(|x| x != d),
+            "domain {d} should be gone"
+        );
     }
 
     // image rm and net rm are refused while in use.
@@ -127,24 +218,64 @@ fn single_host_cloud_end_to_end() {
     assert!(err.contains("used by") && err.contains("web-0"), "{err}");
 
     // group rm / net rm / image rm: nothing left.
-    let prefix = c.vm("web-0")["domain"].as_str().expect("d").trim_end_matches("web-0").to_string();
+    let prefix = c.vm("web-0")["domain"]
+        .as_str()
+        .expect("d")
+        .trim_end_matches("web-0")
+        .to_string();
     c.ok(&["group", "rm", "web", "--wait"]);
-    assert!(domains_with_prefix(&prefix).is_empty(), "no domain of this cloud is left");
-    let vm_dirs = std::fs::read_dir(c.dir.join("pool/vms")).map(|d| d.count()).unwrap_or(0);
+    assert!(
+        domains_with_prefix(&prefix).is_empty(),
+        "no domain of this cloud is left"
+    );
+    let vm_dirs = std::fs::read_dir(c.dir.join("pool/vms"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     assert_eq!(vm_dirs, 0, "no VM disks or seeds are left");
-    assert_eq!(c.ok(&["vm", "list", "-o", "json"]).json(), serde_json::json!([]));
-    assert_eq!(c.ok(&["net", "show", "lan", "-o", "json"]).json()["addresses"], serde_json::json!([]), "addresses released");
+    assert_eq!(
+        c.ok(&["vm", "list", "-o", "json"]).json(),
+        serde_json::json!([])
+    );
+    assert_eq!(
+        c.ok(&["net", "show", "lan", "-o", "json"]).json()["addresses"],
+        serde_json::json!([]),
+        "addresses released"
+    );
     let pidfile = c.dir.join("pool/net/lan/dnsmasq.pid");
-    let dnsmasq_pid = std::fs::read_to_string(&pidfile).unwrap_or_default().trim().to_string();
+    let dnsmasq_pid = std::fs::read_to_string(&pidfile)
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     c.ok(&["net", "rm", "lan", "--wait"]);
     assert!(!link_exists(&bridge), "bridge {bridge} should be gone");
-    assert!(!dnsmasq_pid.is_empty() && !std::path::Path::new(&format!("/proc/{dnsmasq_pid}")).exists(), "dnsmasq should be gone");
+    assert!(
+        !dnsmasq_pid.is_empty() && !std::path::Path::new(&format!("/proc/{dnsmasq_pid}")).exists(),
+        "dnsmasq should be gone"
+    );
     assert!(!c.dir.join("pool/net/lan").exists());
     c.ok(&["image", "rm", "tiny"]);
-    assert_eq!(c.ok(&["image", "list", "-o", "json"]).json(), serde_json::json!([]));
-    c.wait_for("the host's image cache to be emptied", Duration::from_secs(20), || {
-        std::fs::read_dir(c.dir.join("pool/images")).map(|d| d.filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "qcow2")).count()).unwrap_or(0) == 0
-    });
-    let stored = std::fs::read_dir(c.dir.join("images")).expect("images dir").filter_map(|e| e.ok()).filter(|e| e.path().is_file()).count();
+    assert_eq!(
+        c.ok(&["image", "list", "-o", "json"]).json(),
+        serde_json::json!([])
+    );
+    c.wait_for(
+        "the host's image cache to be emptied",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_dir(c.dir.join("pool/images"))
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .filter(|e| e.path().extension().is_some_and(|x| x == "qcow2"))
+                        .count()
+                })
+                .unwrap_or(0)
+                == 0
+        },
+    );
+    let stored = std::fs::read_dir(c.dir.join("images"))
+        .expect("images dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .count();
     assert_eq!(stored, 0, "the image store is empty");
 }

@@ -8,8 +8,8 @@
 
 #![allow(dead_code)]
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -23,7 +23,10 @@ pub fn bin() -> PathBuf {
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 fn must_have(tool: &str, package: &str) {
@@ -61,14 +64,21 @@ pub fn require_host() {
 pub fn test_image() -> PathBuf {
     if let Some(p) = std::env::var_os("TUCHKA_TEST_IMAGE") {
         let p = PathBuf::from(p);
-        assert!(p.is_file(), "TUCHKA_TEST_IMAGE={} does not exist", p.display());
+        assert!(
+            p.is_file(),
+            "TUCHKA_TEST_IMAGE={} does not exist",
+            p.display()
+        );
         return p;
     }
     let path = root().join("target/testimg/tiny.qcow2");
     if !path.is_file() {
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir target/testimg");
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let out = Command::new(root().join("scripts/build-test-image")).arg(&tmp).output().expect("run scripts/build-test-image");
+        let out = Command::new(root().join("scripts/build-test-image"))
+            .arg(&tmp)
+            .output()
+            .expect("run scripts/build-test-image");
         assert!(
             out.status.success(),
             "scripts/build-test-image failed:\n{}{}",
@@ -106,7 +116,8 @@ pub struct Run {
 impl Run {
     /// The stdout parsed as JSON.
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.out).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.out, self.err))
+        serde_json::from_str(&self.out)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.out, self.err))
     }
 }
 
@@ -118,7 +129,13 @@ impl Cloud {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("data dir");
         let host = format!("t{tag}{}", std::process::id());
-        let mut c = Cloud { dir, host, serve: None, domains: Default::default(), bridges: Default::default() };
+        let mut c = Cloud {
+            dir,
+            host,
+            serve: None,
+            domains: Default::default(),
+            bridges: Default::default(),
+        };
         c.spawn_serve(&["--accel", "tcg"]);
         c
     }
@@ -130,7 +147,11 @@ impl Cloud {
 
     /// (Re)start `tuchka serve` with extra arguments and wait until its host is up.
     pub fn spawn_serve(&mut self, extra: &[&str]) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("serve.log")).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("serve.log"))
+            .expect("log");
         let child = Command::new(bin())
             .arg("serve")
             .arg("--data-dir")
@@ -145,7 +166,11 @@ impl Cloud {
         self.serve = Some(child);
         self.wait_for("host up", Duration::from_secs(60), || {
             let r = self.tk(&["host", "list", "-o", "json"]);
-            r.code == 0 && r.json().as_array().is_some_and(|a| a.iter().any(|h| h["name"] == self.host.as_str() && h["state"] == "up"))
+            r.code == 0
+                && r.json().as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|h| h["name"] == self.host.as_str() && h["state"] == "up")
+                })
         });
     }
 
@@ -183,14 +208,28 @@ impl Cloud {
     /// Run the CLI and require success.
     pub fn ok(&self, args: &[&str]) -> Run {
         let r = self.tk(args);
-        assert_eq!(r.code, 0, "tuchka {} failed:\nstdout: {}\nstderr: {}\n{}", args.join(" "), r.out, r.err, self.log_tail());
+        assert_eq!(
+            r.code,
+            0,
+            "tuchka {} failed:\nstdout: {}\nstderr: {}\n{}",
+            args.join(" "),
+            r.out,
+            r.err,
+            self.log_tail()
+        );
         r
     }
 
     /// Run the CLI and require failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let r = self.tk(args);
-        assert_ne!(r.code, 0, "tuchka {} should have failed:\nstdout: {}", args.join(" "), r.out);
+        assert_ne!(
+            r.code,
+            0,
+            "tuchka {} should have failed:\nstdout: {}",
+            args.join(" "),
+            r.out
+        );
         r.err
     }
 
@@ -198,7 +237,10 @@ impl Cloud {
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
-        format!("--- serve.log (tail) ---\n{}", lines[lines.len().saturating_sub(40)..].join("\n"))
+        format!(
+            "--- serve.log (tail) ---\n{}",
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        )
     }
 
     /// `vm show -o json`.
@@ -215,7 +257,11 @@ impl Cloud {
 
     /// First IP of a VM.
     pub fn ip(&self, name: &str) -> Ipv4Addr {
-        self.vm(name)["addresses"][0]["ip"].as_str().expect("ip").parse().expect("ipv4")
+        self.vm(name)["addresses"][0]["ip"]
+            .as_str()
+            .expect("ip")
+            .parse()
+            .expect("ipv4")
     }
 
     /// Remember a network's bridge for cleanup.
@@ -235,7 +281,10 @@ impl Cloud {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        panic!("timed out after {limit:?} waiting for {what}\n{}", self.log_tail());
+        panic!(
+            "timed out after {limit:?} waiting for {what}\n{}",
+            self.log_tail()
+        );
     }
 }
 
@@ -266,15 +315,21 @@ impl Drop for Cloud {
         self.stop_serve();
         // Then by name, whatever is left.
         for d in self.domains.borrow().iter() {
-            let _ = Command::new("virsh").args(["-c", "qemu:///system", "destroy", d]).output();
-            let _ = Command::new("virsh").args(["-c", "qemu:///system", "undefine", d]).output();
+            let _ = Command::new("virsh")
+                .args(["-c", "qemu:///system", "destroy", d])
+                .output();
+            let _ = Command::new("virsh")
+                .args(["-c", "qemu:///system", "undefine", d])
+                .output();
         }
         if let Ok(entries) = std::fs::read_dir(self.dir.join("pool/net")) {
             for e in entries.flatten() {
                 if let Ok(pid) = std::fs::read_to_string(e.path().join("dnsmasq.pid")) {
                     let pid = pid.trim();
-                    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    if cmdline.contains("dnsmasq") && cmdline.contains(&*self.dir.to_string_lossy()) {
+                    let cmdline =
+                        std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    if cmdline.contains("dnsmasq") && cmdline.contains(&*self.dir.to_string_lossy())
+                    {
                         let _ = Command::new("kill").arg(pid).status();
                     }
                 }
@@ -294,7 +349,8 @@ pub fn http_get(ip: Ipv4Addr, port: u16) -> Option<String> {
     let addr = SocketAddr::from((ip, port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes()).ok()?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+        .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let (head, body) = buf.split_once("\r\n\r\n")?;
@@ -303,8 +359,16 @@ pub fn http_get(ip: Ipv4Addr, port: u16) -> Option<String> {
 
 /// Names of libvirt domains whose name starts with `prefix`.
 pub fn domains_with_prefix(prefix: &str) -> Vec<String> {
-    let out = Command::new("virsh").args(["-c", "qemu:///system", "list", "--all", "--name"]).output().expect("virsh list");
-    String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| l.starts_with(prefix)).map(String::from).collect()
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system", "list", "--all", "--name"])
+        .output()
+        .expect("virsh list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(prefix))
+        .map(String::from)
+        .collect()
 }
 
 /// Whether a network device exists.
