@@ -123,6 +123,7 @@ fn kvm_verdict() -> Result<String, String> {
 /// Pure: explain how far the probe guest got, from what it printed.
 pub fn describe_stall(serial: &str, timeout: Duration) -> String {
     let secs = timeout.as_secs_f32();
+    let serial: String = serial.chars().take(16).collect();
     if serial.contains("RP") {
         format!("KVM test guest hung when enabling paging/long mode (printed {serial:?} within {secs} s, expected {PROBE_MARKER:?})")
     } else if serial.contains('R') {
@@ -154,7 +155,7 @@ pub enum ProbeError {
 
 /// The 64 KiB probe firmware, loaded with `-bios` (mapped at 0xF0000 and below 4 GiB).
 ///
-/// Layout: code at offset 0 (linear 0xF0000), GDT at 0xA0, GDT descriptor at 0xB8, and at the
+/// Layout: code at offset 0 (linear 0xF0000), GDT at 0x98, GDT descriptor at 0xB8, and at the
 /// reset vector (offset 0xFFF0) a far jump to F000:0000. Everything else is `hlt`.
 pub fn probe_firmware() -> Vec<u8> {
     #[rustfmt::skip]
@@ -212,14 +213,14 @@ pub fn probe_firmware() -> Vec<u8> {
         0xff, 0xff, 0x00, 0x00, 0x00, 0x92, 0xcf, 0x00,   // 0x10: data, flat
         0xff, 0xff, 0x00, 0x00, 0x00, 0x9a, 0xaf, 0x00,   // 0x18: 64-bit code
     ];
-    // limit 31, base 0xF00A0
-    const GDT_DESC: &[u8] = &[0x1f, 0x00, 0xa0, 0x00, 0x0f, 0x00];
+    // limit 31, base 0xF0098
+    const GDT_DESC: &[u8] = &[0x1f, 0x00, 0x98, 0x00, 0x0f, 0x00];
     // jmp far F000:0000
     const RESET: &[u8] = &[0xea, 0x00, 0x00, 0x00, 0xf0];
 
     let mut rom = vec![0xf4u8; 64 * 1024];
     rom[..CODE.len()].copy_from_slice(CODE);
-    rom[0xa0..0xa0 + GDT.len()].copy_from_slice(GDT);
+    rom[0x98..0x98 + GDT.len()].copy_from_slice(GDT);
     rom[0xb8..0xb8 + GDT_DESC.len()].copy_from_slice(GDT_DESC);
     rom[0xfff0..0xfff0 + RESET.len()].copy_from_slice(RESET);
     rom
@@ -321,6 +322,10 @@ mod tests {
         assert_eq!(rom.len(), 65536);
         assert_eq!(&rom[0xfff0..0xfff5], &[0xea, 0x00, 0x00, 0x00, 0xf0]);
         assert_eq!(rom[0], 0xfa);
+        // The GDT (4 entries) must end where its descriptor starts, and the descriptor's base
+        // must point at it.
+        assert_eq!(&rom[0x98..0xa0], &[0u8; 8]);
+        assert_eq!(&rom[0xb8..0xbe], &[0x1f, 0x00, 0x98, 0x00, 0x0f, 0x00]);
     }
 
     #[test]

@@ -195,7 +195,9 @@ pub fn parse_vm_metadata(xml: &str) -> Option<(String, String)> {
     let doc = roxmltree::Document::parse(xml).ok()?;
     let node = doc
         .descendants()
-        .find(|n| n.tag_name().name() == "vm" && n.tag_name().namespace() == Some(METADATA_NS))?;
+        // libvirt's virDomainGetMetadata returns the element without its namespace declaration
+        // (it already selected it by namespace URI), so an unqualified `vm` counts too.
+        .find(|n| n.tag_name().name() == "vm" && matches!(n.tag_name().namespace(), Some(METADATA_NS) | None))?;
     Some((
         node.attribute("cloud")?.to_string(),
         node.attribute("id")?.to_string(),

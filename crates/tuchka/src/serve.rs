@@ -96,6 +96,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let ctl = Controller::open(config).context("cannot open the controller state")?;
     let sock = data_dir.join("tuchka.sock");
     let unix = bind_unix(&sock).await?;
+    let sock_inode = inode(&sock);
     tracing::info!(socket = %sock.display(), cloud = %ctl.cloud_id(), "tuchka controller listening");
     let mut servers = tokio::task::JoinSet::new();
     let app = router(ctl.clone(), Transport::Unix);
@@ -145,7 +146,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     while let Some(r) = servers.join_next().await {
         r.context("server task failed")??;
     }
-    let _ = std::fs::remove_file(&sock);
+    // Remove the socket only if it is still ours (a newer serve may have replaced it).
+    if sock_inode.is_some() && inode(&sock) == sock_inode {
+        let _ = std::fs::remove_file(&sock);
+    }
     tracing::info!("tuchka controller stopped");
     Ok(())
 }
@@ -168,6 +172,11 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         r = tuchka_agent::run(config, client) => r.context("agent failed"),
         _ = shutdown_signal() => Ok(()),
     }
+}
+
+fn inode(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
