@@ -49,13 +49,12 @@ where
     S: Stream<Item = std::result::Result<bytes::Bytes, E>> + Unpin,
     E: std::error::Error + Send + Sync + 'static,
 {
-    tuchka_core::names::validate_name("image", name)
-        .map_err(|e| Error::invalid("InvalidName", e.to_string()))?;
-    if db::image(ctl.db().conn(), name)?.is_some() {
-        return Err(Error::conflict(
-            "ImageExists",
-            format!("image {name:?} already exists (remove it first: tuchka image rm {name})"),
-        ));
+    if let Err(e) = precheck(ctl, name) {
+        // Read the body before answering: a client still sending would otherwise see a broken
+        // pipe instead of this error.
+        let mut body = body;
+        while body.next().await.is_some() {}
+        return Err(e);
     }
     let tmp_dir = ctl.config().data_dir.join("images/tmp");
     let upload = TempFile(Some(
@@ -134,6 +133,18 @@ where
         format!("image {name} stored ({source_format}, sha256 {sha256})"),
     );
     crate::service::get_image(ctl, name)
+}
+
+fn precheck(ctl: &Controller, name: &str) -> Result<()> {
+    tuchka_core::names::validate_name("image", name)
+        .map_err(|e| Error::invalid("InvalidName", e.to_string()))?;
+    if db::image(ctl.db().conn(), name)?.is_some() {
+        return Err(Error::conflict(
+            "ImageExists",
+            format!("image {name:?} already exists (remove it first: tuchka image rm {name})"),
+        ));
+    }
+    Ok(())
 }
 
 async fn receive<S, E>(path: &Path, mut body: S) -> Result<(String, u64)>

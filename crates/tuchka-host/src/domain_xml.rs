@@ -197,7 +197,10 @@ pub fn parse_vm_metadata(xml: &str) -> Option<(String, String)> {
         .descendants()
         // libvirt's virDomainGetMetadata returns the element without its namespace declaration
         // (it already selected it by namespace URI), so an unqualified `vm` counts too.
-        .find(|n| n.tag_name().name() == "vm" && matches!(n.tag_name().namespace(), Some(METADATA_NS) | None))?;
+        .find(|n| {
+            n.tag_name().name() == "vm"
+                && matches!(n.tag_name().namespace(), Some(METADATA_NS) | None)
+        })?;
     Some((
         node.attribute("cloud")?.to_string(),
         node.attribute("id")?.to_string(),
@@ -305,7 +308,10 @@ mod tests {
     fn metadata_round_trips_from_libvirt_form() {
         let el = format!("<tuchka:vm xmlns:tuchka=\"{METADATA_NS}\" cloud=\"c&amp;1\" id=\"v\"/>");
         assert_eq!(parse_vm_metadata(&el), Some(("c&1".into(), "v".into())));
-        assert_eq!(parse_vm_metadata("<vm cloud='x' id='y'/>"), None);
+        // What virDomainGetMetadata really returns: the element without its namespace.
+        assert_eq!(parse_vm_metadata("<vm cloud=\"x\" id=\"y\"/>"), Some(("x".into(), "y".into())));
+        assert_eq!(parse_vm_metadata("<o:vm xmlns:o='urn:other' cloud='x' id='y'/>"), None);
+        assert_eq!(parse_vm_metadata("<vm cloud='x'/>"), None);
     }
 
     #[test]

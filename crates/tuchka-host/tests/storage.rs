@@ -20,7 +20,8 @@ fn cache_image(st: &DirStorage, scratch: &Scratch, mib: u64, identity: &str) -> 
     let src = scratch.dir.join(format!("src-{identity}.qcow2"));
     make_qcow2(&src, mib);
     std::fs::copy(&src, st.image_partial_path(identity)).expect("write partial download");
-    st.commit_image(identity, &sha256_file(&src)).expect("commit image");
+    st.commit_image(identity, &sha256_file(&src))
+        .expect("commit image");
     identity.to_string()
 }
 
@@ -32,7 +33,10 @@ fn pool_in_a_private_dir_is_refused_with_the_reason() {
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let err = DirStorage::open(&private.join("pool")).expect_err("0700 parent must be refused");
     let msg = err.to_string();
-    assert!(msg.contains(&private.display().to_string()) && msg.contains("libvirt-qemu"), "{msg}");
+    assert!(
+        msg.contains(&private.display().to_string()) && msg.contains("libvirt-qemu"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -40,11 +44,17 @@ fn open_creates_a_traversable_layout() {
     let scratch = Scratch::new();
     let st = DirStorage::open(&scratch.pool()).expect("open pool");
     for sub in ["", "images", "vms", "net"] {
-        let mode = std::fs::metadata(scratch.pool().join(sub)).expect("dir exists").permissions().mode();
+        let mode = std::fs::metadata(scratch.pool().join(sub))
+            .expect("dir exists")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o755, "pool/{sub}");
     }
     let (total, free) = st.capacity().expect("capacity");
-    assert!(total > 0 && free > 0 && free <= total, "capacity ({total}, {free})");
+    assert!(
+        total > 0 && free > 0 && free <= total,
+        "capacity ({total}, {free})"
+    );
     assert!(st.cached_images().expect("list").is_empty());
     // Opening again is harmless.
     DirStorage::open(&scratch.pool()).expect("reopen");
@@ -59,15 +69,23 @@ fn corrupt_download_is_deleted_and_named() {
     std::fs::write(st.image_partial_path(&id), b"truncated download").expect("write partial");
     let wrong = "0".repeat(64);
     match st.commit_image(&id, &wrong) {
-        Err(HostError::Corrupt { expected, actual, .. }) => {
+        Err(HostError::Corrupt {
+            expected, actual, ..
+        }) => {
             assert_eq!(expected, wrong);
             assert_eq!(actual.len(), 64);
         }
         other => panic!("expected Corrupt, got {other:?}"),
     }
-    assert!(!st.image_partial_path(&id).exists(), "partial file must be deleted");
+    assert!(
+        !st.image_partial_path(&id).exists(),
+        "partial file must be deleted"
+    );
     assert!(!st.image_path(&id).exists());
-    assert!(st.commit_image("../../etc", &wrong).is_err(), "identities that are not sha256 are refused");
+    assert!(
+        st.commit_image("../../etc", &wrong).is_err(),
+        "identities that are not sha256 are refused"
+    );
 }
 
 #[test]
@@ -79,7 +97,14 @@ fn image_overlay_and_seed() {
 
     // The committed image: in place, read-only, listed.
     let image = st.image_path(&id);
-    assert_eq!(std::fs::metadata(&image).expect("image").permissions().mode() & 0o777, 0o444);
+    assert_eq!(
+        std::fs::metadata(&image)
+            .expect("image")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o444
+    );
     assert!(!st.image_partial_path(&id).exists());
     assert_eq!(st.cached_images().expect("list"), vec![id.clone()]);
 
@@ -90,29 +115,67 @@ fn image_overlay_and_seed() {
     assert!(st.ensure_root_disk("vm-1", &"e".repeat(64), 64).is_err());
 
     let root = st.ensure_root_disk("vm-1", &id, 64).expect("root disk");
-    assert_eq!(root, scratch.pool().canonicalize().expect("canon").join("vms/vm-1/root.qcow2"));
-    let (ok, info) = sh("qemu-img", &["info", "-U", "--output=json", &root.to_string_lossy()]);
+    assert_eq!(
+        root,
+        scratch
+            .pool()
+            .canonicalize()
+            .expect("canon")
+            .join("vms/vm-1/root.qcow2")
+    );
+    let (ok, info) = sh(
+        "qemu-img",
+        &["info", "-U", "--output=json", &root.to_string_lossy()],
+    );
     assert!(ok, "qemu-img info");
     let info: serde_json::Value = serde_json::from_str(&info).expect("json");
     assert_eq!(info["format"], "qcow2");
     assert_eq!(info["virtual-size"], 64 * 1024 * 1024);
-    assert_eq!(info["backing-filename"], image.to_string_lossy().as_ref(), "absolute backing path, no copy");
+    assert_eq!(
+        info["backing-filename"],
+        image.to_string_lossy().as_ref(),
+        "absolute backing path, no copy"
+    );
     assert_eq!(info["backing-filename-format"], "qcow2");
     let ino = std::fs::metadata(&root).expect("root").ino();
     st.ensure_root_disk("vm-1", &id, 64).expect("idempotent");
-    assert_eq!(std::fs::metadata(&root).expect("root").ino(), ino, "an existing root disk is kept");
-    let vm_dir_mode = std::fs::metadata(root.parent().expect("parent")).expect("vm dir").permissions().mode();
+    assert_eq!(
+        std::fs::metadata(&root).expect("root").ino(),
+        ino,
+        "an existing root disk is kept"
+    );
+    let vm_dir_mode = std::fs::metadata(root.parent().expect("parent"))
+        .expect("vm dir")
+        .permissions()
+        .mode();
     assert_eq!(vm_dir_mode & 0o777, 0o711);
 
     // The image cannot be removed while the overlay uses it.
-    assert!(matches!(st.remove_image(&id), Err(HostError::ImageInUse { .. })));
+    assert!(matches!(
+        st.remove_image(&id),
+        Err(HostError::ImageInUse { .. })
+    ));
 
     // Seed: label cidata, meta-data and user-data as rendered.
     let keys = vec!["ssh-ed25519 AAAA test@tuchka".to_string()];
-    let iso = st.ensure_seed("vm-1", "web-0", Some("#!/bin/sh\necho hi\n"), &keys).expect("seed");
+    let iso = st
+        .ensure_seed("vm-1", "web-0", Some("#!/bin/sh\necho hi\n"), &keys)
+        .expect("seed");
     let (ok, desc) = sh("isoinfo", &["-d", "-i", &iso.to_string_lossy()]);
     assert!(ok && desc.contains("Volume id: cidata"), "{desc}");
-    let read = |name: &str| sh("isoinfo", &["-J", "-i", &iso.to_string_lossy(), "-x", &format!("/{name}")]).1;
+    let read = |name: &str| {
+        sh(
+            "isoinfo",
+            &[
+                "-J",
+                "-i",
+                &iso.to_string_lossy(),
+                "-x",
+                &format!("/{name}"),
+            ],
+        )
+        .1
+    };
     assert_eq!(
         read("meta-data"),
         "instance-id: \"vm-1\"\nlocal-hostname: \"web-0\"\npublic-keys:\n  - \"ssh-ed25519 AAAA test@tuchka\"\n"
@@ -121,18 +184,34 @@ fn image_overlay_and_seed() {
 
     // Unchanged inputs: not rebuilt. Changed inputs: rebuilt.
     let ino = std::fs::metadata(&iso).expect("iso").ino();
-    st.ensure_seed("vm-1", "web-0", Some("#!/bin/sh\necho hi\n"), &keys).expect("seed again");
-    assert_eq!(std::fs::metadata(&iso).expect("iso").ino(), ino, "same inputs must not rebuild the ISO");
-    st.ensure_seed("vm-1", "web-0", None, &[]).expect("seed changed");
-    assert_ne!(std::fs::metadata(&iso).expect("iso").ino(), ino, "new inputs must rebuild the ISO");
+    st.ensure_seed("vm-1", "web-0", Some("#!/bin/sh\necho hi\n"), &keys)
+        .expect("seed again");
+    assert_eq!(
+        std::fs::metadata(&iso).expect("iso").ino(),
+        ino,
+        "same inputs must not rebuild the ISO"
+    );
+    st.ensure_seed("vm-1", "web-0", None, &[])
+        .expect("seed changed");
+    assert_ne!(
+        std::fs::metadata(&iso).expect("iso").ino(),
+        ino,
+        "new inputs must rebuild the ISO"
+    );
     assert_eq!(read("user-data"), "#cloud-config\n");
 
-    assert_eq!(st.console_log_path("vm-1"), root.parent().expect("parent").join("console.log"));
+    assert_eq!(
+        st.console_log_path("vm-1"),
+        root.parent().expect("parent").join("console.log")
+    );
     assert_eq!(st.vm_dirs().expect("vm dirs"), vec!["vm-1"]);
     st.remove_vm("vm-1").expect("remove vm");
     st.remove_vm("vm-1").expect("remove vm again");
     assert!(st.vm_dirs().expect("vm dirs").is_empty());
-    assert!(st.remove_vm("../images").is_err(), "ids that are paths are refused");
+    assert!(
+        st.remove_vm("../images").is_err(),
+        "ids that are paths are refused"
+    );
 
     st.remove_image(&id).expect("remove image");
     st.remove_image(&id).expect("remove image again");

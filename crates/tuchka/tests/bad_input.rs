@@ -198,10 +198,16 @@ fn bad_networks_groups_and_vms_are_refused_and_change_nothing() {
         Some(1)
     );
 
-    let base = ["group", "create", "--image", "tiny", "--net", "lan"];
+    // `group create NAME …` with --image tiny and --net lan unless the case names its own.
     let group = |extra: &[&str]| -> String {
-        let mut args: Vec<&str> = base.to_vec();
+        let mut args: Vec<&str> = vec!["group", "create"];
         args.extend_from_slice(extra);
+        if !extra.contains(&"--image") {
+            args.extend(["--image", "tiny"]);
+        }
+        if !extra.contains(&"--net") {
+            args.extend(["--net", "lan"]);
+        }
         c.fails(&args)
     };
     for (extra, why) in [

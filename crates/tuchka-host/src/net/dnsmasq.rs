@@ -139,7 +139,13 @@ pub fn validate_hosts(net: &Ipv4Net, hosts: &[DhcpHost]) -> Result<(), String> {
 /// [`validate_hosts`] anyway), so the files only change when the reservations do.
 fn sorted(hosts: &[DhcpHost]) -> Vec<&DhcpHost> {
     let mut v: Vec<&DhcpHost> = hosts.iter().collect();
-    v.sort_by_key(|h| (h.ip.parse::<Ipv4Addr>().map_or(u32::MAX, u32::from), h.mac.to_ascii_lowercase(), h.name.clone()));
+    v.sort_by_key(|h| {
+        (
+            h.ip.parse::<Ipv4Addr>().map_or(u32::MAX, u32::from),
+            h.mac.to_ascii_lowercase(),
+            h.name.clone(),
+        )
+    });
     v
 }
 

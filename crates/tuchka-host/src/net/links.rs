@@ -3,6 +3,11 @@
 //! The public API of this crate is synchronous, so every call builds a small current-thread
 //! tokio runtime, opens a netlink socket in the calling thread's network namespace, does its
 //! requests and drops both. That costs well under a millisecond and keeps no state to go stale.
+//!
+//! Ownership: bridge names (`tk<vni>`) are chosen per cloud, so two clouds sharing a network
+//! namespace could pick the same one. Every bridge we create carries an interface alias naming
+//! its owner (`tuchka:<cloud id>:<network>`); a bridge with another alias is never adopted and
+//! never deleted.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -22,15 +27,30 @@ pub enum LinkError {
     Socket(#[source] std::io::Error),
     /// The kernel refused a request.
     #[error("netlink request failed")]
-    Netlink(#[source] rtnetlink::Error),
+    Netlink(#[source] Box<rtnetlink::Error>),
     /// A device of that name exists but is not a bridge.
     #[error("device {0} exists and is not a bridge; refusing to reuse it")]
     NotABridge(String),
+    /// The device disappeared while it was being set up.
+    #[error("device {0} vanished right after it was created")]
+    Vanished(String),
+    /// A bridge of that name exists but belongs to someone else.
+    #[error(
+        "bridge {name} exists and belongs to {owner:?}, not to {want:?}; refusing to reuse it"
+    )]
+    NotOurs {
+        /// Bridge name.
+        name: String,
+        /// Its alias (empty when it has none: not made by tuchka).
+        owner: String,
+        /// The owner we expected.
+        want: String,
+    },
 }
 
 impl From<rtnetlink::Error> for LinkError {
     fn from(e: rtnetlink::Error) -> Self {
-        LinkError::Netlink(e)
+        LinkError::Netlink(Box::new(e))
     }
 }
 
@@ -49,6 +69,8 @@ pub struct LinkState {
     pub stp: Option<bool>,
     /// Forward delay in centiseconds (bridges only).
     pub forward_delay: Option<u32>,
+    /// Interface alias (our ownership mark), empty when unset.
+    pub alias: String,
 }
 
 fn link_state(msg: &LinkMessage) -> LinkState {
@@ -59,10 +81,12 @@ fn link_state(msg: &LinkMessage) -> LinkState {
         up: msg.header.flags.contains(LinkFlags::Up),
         stp: None,
         forward_delay: None,
+        alias: String::new(),
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::Mtu(m) => st.mtu = Some(*m),
+            LinkAttribute::IfAlias(a) => st.alias = a.clone(),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     match info {
@@ -127,12 +151,25 @@ pub fn link(name: &str) -> Result<Option<LinkState>, LinkError> {
     with_handle(|h| async move { Ok(get_link(&h, &name).await?.map(|m| link_state(&m))) })
 }
 
-/// Make bridge `name` exist with STP off, forward delay 0, the given MTU, and up.
-/// Returns whether it was created by this call (for rollback).
-pub fn ensure_bridge(name: &str, mtu: u32) -> Result<bool, LinkError> {
+/// The ownership mark of a network's bridge.
+pub fn owner_alias(cloud_id: &str, network: &str) -> String {
+    format!("tuchka:{cloud_id}:{network}")
+}
+
+/// Make bridge `name` exist with STP off, forward delay 0, the given MTU, up, and the alias
+/// `owner`. An existing bridge is adopted only if it carries `owner` — or carries no alias at
+/// all and `adopt_unmarked` is set (our state says we made it, but we crashed between creating
+/// it and marking it). Returns whether it was created by this call (for rollback).
+pub fn ensure_bridge(
+    name: &str,
+    mtu: u32,
+    owner: &str,
+    adopt_unmarked: bool,
+) -> Result<bool, LinkError> {
     let name = name.to_string();
+    let owner = owner.to_string();
     with_handle(|h| async move {
-        match get_link(&h, &name).await? {
+        let (st, created) = match get_link(&h, &name).await? {
             None => {
                 let msg = LinkBridge::new(&name)
                     .stp_state(BridgeStpState::Disabled)
@@ -140,40 +177,64 @@ pub fn ensure_bridge(name: &str, mtu: u32) -> Result<bool, LinkError> {
                     .mtu(mtu)
                     .build();
                 h.link().add(msg).execute().await?;
-                Ok(true)
+                let msg = get_link(&h, &name)
+                    .await?
+                    .ok_or_else(|| LinkError::Vanished(name.clone()))?;
+                (link_state(&msg), true)
             }
-            Some(msg) => {
-                let st = link_state(&msg);
-                if !st.is_bridge {
-                    return Err(LinkError::NotABridge(name));
-                }
-                if st.stp != Some(false) || st.forward_delay != Some(0) {
-                    let change = LinkBridge::new(&name)
-                        .index(st.index)
-                        .stp_state(BridgeStpState::Disabled)
-                        .forward_delay(0)
-                        .build();
-                    h.link().change(change).execute().await?;
-                }
-                if st.mtu != Some(mtu) || !st.up {
-                    h.link()
-                        .set(LinkUnspec::new_with_index(st.index).mtu(mtu).up().build())
-                        .execute()
-                        .await?;
-                }
-                Ok(false)
-            }
+            Some(msg) => (link_state(&msg), false),
+        };
+        if !st.is_bridge {
+            return Err(LinkError::NotABridge(name));
         }
+        let unmarked_ok = st.alias.is_empty() && (created || adopt_unmarked);
+        if st.alias != owner && !unmarked_ok {
+            return Err(LinkError::NotOurs {
+                name,
+                owner: st.alias,
+                want: owner,
+            });
+        }
+        if st.alias != owner {
+            // The kernel ignores IFLA_IFALIAS when creating a link, so the mark is a second step.
+            h.link()
+                .set(LinkUnspec::new_with_index(st.index).alias(owner).build())
+                .execute()
+                .await?;
+        }
+        if st.stp != Some(false) || st.forward_delay != Some(0) {
+            let change = LinkBridge::new(&name)
+                .index(st.index)
+                .stp_state(BridgeStpState::Disabled)
+                .forward_delay(0)
+                .build();
+            h.link().change(change).execute().await?;
+        }
+        if st.mtu != Some(mtu) || !st.up {
+            h.link()
+                .set(LinkUnspec::new_with_index(st.index).mtu(mtu).up().build())
+                .execute()
+                .await?;
+        }
+        Ok(created)
     })
 }
 
-/// Delete device `name`; returns whether it existed.
-pub fn delete_link(name: &str) -> Result<bool, LinkError> {
+/// Delete device `name` if it carries the alias `owner` or no alias (callers only pass devices
+/// their state says they made; an unmarked one is ours after a crash before marking). Returns
+/// whether it was deleted. A device with another alias is left alone (it is not ours).
+pub fn delete_link(name: &str, owner: &str) -> Result<bool, LinkError> {
     let name = name.to_string();
+    let owner = owner.to_string();
     with_handle(|h| async move {
         let Some(msg) = get_link(&h, &name).await? else {
             return Ok(false);
         };
+        let alias = link_state(&msg).alias;
+        if alias != owner && !alias.is_empty() {
+            tracing::warn!(device = %name, alias = %alias, "not deleting a device that is not ours");
+            return Ok(false);
+        }
         match h.link().del(msg.header.index).execute().await {
             Ok(()) => Ok(true),
             Err(e) if is_no_device(&e) => Ok(false),

@@ -94,6 +94,7 @@ impl NetPlan {
 #[derive(Debug)]
 pub struct LinuxDataplane {
     net_root: PathBuf,
+    cloud_id: String,
     cloud8: String,
     /// Serialises changes: the firewall is rendered from all networks' state.
     lock: Mutex<()>,
@@ -112,6 +113,7 @@ impl LinuxDataplane {
     pub fn new(pool: &Path, cloud_id: &str) -> Self {
         LinuxDataplane {
             net_root: pool.join("net"),
+            cloud_id: cloud_id.to_string(),
             cloud8: cloud8(cloud_id),
             lock: Mutex::new(()),
         }
@@ -124,6 +126,11 @@ impl LinuxDataplane {
 
     fn dir(&self, name: &str) -> PathBuf {
         self.net_root.join(name)
+    }
+
+    /// The alias marking the bridge of network `name` as ours.
+    fn owner(&self, name: &str) -> String {
+        links::owner_alias(&self.cloud_id, name)
     }
 
     fn read_state(&self, name: &str) -> Option<NetworkDesired> {
@@ -201,10 +208,12 @@ impl LinuxDataplane {
         let files = DnsmasqFiles::in_dir(&dir);
 
         // A renamed bridge: retire the old one first.
-        if let Some(old) = self.read_state(&d.name) {
+        let previous = self.read_state(&d.name);
+        let adopt_unmarked = previous.as_ref().is_some_and(|p| p.bridge == d.bridge);
+        if let Some(old) = previous {
             if old.bridge != d.bridge {
                 dnsmasq::stop(&files).map_err(|e| dhcp_err(&obj, e))?;
-                links::delete_link(&old.bridge).map_err(Self::link_err(
+                links::delete_link(&old.bridge, &self.owner(&d.name)).map_err(Self::link_err(
                     &d.name,
                     format!("delete old bridge {}", old.bridge),
                 ))?;
@@ -216,10 +225,12 @@ impl LinuxDataplane {
 
         self.apply_firewall(&d.name)?;
 
-        created.bridge = links::ensure_bridge(&plan.bridge, plan.mtu).map_err(Self::link_err(
-            &d.name,
-            format!("create bridge {}", plan.bridge),
-        ))?;
+        created.bridge =
+            links::ensure_bridge(&plan.bridge, plan.mtu, &self.owner(&d.name), adopt_unmarked)
+                .map_err(Self::link_err(
+                    &d.name,
+                    format!("create bridge {}", plan.bridge),
+                ))?;
         let addr = d.gateway_here.then_some((plan.gateway, plan.net.prefix));
         links::set_ipv4(&plan.bridge, addr).map_err(Self::link_err(
             &d.name,
@@ -276,7 +287,7 @@ impl LinuxDataplane {
             }
         }
         if created.bridge {
-            if let Err(e) = links::delete_link(&d.bridge) {
+            if let Err(e) = links::delete_link(&d.bridge, &self.owner(&d.name)) {
                 tracing::warn!(network = %d.name, error = %e, "rollback: cannot delete bridge");
             }
         }
@@ -331,7 +342,7 @@ impl Dataplane for LinuxDataplane {
         }
         dnsmasq::stop(&DnsmasqFiles::in_dir(&dir)).map_err(|e| dhcp_err(&obj, e))?;
         if let Some(state) = self.read_state(name) {
-            links::delete_link(&state.bridge).map_err(Self::link_err(
+            links::delete_link(&state.bridge, &self.owner(name)).map_err(Self::link_err(
                 name,
                 format!("delete bridge {}", state.bridge),
             ))?;

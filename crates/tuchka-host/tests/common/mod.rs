@@ -14,9 +14,17 @@ pub const URI: &str = "qemu:///system";
 pub fn require_root() {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_string))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(str::to_string)
+        })
         .and_then(|l| l.split_whitespace().nth(1).map(str::to_string));
-    assert_eq!(uid.as_deref(), Some("0"), "this integration test needs root (bridges, nftables, dnsmasq, libvirt)");
+    assert_eq!(
+        uid.as_deref(),
+        Some("0"),
+        "this integration test needs root (bridges, nftables, dnsmasq, libvirt)"
+    );
 }
 
 /// Fail with a clear message when a tool is missing.
@@ -34,28 +42,49 @@ pub fn require_libvirt() {
         Ok(mut c) => {
             let _ = c.close();
         }
-        Err(e) => panic!("libvirtd is not reachable at {URI} ({}): start it with ./scripts/start-libvirt", e.message()),
+        Err(e) => panic!(
+            "libvirtd is not reachable at {URI} ({}): start it with ./scripts/start-libvirt",
+            e.message()
+        ),
     }
 }
 
 /// 6 hex chars, unique per process and call.
 pub fn unique() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let mix = (nanos as u64) ^ (u64::from(std::process::id()) << 20) ^ (u64::from(n) << 44) ^ u64::from(n);
+    let mix = (nanos as u64)
+        ^ (u64::from(std::process::id()) << 20)
+        ^ (u64::from(n) << 44)
+        ^ u64::from(n);
     format!("{:06x}", (mix ^ (mix >> 24)) & 0xff_ffff)
 }
 
 /// A random-looking cloud id whose first 8 hex chars are unique.
 pub fn cloud_id() -> String {
-    format!("{}{:02x}-0000-4000-8000-{}{}", unique(), std::process::id() & 0xff, unique(), unique())
+    format!(
+        "{}{:02x}-0000-4000-8000-{}{}",
+        unique(),
+        std::process::id() & 0xff,
+        unique(),
+        unique()
+    )
 }
 
 /// Run a command, return (success, stdout).
 pub fn sh(program: &str, args: &[&str]) -> (bool, String) {
-    match Command::new(tuchka_host::cmd::tool(program)).args(args).output() {
-        Ok(o) => (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned()),
+    match Command::new(tuchka_host::cmd::tool(program))
+        .args(args)
+        .output()
+    {
+        Ok(o) => (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        ),
         Err(_) => (false, String::new()),
     }
 }
@@ -71,7 +100,8 @@ impl Scratch {
         use std::os::unix::fs::PermissionsExt;
         let dir = PathBuf::from(format!("/var/tmp/tkt-{}", unique()));
         std::fs::create_dir(&dir).expect("create scratch dir under /var/tmp");
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod scratch");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod scratch");
         Scratch { dir }
     }
 
@@ -127,7 +157,11 @@ pub fn kill_dnsmasq(pid_file: &Path) {
 
 /// The pid of the live dnsmasq using `pid_file`, if any.
 pub fn dnsmasq_pid(pid_file: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     tuchka_host::net::dnsmasq::cmdline_matches(&cmdline, pid_file).then_some(pid)
 }
@@ -143,7 +177,10 @@ pub fn ip_link(name: &str) -> Option<serde_json::Value> {
     if !ok {
         return None;
     }
-    serde_json::from_str::<serde_json::Value>(&out).ok()?.get(0).cloned()
+    serde_json::from_str::<serde_json::Value>(&out)
+        .ok()?
+        .get(0)
+        .cloned()
 }
 
 /// IPv4 addresses of a device as "a.b.c.d/n".
@@ -158,7 +195,13 @@ pub fn ipv4_addrs(name: &str) -> Vec<String> {
         .and_then(|a| a.as_array())
         .map(|a| {
             a.iter()
-                .filter_map(|x| Some(format!("{}/{}", x.get("local")?.as_str()?, x.get("prefixlen")?.as_u64()?)))
+                .filter_map(|x| {
+                    Some(format!(
+                        "{}/{}",
+                        x.get("local")?.as_str()?,
+                        x.get("prefixlen")?.as_u64()?
+                    ))
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -166,14 +209,26 @@ pub fn ipv4_addrs(name: &str) -> Vec<String> {
 
 /// Make a qcow2 of `mib` MiB with qemu-img (no OS in it).
 pub fn make_qcow2(path: &Path, mib: u64) {
-    let (ok, _) = sh("qemu-img", &["create", "-q", "-f", "qcow2", &path.to_string_lossy(), &format!("{mib}M")]);
+    let (ok, _) = sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &path.to_string_lossy(),
+            &format!("{mib}M"),
+        ],
+    );
     assert!(ok, "qemu-img create {} failed", path.display());
 }
 
 /// sha256 of a file, hex.
 pub fn sha256_file(path: &Path) -> String {
     use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(std::fs::read(path).expect("read file to hash")))
+    hex::encode(Sha256::digest(
+        std::fs::read(path).expect("read file to hash"),
+    ))
 }
 
 /// Poll `f` every 100 ms until it returns Some or `secs` pass.
@@ -199,13 +254,17 @@ pub fn dns_a(server: &str, name: &str) -> Vec<String> {
         q.extend_from_slice(label.as_bytes());
     }
     q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    let Ok(sock) = UdpSocket::bind("0.0.0.0:0") else { return Vec::new() };
+    let Ok(sock) = UdpSocket::bind("0.0.0.0:0") else {
+        return Vec::new();
+    };
     let _ = sock.set_read_timeout(Some(std::time::Duration::from_secs(2)));
     if sock.send_to(&q, (server, 53)).is_err() {
         return Vec::new();
     }
     let mut buf = [0u8; 512];
-    let Ok(n) = sock.recv(&mut buf) else { return Vec::new() };
+    let Ok(n) = sock.recv(&mut buf) else {
+        return Vec::new();
+    };
     let r = &buf[..n];
     if r.len() < 12 {
         return Vec::new();
