@@ -8,8 +8,11 @@
 //! marker `RPL` shows up within [`PROBE_TIMEOUT`]; the qemu process is killed afterwards.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+use rustix::process::{kill_process_group, Pid, Signal};
 use std::time::{Duration, Instant};
 
 use crate::cmd;
@@ -146,7 +149,9 @@ pub enum ProbeError {
         source: std::io::Error,
     },
     /// qemu could not be started.
-    #[error("cannot start qemu-system-x86_64 (is qemu-system-x86 installed?)")]
+    #[error(
+        "cannot start timeout + qemu-system-x86_64 (are coreutils and qemu-system-x86 installed?)"
+    )]
     Spawn(#[source] std::io::Error),
     /// qemu exited before the timeout without printing the marker.
     #[error("qemu exited early: {0}")]
@@ -227,6 +232,10 @@ pub fn probe_firmware() -> Vec<u8> {
 }
 
 /// Removes the scratch directory and kills qemu, whatever happens.
+///
+/// qemu runs under `timeout -s KILL` in a process group of its own: dropping the guard kills the
+/// whole group, and if this process dies first (killed mid-probe), `timeout` still kills the
+/// hung guest shortly after the deadline instead of leaving it spinning forever.
 struct ProbeGuard {
     dir: PathBuf,
     child: Option<Child>,
@@ -235,10 +244,44 @@ struct ProbeGuard {
 impl Drop for ProbeGuard {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
+            let group = i32::try_from(child.id()).ok().and_then(Pid::from_raw);
+            match group {
+                Some(g) => {
+                    let _ = kill_process_group(g, Signal::KILL);
+                }
+                None => {
+                    let _ = child.kill();
+                }
+            }
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const PROBE_DIR_PREFIX: &str = "tuchka-probe-";
+
+/// Pure: the pid in a probe scratch directory name (`tuchka-probe-<pid>-<nonce>`).
+pub fn probe_dir_pid(name: &str) -> Option<u32> {
+    name.strip_prefix(PROBE_DIR_PREFIX)?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Remove scratch directories left by probes whose process no longer exists.
+fn remove_stale_probe_dirs(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = probe_dir_pid(&name) {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 }
 
@@ -249,7 +292,12 @@ pub fn run_probe(accel: &str, timeout: Duration) -> Result<String, ProbeError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!("tuchka-probe-{}-{nanos:08x}", std::process::id()));
+    let tmp = std::env::temp_dir();
+    remove_stale_probe_dirs(&tmp);
+    let dir = tmp.join(format!(
+        "{PROBE_DIR_PREFIX}{}-{nanos:08x}",
+        std::process::id()
+    ));
     let scratch = |source| ProbeError::Scratch {
         path: dir.clone(),
         source,
@@ -263,7 +311,11 @@ pub fn run_probe(accel: &str, timeout: Duration) -> Result<String, ProbeError> {
     let serial = dir.join("serial.out");
     std::fs::write(&bios, probe_firmware()).map_err(scratch)?;
 
-    let child = Command::new(cmd::tool("qemu-system-x86_64"))
+    // Upper bound on the guest's life even if nobody is left to kill it.
+    let kill_after = format!("{}", timeout.as_secs() + 3);
+    let child = Command::new(cmd::tool("timeout"))
+        .args(["-s", "KILL", &kill_after])
+        .arg(cmd::tool("qemu-system-x86_64"))
         .args([
             "-accel",
             accel,
@@ -282,6 +334,7 @@ pub fn run_probe(accel: &str, timeout: Duration) -> Result<String, ProbeError> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .map_err(ProbeError::Spawn)?;
     let child = guard.child.insert(child);
@@ -334,6 +387,13 @@ mod tests {
         assert!(describe_stall("R", t).contains("protected mode"));
         assert!(describe_stall("RP", t).contains("long mode"));
         assert!(describe_stall("", t).contains("nothing"));
+    }
+
+    #[test]
+    fn probe_dirs_name_their_process() {
+        assert_eq!(probe_dir_pid("tuchka-probe-4628-28c067fe"), Some(4628));
+        assert_eq!(probe_dir_pid("tuchka-probe-x-1"), None);
+        assert_eq!(probe_dir_pid("other-4628-1"), None);
     }
 
     #[test]

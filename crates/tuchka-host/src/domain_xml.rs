@@ -309,8 +309,14 @@ mod tests {
         let el = format!("<tuchka:vm xmlns:tuchka=\"{METADATA_NS}\" cloud=\"c&amp;1\" id=\"v\"/>");
         assert_eq!(parse_vm_metadata(&el), Some(("c&1".into(), "v".into())));
         // What virDomainGetMetadata really returns: the element without its namespace.
-        assert_eq!(parse_vm_metadata("<vm cloud=\"x\" id=\"y\"/>"), Some(("x".into(), "y".into())));
-        assert_eq!(parse_vm_metadata("<o:vm xmlns:o='urn:other' cloud='x' id='y'/>"), None);
+        assert_eq!(
+            parse_vm_metadata("<vm cloud=\"x\" id=\"y\"/>"),
+            Some(("x".into(), "y".into()))
+        );
+        assert_eq!(
+            parse_vm_metadata("<o:vm xmlns:o='urn:other' cloud='x' id='y'/>"),
+            None
+        );
         assert_eq!(parse_vm_metadata("<vm cloud='x'/>"), None);
     }
 

@@ -51,3 +51,50 @@ fn forced_choices_are_honoured() {
     assert_eq!(accel, Accel::Kvm);
     assert!(reason.contains("configuration"), "{reason}");
 }
+
+/// Not a test on its own: the body of `a_killed_prober_leaves_no_guest_behind`'s child process.
+#[test]
+fn helper_probe_that_gets_killed() {
+    if std::env::var_os("TKT_PROBE_HELPER").is_none() {
+        return;
+    }
+    let _ = run_probe("kvm", Duration::from_secs(2));
+}
+
+/// If the process running the probe is killed mid-probe (an agent stopped by its supervisor),
+/// the probe guest must not outlive it by more than a few seconds.
+#[test]
+fn a_killed_prober_leaves_no_guest_behind() {
+    common::require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "helper_probe_that_gets_killed", "--nocapture"])
+        .env("TKT_PROBE_HELPER", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn helper");
+    let marker = format!("tuchka-probe-{}-", child.id());
+    let guests = || -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains("qemu-system") && c.contains(&marker))
+            .collect()
+    };
+    // Wait until the guest runs, then kill the prober outright (no destructors run).
+    let started = common::wait_for(10, || (!guests().is_empty()).then_some(()));
+    child.kill().expect("kill helper");
+    let _ = child.wait();
+    if started.is_none() {
+        return; // qemu exited at once (e.g. no /dev/kvm): nothing can be left behind
+    }
+    let gone = common::wait_for(15, || guests().is_empty().then_some(()));
+    assert!(
+        gone.is_some(),
+        "probe guest outlived its killed parent: {:?}",
+        guests()
+    );
+}

@@ -14,30 +14,38 @@ fn require() {
     common::require_tool("ip", "iproute2");
 }
 
-/// A /24 in 10.231.x.0 unlikely to clash with anything on the machine.
-fn network(u: &str, gateway_here: bool) -> NetworkDesired {
+/// A /24 in 10.<second>.x.0 unlikely to clash with anything on the machine (each test uses its
+/// own `second`, so tests running in parallel never share a subnet).
+fn network(u: &str, gateway_here: bool, second: u8) -> NetworkDesired {
     let third = u8::from_str_radix(&u[..2], 16).unwrap_or(1);
     NetworkDesired {
         name: format!("tkt{u}"),
         vni: 4242,
         bridge: format!("tkt{u}"),
-        cidr: format!("10.231.{third}.0/24"),
-        gateway: format!("10.231.{third}.1"),
+        cidr: format!("10.{second}.{third}.0/24"),
+        gateway: format!("10.{second}.{third}.1"),
         gateway_here,
         mtu: 1450,
         hosts: vec![
             DhcpHost {
                 mac: "52:54:00:aa:00:05".into(),
-                ip: format!("10.231.{third}.5"),
+                ip: format!("10.{second}.{third}.5"),
                 name: "web-0".into(),
             },
             DhcpHost {
                 mac: "52:54:00:aa:00:06".into(),
-                ip: format!("10.231.{third}.6"),
+                ip: format!("10.{second}.{third}.6"),
                 name: "web-1".into(),
             },
         ],
     }
+}
+
+/// A process is gone when it no longer exists or is a zombie (empty cmdline).
+fn gone(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.is_empty())
+        .unwrap_or(true)
 }
 
 fn nft_table(table: &str) -> Option<String> {
@@ -52,7 +60,7 @@ fn gateway_network_lifecycle() {
     let cloud = common::cloud_id();
     let dp = LinuxDataplane::new(&scratch.pool(), &cloud);
     let u = common::unique();
-    let mut net = network(&u, true);
+    let mut net = network(&u, true, 231);
     let dir = scratch.pool().join("net").join(&net.name);
     let pid_file = dir.join("dnsmasq.pid");
     let _guard = NetGuard {
@@ -151,11 +159,10 @@ fn gateway_network_lifecycle() {
 
     // dnsmasq died: the next ensure starts it again.
     common::kill_dnsmasq(&pid_file);
-    assert!(wait_for(5, || std::path::Path::new(&format!("/proc/{pid}"))
-        .exists()
-        .then_some(())
-        .xor(Some(())))
-    .is_some());
+    assert!(
+        wait_for(5, || gone(pid).then_some(())).is_some(),
+        "dnsmasq {pid} was killed"
+    );
     dp.ensure_network(&net).expect("ensure after dnsmasq died");
     let pid2 = dnsmasq_pid(&pid_file).expect("dnsmasq restarted");
     assert_ne!(pid2, pid);
@@ -166,10 +173,7 @@ fn gateway_network_lifecycle() {
     dp.remove_network(&net.name).expect("remove network");
     assert!(!link_exists(&net.bridge), "bridge deleted");
     assert!(
-        wait_for(5, || (!std::path::Path::new(&format!("/proc/{pid2}"))
-            .exists())
-        .then_some(()))
-        .is_some(),
+        wait_for(5, || gone(pid2).then_some(())).is_some(),
         "dnsmasq stopped"
     );
     assert!(!dir.exists(), "state dir removed");
@@ -188,7 +192,7 @@ fn non_gateway_host_has_a_bare_bridge_and_moving_the_gateway_away_cleans_up() {
     let cloud = common::cloud_id();
     let dp = LinuxDataplane::new(&scratch.pool(), &cloud);
     let u = common::unique();
-    let mut net = network(&u, false);
+    let mut net = network(&u, false, 234);
     let pid_file = scratch
         .pool()
         .join("net")
@@ -232,7 +236,7 @@ fn failed_setup_rolls_back_what_it_created() {
     let cloud = common::cloud_id();
     let dp = LinuxDataplane::new(&scratch.pool(), &cloud);
     let u = common::unique();
-    let net = network(&u, true);
+    let net = network(&u, true, 235);
     // Occupy the bridge name with a device that is not a bridge.
     let peer = format!("tkp{u}");
     let (ok, _) = sh(
@@ -284,7 +288,7 @@ fn two_clouds_do_not_touch_each_other() {
     let a = LinuxDataplane::new(&scratch.dir.join("pool-a"), &cloud_a);
     let b = LinuxDataplane::new(&scratch.dir.join("pool-b"), &cloud_b);
     let (ua, ub) = (common::unique(), common::unique());
-    let (na, nb) = (network(&ua, false), network(&ub, false));
+    let (na, nb) = (network(&ua, false, 236), network(&ub, false, 237));
     let _guard = NetGuard {
         links: vec![na.bridge.clone(), nb.bridge.clone()],
         pid_files: vec![],

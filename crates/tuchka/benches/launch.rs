@@ -19,7 +19,9 @@ struct Serve {
 
 impl Drop for Serve {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -47,29 +49,58 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
-    let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let image = std::env::var_os("TUCHKA_TEST_IMAGE")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target/testimg/tiny.qcow2"));
-    assert!(image.is_file(), "build the test image first: scripts/build-test-image {}", image.display());
+    assert!(
+        image.is_file(),
+        "build the test image first: scripts/build-test-image {}",
+        image.display()
+    );
     let dir = PathBuf::from(format!("/var/tmp/tuchka-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let log = std::fs::File::create(dir.join("serve.log")).expect("log");
     let child = Command::new(env!("CARGO_BIN_EXE_tuchka"))
-        .args(["serve", "--accel", "tcg", "--host-name", "bench", "--data-dir"])
+        .args([
+            "serve",
+            "--accel",
+            "tcg",
+            "--host-name",
+            "bench",
+            "--data-dir",
+        ])
         .arg(&dir)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .expect("serve");
-    let serve = Serve { child, dir: dir.clone() };
+    let serve = Serve {
+        child,
+        dir: dir.clone(),
+    };
     let start = Instant::now();
     while !tk_ok(&dir) {
-        assert!(start.elapsed() < Duration::from_secs(60), "serve did not come up");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "serve did not come up"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    tk(&dir, &["image", "upload", image.to_str().expect("path"), "--name", "tiny"]);
+    tk(
+        &dir,
+        &[
+            "image",
+            "upload",
+            image.to_str().expect("path"),
+            "--name",
+            "tiny",
+        ],
+    );
     let p = std::process::id();
     let cidr = format!("10.{}.{}.0/24", 100 + p % 50, (p / 50) % 256);
     tk(&dir, &["net", "create", "bench", "--cidr", &cidr, "--wait"]);
@@ -78,7 +109,13 @@ fn main() {
     for i in 0..n {
         let name = format!("one{i}");
         let t = Instant::now();
-        tk(&dir, &["group", "create", &name, "--image", "tiny", "--count", "1", "--memory", "128M", "--net", "bench", "--wait"]);
+        tk(
+            &dir,
+            &[
+                "group", "create", &name, "--image", "tiny", "--count", "1", "--memory", "128M",
+                "--net", "bench", "--wait",
+            ],
+        );
         times.push(t.elapsed());
         tk(&dir, &["group", "rm", &name, "--wait"]);
     }
@@ -92,12 +129,24 @@ fn main() {
     );
 
     let t = Instant::now();
-    tk(&dir, &["group", "create", "ten", "--image", "tiny", "--count", "10", "--memory", "128M", "--net", "bench", "--wait"]);
+    tk(
+        &dir,
+        &[
+            "group", "create", "ten", "--image", "tiny", "--count", "10", "--memory", "128M",
+            "--net", "bench", "--wait",
+        ],
+    );
     let ten = t.elapsed();
-    println!("group of 10 from one image → all running: {:.0} ms", ten.as_secs_f64() * 1e3);
+    println!(
+        "group of 10 from one image → all running: {:.0} ms",
+        ten.as_secs_f64() * 1e3
+    );
     let t = Instant::now();
     tk(&dir, &["group", "rm", "ten", "--wait"]);
-    println!("group of 10 → removed (domains, disks, seeds, addresses): {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "group of 10 → removed (domains, disks, seeds, addresses): {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     tk(&dir, &["net", "rm", "bench", "--wait"]);
     tk(&dir, &["image", "rm", "tiny"]);
     drop(serve);

@@ -176,7 +176,9 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
 
 fn inode(p: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(p).ok().map(|m| (m.dev(), m.ino()))
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {

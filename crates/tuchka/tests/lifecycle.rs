@@ -111,6 +111,36 @@ fn single_host_cloud_end_to_end() {
             "console of {vm} shows the guest's markers"
         );
     }
+    // DNS on the gateway: <vm>.<net> and the short name resolve to the reserved addresses.
+    let gateway: std::net::Ipv4Addr = net["gateway"]
+        .as_str()
+        .expect("gateway")
+        .parse()
+        .expect("ip");
+    assert_eq!(common::dns_a(gateway, "web-1.lan"), Some(c.ip("web-1")));
+    assert_eq!(common::dns_a(gateway, "web-2"), Some(c.ip("web-2")));
+    assert_eq!(common::dns_a(gateway, "nope.lan"), None);
+
+    // Root disks are thin qcow2 overlays on the host's cached image, grown to --disk.
+    let id = c.vm("web-0")["id"].as_str().expect("id").to_string();
+    let root_disk = c.dir.join("pool/vms").join(&id).join("root.qcow2");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&root_disk)
+        .output()
+        .expect("qemu-img info");
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+    let cached = c
+        .dir
+        .join("pool/images")
+        .join(format!("{}.qcow2", img["sha256"].as_str().expect("sha")));
+    assert_eq!(info["backing-filename"].as_str(), cached.to_str(), "{info}");
+    assert_eq!(info["virtual-size"], 1u64 << 30);
+    assert!(
+        std::fs::metadata(&root_disk).expect("disk").len() < 8 << 20,
+        "an overlay, not a copy"
+    );
+
     // The table view names every VM with its address.
     let table = c.ok(&["vm", "list"]).out;
     assert!(
@@ -249,7 +279,8 @@ fn single_host_cloud_end_to_end() {
     c.ok(&["net", "rm", "lan", "--wait"]);
     assert!(!link_exists(&bridge), "bridge {bridge} should be gone");
     // A killed daemon may linger as a zombie until PID 1 reaps it; its cmdline is then empty.
-    let cmdline = std::fs::read_to_string(format!("/proc/{dnsmasq_pid}/cmdline")).unwrap_or_default();
+    let cmdline =
+        std::fs::read_to_string(format!("/proc/{dnsmasq_pid}/cmdline")).unwrap_or_default();
     assert!(
         !dnsmasq_pid.is_empty() && !cmdline.contains("dnsmasq"),
         "dnsmasq should be gone"

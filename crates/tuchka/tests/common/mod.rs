@@ -375,3 +375,43 @@ pub fn domains_with_prefix(prefix: &str) -> Vec<String> {
 pub fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
+
+/// Ask the DNS server at `server` for the A record of `name` (one UDP query, 2 s timeout).
+pub fn dns_a(server: Ipv4Addr, name: &str) -> Option<Ipv4Addr> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    sock.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    sock.send_to(&q, (server, 53)).ok()?;
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).ok()?;
+    let r = &buf[..n];
+    let answers = u16::from_be_bytes([*r.get(6)?, *r.get(7)?]);
+    if r.get(3)? & 0x0f != 0 || answers == 0 {
+        return None;
+    }
+    // Skip the question, then walk the answers for the first A record.
+    let mut i = q.len();
+    for _ in 0..answers {
+        if r.get(i)? & 0xc0 == 0xc0 {
+            i += 2;
+        } else {
+            while *r.get(i)? != 0 {
+                i += 1 + *r.get(i)? as usize;
+            }
+            i += 1;
+        }
+        let rtype = u16::from_be_bytes([*r.get(i)?, *r.get(i + 1)?]);
+        let len = u16::from_be_bytes([*r.get(i + 8)?, *r.get(i + 9)?]) as usize;
+        i += 10;
+        if rtype == 1 && len == 4 {
+            return Some(Ipv4Addr::new(r[i], r[i + 1], r[i + 2], r[i + 3]));
+        }
+        i += len;
+    }
+    None
+}
