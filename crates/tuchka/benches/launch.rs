@@ -72,6 +72,8 @@ fn main() {
             "tcg",
             "--host-name",
             "bench",
+            "--cpu-overcommit",
+            "8",
             "--data-dir",
         ])
         .arg(&dir)

@@ -71,6 +71,15 @@ pub struct ServeArgs {
     /// Seconds without a report before a host is shown down.
     #[arg(long, default_value_t = 15)]
     pub down_after: u64,
+    /// vCPUs the scheduler may promise per logical CPU of a host.
+    #[arg(long, default_value_t = 4.0)]
+    pub cpu_overcommit: f64,
+    /// Memory the scheduler may promise per MiB of host memory (after 512 MiB kept for the host).
+    #[arg(long, default_value_t = 1.0)]
+    pub memory_overcommit: f64,
+    /// Root disk size the scheduler may promise per MiB of storage pool (disks are thin overlays).
+    #[arg(long, default_value_t = 2.0)]
+    pub disk_overcommit: f64,
 }
 
 /// Options of `tuchka agent`.

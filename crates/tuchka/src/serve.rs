@@ -92,6 +92,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = ControllerConfig::new(data_dir.clone());
     config.down_after = Duration::from_secs(args.down_after.max(3));
     config.local_pool = (!args.no_local_agent).then(|| pool.clone());
+    for (flag, v) in [
+        ("--cpu-overcommit", args.cpu_overcommit),
+        ("--memory-overcommit", args.memory_overcommit),
+        ("--disk-overcommit", args.disk_overcommit),
+    ] {
+        if !(v > 0.0 && v <= 64.0) {
+            bail!("{flag} {v} is out of range: use a ratio above 0 and at most 64, e.g. 4");
+        }
+    }
+    config.ratios.cpu = args.cpu_overcommit;
+    config.ratios.memory = args.memory_overcommit;
+    config.ratios.disk = args.disk_overcommit;
     config.long_poll = Duration::from_secs((args.down_after / 3).clamp(1, 10));
     let ctl = Controller::open(config).context("cannot open the controller state")?;
     let sock = data_dir.join("tuchka.sock");
