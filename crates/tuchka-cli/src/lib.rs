@@ -64,7 +64,10 @@ pub async fn run_command_with(
 /// True when stdout was closed by the reader (`tuchka vm list | head -1`): not an error.
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     // A broken pipe while talking to the controller is a real error, not a closed stdout.
-    if err.chain().any(|c| c.downcast_ref::<tuchka_client::ClientError>().is_some()) {
+    if err
+        .chain()
+        .any(|c| c.downcast_ref::<tuchka_client::ClientError>().is_some())
+    {
         return false;
     }
     err.chain().any(|c| {
