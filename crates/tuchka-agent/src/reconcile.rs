@@ -6,7 +6,7 @@
 //! concerns and retried on the next pass.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tuchka_api::agent::{HostDesired, HostReport, NetworkObserved, VmDesired, VmObserved};
@@ -105,63 +105,76 @@ pub fn reconcile(
         .iter()
         .map(|n| (n.name.as_str(), n.mtu))
         .collect();
-    let mut observed = vec![];
-    for want in &desired.vms {
+    // VMs converge independently, a few at a time: starting or destroying a domain takes
+    // libvirt hundreds of milliseconds, mostly waiting on qemu.
+    let shared = Mutex::new(std::mem::take(mem));
+    let mut observed: Vec<VmObserved> = parallel_map(&desired.vms, |want| {
         let result = match image_errors.get(&want.image_sha256) {
             Some(why) => Err(format!("image not available on this host: {why}")),
             None => converge_vm(
                 parts,
                 want,
                 domains.get(&want.id).map(|d| &d.state),
-                mem,
+                &shared,
                 &mtus,
             ),
         };
-        let state_now = parts
-            .hypervisor
-            .list()
-            .ok()
-            .and_then(|l| l.into_iter().find(|d| d.vm_id == want.id))
-            .map(|d| d.state);
         let (state, error) = match result {
-            Ok(()) => (observed_state(want, state_now.as_ref()), None),
+            Ok(state_now) => (observed_state(want, state_now.as_ref()), None),
             Err(e) => {
                 tracing::warn!(vm = %want.name, error = %e, "vm not converged");
                 (VmState::Error, Some(e))
             }
         };
-        if !matches!(state, VmState::Running | VmState::Paused | VmState::Stopped) {
-            settled = false;
-        }
-        observed.push(VmObserved {
+        let reboot_seq = lock(&shared)
+            .reboot_done
+            .get(&want.id)
+            .copied()
+            .unwrap_or(0);
+        VmObserved {
             id: want.id.clone(),
             state,
             error,
-            reboot_seq: mem.reboot_done.get(&want.id).copied().unwrap_or(0),
-        });
+            reboot_seq,
+        }
+    });
+    *mem = shared.into_inner().unwrap_or_else(|p| p.into_inner());
+    if observed.iter().any(|o| {
+        !matches!(
+            o.state,
+            VmState::Running | VmState::Paused | VmState::Stopped
+        )
+    }) {
+        settled = false;
     }
 
     // Remove what is not desired: domains, then their directories.
     let wanted: HashSet<&str> = desired.vms.iter().map(|v| v.id.as_str()).collect();
-    for d in domains
+    let unwanted: Vec<&DomainInfo> = domains
         .values()
         .filter(|d| !wanted.contains(d.vm_id.as_str()))
-    {
+        .collect();
+    let failed_removals = parallel_map(&unwanted, |d| {
         let gone = parts
             .hypervisor
             .undefine(&d.name)
             .and_then(|_| parts.storage.remove_vm(&d.vm_id));
-        if let Err(e) = gone {
+        gone.err().map(|e| {
             tracing::warn!(domain = %d.name, error = %e, "cannot remove domain");
-            observed.push(VmObserved {
+            VmObserved {
                 id: d.vm_id.clone(),
                 state: VmState::Stopping,
                 error: Some(e.to_string()),
                 reboot_seq: 0,
-            });
-            settled = false;
-        }
+            }
+        })
+    });
+    for d in &unwanted {
         forget(mem, &d.vm_id);
+    }
+    for f in failed_removals.into_iter().flatten() {
+        observed.push(f);
+        settled = false;
     }
     if let Ok(dirs) = parts.storage.vm_dirs() {
         for id in dirs
@@ -246,28 +259,26 @@ fn forget(mem: &mut Memory, id: &str) {
 }
 
 /// Take the next action for one VM (several in a row while they are quick: create → start →
-/// suspend). Errors come back as the message to report.
+/// suspend). Returns the domain's state afterwards; errors come back as the message to report.
 fn converge_vm(
     parts: &HostParts,
     want: &VmDesired,
     state: Option<&tuchka_host::DomainState>,
-    mem: &mut Memory,
+    mem: &Mutex<Memory>,
     mtus: &HashMap<&str, u32>,
-) -> Result<(), String> {
+) -> Result<Option<tuchka_host::DomainState>, String> {
     if want.power != tuchka_api::PowerState::Stopped {
-        mem.shutdown_since.remove(&want.id);
-        mem.shutdown_last.remove(&want.id);
+        let mut m = lock(mem);
+        m.shutdown_since.remove(&want.id);
+        m.shutdown_last.remove(&want.id);
     }
     let mut state = state.cloned();
     for _ in 0..4 {
-        let action = next_action(want, state.as_ref(), &mem.vm(&want.id));
+        let action = next_action(want, state.as_ref(), &lock(mem).vm(&want.id));
         if action == Action::None {
-            return Ok(());
+            break;
         }
         apply(parts, want, action, mem, mtus).map_err(|e| e.to_string())?;
-        if matches!(action, Action::Shutdown | Action::Reboot) {
-            return Ok(()); // the guest acts on its own time
-        }
         state = parts
             .hypervisor
             .list()
@@ -275,15 +286,50 @@ fn converge_vm(
             .into_iter()
             .find(|d| d.vm_id == want.id)
             .map(|d| d.state);
+        if matches!(action, Action::Shutdown | Action::Reboot) {
+            break; // the guest acts on its own time
+        }
     }
-    Ok(())
+    Ok(state)
+}
+
+/// Workers per reconcile pass.
+const PARALLEL: usize = 4;
+
+/// `f` over `items` on up to [`PARALLEL`] threads; results in input order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if items.len() <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..PARALLEL.min(items.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let r = f(item);
+                lock(&results)[i] = Some(r);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn apply(
     parts: &HostParts,
     want: &VmDesired,
     action: Action,
-    mem: &mut Memory,
+    mem: &Mutex<Memory>,
     mtus: &HashMap<&str, u32>,
 ) -> Result<(), HostError> {
     let hv = &parts.hypervisor;
@@ -296,20 +342,24 @@ fn apply(
         Action::Resume => hv.resume(&want.domain),
         Action::Destroy => {
             hv.destroy(&want.domain)?;
-            mem.shutdown_since.remove(&want.id);
-            mem.shutdown_last.remove(&want.id);
+            let mut m = lock(mem);
+            m.shutdown_since.remove(&want.id);
+            m.shutdown_last.remove(&want.id);
             Ok(())
         }
         Action::Shutdown => {
             hv.shutdown(&want.domain)?;
             let now = Instant::now();
-            mem.shutdown_since.entry(want.id.clone()).or_insert(now);
-            mem.shutdown_last.insert(want.id.clone(), now);
+            let mut m = lock(mem);
+            m.shutdown_since.entry(want.id.clone()).or_insert(now);
+            m.shutdown_last.insert(want.id.clone(), now);
             Ok(())
         }
         Action::Reboot => {
             hv.reboot(&want.domain)?;
-            mem.reboot_done.insert(want.id.clone(), want.reboot_seq);
+            lock(mem)
+                .reboot_done
+                .insert(want.id.clone(), want.reboot_seq);
             Ok(())
         }
     }

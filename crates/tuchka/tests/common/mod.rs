@@ -124,6 +124,11 @@ impl Run {
 impl Cloud {
     /// Start `tuchka serve` in a fresh data directory with TCG guests.
     pub fn start(tag: &str) -> Cloud {
+        Self::start_with(tag, &["--accel", "tcg"])
+    }
+
+    /// Start `tuchka serve` with these arguments (after `--data-dir` and `--host-name`).
+    pub fn start_with(tag: &str, serve_args: &[&str]) -> Cloud {
         require_host();
         let dir = PathBuf::from(format!("/var/tmp/tuchka-test-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -136,7 +141,7 @@ impl Cloud {
             domains: Default::default(),
             bridges: Default::default(),
         };
-        c.spawn_serve(&["--accel", "tcg"]);
+        c.spawn_serve(serve_args);
         c
     }
 
@@ -337,6 +342,33 @@ impl Drop for Cloud {
         }
         for b in self.bridges.borrow().iter() {
             let _ = Command::new("ip").args(["link", "del", b]).output();
+        }
+        // The cloud's firewall table (inet tk_<cloud8>) if it still names one of our bridges.
+        let tables = Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for t in tables
+            .lines()
+            .filter_map(|l| l.strip_prefix("table inet "))
+            .filter(|t| t.starts_with("tk_"))
+        {
+            let body = Command::new("nft")
+                .args(["list", "table", "inet", t])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            if self
+                .bridges
+                .borrow()
+                .iter()
+                .any(|b| body.contains(&format!("\"{b}\"")))
+            {
+                let _ = Command::new("nft")
+                    .args(["delete", "table", "inet", t])
+                    .output();
+            }
         }
         if std::env::var_os("TUCHKA_KEEP_TEST_DIR").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
