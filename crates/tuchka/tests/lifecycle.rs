@@ -241,6 +241,11 @@ fn single_host_cloud_end_to_end() {
         );
     }
 
+    // stop --force powers off at once.
+    c.ok(&["vm", "stop", "web-1", "--force", "--wait"]);
+    assert_eq!(state(&c, "web-1"), "stopped");
+    assert_eq!(http_get(c.ip("web-1"), 80), None);
+
     // image rm and net rm are refused while in use.
     let err = c.fails(&["image", "rm", "tiny"]);
     assert!(err.contains("used by") && err.contains("web"), "{err}");
