@@ -458,6 +458,10 @@ mod tests {
             gateway_here: true,
             mtu: 1450,
             hosts: vec![],
+            nat: false,
+            ingress: vec![],
+            egress: vec![],
+            forwards: vec![],
         }
     }
 

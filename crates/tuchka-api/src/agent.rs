@@ -53,6 +53,9 @@ pub struct HostFacts {
     pub accel: String,
     /// Why this accelerator (e.g. "KVM test guest did not run within 5 s").
     pub accel_reason: String,
+    /// TCP and UDP ports something listens on (on any address) of this host: forwards refuse them.
+    #[serde(default)]
+    pub listening_ports: Vec<u16>,
 }
 
 /// Everything one host must converge to.
@@ -139,6 +142,72 @@ pub struct NetworkDesired {
     pub mtu: u32,
     /// DHCP reservations and DNS names, one per VM NIC.
     pub hosts: Vec<DhcpHost>,
+    /// Outbound NAT: VMs reach the outside through the host (masquerade). Without it nothing
+    /// from this network is routed out (except replies and traffic to networks whose rules allow it).
+    #[serde(default)]
+    pub nat: bool,
+    /// Inbound allow rules for traffic entering this network from anywhere else (outside the
+    /// cloud, or other networks). Same-network traffic is always allowed.
+    #[serde(default)]
+    pub ingress: Vec<IngressRule>,
+    /// Outbound rules, evaluated in order before the NAT default (first match wins).
+    #[serde(default)]
+    pub egress: Vec<EgressRule>,
+    /// Port forwards from this host's addresses to VMs of this network (gateway host only).
+    #[serde(default)]
+    pub forwards: Vec<ForwardDesired>,
+}
+
+/// Protocol and destination ports a rule matches.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortMatch {
+    /// `tcp`, `udp`, `icmp` or `any`.
+    pub proto: String,
+    /// First destination port (tcp/udp; None = every port).
+    pub port_from: Option<u16>,
+    /// Last destination port (inclusive).
+    pub port_to: Option<u16>,
+}
+
+/// An inbound allow rule, resolved to addresses by the controller.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct IngressRule {
+    /// Rule id (for counters and messages).
+    pub id: String,
+    /// What it matches.
+    pub matches: PortMatch,
+    /// Source CIDRs (a group resolves to its VMs' /32s; empty = nothing matches).
+    pub sources: Vec<String>,
+    /// Destination addresses in this network (/32s of a group), empty = the whole network.
+    pub targets: Vec<String>,
+}
+
+/// An outbound rule.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct EgressRule {
+    /// Rule id.
+    pub id: String,
+    /// `allow` or `deny`.
+    pub action: String,
+    /// What it matches.
+    pub matches: PortMatch,
+    /// Destination CIDRs.
+    pub destinations: Vec<String>,
+}
+
+/// One port forward.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ForwardDesired {
+    /// Forward id.
+    pub id: String,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// Port on the host's addresses.
+    pub host_port: u16,
+    /// VM address.
+    pub vm_ip: String,
+    /// Port on the VM.
+    pub vm_port: u16,
 }
 
 /// One DHCP reservation.

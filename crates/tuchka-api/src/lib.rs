@@ -128,6 +128,15 @@ pub struct Network {
     pub addresses: Vec<VmAddress>,
     /// Last error reported by a host, if any.
     pub error: Option<String>,
+    /// Outbound NAT through the host.
+    #[serde(default)]
+    pub nat: bool,
+    /// Access rules.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Port forwards.
+    #[serde(default)]
+    pub forwards: Vec<Forward>,
 }
 
 /// Create a network.
@@ -138,6 +147,104 @@ pub struct NetworkCreate {
     pub name: String,
     /// IPv4 CIDR, prefix length 16..=29.
     pub cidr: String,
+    /// Gateway address inside the CIDR (default: its first usable address).
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// Outbound NAT: VMs reach the outside through the host. Without it there is no route out.
+    #[serde(default)]
+    pub nat: bool,
+}
+
+/// An access rule of a network.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Rule {
+    /// Id (use it with `rule rm`).
+    pub id: String,
+    /// Network it belongs to.
+    pub network: String,
+    /// `in` (traffic into the network) or `out` (traffic leaving it).
+    pub direction: String,
+    /// `allow` or `deny` (`deny` only for `out`).
+    pub action: String,
+    /// Protocol and ports: `tcp:80`, `tcp:8000-8100`, `udp:53`, `icmp`, `any`.
+    pub spec: String,
+    /// in: source CIDR.
+    pub from: Option<String>,
+    /// in: source group (its VMs' addresses, on any network).
+    pub from_group: Option<String>,
+    /// in: source network (its CIDR).
+    pub from_network: Option<String>,
+    /// in: only the VMs of this group on this network (default: every VM of the network).
+    pub to_group: Option<String>,
+    /// out: destination CIDR.
+    pub to: Option<String>,
+    /// When it was added.
+    pub created_at: String,
+}
+
+/// Add an access rule. Exactly one of `from`, `from_group`, `from_network` for `in` rules.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleCreate {
+    /// `in` (default) or `out`.
+    #[serde(default)]
+    pub direction: Option<String>,
+    /// `allow` (default) or `deny` (`out` only).
+    #[serde(default)]
+    pub action: Option<String>,
+    /// Protocol and ports: `tcp:80`, `tcp:8000-8100`, `udp:53`, `icmp`, `any`.
+    pub spec: String,
+    /// in: source CIDR, e.g. `0.0.0.0/0`.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// in: source group.
+    #[serde(default)]
+    pub from_group: Option<String>,
+    /// in: source network.
+    #[serde(default)]
+    pub from_network: Option<String>,
+    /// in: restrict to the VMs of this group.
+    #[serde(default)]
+    pub to_group: Option<String>,
+    /// out: destination CIDR (default `0.0.0.0/0`).
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// A port forward: host address:port → VM:port.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Forward {
+    /// Id (use it with `forward rm`).
+    pub id: String,
+    /// Network of the VM.
+    pub network: String,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// Port on the gateway host's addresses.
+    pub host_port: u16,
+    /// Target VM.
+    pub vm: String,
+    /// Its address on the network.
+    pub vm_ip: String,
+    /// Port on the VM.
+    pub vm_port: u16,
+    /// Host that forwards (the network's gateway host).
+    pub host: Option<String>,
+    /// When it was added.
+    pub created_at: String,
+}
+
+/// Add a port forward.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardCreate {
+    /// Port on the host, 1..=65535 (reserved and taken ports are refused).
+    pub host_port: u16,
+    /// Target as `VM:PORT`, e.g. `web-0:80`.
+    pub to: String,
+    /// `tcp` (default) or `udp`.
+    #[serde(default)]
+    pub proto: Option<String>,
 }
 
 /// One address of a VM on a network.

@@ -140,10 +140,22 @@ pub enum NetCmd {
         /// IPv4 CIDR, e.g. 10.80.0.0/24 (prefix 16..=29).
         #[arg(long)]
         cidr: String,
+        /// Gateway address inside the CIDR [default: its first usable address].
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Outbound NAT: VMs reach the outside through the host (without it: no route out).
+        #[arg(long)]
+        nat: bool,
         /// Follow the operation until it finishes.
         #[arg(long)]
         wait: bool,
     },
+    /// Access rules: what may enter or leave the network.
+    #[command(subcommand)]
+    Rule(RuleCmd),
+    /// Port forwards: host address:port → VM:port.
+    #[command(subcommand)]
+    Forward(ForwardCmd),
     /// List networks.
     #[command(visible_alias = "ls")]
     List,
@@ -160,6 +172,87 @@ pub enum NetCmd {
         /// Follow the operation until it finishes.
         #[arg(long)]
         wait: bool,
+    },
+}
+
+/// `net rule …`
+#[derive(Debug, Clone, Subcommand)]
+pub enum RuleCmd {
+    /// Add a rule: --allow SPEC with one source (inbound), or --allow-out / --deny-out SPEC.
+    Add {
+        /// Network name.
+        network: String,
+        /// Allow inbound traffic: tcp:80, tcp:8000-8100, udp:53, icmp or any.
+        #[arg(long, value_name = "SPEC")]
+        allow: Option<String>,
+        /// Allow outbound traffic (first matching outbound rule wins).
+        #[arg(long, value_name = "SPEC")]
+        allow_out: Option<String>,
+        /// Deny outbound traffic.
+        #[arg(long, value_name = "SPEC")]
+        deny_out: Option<String>,
+        /// Inbound source CIDR or address, e.g. 0.0.0.0/0 or 203.0.113.0/24.
+        #[arg(long, value_name = "CIDR")]
+        from: Option<String>,
+        /// Inbound source: the VMs of this group (on any network).
+        #[arg(long, value_name = "GROUP")]
+        from_group: Option<String>,
+        /// Inbound source: every address of this network.
+        #[arg(long, value_name = "NETWORK")]
+        from_net: Option<String>,
+        /// Inbound: only to the VMs of this group [default: every VM of the network].
+        #[arg(long, value_name = "GROUP")]
+        to_group: Option<String>,
+        /// Outbound destination CIDR [default: 0.0.0.0/0].
+        #[arg(long, value_name = "CIDR")]
+        to: Option<String>,
+    },
+    /// List the rules of a network.
+    #[command(visible_alias = "ls")]
+    List {
+        /// Network name.
+        network: String,
+    },
+    /// Remove a rule.
+    #[command(visible_alias = "delete")]
+    Rm {
+        /// Network name.
+        network: String,
+        /// Rule id (see: net rule list).
+        id: String,
+    },
+}
+
+/// `net forward …`
+#[derive(Debug, Clone, Subcommand)]
+pub enum ForwardCmd {
+    /// Forward a port of the network's gateway host to a VM.
+    Add {
+        /// Network name.
+        network: String,
+        /// Port on the host.
+        #[arg(long)]
+        host_port: u16,
+        /// Target VM:PORT, e.g. web-0:80.
+        #[arg(long, value_name = "VM:PORT")]
+        to: String,
+        /// Forward UDP instead of TCP.
+        #[arg(long)]
+        udp: bool,
+    },
+    /// List the forwards of a network.
+    #[command(visible_alias = "ls")]
+    List {
+        /// Network name.
+        network: String,
+    },
+    /// Remove a forward.
+    #[command(visible_alias = "delete")]
+    Rm {
+        /// Network name.
+        network: String,
+        /// Forward id (see: net forward list).
+        id: String,
     },
 }
 

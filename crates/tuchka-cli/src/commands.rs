@@ -14,13 +14,14 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tuchka_api::{
-    CheckItem, Group, GroupCreate, GroupScale, Host, Image, Network, NetworkCreate, Operation, Vm,
-    VmStop,
+    CheckItem, Forward, ForwardCreate, Group, GroupCreate, GroupScale, Host, Image, Network,
+    NetworkCreate, Operation, Rule, RuleCreate, Vm, VmStop,
 };
 use tuchka_client::{segment, Client, Endpoint, DEFAULT_SOCKET};
 
 use crate::args::{
-    Command, GlobalOpts, GroupCmd, GroupCreateArgs, HostCmd, ImageCmd, NetCmd, OpCmd, Output, VmCmd,
+    Command, ForwardCmd, GlobalOpts, GroupCmd, GroupCreateArgs, HostCmd, ImageCmd, NetCmd, OpCmd,
+    Output, RuleCmd, VmCmd,
 };
 use crate::render;
 use crate::report::{format_lines, operation_failure_lines};
@@ -180,11 +181,24 @@ async fn upload(ctx: &mut Ctx<'_>, name: &str, file: &Path) -> anyhow::Result<Im
 
 async fn net(ctx: &mut Ctx<'_>, cmd: NetCmd) -> anyhow::Result<i32> {
     match cmd {
-        NetCmd::Create { name, cidr, wait } => {
-            let body = NetworkCreate { name, cidr };
+        NetCmd::Create {
+            name,
+            cidr,
+            gateway,
+            nat,
+            wait,
+        } => {
+            let body = NetworkCreate {
+                name,
+                cidr,
+                gateway,
+                nat,
+            };
             let op: Operation = ctx.client.post("/v1/networks", &body).await?;
             follow(ctx, op, wait).await
         }
+        NetCmd::Rule(cmd) => rule(ctx, cmd).await,
+        NetCmd::Forward(cmd) => forward(ctx, cmd).await,
         NetCmd::List => {
             let nets: Vec<Network> = ctx.client.get("/v1/networks").await?;
             ctx.show(&nets, |n| render::network_table(n))?;
@@ -376,6 +390,106 @@ async fn check(ctx: &mut Ctx<'_>) -> anyhow::Result<i32> {
 }
 
 /// `/v1/{kind}/{name}` with the name percent-encoded.
+async fn rule(ctx: &mut Ctx<'_>, cmd: RuleCmd) -> anyhow::Result<i32> {
+    match cmd {
+        RuleCmd::Add {
+            network,
+            allow,
+            allow_out,
+            deny_out,
+            from,
+            from_group,
+            from_net,
+            to_group,
+            to,
+        } => {
+            let (direction, action, spec) = match (allow, allow_out, deny_out) {
+                (Some(s), None, None) => ("in", "allow", s),
+                (None, Some(s), None) => ("out", "allow", s),
+                (None, None, Some(s)) => ("out", "deny", s),
+                _ => bail!("give exactly one of --allow SPEC, --allow-out SPEC or --deny-out SPEC"),
+            };
+            let body = RuleCreate {
+                direction: Some(direction.into()),
+                action: Some(action.into()),
+                spec,
+                from,
+                from_group,
+                from_network: from_net,
+                to_group,
+                to,
+            };
+            let r: Rule = ctx
+                .client
+                .post(&format!("{}/rules", object("networks", &network)), &body)
+                .await?;
+            ctx.show(&r, |r| render::rule_table(std::slice::from_ref(r)))?;
+        }
+        RuleCmd::List { network } => {
+            let rules: Vec<Rule> = ctx
+                .client
+                .get(&format!("{}/rules", object("networks", &network)))
+                .await?;
+            ctx.show(&rules, |r| render::rule_table(r))?;
+        }
+        RuleCmd::Rm { network, id } => {
+            ctx.client
+                .delete_empty(&format!(
+                    "{}/rules/{}",
+                    object("networks", &network),
+                    segment(&id)
+                ))
+                .await?;
+            if ctx.output == Output::Table {
+                ctx.print(&format!("rule {id} removed from network {network}\n"))?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn forward(ctx: &mut Ctx<'_>, cmd: ForwardCmd) -> anyhow::Result<i32> {
+    match cmd {
+        ForwardCmd::Add {
+            network,
+            host_port,
+            to,
+            udp,
+        } => {
+            let body = ForwardCreate {
+                host_port,
+                to,
+                proto: Some(if udp { "udp" } else { "tcp" }.into()),
+            };
+            let f: Forward = ctx
+                .client
+                .post(&format!("{}/forwards", object("networks", &network)), &body)
+                .await?;
+            ctx.show(&f, |f| render::forward_table(std::slice::from_ref(f)))?;
+        }
+        ForwardCmd::List { network } => {
+            let fs: Vec<Forward> = ctx
+                .client
+                .get(&format!("{}/forwards", object("networks", &network)))
+                .await?;
+            ctx.show(&fs, |f| render::forward_table(f))?;
+        }
+        ForwardCmd::Rm { network, id } => {
+            ctx.client
+                .delete_empty(&format!(
+                    "{}/forwards/{}",
+                    object("networks", &network),
+                    segment(&id)
+                ))
+                .await?;
+            if ctx.output == Output::Table {
+                ctx.print(&format!("forward {id} removed from network {network}\n"))?;
+            }
+        }
+    }
+    Ok(0)
+}
+
 fn object(kind: &str, name: &str) -> String {
     format!("/v1/{kind}/{}", segment(name))
 }

@@ -4,7 +4,7 @@
 //! the views are unit-tested. Columns are separated by two spaces, padded by character count,
 //! with no trailing whitespace.
 
-use tuchka_api::{CheckItem, Group, Host, Image, Network, Operation, Vm, VmAddress};
+use tuchka_api::{CheckItem, Forward, Group, Host, Image, Network, Operation, Rule, Vm, VmAddress};
 
 use crate::size::{format_bytes, format_mib};
 
@@ -183,8 +183,24 @@ pub fn network_detail(n: &Network) -> String {
         ("bridge", n.bridge.clone()),
         ("state", n.state.clone()),
         ("gateway host", or_none(n.gateway_host.as_deref())),
+        (
+            "nat",
+            if n.nat {
+                "yes (outbound through the host)".into()
+            } else {
+                "no (no route out)".into()
+            },
+        ),
         ("error", or_none(n.error.as_deref())),
     ]);
+    if !n.rules.is_empty() {
+        out.push_str("\nrules:\n");
+        out.push_str(&rule_table(&n.rules));
+    }
+    if !n.forwards.is_empty() {
+        out.push_str("\nforwards:\n");
+        out.push_str(&forward_table(&n.forwards));
+    }
     if !n.addresses.is_empty() {
         out.push('\n');
         let rows: Vec<Vec<String>> = n
@@ -195,6 +211,57 @@ pub fn network_detail(n: &Network) -> String {
         out.push_str(&table(&["IP", "MAC", "VM"], &rows));
     }
     out
+}
+
+/// `net rule list`.
+pub fn rule_table(rules: &[Rule]) -> String {
+    let rows: Vec<Vec<String>> = rules
+        .iter()
+        .map(|r| {
+            let peer = if r.direction == "in" {
+                r.from
+                    .clone()
+                    .or_else(|| r.from_group.as_ref().map(|g| format!("group {g}")))
+                    .or_else(|| r.from_network.as_ref().map(|n| format!("network {n}")))
+                    .unwrap_or_else(|| "-".into())
+            } else {
+                r.to.clone().unwrap_or_else(|| "0.0.0.0/0".into())
+            };
+            let target = match (&r.direction[..], &r.to_group) {
+                ("in", Some(g)) => format!("group {g}"),
+                ("in", None) => "all VMs".into(),
+                _ => "-".into(),
+            };
+            vec![
+                r.id.clone(),
+                r.direction.clone(),
+                r.action.clone(),
+                r.spec.clone(),
+                peer,
+                target,
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "DIR", "ACTION", "MATCH", "FROM/TO", "TARGET"],
+        &rows,
+    )
+}
+
+/// `net forward list`.
+pub fn forward_table(forwards: &[Forward]) -> String {
+    let rows: Vec<Vec<String>> = forwards
+        .iter()
+        .map(|f| {
+            vec![
+                f.id.clone(),
+                f.proto.clone(),
+                format!("{}:{}", or_none(f.host.as_deref()), f.host_port),
+                format!("{}:{} ({})", f.vm, f.vm_port, f.vm_ip),
+            ]
+        })
+        .collect();
+    table(&["ID", "PROTO", "HOST PORT", "TO"], &rows)
 }
 
 /// `group list`.

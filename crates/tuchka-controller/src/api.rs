@@ -20,8 +20,8 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tuchka_api::agent::{HostDesired, HostRegister, HostRegistered, HostReport};
 use tuchka_api::{
-    ApiError, Group, GroupCreate, GroupScale, Host, Image, Network, NetworkCreate, Operation, Vm,
-    VmStop,
+    ApiError, Forward, ForwardCreate, Group, GroupCreate, GroupScale, Host, Image, Network,
+    NetworkCreate, Operation, Rule, RuleCreate, Vm, VmStop,
 };
 
 use crate::error::{Error, Result};
@@ -52,6 +52,19 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
         .route(
             "/v1/networks/{name}",
             get(get_network).delete(delete_network),
+        )
+        .route("/v1/networks/{name}/rules", get(list_rules).post(add_rule))
+        .route(
+            "/v1/networks/{name}/rules/{id}",
+            axum::routing::delete(delete_rule),
+        )
+        .route(
+            "/v1/networks/{name}/forwards",
+            get(list_forwards).post(add_forward),
+        )
+        .route(
+            "/v1/networks/{name}/forwards/{id}",
+            axum::routing::delete(delete_forward),
         )
         .route("/v1/groups", get(list_groups).post(create_group))
         .route("/v1/groups/{name}", get(get_group).delete(delete_group))
@@ -221,6 +234,76 @@ pub async fn delete_network(
     blocking(move || service::delete_network(&ctl, &name))
         .await
         .map(accepted)
+}
+
+/// Access rules of a network.
+#[utoipa::path(get, path = "/v1/networks/{name}/rules", responses((status = 200, body = Vec<Rule>), (status = 404, body = ApiError)))]
+pub async fn list_rules(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<Rule>>> {
+    blocking(move || crate::netrules::list_rules(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// Add an access rule; hosts apply it within a second, without restarting anything.
+#[utoipa::path(post, path = "/v1/networks/{name}/rules", request_body = RuleCreate,
+    responses((status = 201, body = Rule), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn add_rule(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    Json(req): Json<RuleCreate>,
+) -> Result<(StatusCode, Json<Rule>)> {
+    blocking(move || crate::netrules::add_rule(&ctl, &name, req))
+        .await
+        .map(|r| (StatusCode::CREATED, Json(r)))
+}
+
+/// Remove an access rule.
+#[utoipa::path(delete, path = "/v1/networks/{name}/rules/{id}", responses((status = 204), (status = 404, body = ApiError)))]
+pub async fn delete_rule(
+    State(ctl): State<Controller>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    blocking(move || crate::netrules::delete_rule(&ctl, &name, &id))
+        .await
+        .map(|_| StatusCode::NO_CONTENT)
+}
+
+/// Port forwards of a network.
+#[utoipa::path(get, path = "/v1/networks/{name}/forwards", responses((status = 200, body = Vec<Forward>), (status = 404, body = ApiError)))]
+pub async fn list_forwards(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<Forward>>> {
+    blocking(move || crate::netrules::list_forwards(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// Add a port forward host:port → vm:port.
+#[utoipa::path(post, path = "/v1/networks/{name}/forwards", request_body = ForwardCreate,
+    responses((status = 201, body = Forward), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn add_forward(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    Json(req): Json<ForwardCreate>,
+) -> Result<(StatusCode, Json<Forward>)> {
+    blocking(move || crate::netrules::add_forward(&ctl, &name, req))
+        .await
+        .map(|f| (StatusCode::CREATED, Json(f)))
+}
+
+/// Remove a port forward.
+#[utoipa::path(delete, path = "/v1/networks/{name}/forwards/{id}", responses((status = 204), (status = 404, body = ApiError)))]
+pub async fn delete_forward(
+    State(ctl): State<Controller>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    blocking(move || crate::netrules::delete_forward(&ctl, &name, &id))
+        .await
+        .map(|_| StatusCode::NO_CONTENT)
 }
 
 /// List groups.

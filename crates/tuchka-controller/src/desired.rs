@@ -150,11 +150,19 @@ fn build_desired(
             nics: vm_nics,
             user_data: g.user_data.clone(),
             ssh_keys: g.ssh_keys.clone(),
-            reboot_seq: v.reboot_seq,
+            // Only a pending request: an agent that restarted must not reboot again.
+            reboot_seq: if v.reboot_seq > v.reboot_done {
+                v.reboot_seq
+            } else {
+                0
+            },
             force_stop: v.force_stop,
             stop_timeout_s: v.stop_timeout_s,
         });
     }
+    let rules = db::rules(c)?;
+    let forwards = db::forwards(c)?;
+    let all_networks = db::networks(c)?;
     let mut out_nets: Vec<NetworkDesired> = nets_here
         .iter()
         .filter_map(|name| networks.get(name))
@@ -171,19 +179,28 @@ fn build_desired(
                 })
                 .collect();
             hosts.sort();
+            let gateway_here = n.gateway_host.as_deref() == Some(host_id);
+            let r = crate::netrules::resolve(
+                &n.name,
+                &rules,
+                &forwards,
+                &nics,
+                &all_vms,
+                &all_networks,
+            );
             NetworkDesired {
                 name: n.name.clone(),
                 vni: n.vni,
                 bridge: names::bridge_name(n.vni),
                 cidr: n.cidr.clone(),
-                gateway: n
-                    .cidr
-                    .parse::<tuchka_core::ipam::Cidr>()
-                    .map(|c| c.gateway().to_string())
-                    .unwrap_or_default(),
-                gateway_here: n.gateway_host.as_deref() == Some(host_id),
+                gateway: crate::service::gateway_of(n),
+                gateway_here,
                 mtu: TENANT_MTU,
                 hosts,
+                nat: n.nat,
+                ingress: r.ingress,
+                egress: r.egress,
+                forwards: if gateway_here { r.forwards } else { vec![] },
             }
         })
         .collect();

@@ -7,6 +7,7 @@ pub mod api;
 pub mod desired;
 pub mod error;
 pub mod images;
+pub mod netrules;
 pub mod openapi;
 pub mod ops;
 pub mod service;

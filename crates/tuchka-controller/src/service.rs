@@ -165,10 +165,6 @@ fn network_view(
     n: NetworkRow,
     hosts: &HashMap<String, db::HostRow>,
 ) -> Result<Network> {
-    let cidr: Cidr = n
-        .cidr
-        .parse()
-        .map_err(|e: ipam::IpamError| Error::internal("bad CIDR in database", &e))?;
     let vm_names: HashMap<String, String> =
         db::vms(c)?.into_iter().map(|v| (v.id, v.name)).collect();
     let addresses = db::nics(c)?
@@ -181,8 +177,12 @@ fn network_view(
             vm: vm_names.get(&x.vm_id).cloned(),
         })
         .collect();
+    let (rules, forwards) = crate::netrules::views(c, &n.name, hosts, n.gateway_host.as_deref())?;
     Ok(Network {
-        gateway: cidr.gateway().to_string(),
+        gateway: gateway_of(&n),
+        nat: n.nat,
+        rules,
+        forwards,
         bridge: names::bridge_name(n.vni),
         state: if n.deleting {
             "deleting".into()
@@ -383,6 +383,11 @@ pub fn create_network(ctl: &Controller, req: NetworkCreate) -> Result<Operation>
     name_ok("network", &req.name)?;
     let cidr =
         Cidr::parse_network(&req.cidr).map_err(|e| Error::invalid("InvalidCidr", e.to_string()))?;
+    let gateway = req
+        .gateway
+        .as_deref()
+        .map(|g| check_gateway(&cidr, g))
+        .transpose()?;
     let op = ctl.db().atomic(|c| {
         if db::network(c, &req.name)?.is_some() {
             return Err(Error::conflict(
@@ -413,6 +418,8 @@ pub fn create_network(ctl: &Controller, req: NetworkCreate) -> Result<Operation>
                 error: None,
                 deleting: false,
                 created_at: db::now(),
+                nat: req.nat,
+                gateway: gateway.clone(),
             },
         )?;
         let op = new_op(
@@ -426,6 +433,33 @@ pub fn create_network(ctl: &Controller, req: NetworkCreate) -> Result<Operation>
         Ok::<_, Error>(op)
     })?;
     Ok(started(ctl, op))
+}
+
+/// A gateway given by the user must be a usable address of the network that VMs do not get.
+fn check_gateway(cidr: &Cidr, gateway: &str) -> Result<String> {
+    let ip: Ipv4Addr = gateway.parse().map_err(|_| {
+        Error::invalid(
+            "InvalidGateway",
+            format!("gateway {gateway:?} is not an IPv4 address"),
+        )
+    })?;
+    if !cidr.contains(ip) || ip == cidr.network() || ip == cidr.broadcast() {
+        return Err(Error::invalid(
+            "InvalidGateway",
+            format!("gateway {ip} is outside network {cidr} (or its network/broadcast address): use an address inside it, e.g. {}", cidr.gateway()),
+        ));
+    }
+    Ok(ip.to_string())
+}
+
+/// The gateway address of a network.
+pub fn gateway_of(n: &NetworkRow) -> String {
+    n.gateway.clone().unwrap_or_else(|| {
+        n.cidr
+            .parse::<Cidr>()
+            .map(|c| c.gateway().to_string())
+            .unwrap_or_default()
+    })
 }
 
 fn pick_gateway_host(ctl: &Controller, c: &Connection) -> Result<String> {
@@ -627,6 +661,11 @@ fn add_vms(
     let all_nics = db::nics(c)?;
     let mut used_macs: HashSet<String> = all_nics.iter().map(|n| n.mac.clone()).collect();
     let mut used_ips: HashMap<String, HashSet<Ipv4Addr>> = HashMap::new();
+    for n in db::networks(c)? {
+        if let Ok(gw) = gateway_of(&n).parse() {
+            used_ips.entry(n.name.clone()).or_default().insert(gw);
+        }
+    }
     for n in &all_nics {
         if let Ok(ip) = n.ip.parse() {
             used_ips.entry(n.network.clone()).or_default().insert(ip);

@@ -97,6 +97,29 @@ impl Cidr {
         Ok(net)
     }
 
+    /// Parse a CIDR of any size (`0.0.0.0/0` … `/32`) or a bare address (taken as `/32`), as
+    /// used in access rules; host bits must be zero.
+    pub fn parse_any(s: &str) -> Result<Cidr, IpamError> {
+        let c: Cidr = if s.contains('/') {
+            s.parse()?
+        } else {
+            format!("{s}/32")
+                .parse()
+                .map_err(|_| IpamError::Syntax(s.to_string()))?
+        };
+        let net = Cidr {
+            addr: Ipv4Addr::from(u32::from(c.addr) & c.mask()),
+            prefix: c.prefix,
+        };
+        if net.addr != c.addr {
+            return Err(IpamError::HostBits {
+                given: s.into(),
+                suggested: net.to_string(),
+            });
+        }
+        Ok(net)
+    }
+
     /// Prefix length.
     pub fn prefix(&self) -> u8 {
         self.prefix
@@ -272,6 +295,20 @@ mod tests {
         assert!(e.to_string().contains("too large"));
         let e = Cidr::parse_network("10.80.0.5/24").expect_err("host bits");
         assert!(e.to_string().contains("did you mean 10.80.0.0/24"), "{e}");
+    }
+
+    #[test]
+    fn parses_rule_cidrs() {
+        assert_eq!(
+            Cidr::parse_any("0.0.0.0/0").expect("ok").to_string(),
+            "0.0.0.0/0"
+        );
+        assert_eq!(
+            Cidr::parse_any("203.0.113.7").expect("ok").to_string(),
+            "203.0.113.7/32"
+        );
+        assert!(Cidr::parse_any("203.0.113.7/24").is_err());
+        assert!(Cidr::parse_any("nope").is_err());
     }
 
     #[test]

@@ -6,3 +6,4 @@
 pub mod ipam;
 pub mod names;
 pub mod placement;
+pub mod rules;

@@ -240,6 +240,7 @@ pub fn host_facts(
         disk_free_mib,
         accel: accel.as_str().to_string(),
         accel_reason: accel_reason.to_string(),
+        listening_ports: Vec::new(),
     })
 }
 

@@ -85,6 +85,21 @@ CREATE INDEX vms_host ON vms(host_id);
 CREATE INDEX vms_group ON vms(group_name);
 CREATE INDEX operations_state ON operations(state);
 "#,
+    // 2: networking: NAT, explicit gateways, access rules, port forwards
+    r#"
+ALTER TABLE networks ADD COLUMN nat INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE networks ADD COLUMN gateway TEXT;
+CREATE TABLE rules (
+  id TEXT PRIMARY KEY, network TEXT NOT NULL REFERENCES networks(name), direction TEXT NOT NULL,
+  action TEXT NOT NULL, spec TEXT NOT NULL, from_cidr TEXT, from_group TEXT, from_network TEXT,
+  to_group TEXT, to_cidr TEXT, created_at TEXT NOT NULL);
+CREATE TABLE forwards (
+  id TEXT PRIMARY KEY, network TEXT NOT NULL REFERENCES networks(name), proto TEXT NOT NULL,
+  host_port INTEGER NOT NULL, vm_id TEXT NOT NULL REFERENCES vms(id), vm_port INTEGER NOT NULL,
+  created_at TEXT NOT NULL);
+CREATE INDEX rules_network ON rules(network);
+CREATE INDEX forwards_network ON forwards(network);
+"#,
 ];
 
 /// The open database.

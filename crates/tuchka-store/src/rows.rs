@@ -251,9 +251,14 @@ pub struct NetworkRow {
     pub deleting: bool,
     /// Creation time.
     pub created_at: String,
+    /// Outbound NAT.
+    pub nat: bool,
+    /// Gateway address (None: the first usable address).
+    pub gateway: Option<String>,
 }
 
-const NET_COLS: &str = "name, cidr, vni, gateway_host, state, error, deleting, created_at";
+const NET_COLS: &str =
+    "name, cidr, vni, gateway_host, state, error, deleting, created_at, nat, gateway";
 
 fn net_row(r: &Row) -> rusqlite::Result<NetworkRow> {
     Ok(NetworkRow {
@@ -265,6 +270,8 @@ fn net_row(r: &Row) -> rusqlite::Result<NetworkRow> {
         error: r.get(5)?,
         deleting: r.get(6)?,
         created_at: r.get(7)?,
+        nat: r.get(8)?,
+        gateway: r.get(9)?,
     })
 }
 
@@ -290,7 +297,9 @@ pub fn network(c: &Connection, name: &str) -> Result<Option<NetworkRow>> {
 /// Insert a network.
 pub fn insert_network(c: &Connection, n: &NetworkRow) -> Result<()> {
     c.execute(
-        &format!("INSERT INTO networks ({NET_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+        &format!(
+            "INSERT INTO networks ({NET_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+        ),
         params![
             n.name,
             n.cidr,
@@ -299,7 +308,9 @@ pub fn insert_network(c: &Connection, n: &NetworkRow) -> Result<()> {
             n.state,
             n.error,
             n.deleting,
-            n.created_at
+            n.created_at,
+            n.nat,
+            n.gateway
         ],
     )?;
     Ok(())
@@ -314,9 +325,11 @@ pub fn update_network(c: &Connection, n: &NetworkRow) -> Result<()> {
     Ok(())
 }
 
-/// Delete a network row and its host presence rows.
+/// Delete a network row, its rules, forwards and host presence rows.
 pub fn delete_network(c: &Connection, name: &str) -> Result<()> {
     c.execute("DELETE FROM host_networks WHERE network = ?1", [name])?;
+    c.execute("DELETE FROM rules WHERE network = ?1", [name])?;
+    c.execute("DELETE FROM forwards WHERE network = ?1", [name])?;
     c.execute("DELETE FROM networks WHERE name = ?1", [name])?;
     Ok(())
 }
@@ -626,8 +639,9 @@ pub fn update_vm(c: &Connection, v: &VmRow) -> Result<()> {
     Ok(())
 }
 
-/// Delete a VM and its NICs (releases its addresses).
+/// Delete a VM, its NICs (releases its addresses) and the forwards to it.
 pub fn delete_vm(c: &Connection, id: &str) -> Result<()> {
+    c.execute("DELETE FROM forwards WHERE vm_id = ?1", [id])?;
     c.execute("DELETE FROM nics WHERE vm_id = ?1", [id])?;
     c.execute("DELETE FROM vms WHERE id = ?1", [id])?;
     Ok(())
@@ -686,6 +700,150 @@ pub fn insert_nic(c: &Connection, n: &NicRow) -> Result<()> {
         params![n.vm_id, n.idx, n.network, n.mac, n.ip],
     )?;
     Ok(())
+}
+
+// ---------------------------------------------------------------- rules and forwards
+
+/// An access rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleRow {
+    /// Id.
+    pub id: String,
+    /// Network.
+    pub network: String,
+    /// in / out.
+    pub direction: String,
+    /// allow / deny.
+    pub action: String,
+    /// Canonical spec (`tcp:80`).
+    pub spec: String,
+    /// Source CIDR.
+    pub from_cidr: Option<String>,
+    /// Source group.
+    pub from_group: Option<String>,
+    /// Source network.
+    pub from_network: Option<String>,
+    /// Target group.
+    pub to_group: Option<String>,
+    /// Destination CIDR (out).
+    pub to_cidr: Option<String>,
+    /// Creation time.
+    pub created_at: String,
+}
+
+const RULE_COLS: &str = "id, network, direction, action, spec, from_cidr, from_group, from_network, to_group, to_cidr, created_at";
+
+fn rule_row(r: &Row) -> rusqlite::Result<RuleRow> {
+    Ok(RuleRow {
+        id: r.get(0)?,
+        network: r.get(1)?,
+        direction: r.get(2)?,
+        action: r.get(3)?,
+        spec: r.get(4)?,
+        from_cidr: r.get(5)?,
+        from_group: r.get(6)?,
+        from_network: r.get(7)?,
+        to_group: r.get(8)?,
+        to_cidr: r.get(9)?,
+        created_at: r.get(10)?,
+    })
+}
+
+/// Every rule, in the order they were added.
+pub fn rules(c: &Connection) -> Result<Vec<RuleRow>> {
+    let mut st = c.prepare(&format!(
+        "SELECT {RULE_COLS} FROM rules ORDER BY created_at, rowid"
+    ))?;
+    let rows = st
+        .query_map([], rule_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// Insert a rule.
+pub fn insert_rule(c: &Connection, r: &RuleRow) -> Result<()> {
+    c.execute(
+        &format!(
+            "INSERT INTO rules ({RULE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+        ),
+        params![
+            r.id,
+            r.network,
+            r.direction,
+            r.action,
+            r.spec,
+            r.from_cidr,
+            r.from_group,
+            r.from_network,
+            r.to_group,
+            r.to_cidr,
+            r.created_at
+        ],
+    )?;
+    Ok(())
+}
+
+/// Delete a rule of a network; false if there was none.
+pub fn delete_rule(c: &Connection, network: &str, id: &str) -> Result<bool> {
+    Ok(c.execute(
+        "DELETE FROM rules WHERE network = ?1 AND id = ?2",
+        [network, id],
+    )? > 0)
+}
+
+/// A port forward.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardRow {
+    /// Id.
+    pub id: String,
+    /// Network of the VM.
+    pub network: String,
+    /// tcp / udp.
+    pub proto: String,
+    /// Host port.
+    pub host_port: u16,
+    /// Target VM id.
+    pub vm_id: String,
+    /// Target port.
+    pub vm_port: u16,
+    /// Creation time.
+    pub created_at: String,
+}
+
+/// Every forward.
+pub fn forwards(c: &Connection) -> Result<Vec<ForwardRow>> {
+    let mut st = c.prepare("SELECT id, network, proto, host_port, vm_id, vm_port, created_at FROM forwards ORDER BY created_at, rowid")?;
+    let rows = st
+        .query_map([], |r| {
+            Ok(ForwardRow {
+                id: r.get(0)?,
+                network: r.get(1)?,
+                proto: r.get(2)?,
+                host_port: r.get(3)?,
+                vm_id: r.get(4)?,
+                vm_port: r.get(5)?,
+                created_at: r.get(6)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// Insert a forward.
+pub fn insert_forward(c: &Connection, f: &ForwardRow) -> Result<()> {
+    c.execute(
+        "INSERT INTO forwards (id, network, proto, host_port, vm_id, vm_port, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![f.id, f.network, f.proto, f.host_port, f.vm_id, f.vm_port, f.created_at],
+    )?;
+    Ok(())
+}
+
+/// Delete a forward of a network; false if there was none.
+pub fn delete_forward(c: &Connection, network: &str, id: &str) -> Result<bool> {
+    Ok(c.execute(
+        "DELETE FROM forwards WHERE network = ?1 AND id = ?2",
+        [network, id],
+    )? > 0)
 }
 
 // ---------------------------------------------------------------- operations
@@ -802,6 +960,8 @@ mod tests {
                     error: None,
                     deleting: false,
                     created_at: crate::now(),
+                    nat: false,
+                    gateway: None,
                 },
             )?;
             insert_group(

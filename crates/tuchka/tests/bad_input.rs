@@ -188,6 +188,114 @@ fn bad_networks_groups_and_vms_are_refused_and_change_nothing() {
     }
     let err = c.fails(&["net", "create", "lan", "--cidr", &cidr(1)]);
     assert!(err.contains("already exists"), "{err}");
+    let err = c.fails(&[
+        "net",
+        "create",
+        "gw",
+        "--cidr",
+        &cidr(2),
+        "--gateway",
+        "192.0.2.1",
+    ]);
+    assert!(
+        err.contains("gateway 192.0.2.1 is outside network"),
+        "{err}"
+    );
+
+    // Rules and forwards: bad specs, port ranges, unknown groups are refused and nothing is added.
+    for (args, why) in [
+        (vec!["--allow", "tcp:0"], "invalid port range"),
+        (
+            vec!["--allow", "tcp:90-80", "--from", "0.0.0.0/0"],
+            "invalid port range",
+        ),
+        (
+            vec!["--allow", "tcp:70000", "--from", "0.0.0.0/0"],
+            "invalid port range",
+        ),
+        (
+            vec!["--allow", "http", "--from", "0.0.0.0/0"],
+            "invalid rule",
+        ),
+        (
+            vec!["--allow", "tcp:80", "--from-group", "nope"],
+            "group \"nope\" does not exist",
+        ),
+        (
+            vec![
+                "--allow",
+                "icmp",
+                "--from",
+                "0.0.0.0/0",
+                "--to-group",
+                "nope",
+            ],
+            "group \"nope\" does not exist",
+        ),
+        (vec!["--allow", "tcp:80"], "exactly one source"),
+        (
+            vec!["--allow", "tcp:80", "--from", "10.0.0.5/8"],
+            "not a network address",
+        ),
+    ] {
+        let mut a = vec!["net", "rule", "add", "lan"];
+        a.extend_from_slice(&args);
+        let err = c.fails(&a);
+        assert!(err.contains(why), "{args:?}: expected {why:?} in: {err}");
+    }
+    let err = c.fails(&[
+        "net",
+        "rule",
+        "add",
+        "nope",
+        "--allow",
+        "tcp:80",
+        "--from",
+        "0.0.0.0/0",
+    ]);
+    assert!(err.contains("network \"nope\" not found"), "{err}");
+    let err = c.fails(&[
+        "net",
+        "forward",
+        "add",
+        "lan",
+        "--host-port",
+        "53",
+        "--to",
+        "web-0:80",
+    ]);
+    assert!(err.contains("reserved"), "{err}");
+    let err = c.fails(&[
+        "net",
+        "forward",
+        "add",
+        "lan",
+        "--host-port",
+        "8080",
+        "--to",
+        "web-0",
+    ]);
+    assert!(err.contains("VM:PORT"), "{err}");
+    let err = c.fails(&[
+        "net",
+        "forward",
+        "add",
+        "lan",
+        "--host-port",
+        "8080",
+        "--to",
+        "web-0:80",
+    ]);
+    assert!(err.contains("vm \"web-0\" not found"), "{err}");
+    assert_eq!(
+        c.ok(&["net", "rule", "list", "lan", "-o", "json"]).json(),
+        json!([])
+    );
+    assert_eq!(
+        c.ok(&["net", "forward", "list", "lan", "-o", "json"])
+            .json(),
+        json!([])
+    );
     let err = c.fails(&["net", "create", "x<y", "--cidr", &cidr(1)]);
     assert!(err.contains("invalid network name"), "{err}");
     assert_eq!(
