@@ -148,6 +148,20 @@ pub fn reconcile(
         settled = false;
     }
 
+    // A bridge recreated under running VMs has lost their taps: plug them back.
+    for (want, seen) in desired.vms.iter().zip(&observed) {
+        if matches!(
+            seen.state,
+            VmState::Running | VmState::Paused | VmState::Stopping
+        ) {
+            for nic in &want.nics {
+                if let Err(e) = parts.dataplane.ensure_port(&nic.bridge, &nic.tap) {
+                    tracing::warn!(vm = %want.name, tap = %nic.tap, error = %e, "cannot plug the tap into its bridge");
+                }
+            }
+        }
+    }
+
     // Remove what is not desired: domains, then their directories.
     let wanted: HashSet<&str> = desired.vms.iter().map(|v| v.id.as_str()).collect();
     let unwanted: Vec<&DomainInfo> = domains

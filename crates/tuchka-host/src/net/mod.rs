@@ -7,6 +7,7 @@
 //! (so a bridge never exists unprotected; nft matches interface names, present or not), bridge,
 //! address, dnsmasq — and rolls back what it created itself when a later step fails.
 
+pub mod ports;
 pub mod cidr;
 pub mod dnsmasq;
 pub mod links;
@@ -37,6 +38,11 @@ pub trait Dataplane: Send + Sync {
     fn remove_network(&self, name: &str) -> Result<(), HostError>;
     /// Names of this cloud's networks present on this host.
     fn networks(&self) -> Result<Vec<String>, HostError>;
+    /// Plug a running VM's tap back into its bridge if it is not on it (after the bridge was
+    /// deleted and recreated). Returns whether it had to. Ok(false) when the tap does not exist.
+    fn ensure_port(&self, bridge: &str, tap: &str) -> Result<bool, HostError> {
+        ports::ensure_port(bridge, tap)
+    }
 }
 
 /// A network's validated, parsed desired state (pure).

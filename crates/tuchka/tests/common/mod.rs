@@ -447,3 +447,118 @@ pub fn dns_a(server: Ipv4Addr, name: &str) -> Option<Ipv4Addr> {
     }
     None
 }
+
+/// The outside world: a namespace with a web server, reachable from the host only.
+pub struct Outside {
+    /// Namespace name.
+    pub ns: String,
+    host_if: String,
+    server: Option<Child>,
+    dir: std::path::PathBuf,
+}
+
+pub const HOST_ADDR: &str = "198.51.100.1";
+pub const OUTSIDE_ADDR: &str = "198.51.100.2";
+
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Outside {
+    pub fn start(routes: &[&str]) -> Outside {
+        let p = std::process::id() % 100_000;
+        let mut o = Outside {
+            ns: format!("tkto{p}"),
+            host_if: format!("tkth{p}"),
+            server: None,
+            dir: std::path::PathBuf::from(format!("/var/tmp/tuchka-outside-{p}")),
+        };
+        let _ = Command::new("ip").args(["netns", "del", &o.ns]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &o.host_if])
+            .output();
+        sh(&["ip", "netns", "add", &o.ns]);
+        sh(&[
+            "ip", "link", "add", &o.host_if, "type", "veth", "peer", "name", "eth0", "netns", &o.ns,
+        ]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{HOST_ADDR}/24"),
+            "dev",
+            &o.host_if,
+        ]);
+        sh(&["ip", "link", "set", &o.host_if, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &o.ns,
+            "addr",
+            "add",
+            &format!("{OUTSIDE_ADDR}/24"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", &o.ns, "link", "set", "eth0", "up"]);
+        sh(&["ip", "-n", &o.ns, "link", "set", "lo", "up"]);
+        for r in routes {
+            sh(&["ip", "-n", &o.ns, "route", "add", r, "via", HOST_ADDR]);
+        }
+        std::fs::create_dir_all(&o.dir).expect("dir");
+        std::fs::write(o.dir.join("index.html"), "outside\n").expect("index");
+        let server = Command::new("ip")
+            .args([
+                "netns", "exec", &o.ns, "busybox", "httpd", "-f", "-p", "8000", "-h",
+            ])
+            .arg(&o.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("busybox httpd in the outside namespace");
+        o.server = Some(server);
+        o
+    }
+
+    /// GET http://addr/ from the outside namespace; the first line of the body if it answered.
+    pub fn get(&self, url: &str) -> Option<String> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "curl",
+                "-s",
+                "--max-time",
+                "3",
+                url,
+            ])
+            .output()
+            .ok()?;
+        let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !body.is_empty()).then_some(body)
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
