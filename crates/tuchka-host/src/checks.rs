@@ -215,7 +215,7 @@ pub fn mem_total_mib(meminfo: &str) -> Option<u64> {
 }
 
 /// Facts for registration and reports: CPUs and memory of the host, size and free space of the
-/// storage pool, and the accelerator with its reason.
+/// storage pool, the accelerator with its reason, and the ports something listens on.
 pub fn host_facts(
     storage: &dyn Storage,
     accel: Accel,
@@ -240,7 +240,8 @@ pub fn host_facts(
         disk_free_mib,
         accel: accel.as_str().to_string(),
         accel_reason: accel_reason.to_string(),
-        listening_ports: Vec::new(),
+        listening_ports: crate::net::listening::listening_ports()
+            .map_err(|e| HostError::io("host", "read", "/proc/net/{tcp,udp}", e))?,
     })
 }
 

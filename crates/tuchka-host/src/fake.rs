@@ -730,6 +730,10 @@ mod tests {
             gateway_here: true,
             mtu: 1450,
             hosts: vec![],
+            nat: false,
+            ingress: vec![],
+            egress: vec![],
+            forwards: vec![],
         };
         dp.ensure_network(&net).expect("ensure");
         net.cidr = "bogus".into();

@@ -80,6 +80,10 @@ fn test_image_boots_gets_its_address_and_shuts_down() {
             ip: ip.clone(),
             name: vm_name.clone(),
         }],
+        nat: false,
+        ingress: vec![],
+        egress: vec![],
+        forwards: vec![],
     };
     let dp = LinuxDataplane::new(&scratch.pool(), &cloud);
     let tap = format!("tkt{u}t0");

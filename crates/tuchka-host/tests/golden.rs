@@ -1,18 +1,22 @@
 //! Golden-file tests of everything tuchka-host renders: domain XML, the nft script, dnsmasq
-//! arguments and files, NoCloud meta-data. Pure; no libvirt needed.
+//! arguments and files, NoCloud meta-data. Pure; no libvirt needed. The nft scripts are also
+//! checked by nft itself (`nft -c`: root and nftables needed; it changes nothing).
 //!
 //! To accept a deliberate change: `UPDATE_GOLDEN=1 cargo test -p tuchka-host --test golden`,
 //! then review the diff of `tests/golden/`.
 
 use std::path::{Path, PathBuf};
 
-use tuchka_api::agent::DhcpHost;
+use tuchka_api::agent::{
+    DhcpHost, EgressRule, ForwardDesired, IngressRule, NetworkDesired, PortMatch,
+};
 use tuchka_host::domain_xml::{domain_uuid, parse_vm_metadata};
 use tuchka_host::net::cidr::Ipv4Net;
 use tuchka_host::net::dnsmasq::{
     dnsmasq_args, render_addn_hosts, render_dhcp_hosts, DnsmasqConfig, DnsmasqFiles,
 };
 use tuchka_host::net::nft::{render_firewall, FirewallModel};
+use tuchka_host::net::NetPlan;
 use tuchka_host::seed::render_meta_data;
 use tuchka_host::{render_domain_xml, Accel, DomainSpec, NicSpec};
 
@@ -128,22 +132,181 @@ fn hostile_names_render_to_valid_xml_and_parse_back() {
     );
 }
 
-#[test]
-fn nft_golden_two_bridges() {
-    let model = FirewallModel {
-        cloud8: "0f2a6c1e".into(),
-        bridges: vec!["tk101".into(), "tk100".into()],
-    };
-    golden("firewall-two-bridges.nft", &render_firewall(&model));
+/// A network as the controller would send it, without rules.
+fn net(name: &str, bridge: &str, cidr: &str, gateway: &str) -> NetworkDesired {
+    NetworkDesired {
+        name: name.into(),
+        vni: 100,
+        bridge: bridge.into(),
+        cidr: cidr.into(),
+        gateway: gateway.into(),
+        gateway_here: true,
+        mtu: 1450,
+        hosts: vec![],
+        nat: false,
+        ingress: vec![],
+        egress: vec![],
+        forwards: vec![],
+    }
+}
+
+fn model(nets: &[NetworkDesired]) -> FirewallModel {
+    let mut m = FirewallModel::new("0f2a6c1e");
+    for d in nets {
+        let plan = NetPlan::from_desired(d).expect("valid network");
+        m.add(plan.rules).expect("no clash");
+    }
+    m
+}
+
+fn pm(proto: &str, from: Option<u16>, to: Option<u16>) -> PortMatch {
+    PortMatch {
+        proto: proto.into(),
+        port_from: from,
+        port_to: to,
+    }
+}
+
+/// Golden-compare a rendered nft script and have nft itself check it (`nft -c`, which changes
+/// nothing).
+fn nft_golden(name: &str, script: &str) {
+    golden(name, script);
+    assert!(
+        tuchka_host::cmd::find_tool("nft").is_some(),
+        "tool `nft` is missing: apt-get install nftables"
+    );
+    let checked = tuchka_host::cmd::run("nft", &["-c", "-f", "-"], Some(script.as_bytes()));
+    assert!(
+        checked.is_ok(),
+        "nft -c refuses {name} (needs root and nftables): {:?}",
+        checked.err().map(|e| e.to_string())
+    );
 }
 
 #[test]
-fn nft_golden_no_bridges_only_deletes_the_table() {
-    let model = FirewallModel {
-        cloud8: "0f2a6c1e".into(),
-        bridges: vec![],
-    };
-    golden("firewall-empty.nft", &render_firewall(&model));
+fn nft_golden_two_plain_networks() {
+    let m = model(&[
+        net("red", "tk101", "10.11.0.0/24", "10.11.0.1"),
+        net("blue", "tk100", "10.10.0.0/24", "10.10.0.1"),
+    ]);
+    assert!(!m.needs_forwarding(), "no rules, no NAT: nothing to route");
+    nft_golden("firewall-two-networks.nft", &render_firewall(&m));
+}
+
+#[test]
+fn nft_golden_rules_nat_and_forwards() {
+    let web_group = vec!["10.20.0.5/32".to_string(), "10.20.0.6".to_string()];
+    let mut blue = net("blue", "tk100", "10.10.0.0/24", "10.10.0.1");
+    blue.nat = true;
+    blue.ingress = vec![
+        IngressRule {
+            id: "http-from-anywhere".into(),
+            matches: pm("tcp", Some(80), None),
+            sources: vec!["0.0.0.0/0".into()],
+            targets: vec![],
+        },
+        IngressRule {
+            id: "ssh-from-office".into(),
+            matches: pm("tcp", Some(22), None),
+            sources: vec!["203.0.113.0/24".into(), "198.51.100.7".into()],
+            targets: vec!["10.10.0.5".into(), "10.10.0.6".into()],
+        },
+        IngressRule {
+            id: "app-from-web".into(),
+            matches: pm("tcp", Some(8000), Some(8100)),
+            sources: web_group.clone(),
+            targets: vec!["10.10.0.7".into()],
+        },
+        IngressRule {
+            id: "ping-from-web".into(),
+            matches: pm("icmp", None, None),
+            sources: web_group.clone(),
+            targets: vec![],
+        },
+        IngressRule {
+            id: "empty-group".into(),
+            matches: pm("any", None, None),
+            sources: vec![],
+            targets: vec![],
+        },
+    ];
+    blue.egress = vec![
+        EgressRule {
+            id: "no-smtp".into(),
+            action: "deny".into(),
+            matches: pm("tcp", Some(25), None),
+            destinations: vec!["0.0.0.0/0".into()],
+        },
+        EgressRule {
+            id: "dns".into(),
+            action: "allow".into(),
+            matches: pm("udp", Some(53), None),
+            destinations: vec!["192.0.2.53".into()],
+        },
+    ];
+    blue.forwards = vec![
+        ForwardDesired {
+            id: "web".into(),
+            proto: "tcp".into(),
+            host_port: 8080,
+            vm_ip: "10.10.0.5".into(),
+            vm_port: 80,
+        },
+        ForwardDesired {
+            id: "dns".into(),
+            proto: "udp".into(),
+            host_port: 5353,
+            vm_ip: "10.10.0.6".into(),
+            vm_port: 53,
+        },
+    ];
+    // Another network of the cloud (the web group lives there): no NAT, one outbound allow to
+    // a third party, and a rule from two of blue's VMs (the same list as blue's ssh targets:
+    // one shared set).
+    let mut red = net("red", "tk101", "10.20.0.0/24", "10.20.0.1");
+    red.ingress = vec![IngressRule {
+        id: "dns-from-blue".into(),
+        matches: pm("udp", None, None),
+        sources: vec!["10.10.0.6".into(), "10.10.0.5".into()],
+        targets: vec![],
+    }];
+    red.egress = vec![EgressRule {
+        id: "to-partner".into(),
+        action: "allow".into(),
+        matches: pm("any", None, None),
+        destinations: vec!["198.51.100.0/24".into()],
+    }];
+    // Not the gateway here: its forward and NAT belong to another host.
+    let mut green = net("green", "tk102", "10.30.0.0/24", "10.30.0.1");
+    green.gateway_here = false;
+    green.nat = true;
+    green.forwards = vec![ForwardDesired {
+        id: "elsewhere".into(),
+        proto: "tcp".into(),
+        host_port: 8080,
+        vm_ip: "10.30.0.5".into(),
+        vm_port: 80,
+    }];
+    let m = model(&[blue, red, green]);
+    assert!(m.needs_forwarding());
+    nft_golden("firewall-rules-nat-forwards.nft", &render_firewall(&m));
+}
+
+#[test]
+fn nft_golden_no_networks_only_deletes_the_table() {
+    nft_golden(
+        "firewall-empty.nft",
+        &render_firewall(&FirewallModel::new("0f2a6c1e")),
+    );
+}
+
+#[test]
+fn nft_model_refuses_clashes() {
+    let mut m = model(&[net("blue", "tk100", "10.10.0.0/24", "10.10.0.1")]);
+    let same_bridge =
+        NetPlan::from_desired(&net("red", "tk100", "10.11.0.0/24", "10.11.0.1")).expect("valid");
+    let err = m.add(same_bridge.rules).expect_err("bridge clash");
+    assert!(err.contains("already used by network blue"), "{err}");
 }
 
 fn hosts() -> Vec<DhcpHost> {

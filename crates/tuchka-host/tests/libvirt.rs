@@ -62,6 +62,10 @@ fn domain_lifecycle() {
         gateway_here: false,
         mtu: 1400,
         hosts: vec![],
+        nat: false,
+        ingress: vec![],
+        egress: vec![],
+        forwards: vec![],
     };
     let dp = LinuxDataplane::new(&scratch.pool(), &cloud);
     let tap = format!("tkt{u}t0");

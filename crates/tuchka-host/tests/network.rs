@@ -38,6 +38,10 @@ fn network(u: &str, gateway_here: bool, second: u8) -> NetworkDesired {
                 name: "web-1".into(),
             },
         ],
+        nat: false,
+        ingress: vec![],
+        egress: vec![],
+        forwards: vec![],
     }
 }
 
@@ -110,13 +114,20 @@ fn gateway_network_lifecycle() {
     let hostsfile = std::fs::read_to_string(dir.join("dhcp-hosts")).expect("hosts file");
     assert!(hostsfile.contains("52:54:00:aa:00:05,"), "{hostsfile}");
 
-    // The isolation firewall names the bridge.
+    // The isolation firewall names the bridge and closes the network by default.
     let table = dp.table_name();
     let rules = nft_table(&table).expect("firewall table exists");
     assert!(
         rules.contains(&format!(
-            "iifname \"{}\" oifname != \"{}\" drop",
-            net.bridge, net.bridge
+            "oifname vmap {{ \"{}\" : jump in_{} }}",
+            net.bridge, net.name
+        )),
+        "{rules}"
+    );
+    assert!(
+        rules.contains(&format!(
+            "chain in_{} {{\n\t\tct status dnat accept\n\t\tdrop\n",
+            net.name
         )),
         "{rules}"
     );

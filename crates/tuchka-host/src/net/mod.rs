@@ -1,17 +1,27 @@
 //! The dataplane of one host: per network a bridge `tk<vni>`, on the network's gateway host
-//! the gateway address and a dnsmasq, and the cloud's isolation firewall.
+//! the gateway address and a dnsmasq, and the cloud's firewall, NAT and port forwards (one
+//! nftables table per cloud, see [`nft`]), plus `net.ipv4.ip_forward` ([`forwarding`]).
 //!
 //! State lives in `<pool>/net/<network>/`: `network.json` (the last desired state applied — it
-//! is also how [`Dataplane::networks`] and the firewall know which bridges are ours) and the
-//! dnsmasq files. [`Dataplane::ensure_network`] converges in this order — state dir, firewall
-//! (so a bridge never exists unprotected; nft matches interface names, present or not), bridge,
-//! address, dnsmasq — and rolls back what it created itself when a later step fails.
+//! is also how [`Dataplane::networks`] and the firewall know which networks are ours) and the
+//! dnsmasq files. [`Dataplane::ensure_network`] converges in this order — validate (rules
+//! included: a bad rule changes nothing), state dir, firewall (rendered from every network of
+//! the cloud on this host with the new desired state in place of the stored one; so a bridge
+//! never exists unprotected — nft matches interface names, present or not), `network.json`,
+//! `ip_forward`, bridge, address, dnsmasq — and rolls back what it created itself when a later
+//! step fails. The firewall is applied only when the rendered script or the kernel's table
+//! differs from what the last apply left; an unchanged pass costs a netlink round trip (one
+//! `nft list table` when something else was committed meanwhile), see [`nft::ensure`].
 
-pub mod ports;
 pub mod cidr;
 pub mod dnsmasq;
+pub mod forwarding;
 pub mod links;
+pub mod listening;
+pub mod nfgen;
 pub mod nft;
+pub mod ports;
+pub mod rules;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -21,7 +31,9 @@ use tuchka_api::agent::NetworkDesired;
 
 use self::cidr::Ipv4Net;
 use self::dnsmasq::{DnsmasqConfig, DnsmasqFiles};
-use self::nft::FirewallModel;
+use self::forwarding::IpForward;
+use self::nft::{Applied, Firewall, FirewallError, FirewallModel, NftFirewall};
+use self::rules::NetRules;
 use crate::domain_xml::is_ifname;
 use crate::storage::write_atomic;
 use crate::{cloud8, HostError};
@@ -58,19 +70,21 @@ pub struct NetPlan {
     pub gateway: Ipv4Addr,
     /// MTU.
     pub mtu: u32,
+    /// Access rules, NAT and forwards.
+    pub rules: NetRules,
 }
 
 impl NetPlan {
-    /// Validate `d` (names, CIDR, gateway inside it, MTU, reservations).
+    /// Validate `d` (names, CIDR, gateway inside it, MTU, reservations, rules and forwards).
     pub fn from_desired(d: &NetworkDesired) -> Result<Self, String> {
         if !dnsmasq::is_hostname(&d.name) {
             return Err(
                 "name must be 1-63 of [A-Za-z0-9-] (it is also the DNS domain)".to_string(),
             );
         }
-        if !is_ifname(&d.bridge) {
+        if !is_ifname(&d.bridge) || d.bridge.contains(['"', '\\', '*']) {
             return Err(format!(
-                "bridge name {:?} is not a valid interface name (1-15 chars)",
+                "bridge name {:?} is not a valid interface name (1-15 chars, no quotes, \\ or *)",
                 d.bridge
             ));
         }
@@ -86,12 +100,14 @@ impl NetPlan {
             return Err(format!("MTU {} is out of range 68..65535", d.mtu));
         }
         dnsmasq::validate_hosts(&net, &d.hosts)?;
+        let rules = NetRules::from_desired(d, net)?;
         Ok(NetPlan {
             name: d.name.clone(),
             bridge: d.bridge.clone(),
             net,
             gateway,
             mtu: d.mtu,
+            rules,
         })
     }
 }
@@ -102,8 +118,11 @@ pub struct LinuxDataplane {
     net_root: PathBuf,
     cloud_id: String,
     cloud8: String,
-    /// Serialises changes: the firewall is rendered from all networks' state.
-    lock: Mutex<()>,
+    firewall: Box<dyn Firewall>,
+    ip_forward: IpForward,
+    /// Serialises changes (the firewall is rendered from all networks' state) and remembers
+    /// what the last firewall apply left in the kernel.
+    lock: Mutex<Option<Applied>>,
 }
 
 /// What one `ensure_network` call created, for rollback.
@@ -117,11 +136,19 @@ struct Created {
 impl LinuxDataplane {
     /// The dataplane of cloud `cloud_id`, keeping its state in `<pool>/net/`.
     pub fn new(pool: &Path, cloud_id: &str) -> Self {
+        Self::with_firewall(pool, cloud_id, Box::new(NftFirewall::new()))
+    }
+
+    /// Like [`LinuxDataplane::new`], applying the ruleset through `firewall`.
+    pub fn with_firewall(pool: &Path, cloud_id: &str, firewall: Box<dyn Firewall>) -> Self {
+        let net_root = pool.join("net");
         LinuxDataplane {
-            net_root: pool.join("net"),
+            ip_forward: IpForward::new(&net_root),
+            net_root,
             cloud_id: cloud_id.to_string(),
             cloud8: cloud8(cloud_id),
-            lock: Mutex::new(()),
+            firewall,
+            lock: Mutex::new(None),
         }
     }
 
@@ -164,23 +191,85 @@ impl LinuxDataplane {
         Ok(out)
     }
 
-    /// Render the firewall from every network directory and apply it.
-    fn apply_firewall(&self, context: &str) -> Result<(), HostError> {
-        let bridges = self
-            .list_dirs()?
-            .iter()
-            .filter_map(|n| self.read_state(n))
-            .map(|d| d.bridge)
-            .collect();
-        let script = nft::render_firewall(&FirewallModel {
-            cloud8: self.cloud8.clone(),
-            bridges,
-        });
-        nft::apply(&script).map_err(|source| HostError::Tool {
-            object: format!("network {context}"),
-            action: "apply firewall (nft)",
-            source,
-        })
+    /// The firewall model of every stored network except `skip`, then `desired` (if any) in
+    /// place of its stored state. A stored network that no longer validates or clashes is left
+    /// out with a warning; a clash of `desired` is an error naming it.
+    fn model(
+        &self,
+        skip: Option<&str>,
+        desired: Option<&NetPlan>,
+    ) -> Result<FirewallModel, HostError> {
+        let mut model = FirewallModel::new(&self.cloud8);
+        for name in self.list_dirs()? {
+            if Some(name.as_str()) == skip || desired.is_some_and(|d| d.name == name) {
+                continue;
+            }
+            let Some(stored) = self.read_state(&name) else {
+                continue;
+            };
+            let added = NetPlan::from_desired(&stored).and_then(|p| model.add(p.rules));
+            if let Err(e) = added {
+                tracing::warn!(network = %name, error = %e, "stored network left out of the firewall");
+            }
+        }
+        if let Some(d) = desired {
+            model
+                .add(d.rules.clone())
+                .map_err(|m| HostError::invalid(format!("network {}", d.name), m))?;
+        }
+        Ok(model)
+    }
+
+    /// Render `model`, apply it if the kernel does not already hold it, then converge
+    /// `ip_forward`. `context` names the network the caller is changing.
+    fn apply_firewall(
+        &self,
+        last: &mut Option<Applied>,
+        model: &FirewallModel,
+        context: &str,
+    ) -> Result<(), HostError> {
+        let script = nft::render_firewall(model);
+        let object = object_for(context);
+        match nft::ensure(self.firewall.as_ref(), &self.table_name(), &script, last) {
+            Ok(applied) => {
+                if applied {
+                    tracing::debug!(network = %context, "firewall applied");
+                }
+            }
+            Err(FirewallError::List(source)) => {
+                return Err(HostError::Tool {
+                    object,
+                    action: "read the firewall (nft list table)",
+                    source,
+                })
+            }
+            Err(FirewallError::Apply(source)) => {
+                return Err(HostError::Tool {
+                    object,
+                    action: "apply the firewall (nft -f; the previous ruleset stays in place)",
+                    source,
+                })
+            }
+        }
+        let ours = self.table_name();
+        let others_need = || match self.firewall.tables_with_chain(nft::FORWARDING_MARKER) {
+            Ok(tables) => tables.iter().any(|t| *t != ours),
+            // Unknown: keep routing rather than cut another cloud off.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list other clouds' firewalls");
+                true
+            }
+        };
+        self.ip_forward
+            .ensure(model.needs_forwarding(), others_need)
+            .map_err(|e| match e {
+                forwarding::ForwardingError::Io {
+                    action,
+                    path,
+                    source,
+                } => HostError::io(object_for(context), action, path, source),
+            })?;
+        Ok(())
     }
 
     fn link_err(
@@ -198,6 +287,7 @@ impl LinuxDataplane {
 
     fn converge(
         &self,
+        last: &mut Option<Applied>,
         d: &NetworkDesired,
         plan: &NetPlan,
         created: &mut Created,
@@ -225,11 +315,13 @@ impl LinuxDataplane {
                 ))?;
             }
         }
-        let json = serde_json::to_vec_pretty(d)
+        // The firewall first, from the new desired state; only once the kernel took it is
+        // the state recorded (a refused ruleset leaves the previous state and ruleset).
+        let model = self.model(None, Some(plan))?;
+        self.apply_firewall(last, &model, &d.name)?;
+        let json = serde_json::to_string_pretty(d)
             .map_err(|e| HostError::invalid(&obj, format!("cannot serialise: {e}")))?;
-        write_atomic(&dir.join("network.json"), &json, 0o644, &obj)?;
-
-        self.apply_firewall(&d.name)?;
+        write_if_changed(&dir.join("network.json"), &json, &obj)?;
 
         created.bridge =
             links::ensure_bridge(&plan.bridge, plan.mtu, &self.owner(&d.name), adopt_unmarked)
@@ -285,7 +377,7 @@ impl LinuxDataplane {
     }
 
     /// Undo what `created` says this call made; best effort, errors are logged.
-    fn rollback(&self, d: &NetworkDesired, created: &Created) {
+    fn rollback(&self, last: &mut Option<Applied>, d: &NetworkDesired, created: &Created) {
         let dir = self.dir(&d.name);
         if created.dnsmasq {
             if let Err(e) = dnsmasq::stop(&DnsmasqFiles::in_dir(&dir)) {
@@ -299,11 +391,19 @@ impl LinuxDataplane {
         }
         if created.dir {
             let _ = std::fs::remove_dir_all(&dir);
-            if let Err(e) = self.apply_firewall(&d.name) {
+            let reapplied = self
+                .model(Some(&d.name), None)
+                .and_then(|m| self.apply_firewall(last, &m, &d.name));
+            if let Err(e) = reapplied {
                 tracing::warn!(network = %d.name, error = %e.chain(), "rollback: cannot re-apply firewall");
             }
         }
     }
+}
+
+/// `network <name>`, the object of messages about a network.
+fn object_for(name: &str) -> String {
+    format!("network {name}")
 }
 
 fn dhcp_err(obj: &str, source: dnsmasq::DnsmasqError) -> HostError {
@@ -324,11 +424,11 @@ impl Dataplane for LinuxDataplane {
     fn ensure_network(&self, net: &NetworkDesired) -> Result<(), HostError> {
         let plan = NetPlan::from_desired(net)
             .map_err(|m| HostError::invalid(format!("network {:?}", net.name), m))?;
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut created = Created::default();
-        let result = self.converge(net, &plan, &mut created);
+        let result = self.converge(&mut last, net, &plan, &mut created);
         if result.is_err() {
-            self.rollback(net, &created);
+            self.rollback(&mut last, net, &created);
         }
         result
     }
@@ -340,7 +440,7 @@ impl Dataplane for LinuxDataplane {
                 "not a valid network name",
             ));
         }
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let obj = format!("network {name}");
         let dir = self.dir(name);
         if !dir.exists() {
@@ -354,7 +454,8 @@ impl Dataplane for LinuxDataplane {
             ))?;
         }
         std::fs::remove_dir_all(&dir).map_err(|e| HostError::io(&obj, "remove", &dir, e))?;
-        self.apply_firewall(name)
+        let model = self.model(Some(name), None)?;
+        self.apply_firewall(&mut last, &model, name)
     }
 
     fn networks(&self) -> Result<Vec<String>, HostError> {
@@ -381,6 +482,10 @@ mod tests {
                 ip: "10.10.0.5".into(),
                 name: "web-0".into(),
             }],
+            nat: false,
+            ingress: vec![],
+            egress: vec![],
+            forwards: vec![],
         }
     }
 
@@ -404,5 +509,16 @@ mod tests {
         assert!(bad(|d| d.gateway = "10.10.0.0".into()));
         assert!(bad(|d| d.cidr = "10.10.0.0".into()));
         assert!(bad(|d| d.mtu = 10));
+        assert!(bad(|d| d.bridge = "tk\"1".into()));
+        assert!(bad(|d| d.bridge = "tk*".into()));
+        assert!(bad(|d| d.forwards.push(
+            tuchka_api::agent::ForwardDesired {
+                id: "f".into(),
+                proto: "tcp".into(),
+                host_port: 8080,
+                vm_ip: "10.99.0.5".into(),
+                vm_port: 80,
+            }
+        )));
     }
 }

@@ -1,27 +1,112 @@
-//! The cloud's isolation firewall: render (pure) then apply (`nft -f -`, one transaction).
+//! The cloud's firewall, NAT and port forwards on one host: render (pure) then apply
+//! (`nft -f -`, one transaction).
 //!
-//! One table per cloud, `table inet tk_<cloud8>`. The script declares the table, deletes it and
-//! re-adds it in full, so applying it is atomic and idempotent and removes stale rules. For each
-//! bridge of this cloud on this host:
+//! Everything lives in one table per cloud, `table inet tk_<cloud8>` (filter and nat chains
+//! alike; the inet family has nat hooks on this kernel). The script declares the table, deletes
+//! it and re-adds it in full, so applying it is atomic (if nft refuses any line, the kernel
+//! keeps the previous table untouched) and removes stale rules. No other table is touched.
 //!
-//! - forward: traffic routed from the bridge to any other interface, or from any other interface
-//!   to the bridge, is dropped — networks cannot reach each other and nothing is routed out.
-//!   Bridged traffic between ports of the same bridge (`iifname == oifname == bridge` when
-//!   br_netfilter is active) is left alone.
-//! - input: from the bridge the host accepts replies to its own connections, DHCP (udp 67),
-//!   DNS (udp/tcp 53) and ping; everything else from the bridge to the host is dropped.
+//! What the rendered table does, for the bridges `B` of this cloud on this host:
 //!
-//! With no bridges the script only deletes the table.
+//! - **forward** (routed and, through br_netfilter, bridged IPv4):
+//!   1. traffic that neither enters nor leaves a bridge of `B` is not ours: accept (other tables
+//!      decide);
+//!   2. same bridge in and out (VMs of one network talking, bridged): accept;
+//!   3. `ct state established,related` accept, `ct state invalid` drop;
+//!   4. leaving network N's bridge (`out_<N>`): N's egress rules in order (deny → drop,
+//!      allow → `route_out`); then to another bridge of `B` → continue to step 5 (the destination
+//!      decides); to anything else → `route_out` if N has NAT, else drop ("no route out");
+//!      `route_out` sends traffic for a bridge of `B` on to step 5 and accepts the rest;
+//!   5. entering network N's bridge (`in_<N>`): DNAT'ed traffic (a forward) accept; N's
+//!      ingress rules (source in `sources`, destination in `targets` or N's CIDR, protocol and
+//!      ports) accept; anything else drop.
+//! - **input** from a bridge of `B` to the host: replies, DHCP, DNS and ping only.
+//! - **prerouting / output** (nat): each forward of a network whose gateway is here:
+//!   `<proto> dport <host_port>` to a local address, arriving on anything but a bridge of `B`
+//!   (prerouting) or sent by the host itself (output, loopback excluded) → `dnat` to the VM.
+//! - **postrouting** (nat): for networks with NAT whose gateway is here, `masquerade` what the
+//!   network sends out of anything but a bridge of `B`.
+//!
+//! Address lists of more than one entry become named sets (`addrs<N>`), shared by every rule
+//! with the same list, so a thousand rules stay a thousand small rules and a few sets. An empty
+//! chain `needs_ip_forward` marks a table whose networks need the host to route; other clouds
+//! on the same host look for it before they turn `ip_forward` off.
+//!
+//! Apply through [`Firewall`]; [`ensure`] skips the transaction when the kernel still holds
+//! exactly what the last apply left there, so an unchanged pass is cheap and any drift
+//! (`nft flush ruleset`, a deleted table, chain or rule) is repaired on the next call. "Still
+//! holds" is decided by the ruleset generation ([`super::nfgen`]: no nftables commit at all
+//! since we last saw our table intact — a netlink round trip) or, when something was committed,
+//! by comparing `nft list table` with the listing right after our apply.
 
-use crate::cmd;
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 
-/// What the firewall is made of.
+use super::cidr::Ipv4Net;
+use super::rules::{EgressAction, NetRules, PortSpec, Proto};
+use crate::cmd::{self, CommandError};
+
+/// Name of the marker chain of a table whose networks need `net.ipv4.ip_forward=1`.
+pub const FORWARDING_MARKER: &str = "needs_ip_forward";
+
+/// Everything the cloud's table on this host is made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirewallModel {
     /// First 8 hex chars of the cloud id.
     pub cloud8: String,
-    /// Bridges of this cloud on this host (validated interface names).
-    pub bridges: Vec<String>,
+    /// The cloud's networks present on this host (validated).
+    pub networks: Vec<NetRules>,
+}
+
+impl FirewallModel {
+    /// An empty model for cloud `cloud8`.
+    pub fn new(cloud8: &str) -> Self {
+        FirewallModel {
+            cloud8: cloud8.to_string(),
+            networks: Vec::new(),
+        }
+    }
+
+    /// Add a network unless it clashes with one already in the model: the same name, the same
+    /// bridge, or a forward of the same protocol and host port. The message says what clashes.
+    pub fn add(&mut self, net: NetRules) -> Result<(), String> {
+        for other in &self.networks {
+            if other.name == net.name {
+                return Err(format!("network {} is in the firewall twice", net.name));
+            }
+            if other.bridge == net.bridge {
+                return Err(format!(
+                    "bridge {} is already used by network {}",
+                    net.bridge, other.name
+                ));
+            }
+            let taken: HashSet<(Proto, u16)> = other
+                .active_forwards()
+                .iter()
+                .map(|f| (f.proto, f.host_port))
+                .collect();
+            if let Some(f) = net
+                .active_forwards()
+                .iter()
+                .find(|f| taken.contains(&(f.proto, f.host_port)))
+            {
+                return Err(format!(
+                    "forward {:?}: {} port {} is already forwarded by network {}",
+                    f.id,
+                    f.proto.as_str(),
+                    f.host_port,
+                    other.name
+                ));
+            }
+        }
+        self.networks.push(net);
+        Ok(())
+    }
+
+    /// Whether any network needs the host to route (see [`NetRules::needs_forwarding`]).
+    pub fn needs_forwarding(&self) -> bool {
+        self.networks.iter().any(NetRules::needs_forwarding)
+    }
 }
 
 /// `tk_<cloud8>`.
@@ -29,51 +114,579 @@ pub fn table_name(cloud8: &str) -> String {
     format!("tk_{cloud8}")
 }
 
-/// Quote an interface name for nft (names are validated; quotes and backslashes are dropped
-/// defensively).
+/// Quote an interface name for nft. Names are validated (no `"`, `\` or `*`); those characters
+/// are dropped defensively all the same.
 fn q(name: &str) -> String {
-    let clean: String = name.chars().filter(|c| *c != '"' && *c != '\\').collect();
+    let clean: String = name
+        .chars()
+        .filter(|c| !matches!(c, '"' | '\\' | '*'))
+        .collect();
     format!("\"{clean}\"")
 }
 
-/// Render the complete nft script for `model` (pure).
+/// A rule comment naming what the rule implements (`ingress web`): printable ASCII without
+/// quotes, at most 100 bytes (nft allows 128).
+fn comment(kind: &str, id: &str) -> String {
+    let id: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.:/@+=".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100 - kind.len() - 1)
+        .collect();
+    format!("comment \"{kind} {id}\"")
+}
+
+/// An address for nft: a /32 as the bare address.
+fn addr(n: &Ipv4Net) -> String {
+    if n.prefix == 32 {
+        n.addr.to_string()
+    } else {
+        n.to_string()
+    }
+}
+
+/// Address lists of more than one entry, deduplicated into named sets.
+#[derive(Default)]
+struct SetPool {
+    sets: Vec<Vec<Ipv4Net>>,
+    index: HashMap<Vec<Ipv4Net>, usize>,
+}
+
+impl SetPool {
+    /// The nft expression for a non-empty normalized list: the address itself or `@addrs<N>`.
+    fn expr(&mut self, nets: &[Ipv4Net]) -> String {
+        if let [one] = nets {
+            return addr(one);
+        }
+        let next = self.sets.len();
+        let i = *self.index.entry(nets.to_vec()).or_insert(next);
+        if i == next {
+            self.sets.push(nets.to_vec());
+        }
+        format!("@addrs{i}")
+    }
+
+    fn render(&self, out: &mut String) {
+        for (i, nets) in self.sets.iter().enumerate() {
+            let elements: Vec<String> = nets.iter().map(addr).collect();
+            let _ = write!(
+                out,
+                "\tset addrs{i} {{\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = {{ {} }}\n\t}}\n",
+                elements.join(", ")
+            );
+        }
+    }
+}
+
+/// The protocol/port part of a rule (`tcp dport 80`, `meta l4proto icmp`; `None` for any).
+fn port_expr(p: &PortSpec) -> Option<String> {
+    match (p.proto, p.ports) {
+        (Proto::Any, _) => None,
+        (proto @ (Proto::Tcp | Proto::Udp), Some((from, to))) if from == to => {
+            Some(format!("{} dport {from}", proto.as_str()))
+        }
+        (proto @ (Proto::Tcp | Proto::Udp), Some((from, to))) => {
+            Some(format!("{} dport {from}-{to}", proto.as_str()))
+        }
+        (proto, _) => Some(format!("meta l4proto {}", proto.as_str())),
+    }
+}
+
+/// Join the non-empty parts of a rule with spaces.
+fn rule(parts: &[Option<&str>]) -> String {
+    parts
+        .iter()
+        .flatten()
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `out_<N>`: N's egress rules, then the default.
+fn render_egress(n: &NetRules, sets: &mut SetPool, out: &mut String) {
+    let _ = writeln!(out, "\tchain out_{} {{", n.name);
+    for e in &n.egress {
+        if e.destinations.is_empty() {
+            let _ = writeln!(
+                out,
+                "\t\t# egress {:?}: no destinations, matches nothing",
+                e.id
+            );
+            continue;
+        }
+        let daddr = format!("ip daddr {}", sets.expr(&e.destinations));
+        let verdict = match e.action {
+            EgressAction::Allow => "goto route_out",
+            EgressAction::Deny => "drop",
+        };
+        let ports = port_expr(&e.matches);
+        let c = comment("egress", &e.id);
+        let line = rule(&[Some(&daddr), ports.as_deref(), Some(verdict), Some(&c)]);
+        let _ = writeln!(out, "\t\t{line}");
+    }
+    if n.nat {
+        out.push_str("\t\tgoto route_out\n");
+    } else {
+        out.push_str("\t\toifname @bridges return\n");
+        out.push_str("\t\tdrop\n");
+    }
+    out.push_str("\t}\n");
+}
+
+/// `in_<N>`: forwards, N's ingress rules, then drop.
+fn render_ingress(n: &NetRules, sets: &mut SetPool, out: &mut String) {
+    let _ = writeln!(out, "\tchain in_{} {{", n.name);
+    out.push_str("\t\tct status dnat accept\n");
+    let whole = [n.net];
+    for r in &n.ingress {
+        if r.sources.is_empty() {
+            let _ = writeln!(out, "\t\t# ingress {:?}: no sources, matches nothing", r.id);
+            continue;
+        }
+        let saddr = format!("ip saddr {}", sets.expr(&r.sources));
+        let targets: &[Ipv4Net] = if r.targets.is_empty() {
+            &whole
+        } else {
+            &r.targets
+        };
+        let daddr = format!("ip daddr {}", sets.expr(targets));
+        let ports = port_expr(&r.matches);
+        let c = comment("ingress", &r.id);
+        let line = rule(&[
+            Some(&saddr),
+            Some(&daddr),
+            ports.as_deref(),
+            Some("accept"),
+            Some(&c),
+        ]);
+        let _ = writeln!(out, "\t\t{line}");
+    }
+    out.push_str("\t\tdrop\n");
+    out.push_str("\t}\n");
+}
+
+/// Render the complete nft script for `model` (pure). With no networks the script only deletes
+/// the table.
 pub fn render_firewall(model: &FirewallModel) -> String {
     let table = table_name(&model.cloud8);
-    let mut bridges = model.bridges.clone();
-    bridges.sort();
-    bridges.dedup();
+    let mut nets: Vec<&NetRules> = model.networks.iter().collect();
+    nets.sort_by(|a, b| a.name.cmp(&b.name));
     let mut s = format!("table inet {table}\ndelete table inet {table}\n");
-    if bridges.is_empty() {
+    if nets.is_empty() {
         return s;
     }
-    s.push_str(&format!("table inet {table} {{\n"));
-    s.push_str("\tchain forward {\n");
-    s.push_str("\t\ttype filter hook forward priority filter; policy accept;\n");
-    for b in &bridges {
-        let b = q(b);
-        s.push_str(&format!("\t\tiifname {b} oifname != {b} drop\n"));
-        s.push_str(&format!("\t\toifname {b} iifname != {b} drop\n"));
+    let mut sets = SetPool::default();
+    let mut chains = String::new();
+
+    // forward
+    chains.push_str("\tchain forward {\n");
+    chains.push_str("\t\ttype filter hook forward priority filter; policy accept;\n");
+    chains.push_str("\t\tiifname != @bridges oifname != @bridges accept\n");
+    for n in &nets {
+        let b = q(&n.bridge);
+        let _ = writeln!(chains, "\t\tiifname {b} oifname {b} accept");
     }
-    s.push_str("\t}\n");
-    s.push_str("\tchain input {\n");
-    s.push_str("\t\ttype filter hook input priority filter; policy accept;\n");
-    for b in &bridges {
-        let b = q(b);
-        s.push_str(&format!(
-            "\t\tiifname {b} ct state established,related accept\n"
-        ));
-        s.push_str(&format!("\t\tiifname {b} udp dport 67 accept\n"));
-        s.push_str(&format!("\t\tiifname {b} udp dport 53 accept\n"));
-        s.push_str(&format!("\t\tiifname {b} tcp dport 53 accept\n"));
-        s.push_str(&format!("\t\tiifname {b} icmp type echo-request accept\n"));
-        s.push_str(&format!("\t\tiifname {b} drop\n"));
+    chains.push_str("\t\tct state established,related accept\n");
+    chains.push_str("\t\tct state invalid drop\n");
+    let vmap = |prefix: &str| {
+        nets.iter()
+            .map(|n| format!("{} : jump {prefix}_{}", q(&n.bridge), n.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(chains, "\t\tiifname vmap {{ {} }}", vmap("out"));
+    let _ = writeln!(chains, "\t\toifname vmap {{ {} }}", vmap("in"));
+    chains.push_str("\t\tdrop\n");
+    chains.push_str("\t}\n");
+
+    let routes_out = nets
+        .iter()
+        .any(|n| n.nat || n.egress.iter().any(|e| e.action == EgressAction::Allow));
+    if routes_out {
+        chains.push_str("\tchain route_out {\n");
+        chains.push_str("\t\toifname @bridges return\n");
+        chains.push_str("\t\taccept\n");
+        chains.push_str("\t}\n");
     }
-    s.push_str("\t}\n");
+    for n in &nets {
+        render_egress(n, &mut sets, &mut chains);
+        render_ingress(n, &mut sets, &mut chains);
+    }
+
+    // input
+    chains.push_str("\tchain input {\n");
+    chains.push_str("\t\ttype filter hook input priority filter; policy accept;\n");
+    chains.push_str("\t\tiifname != @bridges accept\n");
+    chains.push_str("\t\tct state established,related accept\n");
+    chains.push_str("\t\tudp dport 67 accept\n");
+    chains.push_str("\t\tudp dport 53 accept\n");
+    chains.push_str("\t\ttcp dport 53 accept\n");
+    chains.push_str("\t\ticmp type echo-request accept\n");
+    chains.push_str("\t\tdrop\n");
+    chains.push_str("\t}\n");
+
+    // nat
+    let forwards: Vec<_> = nets.iter().flat_map(|n| n.active_forwards()).collect();
+    if !forwards.is_empty() {
+        let dnat = |f: &super::rules::Forward| {
+            format!(
+                "fib daddr type local {} dport {} dnat ip to {}:{} {}",
+                f.proto.as_str(),
+                f.host_port,
+                f.vm_ip,
+                f.vm_port,
+                comment("forward", &f.id)
+            )
+        };
+        chains.push_str("\tchain prerouting {\n");
+        chains.push_str("\t\ttype nat hook prerouting priority dstnat; policy accept;\n");
+        for f in &forwards {
+            let _ = writeln!(chains, "\t\tiifname != @bridges {}", dnat(f));
+        }
+        chains.push_str("\t}\n");
+        chains.push_str("\tchain output {\n");
+        // `dstnat` is not accepted as a keyword for the output hook by nft 1.0.6.
+        chains.push_str("\t\ttype nat hook output priority -100; policy accept;\n");
+        for f in &forwards {
+            let _ = writeln!(chains, "\t\tip daddr != 127.0.0.0/8 {}", dnat(f));
+        }
+        chains.push_str("\t}\n");
+    }
+    let nat: Vec<_> = nets.iter().filter(|n| n.nat && n.gateway_here).collect();
+    if !nat.is_empty() {
+        chains.push_str("\tchain postrouting {\n");
+        chains.push_str("\t\ttype nat hook postrouting priority srcnat; policy accept;\n");
+        for n in nat {
+            let _ = writeln!(
+                chains,
+                "\t\toifname != @bridges ip saddr {} masquerade {}",
+                n.net,
+                comment("nat", &n.name)
+            );
+        }
+        chains.push_str("\t}\n");
+    }
+
+    let _ = writeln!(s, "table inet {table} {{");
+    let _ = writeln!(
+        s,
+        "\tcomment \"tuchka cloud {}: generated, replaced as a whole\"",
+        model.cloud8
+    );
+    let bridges: Vec<String> = nets.iter().map(|n| q(&n.bridge)).collect();
+    let _ = write!(
+        s,
+        "\tset bridges {{\n\t\ttype ifname\n\t\telements = {{ {} }}\n\t}}\n",
+        bridges.join(", ")
+    );
+    sets.render(&mut s);
+    if model.needs_forwarding() {
+        let _ = write!(s, "\tchain {FORWARDING_MARKER} {{\n\t}}\n");
+    }
+    s.push_str(&chains);
     s.push_str("}\n");
     s
 }
 
-/// Apply a rendered script in one `nft -f -` transaction.
-pub fn apply(script: &str) -> Result<(), cmd::CommandError> {
-    cmd::run("nft", &["-f", "-"], Some(script.as_bytes())).map(drop)
+/// Pure: the inet tables that have a chain named `chain`, from `nft -j list chains` output.
+pub fn tables_with_chain(json: &str, chain: &str) -> Vec<String> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = v
+        .get("nftables")
+        .and_then(|a| a.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|item| {
+            let c = item.get("chain")?;
+            (c.get("family")?.as_str()? == "inet" && c.get("name")?.as_str()? == chain)
+                .then(|| c.get("table")?.as_str().map(str::to_string))?
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// What the last successful apply left in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The script applied.
+    pub script: String,
+    /// `nft list table` right after it (`None`: the script only deleted the table).
+    pub listing: Option<String>,
+    /// A ruleset generation at which the table was seen to list exactly as `listing`.
+    pub generation: Option<u32>,
+}
+
+/// Pure: whether the kernel still holds what `script` would make — the last apply was this
+/// very script and the table lists exactly as it did right after it.
+pub fn up_to_date(last: Option<&Applied>, script: &str, listing: Option<&str>) -> bool {
+    last.is_some_and(|a| a.script == script && a.listing.as_deref() == listing)
+}
+
+/// Pure: whether nothing was committed since the kernel was seen to hold `script`'s table
+/// (so there is no need to list it).
+pub fn unchanged_since(last: Option<&Applied>, script: &str, generation: Option<u32>) -> bool {
+    last.is_some_and(|a| a.script == script && generation.is_some() && a.generation == generation)
+}
+
+/// Why the firewall could not be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    /// Listing the table failed.
+    #[error("cannot read the firewall table")]
+    List(#[source] CommandError),
+    /// nft refused or failed the transaction (the previous table is still in place).
+    #[error("nft refused the ruleset; the previous one is still in place")]
+    Apply(#[source] CommandError),
+}
+
+/// The kernel's firewall, as far as tuchka touches it. Real: [`NftFirewall`].
+pub trait Firewall: Send + Sync + std::fmt::Debug {
+    /// Apply a complete script in one transaction: all of it or nothing.
+    fn apply(&self, script: &str) -> Result<(), CommandError>;
+    /// `nft list table inet <table>`; `None` when the table does not exist.
+    fn list_table(&self, table: &str) -> Result<Option<String>, CommandError>;
+    /// The inet tables that have a chain named `chain`.
+    fn tables_with_chain(&self, chain: &str) -> Result<Vec<String>, CommandError>;
+    /// The ruleset generation (bumped by every nftables commit); `None` when unknown, which
+    /// makes [`ensure`] list the table every time.
+    fn generation(&self) -> Option<u32>;
+}
+
+/// [`Firewall`] through the `nft` tool and netlink, in the caller's network namespace.
+#[derive(Debug, Clone, Default)]
+pub struct NftFirewall;
+
+impl NftFirewall {
+    /// nft in the caller's network namespace.
+    pub fn new() -> Self {
+        NftFirewall
+    }
+
+    fn nft(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<String, CommandError> {
+        cmd::run("nft", args, stdin)
+    }
+}
+
+impl Firewall for NftFirewall {
+    fn apply(&self, script: &str) -> Result<(), CommandError> {
+        self.nft(&["-f", "-"], Some(script.as_bytes())).map(drop)
+    }
+
+    fn list_table(&self, table: &str) -> Result<Option<String>, CommandError> {
+        match self.nft(&["list", "table", "inet", table], None) {
+            Ok(out) => Ok(Some(out)),
+            Err(CommandError::Failed { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn tables_with_chain(&self, chain: &str) -> Result<Vec<String>, CommandError> {
+        let json = self.nft(&["-j", "list", "chains"], None)?;
+        Ok(tables_with_chain(&json, chain))
+    }
+
+    fn generation(&self) -> Option<u32> {
+        match super::nfgen::generation() {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::debug!(error = %e, "nftables generation unknown; listing the table instead");
+                None
+            }
+        }
+    }
+}
+
+/// List `table` between two generation reads: the listing and, if nothing was committed while
+/// listing, the generation it belongs to.
+fn list_at_generation(
+    fw: &dyn Firewall,
+    table: &str,
+) -> Result<(Option<String>, Option<u32>), FirewallError> {
+    let before = fw.generation();
+    let listing = fw.list_table(table).map_err(FirewallError::List)?;
+    let after = fw.generation();
+    Ok((listing, before.filter(|_| before == after)))
+}
+
+/// Make the kernel hold `script`'s version of `table`: nothing to do when [`unchanged_since`]
+/// or, after listing the table, [`up_to_date`] says it already does; else apply. `last` is
+/// updated after a successful apply. Returns whether it applied.
+pub fn ensure(
+    fw: &dyn Firewall,
+    table: &str,
+    script: &str,
+    last: &mut Option<Applied>,
+) -> Result<bool, FirewallError> {
+    if unchanged_since(last.as_ref(), script, fw.generation()) {
+        return Ok(false);
+    }
+    let (listing, generation) = list_at_generation(fw, table)?;
+    if up_to_date(last.as_ref(), script, listing.as_deref()) {
+        if let Some(a) = last.as_mut() {
+            // Someone committed something, but not to our table: remember where we are.
+            a.generation = generation;
+        }
+        return Ok(false);
+    }
+    // Whatever happens next, the kernel no longer matches what we remember.
+    *last = None;
+    fw.apply(script).map_err(FirewallError::Apply)?;
+    let (listing, generation) = list_at_generation(fw, table)?;
+    *last = Some(Applied {
+        script: script.to_string(),
+        listing,
+        generation,
+    });
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn comments_are_safe() {
+        assert_eq!(comment("ingress", "web"), "comment \"ingress web\"");
+        assert_eq!(
+            comment("ingress", "a\"b c;d\n"),
+            "comment \"ingress a_b_c_d_\""
+        );
+        assert!(comment("egress", &"x".repeat(500)).len() < 128);
+    }
+
+    #[test]
+    fn chain_marker_is_found_in_nft_json() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"chain": {"family": "inet", "table": "tk_aaaa0000", "name": "needs_ip_forward", "handle": 3}},
+            {"chain": {"family": "inet", "table": "tk_bbbb0000", "name": "forward", "handle": 1}},
+            {"chain": {"family": "ip", "table": "tk_cccc0000", "name": "needs_ip_forward", "handle": 2}}]}"#;
+        assert_eq!(
+            tables_with_chain(json, FORWARDING_MARKER),
+            vec!["tk_aaaa0000"]
+        );
+        assert!(tables_with_chain("not json", FORWARDING_MARKER).is_empty());
+    }
+
+    /// A kernel stand-in: holds one listing and a generation, counts applies and listings, can
+    /// refuse applies.
+    #[derive(Debug, Default)]
+    struct FakeNft {
+        table: Mutex<Option<String>>,
+        generation: Mutex<u32>,
+        applies: Mutex<u32>,
+        lists: Mutex<u32>,
+        refuse: bool,
+        no_generation: bool,
+    }
+
+    impl FakeNft {
+        /// Someone else commits: to our table (`Some(listing)`/`None` = deleted) or elsewhere.
+        fn commit(&self, ours: Option<Option<&str>>) {
+            *self.generation.lock().expect("lock") += 1;
+            if let Some(t) = ours {
+                *self.table.lock().expect("lock") = t.map(str::to_string);
+            }
+        }
+        fn count(&self, m: &Mutex<u32>) -> u32 {
+            *m.lock().expect("lock")
+        }
+    }
+
+    impl Firewall for FakeNft {
+        fn apply(&self, script: &str) -> Result<(), CommandError> {
+            if self.refuse {
+                return Err(CommandError::Failed {
+                    command: "nft -f -".into(),
+                    status: "exit status: 1".into(),
+                    stderr: "Error: syntax error".into(),
+                });
+            }
+            *self.applies.lock().expect("lock") += 1;
+            self.commit(Some(Some(&format!("listing of {}", script.len()))));
+            Ok(())
+        }
+        fn list_table(&self, _table: &str) -> Result<Option<String>, CommandError> {
+            *self.lists.lock().expect("lock") += 1;
+            Ok(self.table.lock().expect("lock").clone())
+        }
+        fn tables_with_chain(&self, _chain: &str) -> Result<Vec<String>, CommandError> {
+            Ok(Vec::new())
+        }
+        fn generation(&self) -> Option<u32> {
+            (!self.no_generation).then(|| *self.generation.lock().expect("lock"))
+        }
+    }
+
+    #[test]
+    fn ensure_applies_only_on_change_or_drift() {
+        for no_generation in [false, true] {
+            let fw = FakeNft {
+                no_generation,
+                ..FakeNft::default()
+            };
+            let mut last = None;
+            assert!(ensure(&fw, "t", "script-1", &mut last).expect("apply"));
+            assert!(!ensure(&fw, "t", "script-1", &mut last).expect("unchanged"));
+            assert!(ensure(&fw, "t", "script-22", &mut last).expect("changed"));
+            fw.commit(Some(None)); // nft flush ruleset
+            assert!(ensure(&fw, "t", "script-22", &mut last).expect("drift"));
+            fw.commit(Some(Some("edited by hand")));
+            assert!(ensure(&fw, "t", "script-22", &mut last).expect("drift"));
+            fw.commit(None); // another table changed
+            assert!(!ensure(&fw, "t", "script-22", &mut last).expect("not ours"));
+            assert!(!ensure(&fw, "t", "script-22", &mut last).expect("steady"));
+            assert_eq!(fw.count(&fw.applies), 4);
+        }
+    }
+
+    #[test]
+    fn an_unchanged_generation_spares_the_listing() {
+        let fw = FakeNft::default();
+        let mut last = None;
+        ensure(&fw, "t", "s", &mut last).expect("apply");
+        let lists = fw.count(&fw.lists);
+        for _ in 0..5 {
+            assert!(!ensure(&fw, "t", "s", &mut last).expect("steady"));
+        }
+        assert_eq!(
+            fw.count(&fw.lists),
+            lists,
+            "no listing while nothing is committed"
+        );
+        fw.commit(None);
+        ensure(&fw, "t", "s", &mut last).expect("someone else committed");
+        assert_eq!(
+            fw.count(&fw.lists),
+            lists + 1,
+            "one listing to check our table"
+        );
+        ensure(&fw, "t", "s", &mut last).expect("steady again");
+        assert_eq!(fw.count(&fw.lists), lists + 1);
+    }
+
+    #[test]
+    fn a_refused_apply_is_not_remembered() {
+        let refusing = FakeNft {
+            refuse: true,
+            ..FakeNft::default()
+        };
+        let mut last = None;
+        let err = ensure(&refusing, "t", "bad", &mut last).expect_err("refused");
+        assert!(matches!(err, FirewallError::Apply(_)));
+        assert!(last.is_none());
+    }
 }

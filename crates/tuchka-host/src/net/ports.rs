@@ -15,13 +15,17 @@ pub fn master_of(link: &str) -> Option<String> {
 
 /// Plug `tap` into `bridge` if it exists and is elsewhere or nowhere. Returns whether it had to.
 pub fn ensure_port(bridge: &str, tap: &str) -> Result<bool, HostError> {
-    if !Path::new("/sys/class/net").join(tap).exists() || !Path::new("/sys/class/net").join(bridge).exists() {
+    if !Path::new("/sys/class/net").join(tap).exists()
+        || !Path::new("/sys/class/net").join(bridge).exists()
+    {
         return Ok(false);
     }
     if master_of(tap).as_deref() == Some(bridge) {
         return Ok(false);
     }
-    let err = |e: crate::cmd::CommandError| HostError::invalid(format!("tap {tap} on bridge {bridge}"), e.to_string());
+    let err = |e: crate::cmd::CommandError| {
+        HostError::invalid(format!("tap {tap} on bridge {bridge}"), e.to_string())
+    };
     cmd::run("ip", &["link", "set", "dev", tap, "master", bridge], None).map_err(err)?;
     cmd::run("ip", &["link", "set", "dev", tap, "up"], None).map_err(err)?;
     tracing::info!(tap, bridge, "plugged a VM tap back into its bridge");

@@ -205,10 +205,7 @@ impl NetRules {
             && (self.nat
                 || !self.ingress.is_empty()
                 || !self.forwards.is_empty()
-                || self
-                    .egress
-                    .iter()
-                    .any(|e| e.action == EgressAction::Allow))
+                || self.egress.iter().any(|e| e.action == EgressAction::Allow))
     }
 
     /// The forwards in effect on this host (only the gateway host forwards).
@@ -254,8 +251,7 @@ fn egress(r: &EgressRule) -> Result<Egress, String> {
         other => return Err(ctx(format!("action {other:?} is not allow or deny"))),
     };
     let matches = PortSpec::parse(&r.matches).map_err(ctx)?;
-    let destinations =
-        addr_list(&r.destinations).map_err(|e| ctx(format!("destinations: {e}")))?;
+    let destinations = addr_list(&r.destinations).map_err(|e| ctx(format!("destinations: {e}")))?;
     Ok(Egress {
         id: r.id.clone(),
         action,
@@ -268,7 +264,12 @@ fn forward(f: &ForwardDesired, net: &Ipv4Net) -> Result<Forward, String> {
     let ctx = |e: String| format!("forward {:?}: {e}", f.id);
     let proto = match Proto::parse(&f.proto).map_err(ctx)? {
         p @ (Proto::Tcp | Proto::Udp) => p,
-        other => return Err(ctx(format!("protocol {} cannot be forwarded (tcp or udp)", other.as_str()))),
+        other => {
+            return Err(ctx(format!(
+                "protocol {} cannot be forwarded (tcp or udp)",
+                other.as_str()
+            )))
+        }
     };
     let vm_ip: Ipv4Addr = f
         .vm_ip
@@ -326,7 +327,10 @@ mod tests {
     fn port_matches() {
         let ok = |m| PortSpec::parse(&m).expect("valid");
         assert_eq!(ok(pm("tcp", Some(80), None)).ports, Some((80, 80)));
-        assert_eq!(ok(pm("udp", Some(1000), Some(2000))).ports, Some((1000, 2000)));
+        assert_eq!(
+            ok(pm("udp", Some(1000), Some(2000))).ports,
+            Some((1000, 2000))
+        );
         assert_eq!(ok(pm("tcp", None, None)).ports, None);
         assert_eq!(ok(pm("any", None, None)).proto, Proto::Any);
         assert_eq!(ok(pm("icmp", None, None)).proto, Proto::Icmp);
@@ -399,7 +403,10 @@ mod tests {
             vm_ip: ip.into(),
             vm_port: 80,
         };
-        bad(&|d| d.forwards.push(fwd("f1", 8080, "10.11.0.5")), "outside");
+        bad(
+            &|d| d.forwards.push(fwd("f1", 8080, "10.11.0.5")),
+            "outside",
+        );
         bad(&|d| d.forwards.push(fwd("f1", 0, "10.10.0.5")), "1-65535");
         bad(
             &|d| {
