@@ -198,10 +198,15 @@ fn measure(label: &str, nets: &[NetworkDesired], fw: &NftFirewall, runs: usize) 
     );
     println!("  render (pure)                  p50 {}", ms(render));
     println!("  nft -f transaction             p50 {}", ms(apply));
-    println!("  nft list table (drift check)   p50 {}", ms(list));
+    println!("  nft list table                 p50 {}", ms(list));
+    println!("  nftables generation (netlink)  p50 {}", ms(generation));
     println!(
         "  unchanged pass (render+ensure) p50 {}",
         ms(unchanged + render)
+    );
+    println!(
+        "  same, after a commit elsewhere p50 {}",
+        ms(touched + render)
     );
     fw.apply(&nft::render_firewall(&FirewallModel::new(&m.cloud8)))
         .expect("delete the table");
