@@ -531,6 +531,12 @@ impl Outside {
 
     /// GET http://addr/ from the outside namespace; the first line of the body if it answered.
     pub fn get(&self, url: &str) -> Option<String> {
+        self.get_within(url, "3")
+    }
+
+    /// [`Outside::get`] giving up after `max_time` seconds (e.g. "0.2"): a fresh connection per
+    /// try, so a dropped SYN is not waited out by TCP retransmission.
+    pub fn get_within(&self, url: &str, max_time: &str) -> Option<String> {
         let out = Command::new("ip")
             .args([
                 "netns",
