@@ -296,6 +296,37 @@ fn rules_forwards_nat_and_drift() {
         "{shown}"
     );
 
+    // Outbound rules: a deny-out wins over NAT; removing it restores access.
+    let deny = c
+        .ok(&[
+            "net",
+            "rule",
+            "add",
+            "app",
+            "--deny-out",
+            "tcp:8000",
+            "--to",
+            "198.51.100.0/24",
+            "-o",
+            "json",
+        ])
+        .json();
+    expect_probe(
+        &c,
+        "web-0",
+        &format!("tcp {OUTSIDE_ADDR}:8000"),
+        false,
+        None,
+    );
+    c.ok(&["net", "rule", "rm", "app", deny["id"].as_str().expect("id")]);
+    expect_probe(
+        &c,
+        "web-0",
+        &format!("tcp {OUTSIDE_ADDR}:8000"),
+        true,
+        Some("outside"),
+    );
+
     // A forward host:8080 → web-0:80 answers from outside.
     c.ok(&[
         "net",
