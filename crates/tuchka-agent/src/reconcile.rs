@@ -476,6 +476,7 @@ mod tests {
             ingress: vec![],
             egress: vec![],
             forwards: vec![],
+            vxlan: None,
         }
     }
 

@@ -1,5 +1,10 @@
 //! The agent's loop: register, then forever: long-poll the desired state, fetch missing images,
 //! reconcile, report. Survives controller restarts (it retries and re-registers).
+//!
+//! It stops (with [`AgentError::Refused`]) instead of retrying when retrying cannot help: the
+//! controller refused the join token or the host name, the host was revoked (`401` with code
+//! [`tuchka_api::CODE_HOST_REVOKED`]: it never retries with that credential), or TLS failed
+//! (a certificate fingerprint that does not match, a bad URL).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -37,6 +42,49 @@ pub enum AgentError {
     /// A worker thread died.
     #[error("agent worker failed: {0}")]
     Join(String),
+    /// The controller refused this agent for good; retrying cannot help.
+    #[error("{what}; not retrying")]
+    Refused {
+        /// What was refused, in words.
+        what: String,
+        /// The answer or failure.
+        #[source]
+        source: Box<ClientError>,
+    },
+}
+
+/// Why `e` means the agent must stop instead of retrying, if it does. `registering`: the error
+/// answered `POST /v1/agent/register` (where a `401` is a refused join token).
+fn fatal(e: &ClientError, registering: bool) -> Option<String> {
+    match e {
+        ClientError::Tls { .. } => Some("cannot talk to the controller over TLS".into()),
+        ClientError::InvalidUrl { .. } | ClientError::InvalidFingerprint { .. } => {
+            Some("the controller address is unusable".into())
+        }
+        ClientError::Api { error, .. } if error.code == tuchka_api::CODE_HOST_REVOKED => {
+            Some("the controller revoked this host (start the agent again with a join token to rejoin)".into())
+        }
+        ClientError::Api { status: 401, .. } if registering => {
+            Some("the controller refused to register this host".into())
+        }
+        ClientError::Api { status: 400, .. } if registering => {
+            Some("the controller refused to register this host".into())
+        }
+        _ => None,
+    }
+}
+
+fn refused(e: ClientError, registering: bool) -> Result<ClientError, AgentError> {
+    match fatal(&e, registering) {
+        Some(what) => {
+            tracing::error!(error = %e, "{what}; the agent stops");
+            Err(AgentError::Refused {
+                what,
+                source: Box::new(e),
+            })
+        }
+        None => Ok(e),
+    }
 }
 
 /// Run the agent until the process ends.
@@ -54,7 +102,7 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
     let storage = DirStorage::open(&config.pool)?;
     let facts =
         |s: &dyn Storage| tuchka_host::host_facts(s, accel, &accel_reason).unwrap_or_default();
-    let reg = register(&client, &config, facts(&storage)).await;
+    let reg = register(&client, &config, facts(&storage)).await?;
     tracing::info!(host = %config.name, id = %reg.host_id, "agent registered");
     let parts = Arc::new(HostParts {
         hypervisor: Arc::new(Libvirt::connect(&config.libvirt_uri, &reg.cloud_id)?),
@@ -75,9 +123,10 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         {
             Ok(d) => d,
             Err(e) => {
+                let e = refused(e, false)?;
                 tracing::warn!(error = %e, "cannot fetch desired state; retrying");
                 if e.status() == Some(404) || e.status() == Some(401) {
-                    let reg = register(&client, &config, facts(parts.storage.as_ref())).await;
+                    let reg = register(&client, &config, facts(parts.storage.as_ref())).await?;
                     host_id = reg.host_id;
                 }
                 tokio::time::sleep(backoff).await;
@@ -100,6 +149,7 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
             .post_empty(&format!("/v1/agent/hosts/{host_id}/report"), &report)
             .await
         {
+            let e = refused(e, false)?;
             tracing::warn!(error = %e, "cannot send report");
         }
         if pass.settled {
@@ -111,11 +161,12 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
     }
 }
 
+/// Register until the controller answers; stops at once when it refuses (see [`fatal`]).
 async fn register(
     client: &Client,
     config: &AgentConfig,
     facts: tuchka_api::agent::HostFacts,
-) -> HostRegistered {
+) -> Result<HostRegistered, AgentError> {
     let req = HostRegister {
         name: config.name.clone(),
         join_token: config.join_token.clone(),
@@ -127,8 +178,9 @@ async fn register(
             .post::<_, HostRegistered>("/v1/agent/register", &req)
             .await
         {
-            Ok(r) => return r,
+            Ok(r) => return Ok(r),
             Err(e) => {
+                let e = refused(e, true)?;
                 log_register_error(&e);
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
@@ -196,4 +248,46 @@ async fn fetch_one(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tuchka_api::ApiError;
+
+    fn api(status: u16, code: &str) -> ClientError {
+        ClientError::Api {
+            status,
+            error: ApiError {
+                code: code.into(),
+                message: "m".into(),
+                chain: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn only_refusals_that_retrying_cannot_fix_stop_the_agent() {
+        // A refused join token or host name stops registration; elsewhere a 401 re-registers.
+        assert!(fatal(&api(401, "Unauthorized"), true).is_some());
+        assert!(fatal(&api(400, "InvalidName"), true).is_some());
+        assert!(fatal(&api(401, "Unauthorized"), false).is_none());
+        assert!(fatal(&api(404, "HostNotFound"), false).is_none());
+        // A revoked host stops wherever it hears so.
+        let revoked = fatal(&api(401, tuchka_api::CODE_HOST_REVOKED), false);
+        assert!(revoked.expect("fatal").contains("revoked"));
+        // TLS failures (a wrong fingerprint) stop; an unreachable controller is retried.
+        let tls = ClientError::Tls {
+            endpoint: "https://x:1".into(),
+            reason: "certificate fingerprint mismatch".into(),
+        };
+        assert!(fatal(&tls, true).is_some());
+        assert!(fatal(&api(500, "Internal"), true).is_none());
+        let down = ClientError::Connect {
+            endpoint: "https://x:1".into(),
+            reason: "refused".into(),
+            source: "refused".into(),
+        };
+        assert!(fatal(&down, true).is_none());
+    }
 }

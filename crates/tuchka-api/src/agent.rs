@@ -56,6 +56,9 @@ pub struct HostFacts {
     /// TCP and UDP ports something listens on (on any address) of this host: forwards refuse them.
     #[serde(default)]
     pub listening_ports: Vec<u16>,
+    /// Underlay address other hosts reach this one on (VXLAN, migration); empty if unknown.
+    #[serde(default)]
+    pub address: String,
 }
 
 /// Everything one host must converge to.
@@ -156,6 +159,20 @@ pub struct NetworkDesired {
     /// Port forwards from this host's addresses to VMs of this network (gateway host only).
     #[serde(default)]
     pub forwards: Vec<ForwardDesired>,
+    /// The network's VXLAN segment between hosts (None: this host is the only one on it).
+    #[serde(default)]
+    pub vxlan: Option<VxlanDesired>,
+}
+
+/// VXLAN of a network on one host: head-end replication to every other host of the network.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct VxlanDesired {
+    /// This host's underlay (fabric) address: the VXLAN source.
+    pub local: String,
+    /// UDP port (4789).
+    pub port: u16,
+    /// Underlay addresses of the other hosts of the network (one all-zero FDB entry each).
+    pub peers: Vec<String>,
 }
 
 /// Protocol and destination ports a rule matches.

@@ -25,6 +25,23 @@ pub struct ApiError {
     pub chain: Vec<String>,
 }
 
+/// [`ApiError::code`] of a `401` to an agent whose host was revoked (`tuchka host revoke`):
+/// its credential is refused for good; only a new join with a join token admits it again.
+pub const CODE_HOST_REVOKED: &str = "HostRevoked";
+
+/// How a new host joins this cloud (`GET /v1/join-token`, `POST` rotates the token).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct JoinToken {
+    /// The join token an agent presents to `POST /v1/agent/register` over TCP.
+    pub token: String,
+    /// URL agents reach the controller at (`https://ADDR:PORT`); absent without `--listen`.
+    pub url: Option<String>,
+    /// sha256 (hex) of the controller's CA certificate (DER), for `--fingerprint`.
+    pub fingerprint: Option<String>,
+    /// The command to run on the new host; absent without `--listen`.
+    pub command: Option<String>,
+}
+
 /// Observed power state of a VM, as libvirt reports it on its host.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]

@@ -37,7 +37,7 @@ pub struct GlobalOpts {
         help_heading = GLOBAL
     )]
     pub socket: Option<PathBuf>,
-    /// Controller URL (http://HOST:PORT); used instead of the socket when set.
+    /// Controller URL (https://HOST:PORT); used instead of the socket when set.
     #[arg(
         long,
         env = "TUCHKA_URL",
@@ -56,6 +56,16 @@ pub struct GlobalOpts {
         help_heading = GLOBAL
     )]
     pub token: Option<String>,
+    /// sha256 of the controller's CA certificate, to trust --url by (printed by
+    /// `tuchka host join-token`).
+    #[arg(
+        long,
+        env = "TUCHKA_FINGERPRINT",
+        global = true,
+        value_name = "SHA256",
+        help_heading = GLOBAL
+    )]
+    pub fingerprint: Option<String>,
     /// Output format: aligned tables for people, or the raw API JSON.
     #[arg(
         short = 'o',
@@ -409,6 +419,18 @@ pub enum HostCmd {
     List,
     /// Show one host.
     Show {
+        /// Host name.
+        name: String,
+    },
+    /// Print the command that joins a new host (agent) to this cloud.
+    JoinToken {
+        /// Replace the join token first: the old one stops admitting hosts.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Revoke a host: its agent's credential is refused from now on (it may join again only
+    /// with a join token; rotate it with `host join-token --rotate` to keep the host out).
+    Revoke {
         /// Host name.
         name: String,
     },

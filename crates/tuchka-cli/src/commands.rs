@@ -14,8 +14,8 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tuchka_api::{
-    CheckItem, Forward, ForwardCreate, Group, GroupCreate, GroupScale, Host, Image, Network,
-    NetworkCreate, Operation, Rule, RuleCreate, Vm, VmStop,
+    CheckItem, Forward, ForwardCreate, Group, GroupCreate, GroupScale, Host, Image, JoinToken,
+    Network, NetworkCreate, Operation, Rule, RuleCreate, Vm, VmStop,
 };
 use tuchka_client::{segment, Client, Endpoint, DEFAULT_SOCKET};
 
@@ -86,12 +86,17 @@ pub fn resolve_endpoint(opts: &GlobalOpts, data_dir: Option<&OsStr>) -> Endpoint
     Endpoint::Unix(socket)
 }
 
-/// A client for the options (bearer token on any transport when given).
+/// A client for the options (bearer token on any transport when given; the controller's
+/// certificate pinned by `--fingerprint` when given).
 pub fn client_for(opts: &GlobalOpts) -> Client {
     let data_dir = std::env::var_os("TUCHKA_DATA_DIR");
     let endpoint = resolve_endpoint(opts, data_dir.as_deref());
     let token = opts.token.clone().filter(|t| !t.is_empty());
-    Client::new(endpoint).with_token(token)
+    let client = Client::new(endpoint).with_token(token);
+    match opts.fingerprint.as_deref().filter(|f| !f.trim().is_empty()) {
+        Some(sha) => client.with_fingerprint(sha),
+        None => client,
+    }
 }
 
 /// Run one command; returns the exit code. Errors are returned, not printed.
@@ -357,6 +362,19 @@ async fn host(ctx: &mut Ctx<'_>, cmd: HostCmd) -> anyhow::Result<i32> {
             let h: Host = ctx.client.get(&object("hosts", &name)).await?;
             ctx.show(&h, render::host_detail)?;
         }
+        HostCmd::JoinToken { rotate } => {
+            let join: JoinToken = if rotate {
+                ctx.client.post_no_body("/v1/join-token").await?
+            } else {
+                ctx.client.get("/v1/join-token").await?
+            };
+            ctx.show(&join, render::join_token)?;
+        }
+        HostCmd::Revoke { name } => {
+            let path = format!("{}/revoke", object("hosts", &name));
+            let h: Host = ctx.client.post_no_body(&path).await?;
+            ctx.show(&h, render::host_revoked)?;
+        }
     }
     Ok(0)
 }
@@ -580,12 +598,12 @@ mod tests {
             resolve_endpoint(&o, Some(OsStr::new("/srv/t"))),
             Endpoint::Unix(PathBuf::from("/tmp/s.sock"))
         );
-        o.url = Some("http://10.0.0.1:7070".into());
+        o.url = Some("https://10.0.0.1:7070".into());
         o.token = Some("tok".into());
         assert_eq!(
             resolve_endpoint(&o, None),
             Endpoint::Http {
-                url: "http://10.0.0.1:7070".into(),
+                url: "https://10.0.0.1:7070".into(),
                 token: Some("tok".into())
             }
         );

@@ -4,7 +4,9 @@
 //! the views are unit-tested. Columns are separated by two spaces, padded by character count,
 //! with no trailing whitespace.
 
-use tuchka_api::{CheckItem, Forward, Group, Host, Image, Network, Operation, Rule, Vm, VmAddress};
+use tuchka_api::{
+    CheckItem, Forward, Group, Host, Image, JoinToken, Network, Operation, Rule, Vm, VmAddress,
+};
 
 use crate::size::{format_bytes, format_mib};
 
@@ -411,6 +413,26 @@ pub fn host_table(hosts: &[Host]) -> String {
             "LAST SEEN",
         ],
         &rows,
+    )
+}
+
+/// `host join-token`: the command to run on the new host, or the token alone (and why) when
+/// the controller does not listen on TCP.
+pub fn join_token(j: &JoinToken) -> String {
+    match &j.command {
+        Some(command) => format!("{command}\n"),
+        None => format!(
+            "join token: {}\n(this controller does not listen on TCP: restart it with --listen ADDR:PORT so agents can join)\n",
+            j.token
+        ),
+    }
+}
+
+/// `host revoke`.
+pub fn host_revoked(h: &Host) -> String {
+    format!(
+        "host {:?} revoked: its agent's credential is refused from now on (state: {})\n",
+        h.name, h.state
     )
 }
 

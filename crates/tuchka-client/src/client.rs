@@ -1,4 +1,8 @@
-//! The [`Client`]: one HTTP/1.1 connection pool to the controller over a unix socket or TCP.
+//! The [`Client`]: one HTTP/1.1 connection pool to the controller over a unix socket or HTTPS.
+//!
+//! HTTPS trusts the controller by a pinned certificate sha256 ([`Client::with_fingerprint`],
+//! see [`crate::tls`]) or, without a pin, by the system's trusted CAs. Plain `http://` URLs are
+//! refused: a tuchka controller never serves plain HTTP on TCP.
 //!
 //! Every request goes through [`Client::request`] (URI + auth headers) and [`Client::execute`]
 //! (send, classify transport errors); non-2xx answers are turned into [`ClientError::Api`] by
@@ -6,6 +10,7 @@
 //! `Content-Length` set) and downloads (written to disk frame by frame).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +20,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::http::request::Builder;
 use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as LegacyClient;
 use hyper_util::rt::TokioExecutor;
@@ -27,6 +33,7 @@ use tuchka_api::{Image, Operation};
 
 use crate::encode::{hex, segment};
 use crate::error::{api_error_from_body, innermost_message, BoxError, ClientError};
+use crate::tls::{describe, find_rustls_error, normalize_fingerprint};
 
 /// Default path of the controller's unix socket.
 pub const DEFAULT_SOCKET: &str = "/var/lib/tuchka/tuchka.sock";
@@ -47,9 +54,9 @@ type ReqBody = BoxBody<Bytes, BoxError>;
 pub enum Endpoint {
     /// The controller's unix socket (no auth).
     Unix(PathBuf),
-    /// `http://host:port` (optionally with a path prefix), with a bearer token.
+    /// `https://host:port` (optionally with a path prefix), with a bearer token.
     Http {
-        /// Base URL, e.g. `http://10.0.0.1:7070`.
+        /// Base URL, e.g. `https://10.0.0.1:7480`.
         url: String,
         /// Bearer token sent with every request.
         token: Option<String>,
@@ -65,6 +72,8 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+type HttpsClient = LegacyClient<HttpsConnector<HttpConnector>, ReqBody>;
+
 #[derive(Clone)]
 enum Transport {
     Unix {
@@ -73,8 +82,26 @@ enum Transport {
     },
     Http {
         base: String,
-        http: LegacyClient<HttpConnector, ReqBody>,
+        /// Normalized certificate pin, or why the one given is invalid.
+        pin: Option<Result<String, String>>,
+        /// Built on first use (loading the system's CAs is not free); shared by clones.
+        http: Arc<OnceLock<Result<HttpsClient, String>>>,
     },
+}
+
+/// An HTTPS client that trusts `pin` (or the system's CAs).
+fn https_client(pin: Option<&str>) -> Result<HttpsClient, String> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let tls = crate::tls::client_config(pin).map_err(|e| format!("cannot set up TLS: {e}"))?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(LegacyClient::builder(TokioExecutor::new()).build(connector))
 }
 
 /// A client of the tuchka API. Cheap to clone (the connection pool is shared).
@@ -105,19 +132,26 @@ impl Client {
                 },
                 token: None,
             },
-            Endpoint::Http { url, token } => {
-                let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-                connector.set_nodelay(true);
-                Client {
-                    transport: Transport::Http {
-                        base: url.trim_end_matches('/').to_string(),
-                        http: LegacyClient::builder(TokioExecutor::new()).build(connector),
-                    },
-                    token,
-                }
-            }
+            Endpoint::Http { url, token } => Client {
+                transport: Transport::Http {
+                    base: url.trim_end_matches('/').to_string(),
+                    pin: None,
+                    http: Arc::new(OnceLock::new()),
+                },
+                token,
+            },
         }
+    }
+
+    /// Trust the controller by the sha256 (hex) of its CA or server certificate instead of
+    /// the system's CAs (what `tuchka host join-token` prints). HTTPS only: ignored on the unix
+    /// socket. An invalid fingerprint is reported by the first request.
+    pub fn with_fingerprint(mut self, sha256: &str) -> Self {
+        if let Transport::Http { pin, http, .. } = &mut self.transport {
+            *pin = Some(normalize_fingerprint(sha256));
+            *http = Arc::new(OnceLock::new());
+        }
+        self
     }
 
     /// Use `token` as the bearer on every request, whatever the transport (agent credential).
@@ -384,12 +418,16 @@ impl Client {
                     .map_err(|e| invalid(path.to_string(), e.to_string()))
             }
             Transport::Http { base, .. } => {
-                if !base.starts_with("http://") {
+                if base.starts_with("http://") {
                     return Err(invalid(
                         base.clone(),
-                        "use http://HOST:PORT (https is not supported; put a TLS proxy in front)"
+                        "tuchka serves TCP over HTTPS only: use https://HOST:PORT with \
+                         --fingerprint (on the controller, `tuchka host join-token` prints both)"
                             .to_string(),
                     ));
+                }
+                if !base.starts_with("https://") {
+                    return Err(invalid(base.clone(), "use https://HOST:PORT".to_string()));
                 }
                 let full = format!("{base}{path}");
                 let uri = full
@@ -433,10 +471,34 @@ impl Client {
         let method = req.method().to_string();
         let result = match &self.transport {
             Transport::Unix { http, .. } => http.request(req).await,
-            Transport::Http { http, .. } => http.request(req).await,
+            Transport::Http { pin, http, .. } => {
+                let pin = match pin {
+                    Some(Err(reason)) => {
+                        return Err(ClientError::InvalidFingerprint {
+                            reason: reason.clone(),
+                        })
+                    }
+                    Some(Ok(p)) => Some(p.as_str()),
+                    None => None,
+                };
+                let client = http
+                    .get_or_init(|| https_client(pin))
+                    .as_ref()
+                    .map_err(|reason| ClientError::Tls {
+                        endpoint: self.endpoint(),
+                        reason: reason.clone(),
+                    })?;
+                client.request(req).await
+            }
         };
         result.map_err(|e| {
-            if e.is_connect() {
+            if let Some(tls) = find_rustls_error(&e) {
+                let pinned = matches!(&self.transport, Transport::Http { pin: Some(_), .. });
+                ClientError::Tls {
+                    endpoint: self.endpoint(),
+                    reason: describe(tls, pinned),
+                }
+            } else if e.is_connect() {
                 ClientError::Connect {
                     endpoint: self.endpoint(),
                     reason: innermost_message(&e),
@@ -587,19 +649,19 @@ mod tests {
     #[test]
     fn http_uris_join_base_and_path() {
         let c = Client::new(Endpoint::Http {
-            url: "http://127.0.0.1:7070/".to_string(),
+            url: "https://127.0.0.1:7070/".to_string(),
             token: None,
         });
         let uri = c.uri("/v1/vms").expect("uri");
-        assert_eq!(uri.to_string(), "http://127.0.0.1:7070/v1/vms");
-        let https = Client::new(Endpoint::Http {
-            url: "https://x:1".to_string(),
+        assert_eq!(uri.to_string(), "https://127.0.0.1:7070/v1/vms");
+        let plain = Client::new(Endpoint::Http {
+            url: "http://x:1".to_string(),
             token: None,
         });
-        let err = https.uri("/v1/vms").expect_err("https refused");
-        assert!(err.to_string().contains("https is not supported"), "{err}");
+        let err = plain.uri("/v1/vms").expect_err("plain http refused");
+        assert!(err.to_string().contains("HTTPS only"), "{err}");
         let garbage = Client::new(Endpoint::Http {
-            url: "http://a b".to_string(),
+            url: "https://a b".to_string(),
             token: None,
         });
         assert!(garbage.uri("/v1/vms").is_err());

@@ -88,6 +88,22 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// The TLS handshake with the controller failed: a certificate pin that does not match, a
+    /// certificate no trusted CA signed, an address the certificate does not cover.
+    /// (No `#[source]`: `reason` is already the innermost cause, with what to do.)
+    #[error("TLS with {endpoint} failed: {reason}")]
+    Tls {
+        /// The URL.
+        endpoint: String,
+        /// What failed and what to do.
+        reason: String,
+    },
+    /// The certificate fingerprint given to [`crate::Client::with_fingerprint`] is not a sha256.
+    #[error("invalid certificate fingerprint: {reason}")]
+    InvalidFingerprint {
+        /// Why.
+        reason: String,
+    },
     /// The endpoint URL or a request path is not a valid URI.
     #[error("invalid URL {url:?}: {reason}")]
     InvalidUrl {

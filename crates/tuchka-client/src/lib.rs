@@ -1,8 +1,9 @@
 //! Typed HTTP client of the tuchka API, used by the CLI and by the agents.
 //!
 //! Protocol: HTTP/1.1 with JSON bodies (types in `tuchka_api`), either over the controller's
-//! unix socket (no auth; default `/var/lib/tuchka/tuchka.sock`) or over TCP with
-//! `Authorization: Bearer <token>`. Non-2xx answers carry an [`tuchka_api::ApiError`] body and
+//! unix socket (no auth; default `/var/lib/tuchka/tuchka.sock`) or over HTTPS with
+//! `Authorization: Bearer <token>`, trusting the controller by a pinned certificate sha256
+//! ([`Client::with_fingerprint`]). Non-2xx answers carry an [`tuchka_api::ApiError`] body and
 //! become [`ClientError::Api`]. Long actions answer `202` with an operation which
 //! [`Client::wait_operation`] follows. Image uploads stream the file from disk; image downloads
 //! resume with `Range: bytes=N-`.
@@ -13,6 +14,7 @@
 mod client;
 mod encode;
 mod error;
+pub mod tls;
 
 pub use client::{Client, Endpoint, DEFAULT_SOCKET};
 pub use encode::segment;

@@ -450,7 +450,7 @@ async fn connect_error_over_tcp_names_the_url() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     drop(listener);
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{port}");
     let err = Client::new(Endpoint::Http {
         url: url.clone(),
         token: Some("t".to_string()),

@@ -1,8 +1,10 @@
 //! The HTTP API: one routing table; handlers parse, call [`crate::service`], map the result.
 //!
 //! Served on the unix socket (trusted: file permissions are the access control) and, with
-//! `--listen`, on TCP where every request needs `Authorization: Bearer <token>` (the API token
-//! for users, the host credential for agent endpoints).
+//! `--listen`, on TCP with TLS only (see [`crate::tls`]), where every request needs
+//! `Authorization: Bearer <token>`: the API token for users, the host credential for the agent
+//! endpoints of that host. `POST /v1/agent/register` is the exception: it carries the join
+//! token in its body instead (checked by [`desired::register`]).
 
 use std::io::SeekFrom;
 use std::time::Duration;
@@ -20,8 +22,8 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tuchka_api::agent::{HostDesired, HostRegister, HostRegistered, HostReport};
 use tuchka_api::{
-    ApiError, Forward, ForwardCreate, Group, GroupCreate, GroupScale, Host, Image, Network,
-    NetworkCreate, Operation, Rule, RuleCreate, Vm, VmStop,
+    ApiError, Forward, ForwardCreate, Group, GroupCreate, GroupScale, Host, Image, JoinToken,
+    Network, NetworkCreate, Operation, Rule, RuleCreate, Vm, VmStop,
 };
 
 use crate::error::{Error, Result};
@@ -34,7 +36,7 @@ use crate::{desired, images};
 pub enum Transport {
     /// The unix socket: trusted.
     Unix,
-    /// TCP: bearer token required.
+    /// TCP (TLS): bearer token required.
     Tcp,
 }
 
@@ -75,6 +77,8 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
         .route("/v1/vms/{name}/{action}", post(vm_action))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{name}", get(get_host))
+        .route("/v1/hosts/{name}/revoke", post(revoke_host))
+        .route("/v1/join-token", get(join_token).post(rotate_join_token))
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
         .route("/v1/events", get(events))
@@ -117,8 +121,16 @@ async fn auth(
         let ok = if path == "/v1/agent/register" {
             true // checked by the handler (join token)
         } else if let Some(rest) = path.strip_prefix("/v1/agent/hosts/") {
-            let id = rest.split('/').next().unwrap_or_default();
-            desired::authenticate_host(&ctl, id, &token).is_ok()
+            let id = rest.split('/').next().unwrap_or_default().to_string();
+            let check = {
+                let ctl = ctl.clone();
+                blocking(move || Ok(desired::authenticate_host(&ctl, &id, &token))).await
+            };
+            match check {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => return host_auth_refused(e),
+                Err(e) => return e.into_response(),
+            }
         } else {
             constant_time_eq(token.as_bytes(), ctl.api_token().as_bytes())
         };
@@ -128,6 +140,24 @@ async fn auth(
         }
     }
     next.run(req).await
+}
+
+/// The answer to an agent whose host credential was refused: `401` with code
+/// [`tuchka_api::CODE_HOST_REVOKED`] for a revoked host (the agent stops), `Unauthorized` else.
+fn host_auth_refused(e: desired::HostAuthError) -> Response {
+    let code = match &e {
+        desired::HostAuthError::Store(s) => {
+            return Error::internal("cannot check the host credential", s).into_response()
+        }
+        desired::HostAuthError::Revoked(_) => tuchka_api::CODE_HOST_REVOKED,
+        _ => "Unauthorized",
+    };
+    let body = ApiError {
+        code: code.into(),
+        message: e.to_string(),
+        chain: vec![],
+    };
+    (StatusCode::UNAUTHORIZED, Json(body)).into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -443,6 +473,30 @@ pub async fn get_host(
         .map(Json)
 }
 
+/// Revoke a host: its agent's credential is refused from now on (it may join again only with
+/// a join token).
+#[utoipa::path(post, path = "/v1/hosts/{name}/revoke", responses((status = 200, body = Host), (status = 404, body = ApiError)))]
+pub async fn revoke_host(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Host>> {
+    blocking(move || desired::revoke_host(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// The join token and the command that joins a host (users only: unix socket or API token).
+#[utoipa::path(get, path = "/v1/join-token", responses((status = 200, body = JoinToken)))]
+pub async fn join_token(State(ctl): State<Controller>) -> Json<JoinToken> {
+    Json(ctl.join_info())
+}
+
+/// Replace the join token; the old one stops admitting hosts (joined hosts are not affected).
+#[utoipa::path(post, path = "/v1/join-token", responses((status = 200, body = JoinToken)))]
+pub async fn rotate_join_token(State(ctl): State<Controller>) -> Result<Json<JoinToken>> {
+    blocking(move || ctl.rotate_join_token()).await.map(Json)
+}
+
 /// Latest operations, newest first.
 #[utoipa::path(get, path = "/v1/operations", responses((status = 200, body = Vec<Operation>)))]
 pub async fn list_operations(State(ctl): State<Controller>) -> Result<Json<Vec<Operation>>> {
@@ -487,7 +541,8 @@ pub async fn openapi() -> Response {
         .into_response()
 }
 
-/// Register a host (agents).
+/// Register a host (agents). Over TCP the body's `join_token` must be the current join token
+/// (else `401` "join token refused"); on the unix socket the agent is trusted.
 #[utoipa::path(post, path = "/v1/agent/register", request_body = HostRegister, responses((status = 200, body = HostRegistered), (status = 401, body = ApiError)))]
 pub async fn register(
     State(ctl): State<Controller>,

@@ -1,5 +1,10 @@
 //! The agent side of the controller: registration, the desired state of a host, and applying
 //! what a host reports.
+//!
+//! Trust: an agent on the unix socket is trusted. Over TCP, registering needs the join token
+//! ([`register`]); it answers a fresh per-host credential, whose sha256 is stored, and every
+//! other agent call must carry it ([`authenticate_host`]). [`revoke_host`] makes a host's
+//! credential refused for good; only a new registration with a join token admits it again.
 
 use std::collections::{HashMap, HashSet};
 
@@ -7,11 +12,11 @@ use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 use tuchka_api::agent::{
     DhcpHost, HostDesired, HostRegister, HostRegistered, HostReport, NetworkDesired, NicDesired,
-    VmDesired,
+    VmDesired, VxlanDesired,
 };
 use tuchka_api::VmState;
 use tuchka_core::names;
-use tuchka_store::{self as db, HostNetworkRow};
+use tuchka_store::{self as db, HostNetworkRow, StoreError};
 
 use crate::error::{Error, Result};
 use crate::state::Controller;
@@ -24,12 +29,15 @@ pub fn credential_hash(credential: &str) -> String {
     hex::encode(Sha256::digest(credential.as_bytes()))
 }
 
-/// Register (or re-register) a host; returns its id and a fresh credential.
+/// Register (or re-register) a host; returns its id and a fresh credential. Untrusted
+/// (TCP) callers must present the current join token. Re-registering a revoked host admits it
+/// again.
 pub fn register(ctl: &Controller, req: HostRegister, trusted: bool) -> Result<HostRegistered> {
-    if !trusted {
-        return Err(Error::Unauthorized(
-            "joining over TCP needs a join token (comes with the cluster issue)".into(),
-        ));
+    if !trusted && !ctl.join_token_matches(&req.join_token)? {
+        return Err(Error::Unauthorized(format!(
+            "join token refused for host {:?}: use the current one (on the controller: tuchka host join-token)",
+            req.name
+        )));
     }
     tuchka_core::names::validate_name("host", &req.name)
         .map_err(|e| Error::invalid("InvalidName", e.to_string()))?;
@@ -60,17 +68,68 @@ pub fn register(ctl: &Controller, req: HostRegister, trusted: bool) -> Result<Ho
     })
 }
 
+/// Why an agent's host credential was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HostAuthError {
+    /// No host has this id (e.g. the controller's state was reset): register again.
+    #[error("unknown host {0:?}: register again")]
+    UnknownHost(String),
+    /// The host was revoked: its credential is refused for good.
+    #[error("host {0:?} was revoked (tuchka host revoke): its credential is refused; it can only join again with a join token")]
+    Revoked(String),
+    /// The credential is not the host's.
+    #[error("credential of host {0:?} refused")]
+    WrongCredential(String),
+    /// The database failed.
+    #[error("cannot check the host credential")]
+    Store(#[from] StoreError),
+}
+
 /// Check a host credential (TCP agents).
-pub fn authenticate_host(ctl: &Controller, host_id: &str, credential: &str) -> Result<()> {
+pub fn authenticate_host(
+    ctl: &Controller,
+    host_id: &str,
+    credential: &str,
+) -> std::result::Result<(), HostAuthError> {
     let h = db::host(ctl.db().conn(), host_id)?
-        .ok_or_else(|| Error::Unauthorized("unknown host".into()))?;
-    if h.revoked || h.credential_sha256 != credential_hash(credential) {
-        return Err(Error::Unauthorized(format!(
-            "credential of host {:?} refused",
-            h.name
-        )));
+        .ok_or_else(|| HostAuthError::UnknownHost(host_id.to_string()))?;
+    if h.revoked {
+        return Err(HostAuthError::Revoked(h.name));
+    }
+    let given = credential_hash(credential);
+    let same = given.len() == h.credential_sha256.len()
+        && given
+            .bytes()
+            .zip(h.credential_sha256.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if !same {
+        return Err(HostAuthError::WrongCredential(h.name));
     }
     Ok(())
+}
+
+/// Revoke host `name` (or id): its agent's credential is refused from now on and the host is
+/// shown `revoked`. Its VMs stay where they are. Returns the host.
+pub fn revoke_host(ctl: &Controller, name: &str) -> Result<tuchka_api::Host> {
+    let not_found = || Error::NotFound {
+        kind: "host",
+        cli: "host",
+        name: name.to_string(),
+    };
+    let h = ctl.db().atomic(|c| {
+        let h = db::host(c, name)?.ok_or_else(not_found)?;
+        db::revoke_host(c, &h.id)?;
+        Ok::<_, Error>(h)
+    })?;
+    ctl.emit(
+        "host.revoked",
+        &format!("host/{}", h.name),
+        format!("host {} revoked: its agent's credential is refused", h.name),
+    );
+    // Wake its long poll so the agent hears the refusal now.
+    ctl.bump();
+    crate::service::get_host(ctl, &h.id)
 }
 
 /// Everything host `host_id` must converge to.
@@ -163,6 +222,23 @@ fn build_desired(
     let rules = db::rules(c)?;
     let forwards = db::forwards(c)?;
     let all_networks = db::networks(c)?;
+    let addresses: HashMap<String, String> = db::hosts(c)?
+        .into_iter()
+        .map(|h| (h.id, h.facts.address))
+        .collect();
+    let nic_hosts: Vec<(String, String)> = {
+        let host_of: HashMap<&str, &str> = live
+            .iter()
+            .map(|v| (v.id.as_str(), v.host_id.as_str()))
+            .collect();
+        nics.iter()
+            .filter_map(|n| {
+                host_of
+                    .get(n.vm_id.as_str())
+                    .map(|h| (n.network.clone(), h.to_string()))
+            })
+            .collect()
+    };
     let mut out_nets: Vec<NetworkDesired> = nets_here
         .iter()
         .filter_map(|name| networks.get(name))
@@ -201,6 +277,7 @@ fn build_desired(
                 ingress: r.ingress,
                 egress: r.egress,
                 forwards: if gateway_here { r.forwards } else { vec![] },
+                vxlan: vxlan_for(host_id, n, &nic_hosts, &addresses),
             }
         })
         .collect();
@@ -215,6 +292,40 @@ fn build_desired(
         images: image_list,
     })
 }
+
+/// The VXLAN segment of network `n` seen from `host_id`: every other host that has a VM on it or
+/// is its gateway is a peer. None when this host has no underlay address or no peer.
+fn vxlan_for(
+    host_id: &str,
+    n: &db::NetworkRow,
+    nic_hosts: &[(String, String)],
+    addresses: &HashMap<String, String>,
+) -> Option<VxlanDesired> {
+    let local = addresses.get(host_id).filter(|a| !a.is_empty())?.clone();
+    let mut hosts: HashSet<&str> = nic_hosts
+        .iter()
+        .filter(|(net, _)| *net == n.name)
+        .map(|(_, h)| h.as_str())
+        .collect();
+    if let Some(g) = &n.gateway_host {
+        hosts.insert(g);
+    }
+    let mut peers: Vec<String> = hosts
+        .into_iter()
+        .filter(|h| *h != host_id)
+        .filter_map(|h| addresses.get(h).filter(|a| !a.is_empty()).cloned())
+        .collect();
+    peers.sort();
+    peers.dedup();
+    (!peers.is_empty()).then_some(VxlanDesired {
+        local,
+        port: VXLAN_PORT,
+        peers,
+    })
+}
+
+/// UDP port of VXLAN between hosts.
+pub const VXLAN_PORT: u16 = 4789;
 
 /// Record what a host observed, then move operations on.
 pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Result<()> {
@@ -298,6 +409,56 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn net(gateway: &str) -> db::NetworkRow {
+        db::NetworkRow {
+            name: "app".into(),
+            cidr: "10.91.0.0/24".into(),
+            vni: 5000,
+            gateway_host: Some(gateway.into()),
+            state: "ready".into(),
+            error: None,
+            deleting: false,
+            created_at: String::new(),
+            nat: false,
+            gateway: None,
+        }
+    }
+
+    #[test]
+    fn vxlan_peers_are_the_other_hosts_of_the_network() {
+        let addrs: HashMap<String, String> = [
+            ("h1", "10.250.0.11"),
+            ("h2", "10.250.0.12"),
+            ("h3", "10.250.0.13"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let nics = vec![
+            ("app".to_string(), "h2".to_string()),
+            ("app".to_string(), "h2".to_string()),
+            ("db".to_string(), "h3".to_string()),
+        ];
+        let v = vxlan_for("h2", &net("h1"), &nics, &addrs).expect("h2 has a peer: the gateway h1");
+        assert_eq!(v.local, "10.250.0.12");
+        assert_eq!(v.peers, vec!["10.250.0.11"]);
+        assert_eq!(v.port, 4789);
+        let v = vxlan_for("h1", &net("h1"), &nics, &addrs).expect("h1 sees h2");
+        assert_eq!(v.peers, vec!["10.250.0.12"]);
+        assert_eq!(
+            vxlan_for("h3", &net("h3"), &[], &addrs),
+            None,
+            "alone on the network: no VXLAN"
+        );
+        let mut no_addr = addrs.clone();
+        no_addr.insert("h2".into(), String::new());
+        assert_eq!(
+            vxlan_for("h2", &net("h1"), &nics, &no_addr),
+            None,
+            "a single-host cloud has no underlay address"
+        );
+    }
 
     #[test]
     fn credential_hash_is_stable_hex() {

@@ -12,6 +12,7 @@ pub mod openapi;
 pub mod ops;
 pub mod service;
 pub mod state;
+pub mod tls;
 
 pub use error::{Error, Result};
 pub use state::{Controller, ControllerConfig};

@@ -39,6 +39,9 @@ use crate::api;
         api::vm_action,
         api::list_hosts,
         api::get_host,
+        api::revoke_host,
+        api::join_token,
+        api::rotate_join_token,
         api::list_operations,
         api::get_operation,
         api::events,
@@ -62,6 +65,7 @@ use crate::api;
         tuchka_api::PowerState,
         tuchka_api::VmStop,
         tuchka_api::Host,
+        tuchka_api::JoinToken,
         tuchka_api::Operation,
         tuchka_api::Event,
         tuchka_api::CheckItem,
@@ -84,6 +88,7 @@ use crate::api;
         tuchka_api::agent::IngressRule,
         tuchka_api::agent::EgressRule,
         tuchka_api::agent::ForwardDesired,
+        tuchka_api::agent::VxlanDesired,
     ))
 )]
 struct ApiDoc;

@@ -1,4 +1,11 @@
-//! Shared controller state: the database, the desired-state generation and the event stream.
+//! Shared controller state: the database, the desired-state generation, the event stream and
+//! the secrets: the API token (`<data-dir>/token`) and the join token.
+//!
+//! The join token admits new hosts over TCP. Its sha256 is in the database (meta row
+//! `join_token_sha256`, checked by [`Controller::join_token_matches`]); the token itself is kept
+//! in `<data-dir>/join-token` (mode 0600) so `tuchka host join-token` can print it again, and
+//! with `--listen` the whole join command is written to `<data-dir>/join.txt` (mode 0600).
+//! [`Controller::rotate_join_token`] replaces it; hosts that joined keep their credentials.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -6,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
-use tuchka_api::Event;
+use tuchka_api::{Event, JoinToken};
 use tuchka_core::placement::Ratios;
 use tuchka_store::Store;
 
@@ -25,6 +32,17 @@ pub struct ControllerConfig {
     pub local_pool: Option<PathBuf>,
     /// Longest a long-poll for desired state waits.
     pub long_poll: Duration,
+    /// Where agents join over TCP (set with `--listen`).
+    pub join: Option<JoinEndpoint>,
+}
+
+/// The TCP endpoint agents join at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinEndpoint {
+    /// `https://ADDR:PORT`.
+    pub url: String,
+    /// sha256 (hex) of the controller's CA certificate.
+    pub fingerprint: String,
 }
 
 impl ControllerConfig {
@@ -36,6 +54,7 @@ impl ControllerConfig {
             ratios: Ratios::default(),
             local_pool: None,
             long_poll: Duration::from_secs(10),
+            join: None,
         }
     }
 }
@@ -51,6 +70,7 @@ struct Inner {
     db: Mutex<Store>,
     cloud_id: String,
     api_token: String,
+    join_token: Mutex<String>,
     generation: watch::Sender<u64>,
     events: broadcast::Sender<Event>,
     event_seq: AtomicU64,
@@ -67,6 +87,7 @@ impl Controller {
         let mut store = Store::open(&dir.join("state.db"))?;
         let cloud_id = store.cloud_id()?;
         let api_token = load_or_create_token(&dir.join("token"))?;
+        let join_token = load_or_create_join_token(dir, &mut store)?;
         // Generations only grow, across restarts too: agents long-poll with the last one they saw.
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -74,17 +95,20 @@ impl Controller {
             .unwrap_or(1);
         let (generation, _) = watch::channel(start);
         let (events, _) = broadcast::channel(1024);
-        Ok(Controller {
+        let ctl = Controller {
             inner: Arc::new(Inner {
                 config,
                 db: Mutex::new(store),
                 cloud_id,
                 api_token,
+                join_token: Mutex::new(join_token),
                 generation,
                 events,
                 event_seq: AtomicU64::new(0),
             }),
-        })
+        };
+        ctl.write_join_file()?;
+        Ok(ctl)
     }
 
     /// The configuration.
@@ -100,6 +124,42 @@ impl Controller {
     /// Bearer token required on TCP.
     pub fn api_token(&self) -> &str {
         &self.inner.api_token
+    }
+
+    /// The join token, the URL and fingerprint agents need, and the command that joins a host.
+    pub fn join_info(&self) -> JoinToken {
+        let token = lock(&self.inner.join_token).clone();
+        join_info(self.inner.config.join.as_ref(), token)
+    }
+
+    /// True when `token` is the current join token (compared by sha256, in constant time).
+    pub fn join_token_matches(&self, token: &str) -> Result<bool> {
+        let stored = tuchka_store::meta_get(self.db().conn(), JOIN_TOKEN_META)?;
+        Ok(stored.is_some_and(|h| {
+            !token.is_empty() && constant_time_eq(h.as_bytes(), sha256_hex(token).as_bytes())
+        }))
+    }
+
+    /// Replace the join token: the old one stops admitting hosts at once (hosts that joined
+    /// keep their credentials). Rewrites `join-token` and `join.txt`.
+    pub fn rotate_join_token(&self) -> Result<JoinToken> {
+        let token = random_hex();
+        let dir = &self.inner.config.data_dir;
+        write_secret(&dir.join(JOIN_TOKEN_FILE), &format!("{token}\n"))?;
+        self.db()
+            .atomic(|c| tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(&token)))?;
+        *lock(&self.inner.join_token) = token;
+        self.write_join_file()?;
+        Ok(self.join_info())
+    }
+
+    /// Write `<data-dir>/join.txt` (the join command) when agents can join over TCP.
+    fn write_join_file(&self) -> Result<()> {
+        if let Some(command) = self.join_info().command {
+            let path = self.inner.config.data_dir.join(JOIN_COMMAND_FILE);
+            write_secret(&path, &format!("{command}\n"))?;
+        }
+        Ok(())
     }
 
     /// The database (held briefly; never across an await).
@@ -147,26 +207,178 @@ impl Controller {
     }
 }
 
-fn load_or_create_token(path: &std::path::Path) -> Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Ok(t) = std::fs::read_to_string(path) {
-        let t = t.trim().to_string();
-        if !t.is_empty() {
-            return Ok(t);
-        }
+/// Meta row holding the sha256 of the join token.
+const JOIN_TOKEN_META: &str = "join_token_sha256";
+/// File (in the data directory) holding the join token.
+const JOIN_TOKEN_FILE: &str = "join-token";
+/// File (in the data directory) holding the join command.
+pub const JOIN_COMMAND_FILE: &str = "join.txt";
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
     }
+}
+
+/// The command that joins a host to the controller at `url`.
+pub fn join_command(url: &str, token: &str, fingerprint: &str) -> String {
+    format!("tuchka agent --controller {url} --join-token {token} --fingerprint {fingerprint}")
+}
+
+fn join_info(endpoint: Option<&JoinEndpoint>, token: String) -> JoinToken {
+    JoinToken {
+        url: endpoint.map(|e| e.url.clone()),
+        fingerprint: endpoint.map(|e| e.fingerprint.clone()),
+        command: endpoint.map(|e| join_command(&e.url, &token, &e.fingerprint)),
+        token,
+    }
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn random_hex() -> String {
     let mut bytes = [0u8; 32];
     rand::Rng::fill(&mut rand::thread_rng(), &mut bytes);
-    let token = hex::encode(bytes);
+    hex::encode(bytes)
+}
+
+/// Write `text` to `path`, readable by its owner only.
+fn write_secret(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let fail = |e: std::io::Error| Error::internal(format!("cannot write {}", path.display()), &e);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| Error::internal(format!("cannot write {}", path.display()), &e))?;
-    f.write_all(format!("{token}\n").as_bytes())
-        .map_err(|e| Error::internal(format!("cannot write {}", path.display()), &e))?;
+        .map_err(fail)?;
+    // An existing file keeps its mode on open: make sure it is private.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(fail)?;
+    f.write_all(text.as_bytes()).map_err(fail)
+}
+
+fn read_trimmed(path: &std::path::Path) -> Option<String> {
+    let t = std::fs::read_to_string(path).ok()?;
+    let t = t.trim();
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+fn load_or_create_token(path: &std::path::Path) -> Result<String> {
+    if let Some(t) = read_trimmed(path) {
+        return Ok(t);
+    }
+    let token = random_hex();
+    write_secret(path, &format!("{token}\n"))?;
     Ok(token)
+}
+
+/// The join token: the one in `<dir>/join-token` when its sha256 is the one in the database,
+/// else a new one (written to both).
+fn load_or_create_join_token(dir: &std::path::Path, store: &mut Store) -> Result<String> {
+    let path = dir.join(JOIN_TOKEN_FILE);
+    let file = read_trimmed(&path);
+    let stored = tuchka_store::meta_get(store.conn(), JOIN_TOKEN_META)?;
+    match (file, stored) {
+        (Some(t), Some(h)) if sha256_hex(&t) == h => return Ok(t),
+        (Some(t), None) => {
+            store.atomic(|c| tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(&t)))?;
+            return Ok(t);
+        }
+        (_, Some(_)) => tracing::warn!(
+            file = %path.display(),
+            "the join token file is missing or does not match the database: a new join token was made"
+        ),
+        (None, None) => {}
+    }
+    let token = random_hex();
+    write_secret(&path, &format!("{token}\n"))?;
+    store.atomic(|c| tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(&token)))?;
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &std::path::Path, join: Option<JoinEndpoint>) -> Controller {
+        let mut config = ControllerConfig::new(dir.to_path_buf());
+        config.join = join;
+        Controller::open(config).expect("open")
+    }
+
+    #[test]
+    fn the_join_token_is_made_once_checked_by_hash_and_rotated() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let endpoint = JoinEndpoint {
+            url: "https://10.0.0.1:7480".into(),
+            fingerprint: "ab".repeat(32),
+        };
+        let ctl = open(tmp.path(), Some(endpoint.clone()));
+        let info = ctl.join_info();
+        assert_eq!(info.token.len(), 64);
+        assert!(ctl.join_token_matches(&info.token).expect("check"));
+        assert!(!ctl.join_token_matches("wrong").expect("check"));
+        assert!(!ctl.join_token_matches("").expect("check"));
+        let command = info.command.clone().expect("command");
+        assert_eq!(
+            command,
+            format!(
+                "tuchka agent --controller https://10.0.0.1:7480 --join-token {} --fingerprint {}",
+                info.token,
+                "ab".repeat(32)
+            )
+        );
+        let file = tmp.path().join(JOIN_COMMAND_FILE);
+        assert_eq!(
+            std::fs::read_to_string(&file).expect("join.txt"),
+            format!("{command}\n")
+        );
+        for f in [JOIN_COMMAND_FILE, JOIN_TOKEN_FILE, "token"] {
+            let mode = std::fs::metadata(tmp.path().join(f))
+                .expect("file")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        // The database holds only the hash.
+        let stored = tuchka_store::meta_get(ctl.db().conn(), JOIN_TOKEN_META)
+            .expect("meta")
+            .expect("row");
+        assert_ne!(stored, info.token);
+        drop(ctl);
+
+        // A restart keeps it.
+        let ctl = open(tmp.path(), Some(endpoint));
+        assert_eq!(ctl.join_info(), info);
+
+        // Rotation: the old token stops working.
+        let new = ctl.rotate_join_token().expect("rotate");
+        assert_ne!(new.token, info.token);
+        assert!(ctl.join_token_matches(&new.token).expect("check"));
+        assert!(!ctl.join_token_matches(&info.token).expect("check"));
+        assert!(std::fs::read_to_string(&file)
+            .expect("join.txt")
+            .contains(&new.token));
+    }
+
+    #[test]
+    fn without_listen_there_is_a_token_but_no_command() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let info = open(tmp.path(), None).join_info();
+        assert_eq!(info.token.len(), 64);
+        assert_eq!((info.url, info.command), (None, None));
+        assert!(!tmp.path().join(JOIN_COMMAND_FILE).exists());
+    }
 }

@@ -124,6 +124,7 @@ fn network(n: u8) -> NetworkDesired {
         ingress,
         egress,
         forwards,
+        vxlan: None,
     }
 }
 

@@ -734,6 +734,7 @@ mod tests {
             ingress: vec![],
             egress: vec![],
             forwards: vec![],
+            vxlan: None,
         };
         dp.ensure_network(&net).expect("ensure");
         net.cidr = "bogus".into();

@@ -84,6 +84,7 @@ fn test_image_boots_gets_its_address_and_shuts_down() {
         ingress: vec![],
         egress: vec![],
         forwards: vec![],
+        vxlan: None,
     };
     let dp = LinuxDataplane::new(&scratch.pool(), &cloud);
     let tap = format!("tkt{u}t0");

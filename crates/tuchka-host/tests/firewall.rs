@@ -359,6 +359,7 @@ fn network(env: &Env, tag: &str, third: u8) -> NetworkDesired {
         ingress: vec![],
         egress: vec![],
         forwards: vec![],
+        vxlan: None,
     }
 }
 

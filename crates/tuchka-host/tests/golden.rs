@@ -147,6 +147,7 @@ fn net(name: &str, bridge: &str, cidr: &str, gateway: &str) -> NetworkDesired {
         ingress: vec![],
         egress: vec![],
         forwards: vec![],
+        vxlan: None,
     }
 }
 

@@ -66,6 +66,7 @@ fn domain_lifecycle() {
         ingress: vec![],
         egress: vec![],
         forwards: vec![],
+        vxlan: None,
     };
     let dp = LinuxDataplane::new(&scratch.pool(), &cloud);
     let tap = format!("tkt{u}t0");

@@ -42,6 +42,7 @@ fn network(u: &str, gateway_here: bool, second: u8) -> NetworkDesired {
         ingress: vec![],
         egress: vec![],
         forwards: vec![],
+        vxlan: None,
     }
 }
 

@@ -133,6 +133,13 @@ pub fn upsert_host(
     Ok(id.to_string())
 }
 
+/// Revoke host `id`: its credential is refused from now on, until it registers again (with a
+/// join token). Returns false when there is no such host.
+pub fn revoke_host(c: &Connection, id: &str) -> Result<bool> {
+    let n = c.execute("UPDATE hosts SET revoked = 1 WHERE id = ?1", [id])?;
+    Ok(n > 0)
+}
+
 /// Record a report's facts and cache.
 pub fn touch_host(c: &Connection, id: &str, facts: &HostFacts, cached: &[String]) -> Result<()> {
     c.execute(
@@ -941,6 +948,26 @@ pub fn save_operation(c: &Connection, o: &OpRow) -> Result<()> {
 mod tests {
     use super::*;
     use crate::Store;
+
+    #[test]
+    fn a_revoked_host_is_admitted_again_by_a_new_registration() {
+        let mut s = Store::open_in_memory().expect("open");
+        s.atomic(|c| {
+            let id = upsert_host(c, "h1", "edge", "cred1", &HostFacts::default())?;
+            assert!(revoke_host(c, &id)?);
+            assert!(host(c, "edge")?.expect("host").revoked);
+            assert!(!revoke_host(c, "nope")?);
+            upsert_host(c, "h2", "edge", "cred2", &HostFacts::default())?;
+            let h = host(c, "edge")?.expect("host");
+            assert!(!h.revoked);
+            assert_eq!(
+                (h.id.as_str(), h.credential_sha256.as_str()),
+                ("h1", "cred2")
+            );
+            Ok::<_, StoreError>(())
+        })
+        .expect("tx");
+    }
 
     #[test]
     fn migrates_and_round_trips_a_group_with_vms() {

@@ -50,10 +50,12 @@ impl From<AccelArg> for tuchka_host::AccelChoice {
 /// Options of `tuchka serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Data directory (state.db, images, token, tuchka.sock, the local agent's pool).
+    /// Data directory (state.db, images, token, join-token, join.txt, tls/, tuchka.sock, the
+    /// local agent's pool).
     #[arg(long, env = "TUCHKA_DATA_DIR", default_value = "/var/lib/tuchka")]
     pub data_dir: PathBuf,
-    /// Also serve the API on TCP (bearer token required; it is in <data-dir>/token).
+    /// Also serve the API on TCP, HTTPS only (users: the bearer token in <data-dir>/token;
+    /// agents: the join command in <data-dir>/join.txt).
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<std::net::SocketAddr>,
     /// Accelerator for guests.
@@ -85,12 +87,15 @@ pub struct ServeArgs {
 /// Options of `tuchka agent`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Controller URL, e.g. http://10.0.0.1:7480.
+    /// Controller URL, e.g. https://10.0.0.1:7480.
     #[arg(long)]
     pub controller: String,
-    /// Join token printed by the controller.
-    #[arg(long, env = "TUCHKA_JOIN_TOKEN")]
+    /// Join token printed by the controller (`tuchka host join-token`).
+    #[arg(long, env = "TUCHKA_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: String,
+    /// sha256 of the controller's CA certificate, printed with the join token.
+    #[arg(long, env = "TUCHKA_FINGERPRINT", value_name = "SHA256")]
+    pub fingerprint: String,
     /// Storage pool directory of this host.
     #[arg(long, default_value = "/var/lib/tuchka/pool")]
     pub pool: PathBuf,

@@ -8,6 +8,8 @@ use anyhow::{bail, Context};
 use tuchka_agent::AgentConfig;
 use tuchka_client::{Client, Endpoint};
 use tuchka_controller::api::{router, Transport};
+use tuchka_controller::state::JoinEndpoint;
+use tuchka_controller::tls::{self, TlsListener};
 use tuchka_controller::{Controller, ControllerConfig};
 
 use crate::{AgentArgs, ServeArgs};
@@ -105,6 +107,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.ratios.memory = args.memory_overcommit;
     config.ratios.disk = args.disk_overcommit;
     config.long_poll = Duration::from_secs((args.down_after / 3).clamp(1, 10));
+    let mut tcp = None;
+    if let Some(addr) = args.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let ips = tls::local_ipv4s();
+        let names = tls::server_names(addr, &system_host_name(), &ips);
+        let tls_dir = data_dir.join("tls");
+        let server_tls = tls::ensure_tls(&tls_dir, &names)
+            .with_context(|| format!("cannot set up TLS in {}", tls_dir.display()))?;
+        config.join = Some(JoinEndpoint {
+            url: tls::advertised_url(addr, &ips),
+            fingerprint: server_tls.ca_fingerprint.clone(),
+        });
+        tcp = Some((addr, listener, server_tls));
+    }
     let ctl = Controller::open(config).context("cannot open the controller state")?;
     let sock = data_dir.join("tuchka.sock");
     let unix = bind_unix(&sock).await?;
@@ -118,14 +136,26 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .context("unix socket server failed")
     });
-    if let Some(addr) = args.listen {
-        let tcp = tokio::net::TcpListener::bind(addr)
-            .await
+    if let Some((addr, listener, server_tls)) = tcp {
+        let listener = TlsListener::new(listener, server_tls.config.clone())
             .with_context(|| format!("cannot listen on {addr}"))?;
-        tracing::info!(%addr, token_file = %data_dir.join("token").display(), "API also on TCP (bearer token required)");
+        tracing::info!(
+            %addr,
+            token_file = %data_dir.join("token").display(),
+            fingerprint = %server_tls.ca_fingerprint,
+            names = ?server_tls.names,
+            "API also on TCP, HTTPS only (bearer token required)"
+        );
+        let join = ctl.join_info();
+        if let Some(command) = join.command {
+            tracing::info!(
+                file = %data_dir.join(tuchka_controller::state::JOIN_COMMAND_FILE).display(),
+                "join a host with: {command}"
+            );
+        }
         let app = router(ctl.clone(), Transport::Tcp);
         servers.spawn(async move {
-            axum::serve(tcp, app)
+            axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown_signal())
                 .await
                 .context("TCP server failed")
@@ -179,7 +209,8 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let client = Client::new(Endpoint::Http {
         url: args.controller.clone(),
         token: None,
-    });
+    })
+    .with_fingerprint(&args.fingerprint);
     tokio::select! {
         r = tuchka_agent::run(config, client) => r.context("agent failed"),
         _ = shutdown_signal() => Ok(()),

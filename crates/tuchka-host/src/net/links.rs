@@ -113,10 +113,11 @@ fn link_state(msg: &LinkMessage) -> LinkState {
 }
 
 /// Run `f` with a fresh netlink handle on a private current-thread runtime.
-fn with_handle<T, F, Fut>(f: F) -> Result<T, LinkError>
+pub(crate) fn with_handle<T, E, F, Fut>(f: F) -> Result<T, E>
 where
+    E: From<LinkError>,
     F: FnOnce(Handle) -> Fut,
-    Fut: std::future::Future<Output = Result<T, LinkError>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -132,11 +133,12 @@ where
 }
 
 /// `ENODEV` from the kernel: no such device.
-fn is_no_device(e: &rtnetlink::Error) -> bool {
+pub(crate) fn is_no_device(e: &rtnetlink::Error) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::ENODEV)
 }
 
-async fn get_link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, LinkError> {
+/// The link called `name`, `None` if absent.
+pub(crate) async fn get_link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, LinkError> {
     let mut stream = handle.link().get().match_name(name.to_string()).execute();
     match stream.try_next().await {
         Ok(m) => Ok(m),

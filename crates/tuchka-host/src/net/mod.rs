@@ -486,6 +486,7 @@ mod tests {
             ingress: vec![],
             egress: vec![],
             forwards: vec![],
+            vxlan: None,
         }
     }
 

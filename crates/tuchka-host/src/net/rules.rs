@@ -316,6 +316,7 @@ mod tests {
             ingress: vec![],
             egress: vec![],
             forwards: vec![],
+            vxlan: None,
         }
     }
 
