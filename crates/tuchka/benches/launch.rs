@@ -77,6 +77,19 @@ fn main() {
     for i in 0..10 {
         c.vm(&format!("ten-{i}"));
     }
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    if let Some(pid) = c.serve_pid() {
+        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0);
+        println!(
+            "tuchka serve (controller + local agent) RSS, idle with 10 VMs: {:.1} MiB",
+            rss as f64 / 1024.0
+        );
+    }
     let t = Instant::now();
     c.ok(&["group", "rm", "ten", "--wait"]);
     println!(

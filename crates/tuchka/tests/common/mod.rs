@@ -145,6 +145,11 @@ impl Cloud {
         c
     }
 
+    /// PID of the running `tuchka serve`.
+    pub fn serve_pid(&self) -> Option<u32> {
+        self.serve.as_ref().map(Child::id)
+    }
+
     /// The unix socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.join("tuchka.sock")

@@ -1,0 +1,144 @@
+//! Controller load: 100 simulated agents (tasks in this process, no libvirt) register over the
+//! unix socket and heartbeat every 2 s (fetch their desired state, post a report). Measures the
+//! controller process's CPU use and RSS over 30 s.
+//!
+//! Run: `cargo bench -p tuchka --bench agents`. Environment: BENCH_AGENTS (default 100),
+//! BENCH_SECONDS (default 30).
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tuchka_api::agent::{HostDesired, HostFacts, HostRegister, HostRegistered, HostReport};
+use tuchka_client::{Client, Endpoint};
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let agents: usize = std::env::var("BENCH_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let dir = PathBuf::from(format!(
+        "/var/tmp/tuchka-agents-bench-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_tuchka"))
+        .args(["serve", "--no-local-agent", "--data-dir"])
+        .arg(&dir)
+        .env("TUCHKA_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve");
+    let pid = serve.id();
+    let sock = dir.join("tuchka.sock");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "serve did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_idle = rss_kib(pid);
+    let mut tasks = vec![];
+    for i in 0..agents {
+        let client = Client::new(Endpoint::Unix(sock.clone()));
+        tasks.push(tokio::spawn(async move {
+            let facts = HostFacts {
+                cpus: 32,
+                memory_mib: 131072,
+                disk_mib: 2_000_000,
+                disk_free_mib: 1_500_000,
+                accel: "kvm".into(),
+                accel_reason: "simulated".into(),
+                ..Default::default()
+            };
+            let reg: HostRegistered = client
+                .post(
+                    "/v1/agent/register",
+                    &HostRegister {
+                        name: format!("sim-{i}"),
+                        join_token: String::new(),
+                        facts: facts.clone(),
+                    },
+                )
+                .await
+                .expect("register");
+            let client = client.with_token(Some(reg.credential));
+            // Spread the heartbeats over the 2 s period.
+            tokio::time::sleep(Duration::from_millis((i as u64 * 2000) / 100)).await;
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                let d: HostDesired = client
+                    .get(&format!("/v1/agent/hosts/{}/desired?after=0", reg.host_id))
+                    .await
+                    .expect("desired");
+                let report = HostReport {
+                    generation: d.generation,
+                    facts: facts.clone(),
+                    ..Default::default()
+                };
+                client
+                    .post_empty(&format!("/v1/agent/hosts/{}/report", reg.host_id), &report)
+                    .await
+                    .expect("report");
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t0 = cpu_ticks(pid);
+    let w0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let ticks = cpu_ticks(pid) - t0;
+    let wall = w0.elapsed().as_secs_f64();
+    let hz = 100.0; // USER_HZ on Linux
+    let rss = rss_kib(pid);
+    let up = Command::new(env!("CARGO_BIN_EXE_tuchka"))
+        .args(["--socket"])
+        .arg(&sock)
+        .args(["host", "list", "-o", "json"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .matches("\"state\": \"up\"")
+                .count()
+        })
+        .unwrap_or(0);
+    println!(
+        "controller with {agents} agents heartbeating every 2 s: CPU {:.1} % of one core over {wall:.0} s, RSS {:.1} MiB (idle before: {:.1} MiB); hosts up: {up}",
+        100.0 * ticks as f64 / hz / wall,
+        rss as f64 / 1024.0,
+        rss_idle as f64 / 1024.0
+    );
+    for t in tasks {
+        t.abort();
+    }
+    let _ = Command::new("kill").arg(pid.to_string()).status();
+    let _ = serve.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
