@@ -61,9 +61,10 @@ fn fatal(e: &ClientError, registering: bool) -> Option<String> {
         ClientError::InvalidUrl { .. } | ClientError::InvalidFingerprint { .. } => {
             Some("the controller address is unusable".into())
         }
-        ClientError::Api { error, .. } if error.code == tuchka_api::CODE_HOST_REVOKED => {
-            Some("the controller revoked this host (start the agent again with a join token to rejoin)".into())
-        }
+        ClientError::Api { error, .. } if error.code == tuchka_api::CODE_HOST_REVOKED => Some(
+            "the controller revoked this host (start the agent again with a join token to rejoin)"
+                .into(),
+        ),
         ClientError::Api { status: 401, .. } if registering => {
             Some("the controller refused to register this host".into())
         }

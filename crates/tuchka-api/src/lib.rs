@@ -335,6 +335,9 @@ pub struct GroupCreate {
     /// `spread` (default) or `pack`.
     #[serde(default)]
     pub placement: Option<String>,
+    /// Never place two VMs of the group on one host (refused if there are not enough hosts).
+    #[serde(default)]
+    pub anti_affinity: bool,
 }
 
 fn default_cpus() -> u32 {

@@ -318,6 +318,9 @@ pub struct GroupCreateArgs {
     /// How to place the VMs on hosts.
     #[arg(long, value_enum, default_value_t = Placement::Spread)]
     pub placement: Placement,
+    /// Never put two VMs of the group on one host.
+    #[arg(long)]
+    pub anti_affinity: bool,
     /// Follow the operation until it finishes.
     #[arg(long)]
     pub wait: bool,

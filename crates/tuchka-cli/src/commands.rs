@@ -280,6 +280,7 @@ fn group_create_body(args: &GroupCreateArgs) -> anyhow::Result<GroupCreate> {
         user_data,
         ssh_keys,
         placement: Some(args.placement.as_str().to_string()),
+        anti_affinity: args.anti_affinity,
     })
 }
 
@@ -659,6 +660,7 @@ mod tests {
             user_data: Some(PathBuf::from("/nonexistent/ud.yaml")),
             ssh_keys: vec![],
             placement: crate::args::Placement::Spread,
+            anti_affinity: false,
             wait: false,
         };
         let err = group_create_body(&args).expect_err("missing");
@@ -696,6 +698,7 @@ mod tests {
             user_data: Some(ud),
             ssh_keys: vec![key],
             placement: crate::args::Placement::Pack,
+            anti_affinity: false,
             wait: true,
         };
         let body = group_create_body(&args).expect("body");
@@ -712,6 +715,7 @@ mod tests {
                 user_data: Some("#cloud-config\n".into()),
                 ssh_keys: vec!["ssh-ed25519 AAAA me".into()],
                 placement: Some("pack".into()),
+                anti_affinity: false,
             }
         );
     }

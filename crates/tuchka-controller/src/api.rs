@@ -131,6 +131,19 @@ async fn auth(
                 Ok(Err(e)) => return host_auth_refused(e),
                 Err(e) => return e.into_response(),
             }
+        } else if path.starts_with("/v1/agent/images/")
+            && !constant_time_eq(token.as_bytes(), ctl.api_token().as_bytes())
+        {
+            // Image downloads: any joined (not revoked) host, or a user.
+            let check = {
+                let ctl = ctl.clone();
+                blocking(move || Ok(desired::authenticate_any_host(&ctl, &token))).await
+            };
+            match check {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => return host_auth_refused(e),
+                Err(e) => return e.into_response(),
+            }
         } else {
             constant_time_eq(token.as_bytes(), ctl.api_token().as_bytes())
         };

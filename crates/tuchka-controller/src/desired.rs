@@ -109,6 +109,21 @@ pub fn authenticate_host(
     Ok(())
 }
 
+/// Check that `credential` belongs to some joined host that is not revoked (endpoints shared
+/// by all agents, such as image downloads).
+pub fn authenticate_any_host(
+    ctl: &Controller,
+    credential: &str,
+) -> std::result::Result<(), HostAuthError> {
+    let given = credential_hash(credential);
+    let hosts = db::hosts(ctl.db().conn())?;
+    match hosts.iter().find(|h| h.credential_sha256 == given) {
+        Some(h) if h.revoked => Err(HostAuthError::Revoked(h.name.clone())),
+        Some(_) => Ok(()),
+        None => Err(HostAuthError::WrongCredential("any".into())),
+    }
+}
+
 /// Revoke host `name` (or id): its agent's credential is refused from now on and the host is
 /// shown `revoked`. Its VMs stay where they are. Returns the host.
 pub fn revoke_host(ctl: &Controller, name: &str) -> Result<tuchka_api::Host> {
@@ -458,6 +473,63 @@ mod tests {
             None,
             "a single-host cloud has no underlay address"
         );
+    }
+
+    fn facts() -> tuchka_api::agent::HostFacts {
+        tuchka_api::agent::HostFacts::default()
+    }
+
+    #[test]
+    fn tcp_agents_need_the_join_token_then_their_credential_until_revoked() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let ctl =
+            Controller::open(crate::ControllerConfig::new(tmp.path().to_path_buf())).expect("open");
+        let req = |token: &str| HostRegister {
+            name: "edge-1".into(),
+            join_token: token.into(),
+            facts: facts(),
+        };
+        let err = register(&ctl, req("wrong"), false).expect_err("wrong token");
+        assert_eq!(err.status(), axum::http::StatusCode::UNAUTHORIZED);
+        assert!(err.to_string().contains("join token refused"), "{err}");
+        let token = ctl.join_info().token;
+        let reg = register(&ctl, req(&token), false).expect("join");
+        authenticate_host(&ctl, &reg.host_id, &reg.credential).expect("own credential");
+        authenticate_any_host(&ctl, &reg.credential).expect("images");
+        assert!(matches!(
+            authenticate_host(&ctl, &reg.host_id, "nope"),
+            Err(HostAuthError::WrongCredential(_))
+        ));
+        assert!(authenticate_any_host(&ctl, "nope").is_err());
+        assert!(matches!(
+            authenticate_host(&ctl, "no-such-id", &reg.credential),
+            Err(HostAuthError::UnknownHost(_))
+        ));
+
+        let host = revoke_host(&ctl, "edge-1").expect("revoke");
+        assert_eq!(host.state, "revoked");
+        assert!(matches!(
+            authenticate_host(&ctl, &reg.host_id, &reg.credential),
+            Err(HostAuthError::Revoked(_))
+        ));
+        assert!(matches!(
+            authenticate_any_host(&ctl, &reg.credential),
+            Err(HostAuthError::Revoked(_))
+        ));
+        assert!(revoke_host(&ctl, "nope").is_err());
+
+        // A new join (with the token) admits it again, under the same id, with a new credential.
+        let again = register(&ctl, req(&token), false).expect("rejoin");
+        assert_eq!(again.host_id, reg.host_id);
+        authenticate_host(&ctl, &again.host_id, &again.credential).expect("new credential");
+        assert!(authenticate_host(&ctl, &reg.host_id, &reg.credential).is_err());
+        // The unix socket is trusted without a token.
+        let local = HostRegister {
+            name: "local-1".into(),
+            join_token: String::new(),
+            facts: facts(),
+        };
+        register(&ctl, local, true).expect("trusted");
     }
 
     #[test]

@@ -762,7 +762,7 @@ pub fn create_group(ctl: &Controller, req: GroupCreate) -> Result<Operation> {
                 Policy::Spread => "spread".into(),
                 Policy::Pack => "pack".into(),
             },
-            anti_affinity: false,
+            anti_affinity: req.anti_affinity,
             deleting: false,
             created_at: db::now(),
         };

@@ -128,6 +128,17 @@ pub enum HostError {
         #[source]
         source: LinkError,
     },
+    /// A network's VXLAN device or its forwarding entries could not be managed.
+    #[error("network {network}: {action} failed")]
+    Vxlan {
+        /// Network name.
+        network: String,
+        /// What was attempted.
+        action: String,
+        /// The failure.
+        #[source]
+        source: crate::net::vxlan::VxlanError,
+    },
     /// The DHCP/DNS server of a network could not be managed.
     #[error("network {network}: DHCP/DNS server (dnsmasq)")]
     Dhcp {

@@ -138,7 +138,10 @@ pub(crate) fn is_no_device(e: &rtnetlink::Error) -> bool {
 }
 
 /// The link called `name`, `None` if absent.
-pub(crate) async fn get_link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, LinkError> {
+pub(crate) async fn get_link(
+    handle: &Handle,
+    name: &str,
+) -> Result<Option<LinkMessage>, LinkError> {
     let mut stream = handle.link().get().match_name(name.to_string()).execute();
     match stream.try_next().await {
         Ok(m) => Ok(m),

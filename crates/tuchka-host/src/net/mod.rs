@@ -1,6 +1,8 @@
-//! The dataplane of one host: per network a bridge `tk<vni>`, on the network's gateway host
-//! the gateway address and a dnsmasq, and the cloud's firewall, NAT and port forwards (one
-//! nftables table per cloud, see [`nft`]), plus `net.ipv4.ip_forward` ([`forwarding`]).
+//! The dataplane of one host: per network a bridge `tk<vni>`, when the network spans hosts a
+//! VXLAN port `vx<vni>` on it with one flood FDB entry per other host ([`vxlan`]), on the
+//! network's gateway host the gateway address and a dnsmasq, and the cloud's firewall, NAT and
+//! port forwards (one nftables table per cloud, see [`nft`]), plus `net.ipv4.ip_forward`
+//! ([`forwarding`]).
 //!
 //! State lives in `<pool>/net/<network>/`: `network.json` (the last desired state applied — it
 //! is also how [`Dataplane::networks`] and the firewall know which networks are ours) and the
@@ -8,7 +10,8 @@
 //! included: a bad rule changes nothing), state dir, firewall (rendered from every network of
 //! the cloud on this host with the new desired state in place of the stored one; so a bridge
 //! never exists unprotected — nft matches interface names, present or not), `network.json`,
-//! `ip_forward`, bridge, address, dnsmasq — and rolls back what it created itself when a later
+//! `ip_forward`, bridge, address, VXLAN device and FDB, dnsmasq — and rolls back what it created
+//! itself when a later
 //! step fails. The firewall is applied only when the rendered script or the kernel's table
 //! differs from what the last apply left; an unchanged pass costs a netlink round trip (one
 //! `nft list table` when something else was committed meanwhile), see [`nft::ensure`].
@@ -22,6 +25,7 @@ pub mod nfgen;
 pub mod nft;
 pub mod ports;
 pub mod rules;
+pub mod vxlan;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -34,6 +38,7 @@ use self::dnsmasq::{DnsmasqConfig, DnsmasqFiles};
 use self::forwarding::IpForward;
 use self::nft::{Applied, Firewall, FirewallError, FirewallModel, NftFirewall};
 use self::rules::NetRules;
+use self::vxlan::VxlanPlan;
 use crate::domain_xml::is_ifname;
 use crate::storage::write_atomic;
 use crate::{cloud8, HostError};
@@ -41,12 +46,13 @@ use crate::{cloud8, HostError};
 /// Networks of one cloud on one host. Synchronous: call from a blocking thread.
 pub trait Dataplane: Send + Sync {
     /// Idempotently make the network exist on this host (bridge with STP off, forward delay 0
-    /// and the MTU; on the gateway host also the gateway address and a dnsmasq with the
-    /// reservations), and re-apply the cloud's firewall. Rolls back what this call created when
-    /// a later step fails.
+    /// and the MTU; a VXLAN port `vx<vni>` with one flood FDB entry per peer when `vxlan` has
+    /// peers, none otherwise; on the gateway host also the gateway address and a dnsmasq with
+    /// the reservations), and re-apply the cloud's firewall. Rolls back what this call created
+    /// when a later step fails.
     fn ensure_network(&self, net: &NetworkDesired) -> Result<(), HostError>;
-    /// Stop the network's dnsmasq, delete its bridge and state directory, re-apply the
-    /// firewall. Ok if absent.
+    /// Stop the network's dnsmasq, delete its VXLAN device, bridge and state directory,
+    /// re-apply the firewall. Ok if absent.
     fn remove_network(&self, name: &str) -> Result<(), HostError>;
     /// Names of this cloud's networks present on this host.
     fn networks(&self) -> Result<Vec<String>, HostError>;
@@ -72,10 +78,13 @@ pub struct NetPlan {
     pub mtu: u32,
     /// Access rules, NAT and forwards.
     pub rules: NetRules,
+    /// The VXLAN port to other hosts (`None`: no other host, no device).
+    pub vxlan: Option<VxlanPlan>,
 }
 
 impl NetPlan {
-    /// Validate `d` (names, CIDR, gateway inside it, MTU, reservations, rules and forwards).
+    /// Validate `d` (names, CIDR, gateway inside it, MTU, reservations, rules and forwards,
+    /// VXLAN addresses).
     pub fn from_desired(d: &NetworkDesired) -> Result<Self, String> {
         if !dnsmasq::is_hostname(&d.name) {
             return Err(
@@ -101,6 +110,8 @@ impl NetPlan {
         }
         dnsmasq::validate_hosts(&net, &d.hosts)?;
         let rules = NetRules::from_desired(d, net)?;
+        let vxlan =
+            VxlanPlan::from_desired(d.vni, d.vxlan.as_ref()).map_err(|m| format!("vxlan: {m}"))?;
         Ok(NetPlan {
             name: d.name.clone(),
             bridge: d.bridge.clone(),
@@ -108,6 +119,7 @@ impl NetPlan {
             gateway,
             mtu: d.mtu,
             rules,
+            vxlan,
         })
     }
 }
@@ -130,6 +142,7 @@ pub struct LinuxDataplane {
 struct Created {
     dir: bool,
     bridge: bool,
+    vxlan: bool,
     dnsmasq: bool,
 }
 
@@ -306,7 +319,7 @@ impl LinuxDataplane {
         // A renamed bridge: retire the old one first.
         let previous = self.read_state(&d.name);
         let adopt_unmarked = previous.as_ref().is_some_and(|p| p.bridge == d.bridge);
-        if let Some(old) = previous {
+        if let Some(old) = &previous {
             if old.bridge != d.bridge {
                 dnsmasq::stop(&files).map_err(|e| dhcp_err(&obj, e))?;
                 links::delete_link(&old.bridge, &self.owner(&d.name)).map_err(Self::link_err(
@@ -334,6 +347,7 @@ impl LinuxDataplane {
             &d.name,
             format!("set the address of bridge {}", plan.bridge),
         ))?;
+        self.converge_vxlan(d, plan, previous.as_ref(), created)?;
 
         if !d.gateway_here {
             dnsmasq::stop(&files).map_err(|e| dhcp_err(&obj, e))?;
@@ -376,12 +390,57 @@ impl LinuxDataplane {
         Ok(())
     }
 
+    /// The VXLAN step of [`Self::converge`]: retire the device of a previous VNI, then make
+    /// `vx<vni>` match the plan (or not exist when the plan has none). `previous` is the state
+    /// stored before this call: an unmarked device is adopted only when it says we made one.
+    fn converge_vxlan(
+        &self,
+        d: &NetworkDesired,
+        plan: &NetPlan,
+        previous: Option<&NetworkDesired>,
+        created: &mut Created,
+    ) -> Result<(), HostError> {
+        let owner = self.owner(&d.name);
+        let had_device = |p: &NetworkDesired| vxlan::has_device(p.vxlan.as_ref());
+        if let Some(old) = previous.filter(|p| p.vni != d.vni) {
+            let name = vxlan::device_name(old.vni);
+            vxlan::delete_vxlan(&name, &owner, had_device(old)).map_err(vxlan_err(
+                &d.name,
+                format!("delete old VXLAN device {name}"),
+            ))?;
+        }
+        let adopt_unmarked = previous.is_some_and(|p| p.vni == d.vni && had_device(p));
+        match &plan.vxlan {
+            Some(v) => {
+                let outcome =
+                    vxlan::ensure_vxlan(v, &plan.bridge, plan.mtu, &owner, adopt_unmarked)
+                        .map_err(vxlan_err(
+                            &d.name,
+                            format!("set up VXLAN device {} on bridge {}", v.device, plan.bridge),
+                        ))?;
+                created.vxlan = outcome.created;
+            }
+            None => {
+                let name = vxlan::device_name(d.vni);
+                vxlan::delete_vxlan(&name, &owner, adopt_unmarked)
+                    .map_err(vxlan_err(&d.name, format!("delete VXLAN device {name}")))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Undo what `created` says this call made; best effort, errors are logged.
     fn rollback(&self, last: &mut Option<Applied>, d: &NetworkDesired, created: &Created) {
         let dir = self.dir(&d.name);
         if created.dnsmasq {
             if let Err(e) = dnsmasq::stop(&DnsmasqFiles::in_dir(&dir)) {
                 tracing::warn!(network = %d.name, error = %e, "rollback: cannot stop dnsmasq");
+            }
+        }
+        if created.vxlan {
+            let name = vxlan::device_name(d.vni);
+            if let Err(e) = vxlan::delete_vxlan(&name, &self.owner(&d.name), true) {
+                tracing::warn!(network = %d.name, error = %e, "rollback: cannot delete VXLAN device");
             }
         }
         if created.bridge {
@@ -404,6 +463,16 @@ impl LinuxDataplane {
 /// `network <name>`, the object of messages about a network.
 fn object_for(name: &str) -> String {
     format!("network {name}")
+}
+
+/// Map a [`vxlan::VxlanError`] of network `name` while doing `action`.
+fn vxlan_err(name: &str, action: String) -> impl FnOnce(vxlan::VxlanError) -> HostError {
+    let network = name.to_string();
+    move |source| HostError::Vxlan {
+        network,
+        action,
+        source,
+    }
 }
 
 fn dhcp_err(obj: &str, source: dnsmasq::DnsmasqError) -> HostError {
@@ -448,6 +517,10 @@ impl Dataplane for LinuxDataplane {
         }
         dnsmasq::stop(&DnsmasqFiles::in_dir(&dir)).map_err(|e| dhcp_err(&obj, e))?;
         if let Some(state) = self.read_state(name) {
+            let device = vxlan::device_name(state.vni);
+            let had_device = vxlan::has_device(state.vxlan.as_ref());
+            vxlan::delete_vxlan(&device, &self.owner(name), had_device)
+                .map_err(vxlan_err(name, format!("delete VXLAN device {device}")))?;
             links::delete_link(&state.bridge, &self.owner(name)).map_err(Self::link_err(
                 name,
                 format!("delete bridge {}", state.bridge),
