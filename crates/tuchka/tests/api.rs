@@ -1,33 +1,39 @@
-//! The API as a script or another program sees it: TCP needs the bearer token, the OpenAPI
-//! document served is the committed one, errors have the documented shape, and the CLI works
-//! over TCP with `--url`/`--token`.
+//! The API as a script or another program sees it: TCP (HTTPS only) needs the bearer token,
+//! the OpenAPI document served is the committed one, errors have the documented shape, and the
+//! CLI works over TCP with `--url`/`--token`/`--fingerprint`.
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
+use std::path::Path;
 use std::time::Duration;
 
 use common::Cloud;
 
-fn request(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\nContent-Length: 0\r\n\r\n").expect("send");
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).expect("read");
-    let (head, body) = buf.split_once("\r\n\r\n").expect("http response");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status");
-    // Bodies may be chunked; the JSON we check is on one line inside.
-    (status, body.to_string())
+/// `curl` over HTTPS, trusting the controller's CA in `dir`: (status, body).
+fn request(dir: &Path, port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-s",
+        "-m",
+        "10",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+        "--cacert",
+    ])
+    .arg(dir.join("tls/ca.crt"));
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = cmd
+        .arg(format!("https://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').expect("curl output");
+    (status.trim().parse().expect("status"), body.to_string())
 }
 
 fn free_port() -> u16 {
@@ -63,15 +69,15 @@ fn tcp_needs_the_token_and_serves_the_committed_openapi() {
         & 0o777;
     assert_eq!(sock_mode, 0o660);
 
-    let (status, body) = request(port, "GET", "/v1/hosts", None);
+    let (status, body) = request(&c.dir, port, "GET", "/v1/hosts", None);
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("\"code\":\"Unauthorized\""), "{body}");
-    let (status, _) = request(port, "GET", "/v1/hosts", Some("wrong"));
+    let (status, _) = request(&c.dir, port, "GET", "/v1/hosts", Some("wrong"));
     assert_eq!(status, 401);
-    let (status, body) = request(port, "GET", "/v1/hosts", Some(&token));
+    let (status, body) = request(&c.dir, port, "GET", "/v1/hosts", Some(&token));
     assert_eq!(status, 200);
     assert!(body.contains(&c.host), "{body}");
-    let (status, body) = request(port, "GET", "/v1/vms/nope", Some(&token));
+    let (status, body) = request(&c.dir, port, "GET", "/v1/vms/nope", Some(&token));
     assert_eq!(status, 404);
     assert!(
         body.contains("\"code\":\"VmNotFound\"") && body.contains("\"chain\""),
@@ -79,10 +85,25 @@ fn tcp_needs_the_token_and_serves_the_committed_openapi() {
     );
 
     // The CLI over TCP.
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{port}");
+    let join = std::fs::read_to_string(c.dir.join("join.txt")).expect("join.txt");
+    let fingerprint = join
+        .split_whitespace()
+        .last()
+        .expect("fingerprint")
+        .to_string();
     let out = std::process::Command::new(common::bin())
         .args([
-            "--url", &url, "--token", &token, "host", "list", "-o", "json",
+            "--url",
+            &url,
+            "--token",
+            &token,
+            "--fingerprint",
+            &fingerprint,
+            "host",
+            "list",
+            "-o",
+            "json",
         ])
         .output()
         .expect("cli");
@@ -92,7 +113,7 @@ fn tcp_needs_the_token_and_serves_the_committed_openapi() {
         String::from_utf8_lossy(&out.stderr)
     );
     let out = std::process::Command::new(common::bin())
-        .args(["--url", &url, "host", "list"])
+        .args(["--url", &url, "--fingerprint", &fingerprint, "host", "list"])
         .output()
         .expect("cli");
     assert!(!out.status.success());

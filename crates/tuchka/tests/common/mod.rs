@@ -550,7 +550,7 @@ impl Outside {
                 "curl",
                 "-s",
                 "--max-time",
-                "3",
+                max_time,
                 url,
             ])
             .output()
