@@ -31,6 +31,8 @@ pub struct AgentConfig {
     pub accel: AccelChoice,
     /// Join token (empty for the local agent on the unix socket).
     pub join_token: String,
+    /// Underlay address other hosts reach this one on (VXLAN); empty for a single-host cloud.
+    pub address: String,
 }
 
 /// Setup failures; everything after setup is retried instead.
@@ -101,8 +103,10 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         tracing::info!("guests use KVM: {accel_reason}");
     }
     let storage = DirStorage::open(&config.pool)?;
-    let facts =
-        |s: &dyn Storage| tuchka_host::host_facts(s, accel, &accel_reason).unwrap_or_default();
+    let facts = |s: &dyn Storage| tuchka_api::agent::HostFacts {
+        address: config.address.clone(),
+        ..tuchka_host::host_facts(s, accel, &accel_reason).unwrap_or_default()
+    };
     let reg = register(&client, &config, facts(&storage)).await?;
     tracing::info!(host = %config.name, id = %reg.host_id, "agent registered");
     let parts = Arc::new(HostParts {

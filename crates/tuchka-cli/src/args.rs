@@ -437,6 +437,16 @@ pub enum HostCmd {
         /// Host name.
         name: String,
     },
+    /// Drain a host: no new VMs are placed on it (its VMs stay).
+    Drain {
+        /// Host name.
+        name: String,
+    },
+    /// Undrain a host: it accepts new VMs again.
+    Undrain {
+        /// Host name.
+        name: String,
+    },
 }
 
 /// `tuchka op …`

@@ -371,6 +371,20 @@ async fn host(ctx: &mut Ctx<'_>, cmd: HostCmd) -> anyhow::Result<i32> {
             };
             ctx.show(&join, render::join_token)?;
         }
+        HostCmd::Drain { name } => {
+            let h: Host = ctx
+                .client
+                .post_no_body(&format!("{}/drain", object("hosts", &name)))
+                .await?;
+            ctx.show(&h, render::host_detail)?;
+        }
+        HostCmd::Undrain { name } => {
+            let h: Host = ctx
+                .client
+                .post_no_body(&format!("{}/undrain", object("hosts", &name)))
+                .await?;
+            ctx.show(&h, render::host_detail)?;
+        }
         HostCmd::Revoke { name } => {
             let path = format!("{}/revoke", object("hosts", &name));
             let h: Host = ctx.client.post_no_body(&path).await?;

@@ -78,6 +78,8 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{name}", get(get_host))
         .route("/v1/hosts/{name}/revoke", post(revoke_host))
+        .route("/v1/hosts/{name}/drain", post(drain_host))
+        .route("/v1/hosts/{name}/undrain", post(undrain_host))
         .route("/v1/join-token", get(join_token).post(rotate_join_token))
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
@@ -482,6 +484,28 @@ pub async fn get_host(
     Path(name): Path<String>,
 ) -> Result<Json<Host>> {
     blocking(move || service::get_host(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// Drain a host: no new VMs are placed on it; its VMs stay.
+#[utoipa::path(post, path = "/v1/hosts/{name}/drain", responses((status = 200, body = Host), (status = 404, body = ApiError)))]
+pub async fn drain_host(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Host>> {
+    blocking(move || desired::set_draining(&ctl, &name, true))
+        .await
+        .map(Json)
+}
+
+/// Undrain a host: it accepts new VMs again.
+#[utoipa::path(post, path = "/v1/hosts/{name}/undrain", responses((status = 200, body = Host), (status = 404, body = ApiError)))]
+pub async fn undrain_host(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Host>> {
+    blocking(move || desired::set_draining(&ctl, &name, false))
         .await
         .map(Json)
 }

@@ -80,6 +80,9 @@ pub enum HostAuthError {
     /// The credential is not the host's.
     #[error("credential of host {0:?} refused")]
     WrongCredential(String),
+    /// No joined host has this credential (nor is it the API token).
+    #[error("missing or wrong bearer token: use a joined host's credential or the API token")]
+    NoSuchCredential,
     /// The database failed.
     #[error("cannot check the host credential")]
     Store(#[from] StoreError),
@@ -120,8 +123,33 @@ pub fn authenticate_any_host(
     match hosts.iter().find(|h| h.credential_sha256 == given) {
         Some(h) if h.revoked => Err(HostAuthError::Revoked(h.name.clone())),
         Some(_) => Ok(()),
-        None => Err(HostAuthError::WrongCredential("any".into())),
+        None => Err(HostAuthError::NoSuchCredential),
     }
+}
+
+/// Drain (or undrain) host `name`: no new placements while draining; its VMs stay (evacuation
+/// comes with migration). Returns the host.
+pub fn set_draining(ctl: &Controller, name: &str, draining: bool) -> Result<tuchka_api::Host> {
+    let h = ctl.db().atomic(|c| {
+        let h = db::host(c, name)?.ok_or_else(|| Error::NotFound {
+            kind: "host",
+            cli: "host",
+            name: name.to_string(),
+        })?;
+        db::set_draining(c, &h.id, draining)?;
+        Ok::<_, Error>(h)
+    })?;
+    let what = if draining {
+        "draining: no new placements"
+    } else {
+        "accepting placements again"
+    };
+    ctl.emit(
+        "host.draining",
+        &format!("host/{}", h.name),
+        format!("host {} {what}", h.name),
+    );
+    crate::service::get_host(ctl, &h.id)
 }
 
 /// Revoke host `name` (or id): its agent's credential is refused from now on and the host is

@@ -40,6 +40,8 @@ use crate::api;
         api::list_hosts,
         api::get_host,
         api::revoke_host,
+        api::drain_host,
+        api::undrain_host,
         api::join_token,
         api::rotate_join_token,
         api::list_operations,

@@ -140,6 +140,14 @@ pub fn revoke_host(c: &Connection, id: &str) -> Result<bool> {
     Ok(n > 0)
 }
 
+/// Set or clear a host's draining flag; false if there is no such host.
+pub fn set_draining(c: &Connection, id: &str, draining: bool) -> Result<bool> {
+    Ok(c.execute(
+        "UPDATE hosts SET draining = ?2 WHERE id = ?1",
+        params![id, draining],
+    )? > 0)
+}
+
 /// Record a report's facts and cache.
 pub fn touch_host(c: &Connection, id: &str, facts: &HostFacts, cached: &[String]) -> Result<()> {
     c.execute(

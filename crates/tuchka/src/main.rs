@@ -108,6 +108,10 @@ pub struct AgentArgs {
     /// libvirt connection.
     #[arg(long, default_value = "qemu:///system")]
     pub libvirt_uri: String,
+    /// Underlay address of this host for VXLAN between hosts [default: the local address used
+    /// to reach the controller].
+    #[arg(long)]
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 fn main() {

@@ -177,6 +177,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             libvirt_uri: args.libvirt_uri.clone(),
             accel: args.accel.into(),
             join_token: String::new(),
+            // With a TCP listener other hosts may join: the listen address is this host's
+            // underlay address (unless it is a wildcard).
+            address: args
+                .listen
+                .map(|a| a.ip())
+                .filter(|ip| !ip.is_unspecified())
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
         };
         let client = Client::new(Endpoint::Unix(sock.clone()));
         tokio::spawn(async move {
@@ -205,6 +213,10 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         libvirt_uri: args.libvirt_uri.clone(),
         accel: args.accel.into(),
         join_token: args.join_token.clone(),
+        address: match &args.address {
+            Some(a) => a.to_string(),
+            None => local_address_towards(&args.controller).unwrap_or_default(),
+        },
     };
     let client = Client::new(Endpoint::Http {
         url: args.controller.clone(),
@@ -215,6 +227,19 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         r = tuchka_agent::run(config, client) => r.context("agent failed"),
         _ = shutdown_signal() => Ok(()),
     }
+}
+
+/// The local address this host uses to reach the controller at `url` (the underlay address
+/// other hosts will reach it on, in the usual single-subnet cluster).
+fn local_address_towards(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map(|x| x.1).unwrap_or(url);
+    let hostport = rest.split('/').next()?;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&hostport)
+        .ok()?
+        .find(|a| a.is_ipv4())?;
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    sock.connect(addr).ok()?; // no packet is sent: this only picks the route
+    Some(sock.local_addr().ok()?.ip().to_string())
 }
 
 fn inode(p: &Path) -> Option<(u64, u64)> {
