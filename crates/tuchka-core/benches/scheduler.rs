@@ -22,7 +22,11 @@ fn hosts(n: usize) -> Vec<HostCapacity> {
             memory_used_mib: 0,
             disk_mib: 2_000_000,
             disk_provisioned_mib: 0,
-            cached_images: if i % 3 == 0 { vec!["img".into()] } else { vec![] },
+            cached_images: if i % 3 == 0 {
+                vec!["img".into()]
+            } else {
+                vec![]
+            },
         })
         .collect()
 }

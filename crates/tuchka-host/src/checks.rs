@@ -242,6 +242,7 @@ pub fn host_facts(
         accel_reason: accel_reason.to_string(),
         listening_ports: crate::net::listening::listening_ports()
             .map_err(|e| HostError::io("host", "read", "/proc/net/{tcp,udp}", e))?,
+        // The agent fills it from its configuration (the address other hosts reach it on).
         address: String::new(),
     })
 }

@@ -137,7 +137,7 @@ pub enum HostError {
         action: String,
         /// The failure.
         #[source]
-        source: crate::net::vxlan::VxlanError,
+        source: Box<crate::net::vxlan::VxlanError>,
     },
     /// The DHCP/DNS server of a network could not be managed.
     #[error("network {network}: DHCP/DNS server (dnsmasq)")]

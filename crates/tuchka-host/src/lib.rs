@@ -4,8 +4,8 @@
 //!   rendered by the pure [`render_domain_xml`].
 //! - [`Storage`] ([`DirStorage`]): the pool directory — cached images, per-VM overlays and
 //!   NoCloud seeds.
-//! - [`Dataplane`] ([`LinuxDataplane`]): bridges, gateway address + dnsmasq, and the cloud's
-//!   isolation firewall (nftables).
+//! - [`Dataplane`] ([`LinuxDataplane`]): bridges, VXLAN ports to the other hosts of a
+//!   network, gateway address + dnsmasq, and the cloud's isolation firewall (nftables).
 //! - [`probe_accel`], [`run_checks`], [`host_facts`]: what this host can do.
 //! - [`fake`]: hand-written fakes of the three traits for tests of the code that drives them.
 //!

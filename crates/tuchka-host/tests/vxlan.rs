@@ -7,9 +7,17 @@
 //! tkt<id>f  fabric: bridge fab0 (MTU 1500, like a LAN)
 //!   ├─ tkt<id>a  host A 10.99.0.11 — the network's gateway (10.98.0.1 + dnsmasq); "VM" v1
 //!   ├─ tkt<id>b  host B 10.99.0.12 — "VM" v2 gets its address by DHCP from A over VXLAN
-//!   └─ tkt<id>c  host C 10.99.0.13 — on the network, no VM
+//!   ├─ tkt<id>c  host C 10.99.0.13 — on the network, no VM
+//!   └─ tkt<id>d  host D 10.99.0.14 — only for the rollback case (its dnsmasq cannot start)
 //! tkt<id>v1 / tkt<id>v2: "VMs", a veth on their host's bridge, busybox httpd on port 80
 //! ```
+//!
+//! The scenario: converge A, B, C (device, FDB, MTU, alias, firewall present); a second pass
+//! changes nothing; DHCP, ping, HTTP (256 KiB) and DNS between the VMs across hosts, through
+//! the firewall (a probe rule counts the bridged packets); a peer leaving B's desired state
+//! loses its FDB entry and traffic stops; no peers, no device; B's underlay address changes
+//! (device recreated); a source address the host does not have is refused; a failed first
+//! call on D leaves no device behind; `remove_network` deletes device and bridge.
 //!
 //! The dataplane code has to run inside a host's namespace, so every `ensure_network` /
 //! `remove_network` is a step: the test binary re-runs itself with `ip netns exec <host>` and
@@ -48,6 +56,9 @@ const VM2_MAC: &str = "52:54:00:98:00:14";
 const A_IP: &str = "10.99.0.11";
 const B_IP: &str = "10.99.0.12";
 const C_IP: &str = "10.99.0.13";
+const D_IP: &str = "10.99.0.14";
+/// Host tags: A, B and C carry the network; D only tries (the rollback case).
+const HOSTS: [&str; 4] = ["a", "b", "c", "d"];
 /// A second address of host B, for the "underlay address changed" step.
 const B_IP2: &str = "10.99.0.22";
 const ZERO_MAC: &str = "00:00:00:00:00:00";
@@ -206,13 +217,18 @@ impl World {
 
     /// `busybox httpd` on port 80 in `ns`: `/` answers `body`, `/big` is 256 KiB of data.
     fn serve(&mut self, ns: &str, body: &str) {
-        let root = self.scratch.join(format!("www-{ns}"));
+        self.serve_on(ns, body, "80", 80);
+    }
+
+    /// `busybox httpd -p listen` in `ns`, waiting until port `port` listens.
+    fn serve_on(&mut self, ns: &str, body: &str, listen: &str, port: u16) {
+        let root = self.scratch.join(format!("www-{ns}-{port}"));
         std::fs::create_dir_all(&root).expect("www dir");
         std::fs::write(root.join("index.html"), body).expect("index");
         std::fs::write(root.join("big"), big_file()).expect("big file");
         let child = Command::new(tuchka_host::cmd::tool("ip"))
             .args([
-                "netns", "exec", ns, "busybox", "httpd", "-f", "-p", "80", "-h",
+                "netns", "exec", ns, "busybox", "httpd", "-f", "-p", listen, "-h",
             ])
             .arg(&root)
             .stdin(Stdio::null())
@@ -223,12 +239,16 @@ impl World {
         self.servers.push(child);
         let up = wait_for(5, || {
             let (_, tcp) = self.exec(ns, &["cat", "/proc/net/tcp", "/proc/net/tcp6"]);
-            // Port 80 = 0050, state 0A = LISTEN.
+            // Local address field `…:PORT` in hex, state 0A = LISTEN.
+            let local = format!(":{port:04X}");
             tcp.lines()
-                .any(|l| l.contains(":0050 ") && l.split_whitespace().nth(3) == Some("0A"))
+                .any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.get(1).is_some_and(|a| a.ends_with(&local)) && f.get(3) == Some(&"0A")
+                })
                 .then_some(())
         });
-        assert!(up.is_some(), "httpd in {ns} listens on port 80");
+        assert!(up.is_some(), "httpd in {ns} listens on {listen}");
     }
 
     /// Run one dataplane step in host namespace `host`; Ok or the error chain.
@@ -319,7 +339,12 @@ impl World {
     /// Whether `ns` gets an answer to a ping of `ip` within 2 s.
     fn ping(&self, ns: &str, ip: &str) -> bool {
         let t = Instant::now();
-        let ok = self.exec(ns, &["busybox", "ping", "-c", "1", "-w", "2", ip]).0;
+        let ok = self
+            .exec(
+                ns,
+                &["busybox", "ping", "-c", "1", "-w", "2", "-W", "2", ip],
+            )
+            .0;
         eprintln!("ping {ip} from {ns}: {ok} in {:?}", t.elapsed());
         ok
     }
@@ -337,7 +362,7 @@ impl World {
 
     /// The dnsmasq of every network of every host pool (checked by pid file).
     fn kill_dnsmasq(&self) {
-        for host in ["a", "b", "c"] {
+        for host in HOSTS {
             let nets = self.scratch.join(self.name(host)).join("pool/net");
             if let Ok(entries) = std::fs::read_dir(nets) {
                 for n in entries.flatten() {
@@ -357,7 +382,7 @@ impl Drop for World {
         self.kill_dnsmasq();
         // Fabric veths first: netns teardown is asynchronous (multihost-facts, pitfall 7).
         let f = self.name("f");
-        for h in ["a", "b", "c"] {
+        for h in HOSTS {
             let _ = sh("ip", &["-n", &f, "link", "del", &self.name(h)]);
         }
         if let Ok(entries) = std::fs::read_dir("/run/netns") {
@@ -433,7 +458,7 @@ fn one_network_spans_three_hosts_over_vxlan() {
     }
     require();
     let start = Instant::now();
-    let _total = Defer(move || eprintln!("total incl. cleanup so far: {:?}", start.elapsed()));
+    let _total = Defer(move || eprintln!("whole test incl. cleanup: {:?}", start.elapsed()));
     let scratch = Scratch::new();
     let mut w = World::new(format!("tkt{}", common::unique()), scratch.dir.clone());
     w.fabric();
@@ -558,6 +583,32 @@ fn one_network_spans_three_hosts_over_vxlan() {
     assert!(w.ping(&v1, VM2_IP), "v1 (host A) pings v2 (host B)");
     assert!(w.ping(&v2, GATEWAY), "v2 pings the gateway on host A");
     eprintln!("pings across hosts in {:?}", t.elapsed());
+
+    // The firewall sees the bridged traffic to and from the VXLAN port with the bridge as
+    // input and output interface (br_netfilter) and lets it through: a probe rule counts it
+    // on B (the next ensure removes the probe as drift).
+    let table = format!("tk_{}", &w.cloud[..8]);
+    let probe = [
+        "nft", "insert", "rule", "inet", &table, "forward", "iifname", &br, "oifname", &br,
+        "counter",
+    ];
+    let (ok, out) = w.exec(&b, &probe);
+    assert!(ok, "insert the probe rule: {out}");
+    assert!(w.ping(&v2, VM1_IP), "ping through the probed firewall");
+    let (_, chain) = w.exec(&b, &["nft", "list", "chain", "inet", &table, "forward"]);
+    let counted: u64 = chain
+        .lines()
+        .find_map(|l| l.split("counter packets ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        counted >= 2,
+        "the forward chain saw the bridged echo and reply:\n{chain}"
+    );
+    w.ensure(&b, &on_b);
+    let (_, chain) = w.exec(&b, &["nft", "list", "chain", "inet", &table, "forward"]);
+    assert!(!chain.contains("counter"), "the probe is gone:\n{chain}");
     assert_eq!(
         w.fetch(&v1, &format!("http://{VM2_IP}/")).as_deref(),
         Some(&b"v2"[..])
@@ -655,6 +706,31 @@ fn one_network_spans_three_hosts_over_vxlan() {
     );
     assert_eq!(local_of(&w, &b), new, "the working device is left alone");
 
+    // A failed call rolls back what it made, the VXLAN device included. On host D something
+    // already listens on the gateway's DNS port, so dnsmasq, the last step, cannot start.
+    let d = w.host("d", D_IP);
+    w.ip(&[
+        "-n",
+        &d,
+        "addr",
+        "add",
+        &format!("{GATEWAY}/32"),
+        "dev",
+        "lo",
+    ]);
+    w.serve_on(&d, "squatter", &format!("{GATEWAY}:53"), 53);
+    let on_d = network(&net, &br, true, D_IP, &[A_IP]);
+    let err = w
+        .step(&d, Op::Ensure(Box::new(on_d)))
+        .expect_err("dnsmasq cannot start on an address in use");
+    assert!(err.contains("dnsmasq"), "{err}");
+    eprintln!("rollback case: {err}");
+    assert!(
+        w.link(&d, VX).is_none(),
+        "the VXLAN device it made is deleted"
+    );
+    assert!(w.link(&d, &br).is_none(), "the bridge it made is deleted");
+
     // Removing the network removes the VXLAN device and the bridge.
     for host in [&a, &b, &c] {
         w.remove(host, &net);
@@ -662,5 +738,5 @@ fn one_network_spans_three_hosts_over_vxlan() {
         assert!(w.link(host, &br).is_none(), "bridge removed on {host}");
     }
     assert!(!w.ping(&v2, VM1_IP), "no network, no traffic");
-    eprintln!("whole test in {:?}", start.elapsed());
+    eprintln!("scenario done in {:?}", start.elapsed());
 }

@@ -36,25 +36,49 @@ impl Cluster {
         let listen = format!("{}:{port}", mh.controller_ip());
         let log = std::fs::File::create(dir.join("serve.log")).expect("log");
         let mut cmd = mh.fabric_command(common::bin());
-        cmd.args(["serve", "--no-local-agent", "--down-after", "6", "--listen", &listen, "--data-dir"])
-            .arg(&dir)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
+        cmd.args([
+            "serve",
+            "--no-local-agent",
+            "--down-after",
+            "6",
+            "--listen",
+            &listen,
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
         let serve = mh.spawn_command(&mut cmd).expect("start the controller");
         let join_file = dir.join("join.txt");
         let deadline = Instant::now() + Duration::from_secs(30);
         while !join_file.exists() {
-            assert!(Instant::now() < deadline, "the controller wrote no join.txt");
+            assert!(
+                Instant::now() < deadline,
+                "the controller wrote no join.txt"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         let text = std::fs::read_to_string(&join_file).expect("join.txt");
         let arg = |flag: &str| -> String {
             let words: Vec<&str> = text.split_whitespace().collect();
-            let i = words.iter().position(|w| *w == flag).unwrap_or_else(|| panic!("{flag} not in join.txt: {text}"));
+            let i = words
+                .iter()
+                .position(|w| *w == flag)
+                .unwrap_or_else(|| panic!("{flag} not in join.txt: {text}"));
             words[i + 1].to_string()
         };
-        let join = (arg("--controller"), arg("--join-token"), arg("--fingerprint"));
-        let mut c = Cluster { mh: Some(mh), dir, serve: Some(serve), agents: HashMap::new(), join };
+        let join = (
+            arg("--controller"),
+            arg("--join-token"),
+            arg("--fingerprint"),
+        );
+        let mut c = Cluster {
+            mh: Some(mh),
+            dir,
+            serve: Some(serve),
+            agents: HashMap::new(),
+            join,
+        };
         let names: Vec<String> = c.mh().hosts().iter().map(|h| h.name.clone()).collect();
         for h in &names {
             c.start_agent(h);
@@ -70,13 +94,33 @@ impl Cluster {
         let mh = self.mh.as_ref().expect("harness");
         let h = mh.host(host).expect("host");
         let pool = mh.dir().join(host).join("tuchka-pool");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(mh.dir().join(format!("agent-{host}.log"))).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(mh.dir().join(format!("agent-{host}.log")))
+            .expect("log");
         let mut cmd = mh.command(host, common::bin()).expect("command");
-        cmd.args(["agent", "--controller", &self.join.0, "--join-token", &self.join.1, "--fingerprint", &self.join.2])
-            .args(["--host-name", host, "--accel", "tcg", "--address", &h.fabric_ip.to_string(), "--pool"])
-            .arg(&pool)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
+        cmd.args([
+            "agent",
+            "--controller",
+            &self.join.0,
+            "--join-token",
+            &self.join.1,
+            "--fingerprint",
+            &self.join.2,
+        ])
+        .args([
+            "--host-name",
+            host,
+            "--accel",
+            "tcg",
+            "--address",
+            &h.fabric_ip.to_string(),
+            "--pool",
+        ])
+        .arg(&pool)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
         let child = mh.spawn_command(&mut cmd).expect("start agent");
         self.agents.insert(host.to_string(), child);
     }
@@ -89,7 +133,12 @@ impl Cluster {
     }
 
     fn tk(&self, args: &[&str]) -> common::Run {
-        let out = Command::new(common::bin()).arg("--socket").arg(self.dir.join("tuchka.sock")).args(args).output().expect("tuchka");
+        let out = Command::new(common::bin())
+            .arg("--socket")
+            .arg(self.dir.join("tuchka.sock"))
+            .args(args)
+            .output()
+            .expect("tuchka");
         common::Run {
             code: out.status.code().unwrap_or(-1),
             out: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -99,16 +148,32 @@ impl Cluster {
 
     fn ok(&self, args: &[&str]) -> common::Run {
         let r = self.tk(args);
-        assert_eq!(r.code, 0, "tuchka {} failed: {}{}\n{}", args.join(" "), r.out, r.err, self.logs());
+        assert_eq!(
+            r.code,
+            0,
+            "tuchka {} failed: {}{}\n{}",
+            args.join(" "),
+            r.out,
+            r.err,
+            self.logs()
+        );
         r
     }
 
     fn logs(&self) -> String {
         let mut s = String::new();
-        for f in ["controller/serve.log", "agent-h1.log", "agent-h2.log", "agent-h3.log"] {
+        for f in [
+            "controller/serve.log",
+            "agent-h1.log",
+            "agent-h2.log",
+            "agent-h3.log",
+        ] {
             let text = std::fs::read_to_string(self.mh().dir().join(f)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            s += &format!("--- {f} (tail) ---\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n"));
+            s += &format!(
+                "--- {f} (tail) ---\n{}\n",
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            );
         }
         s
     }
@@ -125,17 +190,26 @@ impl Cluster {
     }
 
     fn hosts(&self) -> Vec<Value> {
-        self.ok(&["host", "list", "-o", "json"]).json().as_array().cloned().unwrap_or_default()
+        self.ok(&["host", "list", "-o", "json"])
+            .json()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn vms(&self) -> Vec<Value> {
-        self.ok(&["vm", "list", "-o", "json"]).json().as_array().cloned().unwrap_or_default()
+        self.ok(&["vm", "list", "-o", "json"])
+            .json()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn per_host(&self, group: &str) -> HashMap<String, usize> {
         let mut m = HashMap::new();
         for v in self.vms().iter().filter(|v| v["group"] == group) {
-            *m.entry(v["host"].as_str().unwrap_or_default().to_string()).or_default() += 1;
+            *m.entry(v["host"].as_str().unwrap_or_default().to_string())
+                .or_default() += 1;
         }
         m
     }
@@ -163,7 +237,7 @@ impl Drop for Cluster {
 }
 
 fn probe_names(names: &[String]) -> String {
-    let targets = names.iter().map(|n| format!("{n}")).collect::<Vec<_>>().join(" ");
+    let targets = names.join(" ");
     format!(
         r#"#!/bin/sh
 exec >/dev/ttyS0 2>&1
@@ -192,16 +266,38 @@ fn three_hosts_one_cloud() {
         hs.len() == 3 && hs.iter().all(|h| h["state"] == "up")
     });
     for h in c.hosts() {
-        assert!(h["cpus"].as_u64().unwrap_or(0) > 0 && h["memory_mib"].as_u64().unwrap_or(0) > 1024, "{h}");
+        assert!(
+            h["cpus"].as_u64().unwrap_or(0) > 0 && h["memory_mib"].as_u64().unwrap_or(0) > 1024,
+            "{h}"
+        );
         assert!(h["disk_mib"].as_u64().unwrap_or(0) > 0, "{h}");
         assert_eq!(h["accel"], "tcg");
     }
-    c.ok(&["image", "upload", image.to_str().expect("p"), "--name", "tiny"]);
+    c.ok(&[
+        "image",
+        "upload",
+        image.to_str().expect("p"),
+        "--name",
+        "tiny",
+    ]);
     c.ok(&["net", "create", "app", "--cidr", "10.91.0.0/24", "--wait"]);
     c.ok(&["net", "create", "other", "--cidr", "10.92.0.0/24", "--wait"]);
 
     // An anti-affinity group larger than the cluster is refused and leaves nothing.
-    let r = c.tk(&["group", "create", "aa", "--image", "tiny", "--count", "4", "--anti-affinity", "--memory", "128M", "--net", "app"]);
+    let r = c.tk(&[
+        "group",
+        "create",
+        "aa",
+        "--image",
+        "tiny",
+        "--count",
+        "4",
+        "--anti-affinity",
+        "--memory",
+        "128M",
+        "--net",
+        "app",
+    ]);
     assert_ne!(r.code, 0);
     assert!(r.err.contains("anti-affinity"), "{}", r.err);
     assert!(c.vms().is_empty());
@@ -210,40 +306,142 @@ fn three_hosts_one_cloud() {
     let names: Vec<String> = (0..6).map(|i| format!("web-{i}.app")).collect();
     let ud = c.dir.join("probe.sh");
     std::fs::write(&ud, probe_names(&names)).expect("user-data");
-    c.ok(&["group", "create", "web", "--image", "tiny", "--count", "6", "--memory", "128M", "--net", "app", "--placement", "spread", "--user-data", ud.to_str().expect("p"), "--wait"]);
+    c.ok(&[
+        "group",
+        "create",
+        "web",
+        "--image",
+        "tiny",
+        "--count",
+        "6",
+        "--memory",
+        "128M",
+        "--net",
+        "app",
+        "--placement",
+        "spread",
+        "--user-data",
+        ud.to_str().expect("p"),
+        "--wait",
+    ]);
     let spread = c.per_host("web");
     assert_eq!(spread.len(), 3, "{spread:?}");
     assert!(spread.values().all(|n| *n == 2), "{spread:?}");
-    let why = c.ok(&["vm", "show", "web-0", "-o", "json"]).json()["placement_reason"].as_str().unwrap_or_default().to_string();
+    let why = c.ok(&["vm", "show", "web-0", "-o", "json"]).json()["placement_reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(why.contains("spread"), "vm show tells why: {why}");
 
     // Cross-host L2 + DHCP + DNS: web-0 reaches all six by name, each answering with its own name.
-    let web_hosts: HashMap<String, String> = c.vms().iter().map(|v| (v["name"].as_str().unwrap_or_default().to_string(), v["host"].as_str().unwrap_or_default().to_string())).collect();
+    let web_hosts: HashMap<String, String> = c
+        .vms()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap_or_default().to_string(),
+                v["host"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
     let console_of = |vm: &str| -> String {
         let host = &web_hosts[vm];
-        let id = c.ok(&["vm", "show", vm, "-o", "json"]).json()["id"].as_str().unwrap_or_default().to_string();
-        std::fs::read_to_string(c.mh().dir().join(host).join("tuchka-pool/vms").join(id).join("console.log")).unwrap_or_default()
+        let id = c.ok(&["vm", "show", vm, "-o", "json"]).json()["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        std::fs::read_to_string(
+            c.mh()
+                .dir()
+                .join(host)
+                .join("tuchka-pool/vms")
+                .join(id)
+                .join("console.log"),
+        )
+        .unwrap_or_default()
     };
-    c.wait_for("web-0 to reach all six VMs across hosts by name", Duration::from_secs(240), || {
-        let log = console_of("web-0").replace('\r', "");
-        let Some(round) = log.lines().filter_map(|l| l.split("PROBE-DONE ").nth(1)).filter_map(|n| n.trim().parse::<u32>().ok()).max() else { return false };
-        (0..6).all(|i| log.contains(&format!("PROBE {round} web-{i}.app ok web-{i}")))
-    });
+    c.wait_for(
+        "web-0 to reach all six VMs across hosts by name",
+        Duration::from_secs(240),
+        || {
+            let log = console_of("web-0").replace('\r', "");
+            let Some(round) = log
+                .lines()
+                .filter_map(|l| l.split("PROBE-DONE ").nth(1))
+                .filter_map(|n| n.trim().parse::<u32>().ok())
+                .max()
+            else {
+                return false;
+            };
+            (0..6).all(|i| log.contains(&format!("PROBE {round} web-{i}.app ok web-{i}")))
+        },
+    );
 
     // Another network on these hosts stays isolated from app.
-    let web3_ip = c.ok(&["vm", "show", "web-3", "-o", "json"]).json()["addresses"][0]["ip"].as_str().unwrap_or_default().to_string();
+    let web3_ip = c.ok(&["vm", "show", "web-3", "-o", "json"]).json()["addresses"][0]["ip"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let ud2 = c.dir.join("iso.sh");
-    std::fs::write(&ud2, probe_names(&[web3_ip.clone()])).expect("user-data");
-    c.ok(&["group", "create", "iso", "--image", "tiny", "--count", "1", "--memory", "128M", "--net", "other", "--user-data", ud2.to_str().expect("p"), "--wait"]);
-    let iso_host = c.vms().iter().find(|v| v["name"] == "iso-0").and_then(|v| v["host"].as_str().map(String::from)).unwrap_or_default();
-    let iso_id = c.ok(&["vm", "show", "iso-0", "-o", "json"]).json()["id"].as_str().unwrap_or_default().to_string();
-    c.wait_for("iso-0 to finish probe rounds", Duration::from_secs(180), || {
-        let log = std::fs::read_to_string(c.mh().dir().join(&iso_host).join("tuchka-pool/vms").join(&iso_id).join("console.log")).unwrap_or_default();
-        log.matches("PROBE-DONE").count() >= 2 && !log.contains(&format!("{web3_ip} ok"))
-    });
+    std::fs::write(&ud2, probe_names(std::slice::from_ref(&web3_ip))).expect("user-data");
+    c.ok(&[
+        "group",
+        "create",
+        "iso",
+        "--image",
+        "tiny",
+        "--count",
+        "1",
+        "--memory",
+        "128M",
+        "--net",
+        "other",
+        "--user-data",
+        ud2.to_str().expect("p"),
+        "--wait",
+    ]);
+    let iso_host = c
+        .vms()
+        .iter()
+        .find(|v| v["name"] == "iso-0")
+        .and_then(|v| v["host"].as_str().map(String::from))
+        .unwrap_or_default();
+    let iso_id = c.ok(&["vm", "show", "iso-0", "-o", "json"]).json()["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    c.wait_for(
+        "iso-0 to finish probe rounds",
+        Duration::from_secs(180),
+        || {
+            let log = std::fs::read_to_string(
+                c.mh()
+                    .dir()
+                    .join(&iso_host)
+                    .join("tuchka-pool/vms")
+                    .join(&iso_id)
+                    .join("console.log"),
+            )
+            .unwrap_or_default();
+            log.matches("PROBE-DONE").count() >= 2 && !log.contains(&format!("{web3_ip} ok"))
+        },
+    );
 
     // Pack: fills one host first.
-    c.ok(&["group", "create", "packed", "--image", "tiny", "--count", "2", "--memory", "128M", "--placement", "pack", "--wait"]);
+    c.ok(&[
+        "group",
+        "create",
+        "packed",
+        "--image",
+        "tiny",
+        "--count",
+        "2",
+        "--memory",
+        "128M",
+        "--placement",
+        "pack",
+        "--wait",
+    ]);
     assert_eq!(c.per_host("packed").len(), 1, "{:?}", c.per_host("packed"));
 
     // Each host fetched the image once.
@@ -254,23 +452,69 @@ fn three_hosts_one_cloud() {
 
     // Kill h2's agent: h2 goes down, its VMs show unknown but keep running, nothing new lands there.
     c.kill_agent("h2");
-    c.wait_for("h2 down", Duration::from_secs(30), || c.hosts().iter().any(|h| h["name"] == "h2" && h["state"] == "down"));
-    let on_h2: Vec<String> = c.vms().iter().filter(|v| v["host"] == "h2").map(|v| v["name"].as_str().unwrap_or_default().to_string()).collect();
+    c.wait_for("h2 down", Duration::from_secs(30), || {
+        c.hosts()
+            .iter()
+            .any(|h| h["name"] == "h2" && h["state"] == "down")
+    });
+    let on_h2: Vec<String> = c
+        .vms()
+        .iter()
+        .filter(|v| v["host"] == "h2")
+        .map(|v| v["name"].as_str().unwrap_or_default().to_string())
+        .collect();
     assert!(!on_h2.is_empty());
     for v in c.vms().iter().filter(|v| v["host"] == "h2") {
         assert_eq!(v["state"], "unknown", "{v}");
     }
-    let running = c.mh().run("h2", &["virsh", "-c", "qemu:///system", "list", "--name", "--state-running"]).expect("virsh on h2");
-    assert_eq!(running.lines().filter(|l| !l.trim().is_empty()).count(), on_h2.len(), "VMs on h2 keep running: {running}");
-    c.ok(&["group", "create", "late", "--image", "tiny", "--count", "2", "--memory", "128M", "--wait"]);
-    assert!(!c.per_host("late").contains_key("h2"), "{:?}", c.per_host("late"));
+    let running = c
+        .mh()
+        .run(
+            "h2",
+            &[
+                "virsh",
+                "-c",
+                "qemu:///system",
+                "list",
+                "--name",
+                "--state-running",
+            ],
+        )
+        .expect("virsh on h2");
+    assert_eq!(
+        running.lines().filter(|l| !l.trim().is_empty()).count(),
+        on_h2.len(),
+        "VMs on h2 keep running: {running}"
+    );
+    c.ok(&[
+        "group", "create", "late", "--image", "tiny", "--count", "2", "--memory", "128M", "--wait",
+    ]);
+    assert!(
+        !c.per_host("late").contains_key("h2"),
+        "{:?}",
+        c.per_host("late")
+    );
 
     // Restart it: up again, same VMs, running.
     c.start_agent("h2");
-    c.wait_for("h2 up with its VMs running", Duration::from_secs(60), || {
-        c.hosts().iter().any(|h| h["name"] == "h2" && h["state"] == "up")
-            && c.vms().iter().filter(|v| v["host"] == "h2").all(|v| v["state"] == "running")
-    });
-    let again: Vec<String> = c.vms().iter().filter(|v| v["host"] == "h2").map(|v| v["name"].as_str().unwrap_or_default().to_string()).collect();
+    c.wait_for(
+        "h2 up with its VMs running",
+        Duration::from_secs(60),
+        || {
+            c.hosts()
+                .iter()
+                .any(|h| h["name"] == "h2" && h["state"] == "up")
+                && c.vms()
+                    .iter()
+                    .filter(|v| v["host"] == "h2")
+                    .all(|v| v["state"] == "running")
+        },
+    );
+    let again: Vec<String> = c
+        .vms()
+        .iter()
+        .filter(|v| v["host"] == "h2")
+        .map(|v| v["name"].as_str().unwrap_or_default().to_string())
+        .collect();
     assert_eq!(again, on_h2);
 }

@@ -471,7 +471,7 @@ fn vxlan_err(name: &str, action: String) -> impl FnOnce(vxlan::VxlanError) -> Ho
     move |source| HostError::Vxlan {
         network,
         action,
-        source,
+        source: Box::new(source),
     }
 }
 
