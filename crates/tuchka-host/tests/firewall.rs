@@ -64,6 +64,11 @@ fn in_host_netns(test: &str, body: fn(&Env)) {
     if let (Ok(id), Ok(scratch)) = (std::env::var(ENV_ID), std::env::var(ENV_SCRATCH)) {
         let (ok, _) = sh("ip", &["link", "set", "lo", "up"]);
         assert!(ok, "bring lo up in the host namespace");
+        // A new namespace inherits the root namespace's IPv4 settings
+        // (net.core.devconf_inherit_init_net=0), and other tests running at the same time may
+        // have turned routing on there: start every simulated host with routing off.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "0")
+            .expect("turn routing off in the host namespace");
         body(&Env {
             id,
             scratch: PathBuf::from(scratch),
