@@ -84,17 +84,7 @@ impl Cidr {
                 why: "too small",
             });
         }
-        let net = Cidr {
-            addr: Ipv4Addr::from(u32::from(c.addr) & c.mask()),
-            prefix: c.prefix,
-        };
-        if net.addr != c.addr {
-            return Err(IpamError::HostBits {
-                given: s.into(),
-                suggested: net.to_string(),
-            });
-        }
-        Ok(net)
+        c.without_host_bits(s)
     }
 
     /// Parse a CIDR of any size (`0.0.0.0/0` … `/32`) or a bare address (taken as `/32`), as
@@ -107,13 +97,19 @@ impl Cidr {
                 .parse()
                 .map_err(|_| IpamError::Syntax(s.to_string()))?
         };
+        c.without_host_bits(s)
+    }
+
+    /// `self` if no host bits are set, else the error suggesting the network (`given` is the
+    /// text the user typed).
+    fn without_host_bits(self, given: &str) -> Result<Cidr, IpamError> {
         let net = Cidr {
-            addr: Ipv4Addr::from(u32::from(c.addr) & c.mask()),
-            prefix: c.prefix,
+            addr: Ipv4Addr::from(u32::from(self.addr) & self.mask()),
+            prefix: self.prefix,
         };
-        if net.addr != c.addr {
+        if net.addr != self.addr {
             return Err(IpamError::HostBits {
-                given: s.into(),
+                given: given.into(),
                 suggested: net.to_string(),
             });
         }

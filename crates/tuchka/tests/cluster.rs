@@ -236,27 +236,6 @@ impl Drop for Cluster {
     }
 }
 
-fn probe_names(names: &[String]) -> String {
-    let targets = names.join(" ");
-    format!(
-        r#"#!/bin/sh
-exec >/dev/ttyS0 2>&1
-(
-n=0
-while true; do
-  n=$((n+1))
-  for t in {targets}; do
-    body=$(timeout 3 wget -q -O - "http://$t/" 2>/dev/null | head -n1)
-    if [ -n "$body" ]; then echo "PROBE $n $t ok $body"; else echo "PROBE $n $t fail"; fi
-  done
-  echo "PROBE-DONE $n"
-  sleep 3
-done
-) &
-"#
-    )
-}
-
 #[test]
 fn three_hosts_one_cloud() {
     let image = common::test_image();
@@ -303,9 +282,9 @@ fn three_hosts_one_cloud() {
     assert!(c.vms().is_empty());
 
     // Spread: 2 per host. Every VM probes every other by name.
-    let names: Vec<String> = (0..6).map(|i| format!("web-{i}.app")).collect();
+    let names: Vec<String> = (0..6).map(|i| format!("tcp:web-{i}.app")).collect();
     let ud = c.dir.join("probe.sh");
-    std::fs::write(&ud, probe_names(&names)).expect("user-data");
+    std::fs::write(&ud, common::probe_script(&names)).expect("user-data");
     c.ok(&[
         "group",
         "create",
@@ -373,7 +352,7 @@ fn three_hosts_one_cloud() {
             else {
                 return false;
             };
-            (0..6).all(|i| log.contains(&format!("PROBE {round} web-{i}.app ok web-{i}")))
+            (0..6).all(|i| log.contains(&format!("PROBE {round} tcp web-{i}.app ok web-{i}")))
         },
     );
 
@@ -383,7 +362,7 @@ fn three_hosts_one_cloud() {
         .unwrap_or_default()
         .to_string();
     let ud2 = c.dir.join("iso.sh");
-    std::fs::write(&ud2, probe_names(std::slice::from_ref(&web3_ip))).expect("user-data");
+    std::fs::write(&ud2, common::probe_script(&[format!("tcp:{web3_ip}")])).expect("user-data");
     c.ok(&[
         "group",
         "create",
@@ -423,7 +402,7 @@ fn three_hosts_one_cloud() {
                     .join("console.log"),
             )
             .unwrap_or_default();
-            log.matches("PROBE-DONE").count() >= 2 && !log.contains(&format!("{web3_ip} ok"))
+            log.matches("PROBE-DONE").count() >= 2 && !log.contains(&format!("tcp {web3_ip} ok"))
         },
     );
 

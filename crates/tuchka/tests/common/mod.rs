@@ -573,3 +573,30 @@ impl Drop for Outside {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// user-data: every 2 s, probe each target (`tcp:ADDR[:PORT]` → HTTP GET, `icmp:ADDR` → ping)
+/// and print the results on the serial console.
+pub fn probe_script(targets: &[String]) -> String {
+    format!(
+        r#"#!/bin/sh
+exec >/dev/ttyS0 2>&1
+(
+n=0
+while true; do
+  n=$((n+1))
+  for t in {}; do
+    case $t in
+      tcp:*) a=${{t#tcp:}}; body=$(timeout 3 wget -q -O - "http://$a/" 2>/dev/null | head -n1)
+        if [ -n "$body" ]; then echo "PROBE $n tcp $a ok $body"; else echo "PROBE $n tcp $a fail"; fi ;;
+      icmp:*) a=${{t#icmp:}}
+        if ping -c1 -W2 "$a" >/dev/null 2>&1; then echo "PROBE $n icmp $a ok"; else echo "PROBE $n icmp $a fail"; fi ;;
+    esac
+  done
+  echo "PROBE-DONE $n"
+  sleep 2
+done
+) &
+"#,
+        targets.join(" ")
+    )
+}
