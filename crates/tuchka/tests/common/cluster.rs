@@ -1,0 +1,257 @@
+//! A cloud of N simulated hosts for tests and benchmarks: the multi-host harness
+//! (`tuchka-testkit`), the controller in the fabric namespace serving HTTPS, and one agent per
+//! host joined with the join token and the pinned fingerprint.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tuchka_testkit::MultiHost;
+
+use super::common;
+
+/// A running multi-host cloud.
+pub struct Cluster {
+    /// The controller's data directory.
+    pub dir: PathBuf,
+    mh: Option<MultiHost>,
+    serve: Option<Child>,
+    agents: HashMap<String, Child>,
+    join: (String, String, String),
+}
+
+impl Cluster {
+    /// See the module docs.
+    pub fn start(n: usize) -> Cluster {
+        Self::start_with(n, &[])
+    }
+
+    /// [`Cluster::start`] with extra `tuchka serve` arguments.
+    pub fn start_with(n: usize, serve_args: &[&str]) -> Cluster {
+        common::require_host();
+        let mh = MultiHost::up(n).expect("multi-host harness up");
+        let dir = mh.dir().join("controller");
+        std::fs::create_dir_all(&dir).expect("controller dir");
+        let port = 7480;
+        let listen = format!("{}:{port}", mh.controller_ip());
+        let log = std::fs::File::create(dir.join("serve.log")).expect("log");
+        let mut cmd = mh.fabric_command(common::bin());
+        cmd.args([
+            "serve",
+            "--no-local-agent",
+            "--down-after",
+            "6",
+            "--listen",
+            &listen,
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .args(serve_args)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+        let serve = mh.spawn_command(&mut cmd).expect("start the controller");
+        let join_file = dir.join("join.txt");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !join_file.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the controller wrote no join.txt"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let text = std::fs::read_to_string(&join_file).expect("join.txt");
+        let arg = |flag: &str| -> String {
+            let words: Vec<&str> = text.split_whitespace().collect();
+            let i = words
+                .iter()
+                .position(|w| *w == flag)
+                .unwrap_or_else(|| panic!("{flag} not in join.txt: {text}"));
+            words[i + 1].to_string()
+        };
+        let join = (
+            arg("--controller"),
+            arg("--join-token"),
+            arg("--fingerprint"),
+        );
+        let mut c = Cluster {
+            mh: Some(mh),
+            dir,
+            serve: Some(serve),
+            agents: HashMap::new(),
+            join,
+        };
+        let names: Vec<String> = c.mh().hosts().iter().map(|h| h.name.clone()).collect();
+        for h in &names {
+            c.start_agent(h);
+        }
+        c
+    }
+
+    /// See the module docs.
+    pub fn mh(&self) -> &MultiHost {
+        self.mh.as_ref().expect("harness")
+    }
+
+    /// See the module docs.
+    pub fn start_agent(&mut self, host: &str) {
+        let mh = self.mh.as_ref().expect("harness");
+        let h = mh.host(host).expect("host");
+        let pool = mh.dir().join(host).join("tuchka-pool");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(mh.dir().join(format!("agent-{host}.log")))
+            .expect("log");
+        let mut cmd = mh.command(host, common::bin()).expect("command");
+        cmd.args([
+            "agent",
+            "--controller",
+            &self.join.0,
+            "--join-token",
+            &self.join.1,
+            "--fingerprint",
+            &self.join.2,
+        ])
+        .args([
+            "--host-name",
+            host,
+            "--accel",
+            "tcg",
+            "--address",
+            &h.fabric_ip.to_string(),
+            "--pool",
+        ])
+        .arg(&pool)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+        let child = mh.spawn_command(&mut cmd).expect("start agent");
+        self.agents.insert(host.to_string(), child);
+    }
+
+    /// PID of the agent of `host`.
+    pub fn agent_pid(&self, host: &str) -> Option<u32> {
+        self.agents.get(host).map(Child::id)
+    }
+
+    /// See the module docs.
+    pub fn kill_agent(&mut self, host: &str) {
+        if let Some(mut a) = self.agents.remove(host) {
+            let _ = Command::new("kill").arg(a.id().to_string()).status();
+            let _ = a.wait();
+        }
+    }
+
+    /// See the module docs.
+    pub fn tk(&self, args: &[&str]) -> common::Run {
+        let out = Command::new(common::bin())
+            .arg("--socket")
+            .arg(self.dir.join("tuchka.sock"))
+            .args(args)
+            .output()
+            .expect("tuchka");
+        common::Run {
+            code: out.status.code().unwrap_or(-1),
+            out: String::from_utf8_lossy(&out.stdout).into_owned(),
+            err: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// See the module docs.
+    pub fn ok(&self, args: &[&str]) -> common::Run {
+        let r = self.tk(args);
+        assert_eq!(
+            r.code,
+            0,
+            "tuchka {} failed: {}{}\n{}",
+            args.join(" "),
+            r.out,
+            r.err,
+            self.logs()
+        );
+        r
+    }
+
+    /// See the module docs.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for f in [
+            "controller/serve.log",
+            "agent-h1.log",
+            "agent-h2.log",
+            "agent-h3.log",
+        ] {
+            let text = std::fs::read_to_string(self.mh().dir().join(f)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            s += &format!(
+                "--- {f} (tail) ---\n{}\n",
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            );
+        }
+        s
+    }
+
+    /// See the module docs.
+    pub fn wait_for(&self, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        panic!("timed out waiting for {what}\n{}", self.logs());
+    }
+
+    /// See the module docs.
+    pub fn hosts(&self) -> Vec<Value> {
+        self.ok(&["host", "list", "-o", "json"])
+            .json()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// See the module docs.
+    pub fn vms(&self) -> Vec<Value> {
+        self.ok(&["vm", "list", "-o", "json"])
+            .json()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// See the module docs.
+    pub fn per_host(&self, group: &str) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for v in self.vms().iter().filter(|v| v["group"] == group) {
+            *m.entry(v["host"].as_str().unwrap_or_default().to_string())
+                .or_default() += 1;
+        }
+        m
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.serve.is_some() {
+            let _ = self.tk(&["group", "list"]); // keep the log readable; teardown destroys everything
+        }
+        let names: Vec<String> = self.agents.keys().cloned().collect();
+        for h in names {
+            self.kill_agent(&h);
+        }
+        if let Some(mut s) = self.serve.take() {
+            let _ = Command::new("kill").arg(s.id().to_string()).status();
+            let _ = s.wait();
+        }
+        if let Some(mh) = self.mh.take() {
+            if let Err(e) = mh.down() {
+                eprintln!("multi-host teardown: {e}");
+            }
+        }
+    }
+}
