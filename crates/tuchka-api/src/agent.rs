@@ -59,6 +59,12 @@ pub struct HostFacts {
     /// Underlay address other hosts reach this one on (VXLAN, migration); empty if unknown.
     #[serde(default)]
     pub address: String,
+    /// 1-minute load average.
+    #[serde(default)]
+    pub load_1m: f64,
+    /// MemAvailable, MiB.
+    #[serde(default)]
+    pub memory_available_mib: u64,
 }
 
 /// Everything one host must converge to.

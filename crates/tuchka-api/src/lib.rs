@@ -411,8 +411,17 @@ pub struct Host {
     pub name: String,
     /// Stable id.
     pub id: String,
-    /// `up`, `down` or `draining`.
+    /// `up`, `down`, `draining` or `revoked`.
     pub state: String,
+    /// Underlay address (VXLAN, migration); empty for a single-host cloud.
+    #[serde(default)]
+    pub address: String,
+    /// 1-minute load average reported by the host.
+    #[serde(default)]
+    pub load_1m: f64,
+    /// Memory available on the host (not promised: what the kernel reports free), MiB.
+    #[serde(default)]
+    pub memory_available_mib: u64,
     /// Accelerator used for guests: `kvm` or `tcg`, with the reason when it fell back.
     pub accel: String,
     /// Why this accelerator was chosen.

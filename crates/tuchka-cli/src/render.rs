@@ -387,8 +387,14 @@ pub fn host_table(hosts: &[Host]) -> String {
         .map(|h| {
             vec![
                 h.name.clone(),
+                if h.address.is_empty() {
+                    NONE.to_string()
+                } else {
+                    h.address.clone()
+                },
                 h.state.clone(),
                 h.accel.clone(),
+                format!("{:.2}", h.load_1m),
                 format!("{}/{}", h.cpus_used, h.cpus),
                 format!(
                     "{}/{}",
@@ -404,8 +410,10 @@ pub fn host_table(hosts: &[Host]) -> String {
     table(
         &[
             "NAME",
+            "ADDRESS",
             "STATE",
             "ACCEL",
+            "LOAD",
             "VCPUS USED",
             "MEMORY USED",
             "DISK FREE",
@@ -443,6 +451,16 @@ pub fn host_detail(h: &Host) -> String {
         ("name", h.name.clone()),
         ("id", h.id.clone()),
         ("state", h.state.clone()),
+        (
+            "address",
+            or_none(
+                Some(&h.address)
+                    .filter(|a| !a.is_empty())
+                    .map(String::as_str),
+            ),
+        ),
+        ("load (1 min)", format!("{:.2}", h.load_1m)),
+        ("memory available", format_mib(h.memory_available_mib)),
         ("accel", h.accel.clone()),
         ("accel reason", or_none(Some(&h.accel_reason))),
         ("vcpus", format!("{} used of {}", h.cpus_used, h.cpus)),
@@ -746,6 +764,9 @@ mod tests {
             name: "h1".into(),
             id: "1".into(),
             state: "up".into(),
+            address: String::new(),
+            load_1m: 0.25,
+            memory_available_mib: 20_000,
             accel: "tcg".into(),
             accel_reason: "nested KVM hangs".into(),
             cpus: 2,
@@ -761,8 +782,8 @@ mod tests {
         };
         assert_eq!(
             host_table(&[h]),
-            "NAME  STATE  ACCEL  VCPUS USED  MEMORY USED  DISK FREE  VMS  LAST SEEN\n\
-             h1    up     tcg    3/2         768M/7.8G    12.5G/20G  1    -\n"
+            "NAME  ADDRESS  STATE  ACCEL  LOAD  VCPUS USED  MEMORY USED  DISK FREE  VMS  LAST SEEN\n\
+             h1    -        up     tcg    0.25  3/2         768M/7.8G    12.5G/20G  1    -\n"
         );
     }
 

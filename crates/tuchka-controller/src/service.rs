@@ -291,6 +291,9 @@ fn host_view(ctl: &Controller, c: &Connection, h: db::HostRow) -> Result<Host> {
     };
     Ok(Host {
         state: state.into(),
+        address: h.facts.address.clone(),
+        load_1m: h.facts.load_1m,
+        memory_available_mib: h.facts.memory_available_mib,
         accel: h.facts.accel.clone(),
         accel_reason: h.facts.accel_reason.clone(),
         cpus: h.facts.cpus,

@@ -207,11 +207,21 @@ pub fn count_cpus(cpuinfo: &str) -> u32 {
 
 /// Pure: `MemTotal` in MiB from a `/proc/meminfo` text.
 pub fn mem_total_mib(meminfo: &str) -> Option<u64> {
+    meminfo_mib(meminfo, "MemTotal:")
+}
+
+/// A `/proc/meminfo` field (`MemTotal:`, `MemAvailable:`, …) in MiB.
+pub fn meminfo_mib(meminfo: &str, key: &str) -> Option<u64> {
     meminfo.lines().find_map(|l| {
-        let rest = l.strip_prefix("MemTotal:")?;
+        let rest = l.strip_prefix(key)?;
         let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
         Some(kib / 1024)
     })
+}
+
+/// The 1-minute load average from `/proc/loadavg` text.
+pub fn load_1m(loadavg: &str) -> Option<f64> {
+    loadavg.split_whitespace().next()?.parse().ok()
 }
 
 /// Facts for registration and reports: CPUs and memory of the host, size and free space of the
@@ -244,7 +254,27 @@ pub fn host_facts(
             .map_err(|e| HostError::io("host", "read", "/proc/net/{tcp,udp}", e))?,
         // The agent fills it from its configuration (the address other hosts reach it on).
         address: String::new(),
+        load_1m: std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .as_deref()
+            .and_then(load_1m)
+            .unwrap_or(0.0),
+        memory_available_mib: meminfo_mib(&meminfo, "MemAvailable:").unwrap_or(0),
     })
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::*;
+
+    #[test]
+    fn parses_load_and_available_memory() {
+        assert_eq!(load_1m("0.52 0.40 0.33 2/345 6789\n"), Some(0.52));
+        assert_eq!(load_1m(""), None);
+        let mi = "MemTotal:       24576000 kB\nMemAvailable:   20480000 kB\n";
+        assert_eq!(meminfo_mib(mi, "MemAvailable:"), Some(20000));
+        assert_eq!(mem_total_mib(mi), Some(24000));
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,13 @@ fn three_hosts_one_cloud() {
         );
         assert!(h["disk_mib"].as_u64().unwrap_or(0) > 0, "{h}");
         assert_eq!(h["accel"], "tcg");
+        assert!(
+            h["address"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("10.250.")),
+            "the host's underlay address: {h}"
+        );
+        assert!(h["memory_available_mib"].as_u64().unwrap_or(0) > 0, "{h}");
     }
     c.ok(&[
         "image",
