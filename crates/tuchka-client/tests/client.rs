@@ -116,6 +116,8 @@ async fn upload(
         got += chunk.len() as u64;
         out.write_all(&chunk).await.expect("write");
     }
+    // tokio's File finishes writes in the background: wait for them before answering.
+    out.flush().await.expect("flush");
     assert_eq!(got, len);
     (StatusCode::CREATED, Json(image(&q.name, got))).into_response()
 }
