@@ -201,21 +201,32 @@ fn unknown_group(g: &str) -> Error {
 
 /// `net rule rm`.
 pub fn delete_rule(ctl: &Controller, network: &str, id: &str) -> Result<()> {
+    remove_entry(ctl, network, id, ("rule", "net rule"), db::delete_rule)
+}
+
+/// Remove rule or forward `id` of `network` with `delete`; `kind` names it in messages.
+fn remove_entry(
+    ctl: &Controller,
+    network: &str,
+    id: &str,
+    (kind, cli): (&'static str, &'static str),
+    delete: fn(&rusqlite::Connection, &str, &str) -> tuchka_store::Result<bool>,
+) -> Result<()> {
     let removed = ctl.db().atomic(|c| {
         db::network(c, network)?.ok_or_else(|| not_found("network", "net", network))?;
-        Ok::<_, Error>(db::delete_rule(c, network, id)?)
+        Ok::<_, Error>(delete(c, network, id)?)
     })?;
     if !removed {
         return Err(Error::NotFound {
-            kind: "rule",
-            cli: "net rule",
+            kind,
+            cli,
             name: id.to_string(),
         });
     }
     changed(
         ctl,
         network,
-        format!("rule {id} removed from network {network}"),
+        format!("{kind} {id} removed from network {network}"),
     );
     Ok(())
 }
@@ -314,23 +325,13 @@ pub fn add_forward(ctl: &Controller, network: &str, req: ForwardCreate) -> Resul
 
 /// `net forward rm`.
 pub fn delete_forward(ctl: &Controller, network: &str, id: &str) -> Result<()> {
-    let removed = ctl.db().atomic(|c| {
-        db::network(c, network)?.ok_or_else(|| not_found("network", "net", network))?;
-        Ok::<_, Error>(db::delete_forward(c, network, id)?)
-    })?;
-    if !removed {
-        return Err(Error::NotFound {
-            kind: "forward",
-            cli: "net forward",
-            name: id.to_string(),
-        });
-    }
-    changed(
+    remove_entry(
         ctl,
         network,
-        format!("forward {id} removed from network {network}"),
-    );
-    Ok(())
+        id,
+        ("forward", "net forward"),
+        db::delete_forward,
+    )
 }
 
 /// `net forward list`.
