@@ -8,6 +8,18 @@ use tuchka_api::{PowerState, VmState};
 
 use crate::{Result, StoreError};
 
+/// Every row `sql` returns, mapped by `f`.
+fn query_all<T, P: rusqlite::Params>(
+    c: &Connection,
+    sql: &str,
+    p: P,
+    f: impl FnMut(&Row) -> rusqlite::Result<T>,
+) -> Result<Vec<T>> {
+    let mut st = c.prepare(sql)?;
+    let rows = st.query_map(p, f)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
 fn json<T: DeserializeOwned>(column: &'static str, s: &str) -> Result<T> {
     serde_json::from_str(s).map_err(|source| StoreError::Json { column, source })
 }
@@ -92,10 +104,12 @@ fn finish_host((mut h, facts, cached): (HostRow, String, String)) -> Result<Host
 
 /// All hosts by name.
 pub fn hosts(c: &Connection) -> Result<Vec<HostRow>> {
-    let mut st = c.prepare(&format!("SELECT {HOST_COLS} FROM hosts ORDER BY name"))?;
-    let rows = st
-        .query_map([], host_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = query_all(
+        c,
+        &format!("SELECT {HOST_COLS} FROM hosts ORDER BY name"),
+        [],
+        host_row,
+    )?;
     rows.into_iter().map(finish_host).collect()
 }
 
@@ -195,11 +209,12 @@ const IMAGE_COLS: &str =
 
 /// All images by name.
 pub fn images(c: &Connection) -> Result<Vec<ImageRow>> {
-    let mut st = c.prepare(&format!("SELECT {IMAGE_COLS} FROM images ORDER BY name"))?;
-    let rows = st
-        .query_map([], image_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(rows)
+    query_all(
+        c,
+        &format!("SELECT {IMAGE_COLS} FROM images ORDER BY name"),
+        [],
+        image_row,
+    )
 }
 
 /// One image.
@@ -292,11 +307,12 @@ fn net_row(r: &Row) -> rusqlite::Result<NetworkRow> {
 
 /// All networks by name.
 pub fn networks(c: &Connection) -> Result<Vec<NetworkRow>> {
-    let mut st = c.prepare(&format!("SELECT {NET_COLS} FROM networks ORDER BY name"))?;
-    let rows = st
-        .query_map([], net_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(rows)
+    query_all(
+        c,
+        &format!("SELECT {NET_COLS} FROM networks ORDER BY name"),
+        [],
+        net_row,
+    )
 }
 
 /// One network.
@@ -376,19 +392,19 @@ pub fn set_host_networks(c: &Connection, host_id: &str, rows: &[HostNetworkRow])
 
 /// Every host's reported presence of `network`.
 pub fn network_presence(c: &Connection, network: &str) -> Result<Vec<HostNetworkRow>> {
-    let mut st =
-        c.prepare("SELECT host_id, network, ready, error FROM host_networks WHERE network = ?1")?;
-    let rows = st
-        .query_map([network], |r| {
+    query_all(
+        c,
+        "SELECT host_id, network, ready, error FROM host_networks WHERE network = ?1",
+        [network],
+        |r| {
             Ok(HostNetworkRow {
                 host_id: r.get(0)?,
                 network: r.get(1)?,
                 ready: r.get(2)?,
                 error: r.get(3)?,
             })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(rows)
+        },
+    )
 }
 
 // ---------------------------------------------------------------- groups
@@ -460,10 +476,12 @@ fn finish_group((mut g, nets, keys): (GroupRow, String, String)) -> Result<Group
 
 /// All groups by name.
 pub fn groups(c: &Connection) -> Result<Vec<GroupRow>> {
-    let mut st = c.prepare(&format!("SELECT {GROUP_COLS} FROM groups ORDER BY name"))?;
-    let rows = st
-        .query_map([], group_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = query_all(
+        c,
+        &format!("SELECT {GROUP_COLS} FROM groups ORDER BY name"),
+        [],
+        group_row,
+    )?;
     rows.into_iter().map(finish_group).collect()
 }
 
@@ -578,11 +596,7 @@ fn vm_row(r: &Row) -> rusqlite::Result<VmRow> {
 }
 
 fn vms_where(c: &Connection, clause: &str, p: impl rusqlite::Params) -> Result<Vec<VmRow>> {
-    let mut st = c.prepare(&format!("SELECT {VM_COLS} FROM vms {clause}"))?;
-    let rows = st
-        .query_map(p, vm_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(rows)
+    query_all(c, &format!("SELECT {VM_COLS} FROM vms {clause}"), p, vm_row)
 }
 
 /// All VMs, by group and index.
@@ -691,21 +705,22 @@ fn nic_row(r: &Row) -> rusqlite::Result<NicRow> {
 
 /// Every NIC (for IPAM and listings).
 pub fn nics(c: &Connection) -> Result<Vec<NicRow>> {
-    let mut st = c.prepare("SELECT vm_id, idx, network, mac, ip FROM nics ORDER BY vm_id, idx")?;
-    let rows = st
-        .query_map([], nic_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(rows)
+    query_all(
+        c,
+        "SELECT vm_id, idx, network, mac, ip FROM nics ORDER BY vm_id, idx",
+        [],
+        nic_row,
+    )
 }
 
 /// NICs of one VM in order.
 pub fn vm_nics(c: &Connection, vm_id: &str) -> Result<Vec<NicRow>> {
-    let mut st =
-        c.prepare("SELECT vm_id, idx, network, mac, ip FROM nics WHERE vm_id = ?1 ORDER BY idx")?;
-    let rows = st
-        .query_map([vm_id], nic_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(rows)
+    query_all(
+        c,
+        "SELECT vm_id, idx, network, mac, ip FROM nics WHERE vm_id = ?1 ORDER BY idx",
+        [vm_id],
+        nic_row,
+    )
 }
 
 /// Insert a NIC.
@@ -766,13 +781,12 @@ fn rule_row(r: &Row) -> rusqlite::Result<RuleRow> {
 
 /// Every rule, in the order they were added.
 pub fn rules(c: &Connection) -> Result<Vec<RuleRow>> {
-    let mut st = c.prepare(&format!(
-        "SELECT {RULE_COLS} FROM rules ORDER BY created_at, rowid"
-    ))?;
-    let rows = st
-        .query_map([], rule_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(rows)
+    query_all(
+        c,
+        &format!("SELECT {RULE_COLS} FROM rules ORDER BY created_at, rowid"),
+        [],
+        rule_row,
+    )
 }
 
 /// Insert a rule.
@@ -827,9 +841,11 @@ pub struct ForwardRow {
 
 /// Every forward.
 pub fn forwards(c: &Connection) -> Result<Vec<ForwardRow>> {
-    let mut st = c.prepare("SELECT id, network, proto, host_port, vm_id, vm_port, created_at FROM forwards ORDER BY created_at, rowid")?;
-    let rows = st
-        .query_map([], |r| {
+    query_all(
+        c,
+        "SELECT id, network, proto, host_port, vm_id, vm_port, created_at FROM forwards ORDER BY created_at, rowid",
+        [],
+        |r| {
             Ok(ForwardRow {
                 id: r.get(0)?,
                 network: r.get(1)?,
@@ -839,9 +855,8 @@ pub fn forwards(c: &Connection) -> Result<Vec<ForwardRow>> {
                 vm_port: r.get(5)?,
                 created_at: r.get(6)?,
             })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(rows)
+        },
+    )
 }
 
 /// Insert a forward.
@@ -904,10 +919,12 @@ fn finish_op((mut o, err, params): (OpRow, Option<String>, String)) -> Result<Op
 }
 
 fn ops_where(c: &Connection, clause: &str, p: impl rusqlite::Params) -> Result<Vec<OpRow>> {
-    let mut st = c.prepare(&format!("SELECT {OP_COLS} FROM operations {clause}"))?;
-    let rows = st
-        .query_map(p, op_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let rows = query_all(
+        c,
+        &format!("SELECT {OP_COLS} FROM operations {clause}"),
+        p,
+        op_row,
+    )?;
     rows.into_iter().map(finish_op).collect()
 }
 
