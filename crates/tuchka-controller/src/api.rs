@@ -95,12 +95,8 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
         .with_state(ctl)
 }
 
-async fn not_found() -> Error {
-    Error::NotFound {
-        kind: "API path",
-        cli: "--help",
-        name: "".into(),
-    }
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Error {
+    Error::NoRoute(format!("{method} {}", uri.path()))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

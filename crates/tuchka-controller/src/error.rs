@@ -39,6 +39,9 @@ pub enum Error {
     /// Missing or wrong credentials.
     #[error("{0}")]
     Unauthorized(String),
+    /// No endpoint at this method and path.
+    #[error("no API endpoint {0} (the API is described at /v1/openapi.json)")]
+    NoRoute(String),
     /// The state database failed.
     #[error("internal error")]
     Store(#[from] StoreError),
@@ -96,6 +99,7 @@ impl Error {
             }
             Error::Invalid { code, .. } | Error::Conflict { code, .. } => (*code).to_string(),
             Error::Unauthorized(_) => "Unauthorized".into(),
+            Error::NoRoute(_) => "NoRoute".into(),
             Error::Store(_) | Error::Internal { .. } => "Internal".into(),
         }
     }
@@ -107,6 +111,7 @@ impl Error {
             Error::Invalid { .. } => StatusCode::BAD_REQUEST,
             Error::Conflict { .. } => StatusCode::CONFLICT,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::NoRoute(_) => StatusCode::NOT_FOUND,
             Error::Store(_) | Error::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -166,5 +171,11 @@ mod tests {
         let e = Error::conflict("ImageInUse", "image \"tiny\" is used by web-0");
         assert_eq!(e.status(), StatusCode::CONFLICT);
         assert_eq!(e.to_api().code, "ImageInUse");
+        let e = Error::NoRoute("GET /v1/nope".into());
+        assert_eq!(
+            (e.status(), e.code()),
+            (StatusCode::NOT_FOUND, "NoRoute".to_string())
+        );
+        assert!(e.to_string().contains("GET /v1/nope"));
     }
 }
