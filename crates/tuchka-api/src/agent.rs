@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::PowerState;
+use crate::{MigrationMode, PowerState};
 
 /// First contact of an agent.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -25,6 +25,23 @@ pub struct HostRegister {
     pub join_token: String,
     /// Capacity and accelerator of the host.
     pub facts: HostFacts,
+    /// The identity this host got at its first join (kept in its data directory): with it the
+    /// host registers again as the same host (even under a new name) without a join token.
+    #[serde(default)]
+    pub identity: Option<HostIdentity>,
+    /// A PKCS#10 request (PEM) for the certificate of the host's migration channel.
+    #[serde(default)]
+    pub csr_pem: Option<String>,
+}
+
+/// Who a host is, as it proves it when registering again.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HostIdentity {
+    /// The host id it was given.
+    pub host_id: String,
+    /// Its credential.
+    pub credential: String,
 }
 
 /// Answer to a registration.
@@ -36,6 +53,13 @@ pub struct HostRegistered {
     pub credential: String,
     /// Id of this cloud; host resources carry it so two clouds never touch each other's.
     pub cloud_id: String,
+    /// The host's certificate (PEM) for its migration channel, signed by the cloud's CA for
+    /// this host id (present when the request carried a CSR).
+    #[serde(default)]
+    pub certificate_pem: Option<String>,
+    /// The cloud's CA certificate (PEM): the channel accepts only peers it signed.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
 }
 
 /// What a host is and has.
@@ -65,6 +89,18 @@ pub struct HostFacts {
     /// MemAvailable, MiB.
     #[serde(default)]
     pub memory_available_mib: u64,
+    /// CPU in use lately (from /proc/stat), 0..1 of all CPUs.
+    #[serde(default)]
+    pub cpu_usage: f64,
+    /// Memory in use (MemTotal - MemAvailable), MiB.
+    #[serde(default)]
+    pub memory_in_use_mib: u64,
+    /// TCP port of this host's migration channel (on `address`); 0: none.
+    #[serde(default)]
+    pub channel_port: u16,
+    /// The storage pool directory (a migration target's disks live under it).
+    #[serde(default)]
+    pub pool: String,
 }
 
 /// Everything one host must converge to.
@@ -80,6 +116,69 @@ pub struct HostDesired {
     pub networks: Vec<NetworkDesired>,
     /// Images (sha256) that still exist in the cloud; cached images not listed here are removed.
     pub images: Vec<String>,
+    /// VMs this host must remove (domain and directory). A host removes a VM only when it is
+    /// named here; anything of the cloud it finds and does not know it reports as an orphan.
+    #[serde(default)]
+    pub removals: Vec<VmRemoval>,
+    /// The cloud's other hosts: their migration channels, and the only addresses this host's
+    /// firewall admits to its channel port and to VXLAN.
+    #[serde(default)]
+    pub peers: Vec<PeerHost>,
+}
+
+/// A VM a host must remove.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct VmRemoval {
+    /// VM id (its directory in the pool).
+    pub id: String,
+    /// VM name (for messages).
+    pub name: String,
+    /// Its libvirt domain name on this host.
+    pub domain: String,
+}
+
+/// Another host of the cloud.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct PeerHost {
+    /// Host id (its certificate names it).
+    pub host_id: String,
+    /// Host name.
+    pub name: String,
+    /// Underlay address.
+    pub address: String,
+    /// Port of its migration channel.
+    pub channel_port: u16,
+}
+
+/// A VM's part in a migration, as one of its two hosts must play it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(tag = "role", rename_all = "lowercase")]
+pub enum VmMigrationDesired {
+    /// This host is the target: prepare (image cached, the disk overlay — live only —, the
+    /// seed, the networks), admit the source's streams, never define or start the VM itself.
+    Incoming {
+        /// Migration id.
+        id: String,
+        /// Live or cold.
+        mode: MigrationMode,
+        /// The source host.
+        source: PeerHost,
+    },
+    /// This host is the source: once told the target is ready, move the VM there.
+    Outgoing {
+        /// Migration id.
+        id: String,
+        /// Live or cold.
+        mode: MigrationMode,
+        /// The target host.
+        target: PeerHost,
+        /// The target's storage pool directory (the disk paths there).
+        target_pool: String,
+        /// The target reported ready: start copying.
+        go: bool,
+        /// Stop: abort a running copy and keep the VM here.
+        abort: bool,
+    },
 }
 
 /// One VM as its host must run it.
@@ -115,6 +214,9 @@ pub struct VmDesired {
     pub force_stop: bool,
     /// Stop: seconds to wait for ACPI shutdown before powering off.
     pub stop_timeout_s: u32,
+    /// Its part in a migration under way, if any.
+    #[serde(default)]
+    pub migration: Option<VmMigrationDesired>,
 }
 
 /// One NIC of a VM.
@@ -257,6 +359,31 @@ pub struct HostReport {
     pub networks: Vec<NetworkObserved>,
     /// sha256 (identities) of the images in the host's cache.
     pub cached_images: Vec<String>,
+    /// What the host has of this cloud and was not told about (left alone).
+    #[serde(default)]
+    pub orphans: Vec<Orphan>,
+}
+
+crate::wire_enum! {
+    /// What kind of thing an orphan is.
+    pub enum OrphanKind {
+        /// A libvirt domain with this cloud's metadata.
+        Domain = "domain",
+        /// A VM directory (disk, seed, console log) in the pool.
+        Disk = "disk",
+    }
+}
+
+/// Something of this cloud on a host that the controller neither wants there nor named for
+/// removal (a restored database, a VM moved by hand): reported, never removed implicitly.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Orphan {
+    /// Domain or VM directory.
+    pub kind: OrphanKind,
+    /// The domain name, or the directory.
+    pub name: String,
+    /// The VM id it belongs to.
+    pub vm_id: String,
 }
 
 /// Observed state of one VM.
@@ -268,8 +395,71 @@ pub struct VmObserved {
     pub state: crate::VmState,
     /// Why it could not converge.
     pub error: Option<String>,
+    /// The causes of `error`, outermost first.
+    #[serde(default)]
+    pub error_chain: Vec<String>,
     /// Highest reboot request carried out.
     pub reboot_seq: u64,
+    /// A libvirt domain of it exists on this host.
+    #[serde(default)]
+    pub domain: bool,
+    /// Its migration as this host sees it.
+    #[serde(default)]
+    pub migration: Option<MigrationObserved>,
+    /// CPU it used lately, in cores.
+    #[serde(default)]
+    pub cpu_usage: f64,
+}
+
+crate::wire_enum! {
+    /// A migration as one of its hosts sees it.
+    pub enum MigrationStatus {
+        /// Target: preparing image, disk, seed, networks.
+        Preparing = "preparing",
+        /// Target: ready to receive.
+        Prepared = "prepared",
+        /// Source: copying.
+        Running = "running",
+        /// Source: the copy finished; the VM runs on the target (live) or its disk is there (cold).
+        Completed = "completed",
+        /// Either side: it failed (see `error`); on the source the VM is still here.
+        Failed = "failed",
+        /// Source: no copy under way (not told to go, or aborted, or the agent restarted).
+        Idle = "idle",
+    }
+}
+
+/// A host's view of one migration.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct MigrationObserved {
+    /// Migration id.
+    pub id: String,
+    /// Where it is.
+    pub status: MigrationStatus,
+    /// Bytes copied so far.
+    #[serde(default)]
+    pub copied_bytes: u64,
+    /// Bytes libvirt still has to copy.
+    #[serde(default)]
+    pub remaining_bytes: u64,
+    /// Copy rate, MiB/s.
+    #[serde(default)]
+    pub mib_per_s: f64,
+    /// Total time of the copy, ms (completed).
+    #[serde(default)]
+    pub total_ms: Option<u64>,
+    /// Downtime of the switch, ms (completed, live).
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Bytes moved in all (completed).
+    #[serde(default)]
+    pub bytes: Option<u64>,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The causes, outermost first.
+    #[serde(default)]
+    pub error_chain: Vec<String>,
 }
 
 /// Observed state of one network on a host.
@@ -281,4 +471,7 @@ pub struct NetworkObserved {
     pub ready: bool,
     /// Why it is not ready.
     pub error: Option<String>,
+    /// The causes, outermost first.
+    #[serde(default)]
+    pub error_chain: Vec<String>,
 }

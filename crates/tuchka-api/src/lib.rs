@@ -8,10 +8,81 @@
 //! - users (CLI, scripts): images, networks, groups, vms, hosts, operations, events;
 //! - agents: [`agent`] holds the desired state a host pulls and the report it pushes back.
 
-pub mod agent;
-
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+
+/// A closed set of names on the wire: a `Copy` enum serialised as its lowercase (or dotted) name,
+/// with [`as_str`](VmState::as_str), `Display` and `FromStr` (the error lists the valid names).
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The name used on the wire, in tables and in the database.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = $crate::UnknownName;
+            fn from_str(s: &str) -> Result<Self, $crate::UnknownName> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err($crate::UnknownName {
+                        what: stringify!($name),
+                        given: s.to_string(),
+                        valid: &[$($text),+],
+                    }),
+                }
+            }
+        }
+    };
+}
+
+pub(crate) use wire_enum;
+
+pub mod agent;
+
+/// A name that is not one of a [`wire_enum!`]'s values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownName {
+    /// The type, e.g. `HostState`.
+    pub what: &'static str,
+    /// What was given.
+    pub given: String,
+    /// The names that are valid.
+    pub valid: &'static [&'static str],
+}
+
+impl std::fmt::Display for UnknownName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:?} is not a valid {}: use {}",
+            self.given,
+            self.what,
+            self.valid.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownName {}
 
 /// The error body of every non-2xx response.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -42,64 +113,157 @@ pub struct JoinToken {
     pub command: Option<String>,
 }
 
-/// Observed power state of a VM, as libvirt reports it on its host.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum VmState {
-    /// Recorded, not yet seen on its host.
-    Pending,
-    /// Being prepared or booted on its host.
-    Starting,
-    /// The domain runs.
-    Running,
-    /// The domain is paused (vCPUs stopped, memory kept).
-    Paused,
-    /// A shutdown was requested and the domain still runs.
-    Stopping,
-    /// The domain is defined and shut off.
-    Stopped,
-    /// The host failed to converge it; see `error`.
-    Error,
-    /// Its host stopped reporting; the last known state is not current.
-    Unknown,
-}
-
-impl VmState {
-    /// The lowercase name used on the wire and in tables.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmState::Pending => "pending",
-            VmState::Starting => "starting",
-            VmState::Running => "running",
-            VmState::Paused => "paused",
-            VmState::Stopping => "stopping",
-            VmState::Stopped => "stopped",
-            VmState::Error => "error",
-            VmState::Unknown => "unknown",
-        }
+wire_enum! {
+    /// Observed power state of a VM, as libvirt reports it on its host.
+    pub enum VmState {
+        /// Recorded, not yet seen on its host.
+        Pending = "pending",
+        /// Being prepared or booted on its host.
+        Starting = "starting",
+        /// The domain runs.
+        Running = "running",
+        /// The domain is paused (vCPUs stopped, memory kept).
+        Paused = "paused",
+        /// A shutdown was requested and the domain still runs.
+        Stopping = "stopping",
+        /// The domain is defined and shut off.
+        Stopped = "stopped",
+        /// The host failed to converge it; see `error`.
+        Error = "error",
+        /// Its host stopped reporting; the last known state is not current.
+        Unknown = "unknown",
     }
 }
 
-/// The power state a user asked for.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum PowerState {
-    /// Defined and running.
-    Running,
-    /// Defined and paused.
-    Paused,
-    /// Defined and shut off.
-    Stopped,
+wire_enum! {
+    /// The power state a user asked for.
+    pub enum PowerState {
+        /// Defined and running.
+        Running = "running",
+        /// Defined and paused.
+        Paused = "paused",
+        /// Defined and shut off.
+        Stopped = "stopped",
+    }
 }
 
-impl PowerState {
-    /// The lowercase name used on the wire and in the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PowerState::Running => "running",
-            PowerState::Paused => "paused",
-            PowerState::Stopped => "stopped",
-        }
+wire_enum! {
+    /// State of a host, as the controller sees it.
+    pub enum HostState {
+        /// Reporting; accepts new VMs.
+        Up = "up",
+        /// Silent for longer than `--down-after`: its VMs are shown `unknown`.
+        Down = "down",
+        /// Reporting, but no new placements (`host drain`); its VMs are moved off.
+        Draining = "draining",
+        /// Its credential is refused (`host revoke`).
+        Revoked = "revoked",
+    }
+}
+
+wire_enum! {
+    /// State of a network.
+    pub enum NetworkState {
+        /// Its gateway host is setting it up.
+        Creating = "creating",
+        /// Bridge, DHCP and DNS are in place on its gateway host.
+        Ready = "ready",
+        /// Being removed.
+        Deleting = "deleting",
+        /// Its gateway host failed to set it up; see `error`.
+        Error = "error",
+    }
+}
+
+wire_enum! {
+    /// Direction of an access rule.
+    pub enum Direction {
+        /// Traffic entering the network from outside it.
+        In = "in",
+        /// Traffic leaving the network.
+        Out = "out",
+    }
+}
+
+wire_enum! {
+    /// What an access rule does with what it matches.
+    pub enum RuleAction {
+        /// Let it through.
+        Allow = "allow",
+        /// Drop it (`out` rules only).
+        Deny = "deny",
+    }
+}
+
+wire_enum! {
+    /// Where the scheduler puts the VMs of a group.
+    pub enum PlacementPolicy {
+        /// On the hosts with the most free memory, few of the group per host.
+        Spread = "spread",
+        /// On as few hosts as possible.
+        Pack = "pack",
+    }
+}
+
+wire_enum! {
+    /// What an operation does.
+    pub enum OperationKind {
+        /// `group create`.
+        GroupCreate = "group.create",
+        /// `group scale`.
+        GroupScale = "group.scale",
+        /// `group rm`.
+        GroupDelete = "group.delete",
+        /// `vm start`.
+        VmStart = "vm.start",
+        /// `vm stop`.
+        VmStop = "vm.stop",
+        /// `vm pause`.
+        VmPause = "vm.pause",
+        /// `vm resume`.
+        VmResume = "vm.resume",
+        /// `vm reboot`.
+        VmReboot = "vm.reboot",
+        /// `vm rm`.
+        VmDelete = "vm.delete",
+        /// `vm migrate` (also a child of a drain or a balance apply).
+        VmMigrate = "vm.migrate",
+        /// `net create`.
+        NetCreate = "net.create",
+        /// `net rm`.
+        NetDelete = "net.delete",
+        /// `host drain`: move every VM off a host.
+        HostDrain = "host.drain",
+        /// `balance apply`: carry out a balance plan.
+        BalanceApply = "balance.apply",
+    }
+}
+
+wire_enum! {
+    /// Where an operation is.
+    pub enum OperationState {
+        /// Still going.
+        Running = "running",
+        /// Finished well.
+        Succeeded = "succeeded",
+        /// Finished badly; see `error`.
+        Failed = "failed",
+    }
+}
+
+wire_enum! {
+    /// Where one phase of an operation is.
+    pub enum PhaseState {
+        /// Not started.
+        Pending = "pending",
+        /// Going.
+        Running = "running",
+        /// Finished well.
+        Done = "done",
+        /// Finished badly.
+        Failed = "failed",
+        /// Not needed this time (e.g. undoing what never happened).
+        Skipped = "skipped",
     }
 }
 
@@ -136,8 +300,8 @@ pub struct Network {
     pub vni: u32,
     /// Bridge device on the hosts.
     pub bridge: String,
-    /// `creating`, `ready`, `deleting` or `error`.
-    pub state: String,
+    /// Its state.
+    pub state: NetworkState,
     /// Host that runs the gateway (DHCP, DNS).
     pub gateway_host: Option<String>,
     /// Address reservations (one per VM NIC).
@@ -180,9 +344,9 @@ pub struct Rule {
     /// Network it belongs to.
     pub network: String,
     /// `in` (traffic into the network) or `out` (traffic leaving it).
-    pub direction: String,
+    pub direction: Direction,
     /// `allow` or `deny` (`deny` only for `out`).
-    pub action: String,
+    pub action: RuleAction,
     /// Protocol and ports: `tcp:80`, `tcp:8000-8100`, `udp:53`, `icmp`, `any`.
     pub spec: String,
     /// in: source CIDR.
@@ -205,10 +369,10 @@ pub struct Rule {
 pub struct RuleCreate {
     /// `in` (default) or `out`.
     #[serde(default)]
-    pub direction: Option<String>,
+    pub direction: Option<Direction>,
     /// `allow` (default) or `deny` (`out` only).
     #[serde(default)]
-    pub action: Option<String>,
+    pub action: Option<RuleAction>,
     /// Protocol and ports: `tcp:80`, `tcp:8000-8100`, `udp:53`, `icmp`, `any`.
     pub spec: String,
     /// in: source CIDR, e.g. `0.0.0.0/0`.
@@ -295,8 +459,8 @@ pub struct Group {
     pub disk_mib: u64,
     /// Networks, in NIC order.
     pub networks: Vec<String>,
-    /// Placement policy: `spread` or `pack`.
-    pub placement: String,
+    /// Placement policy.
+    pub placement: PlacementPolicy,
     /// Names of its VMs.
     #[serde(default)]
     pub vms: Vec<String>,
@@ -334,7 +498,7 @@ pub struct GroupCreate {
     pub ssh_keys: Vec<String>,
     /// `spread` (default) or `pack`.
     #[serde(default)]
-    pub placement: Option<String>,
+    pub placement: Option<PlacementPolicy>,
     /// Never place two VMs of the group on one host (refused if there are not enough hosts).
     #[serde(default)]
     pub anti_affinity: bool,
@@ -388,8 +552,20 @@ pub struct Vm {
     pub domain: String,
     /// Last error reported by its host, if any.
     pub error: Option<String>,
+    /// The causes of `error`, outermost first (the libvirt, qemu-img or netlink message).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub error_chain: Vec<String>,
     /// When it was created.
     pub created_at: String,
+    /// The migration under way, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
+    /// The last migration that finished (succeeded or failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_migration: Option<Migration>,
+    /// CPU the guest used lately, in cores (from libvirt's cpu time), as its host reports it.
+    #[serde(default)]
+    pub cpu_usage: f64,
 }
 
 /// Options of `POST /v1/vms/{name}/stop`.
@@ -411,8 +587,8 @@ pub struct Host {
     pub name: String,
     /// Stable id.
     pub id: String,
-    /// `up`, `down`, `draining` or `revoked`.
-    pub state: String,
+    /// Its state.
+    pub state: HostState,
     /// Underlay address (VXLAN, migration); empty for a single-host cloud.
     #[serde(default)]
     pub address: String,
@@ -446,6 +622,19 @@ pub struct Host {
     pub cached_images: Vec<String>,
     /// Last report time.
     pub last_seen: Option<String>,
+    /// CPU in use on the host lately (from /proc/stat), 0..1 of all its CPUs.
+    #[serde(default)]
+    pub cpu_usage: f64,
+    /// Memory in use on the host (total minus available), MiB.
+    #[serde(default)]
+    pub memory_in_use_mib: u64,
+    /// Things of this cloud the host has but the controller does not know (a domain or a VM
+    /// directory): reported and left alone, never removed implicitly.
+    #[serde(default)]
+    pub orphans: Vec<agent::Orphan>,
+    /// Port of the host's migration channel (mutual TLS; 0: none yet).
+    #[serde(default)]
+    pub channel_port: u16,
 }
 
 /// Progress of an operation.
@@ -453,31 +642,178 @@ pub struct Host {
 pub struct Operation {
     /// Id.
     pub id: String,
-    /// What it does, e.g. `group.create`, `vm.stop`.
-    pub kind: String,
+    /// What it does.
+    pub kind: OperationKind,
     /// The object it acts on, e.g. `group/web`.
     pub target: String,
-    /// `running`, `succeeded` or `failed`.
-    pub state: String,
+    /// Where it is.
+    pub state: OperationState,
     /// Steps done so far.
     pub done: u32,
     /// Steps in all.
     pub total: u32,
     /// Last progress message.
     pub message: String,
-    /// Why it failed.
+    /// Why it failed, with the cause chain (e.g. the libvirt or qemu-img message).
     pub error: Option<ApiError>,
     /// When it was created.
     pub created_at: String,
     /// When it ended.
     pub finished_at: Option<String>,
+    /// The phases of a multi-phase operation (a migration: prepare target, copy, switch over,
+    /// clean up), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<OperationPhase>,
+    /// The operation this one is part of (a migration of a drain or a balance apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Operations this one is made of (one migration per VM of a drain or a balance apply).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<String>,
+    /// The migration this operation carries out (`vm.migrate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
 }
 
 impl Operation {
     /// True once the operation succeeded or failed.
     pub fn is_finished(&self) -> bool {
-        self.state != "running"
+        self.state != OperationState::Running
     }
+}
+
+/// One phase of a multi-phase operation.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct OperationPhase {
+    /// What it does, e.g. `prepare target`, `copy`, `switch over`, `clean up`.
+    pub name: String,
+    /// Where it is.
+    pub state: PhaseState,
+    /// What it is doing or did, e.g. `412 of 1024 MiB, 96 MiB/s`.
+    #[serde(default)]
+    pub message: String,
+    /// When it started.
+    #[serde(default)]
+    pub started_at: Option<String>,
+    /// When it ended.
+    #[serde(default)]
+    pub finished_at: Option<String>,
+}
+
+wire_enum! {
+    /// How a VM moves.
+    pub enum MigrationMode {
+        /// The guest keeps running (memory and the disk overlay are copied while it runs).
+        Live = "live",
+        /// A stopped VM: its disk overlay is copied and verified; it stays stopped.
+        Cold = "cold",
+    }
+}
+
+wire_enum! {
+    /// Where a migration is.
+    pub enum MigrationPhase {
+        /// The target host prepares: image in its cache, the overlay, the seed, the networks.
+        Preparing = "preparing",
+        /// The source host copies memory and disk (live) or the disk (cold) to the target.
+        Copying = "copying",
+        /// The VM now belongs to the target; addresses, DNS, VXLAN peers and rules follow.
+        SwitchingOver = "switching-over",
+        /// The source host removes what is left of the VM there.
+        CleaningUp = "cleaning-up",
+        /// Undoing a failed migration: the VM stays on the source, the target's leftovers go.
+        Aborting = "aborting",
+        /// Finished: the VM runs (or rests) on the target.
+        Done = "done",
+        /// Failed: the VM is where it was; see `error`.
+        Failed = "failed",
+    }
+}
+
+/// A migration of one VM between two hosts.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Migration {
+    /// Id (the id of its `vm.migrate` operation).
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// Source host name.
+    pub from: String,
+    /// Target host name.
+    pub to: String,
+    /// Live or cold.
+    pub mode: MigrationMode,
+    /// Where it is.
+    pub phase: MigrationPhase,
+    /// Why this target (the scheduler's reason, or "asked for").
+    #[serde(default)]
+    pub reason: String,
+    /// Bytes copied so far (memory and disk).
+    #[serde(default)]
+    pub copied_bytes: u64,
+    /// Bytes still to copy, as libvirt estimates them.
+    #[serde(default)]
+    pub remaining_bytes: u64,
+    /// Copy rate, MiB/s.
+    #[serde(default)]
+    pub mib_per_s: f64,
+    /// Time from start to the end, ms (when finished).
+    #[serde(default)]
+    pub total_ms: Option<u64>,
+    /// How long the guest was paused for the switch (live; from libvirt's job statistics), ms.
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Bytes moved in all (when finished).
+    #[serde(default)]
+    pub bytes: Option<u64>,
+    /// When it started.
+    pub started_at: String,
+    /// When it ended.
+    #[serde(default)]
+    pub finished_at: Option<String>,
+    /// Why it failed, with the cause chain.
+    #[serde(default)]
+    pub error: Option<ApiError>,
+}
+
+/// Options of `POST /v1/vms/{name}/migrate`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmMigrate {
+    /// Target host name; absent: the scheduler picks one (same filters as placement,
+    /// anti-affinity of the VM's group kept).
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// Options of `POST /v1/hosts/{name}/drain`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HostDrain {
+    /// Most migrations at once per host (source or target); default 2.
+    #[serde(default)]
+    pub parallel: Option<u32>,
+}
+
+/// The answer of `POST /v1/hosts/{name}/drain`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Drain {
+    /// The host, now `draining`.
+    pub host: Host,
+    /// The operation moving its VMs off (one child per VM); absent when it had none.
+    pub operation: Option<Operation>,
+    /// VMs that cannot move, each with the reason.
+    #[serde(default)]
+    pub unmovable: Vec<Unmovable>,
+}
+
+/// A VM that cannot move, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Unmovable {
+    /// The VM.
+    pub vm: String,
+    /// Why not.
+    pub reason: String,
 }
 
 /// One entry of the `/v1/events` stream.
@@ -506,4 +842,107 @@ pub struct CheckItem {
     pub detail: String,
     /// How to fix it (when not ok).
     pub hint: Option<String>,
+}
+
+wire_enum! {
+    /// Whether the controller balances load by itself.
+    pub enum BalanceMode {
+        /// Only when asked (`balance apply`).
+        Off = "off",
+        /// Every `--balance-interval`, the controller plans and carries out the moves.
+        Auto = "auto",
+    }
+}
+
+/// Load of one host, as the balancer sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct HostLoad {
+    /// Host name.
+    pub host: String,
+    /// CPU load, 0..1 of the host's CPUs (measured).
+    pub cpu: f64,
+    /// Memory load, 0..1 of the host's memory (given to VMs).
+    pub memory: f64,
+    /// VMs on it.
+    pub vms: u32,
+    /// Whether VMs may be moved onto it (up, not draining).
+    pub target: bool,
+}
+
+/// One move of a balance plan.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct BalanceMove {
+    /// The VM to move.
+    pub vm: String,
+    /// From host.
+    pub from: String,
+    /// To host.
+    pub to: String,
+    /// Why, in words.
+    pub reason: String,
+    /// Imbalance of the cloud before this move, 0–100 %.
+    pub imbalance_before: f64,
+    /// Imbalance after it, 0–100 %.
+    pub imbalance_after: f64,
+    /// What it costs: memory to copy, MiB.
+    pub cost_mib: u64,
+    /// The cost in words (memory, dirty rate where known).
+    pub cost: String,
+}
+
+/// What the balancer would do now (`GET /v1/balance/plan`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct BalancePlan {
+    /// Imbalance of the cloud now, 0–100 %.
+    pub imbalance: f64,
+    /// Imbalance after every move of the plan, 0–100 %.
+    pub imbalance_after: f64,
+    /// Above this imbalance the balancer acts (after holding for some rounds), %.
+    pub threshold: f64,
+    /// The moves, in order.
+    pub moves: Vec<BalanceMove>,
+    /// Why nothing (more) moves, in words.
+    #[serde(default)]
+    pub why_not: Vec<String>,
+    /// The hosts' loads the plan was made from.
+    #[serde(default)]
+    pub hosts: Vec<HostLoad>,
+}
+
+/// One round of the balancer and what it decided.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct BalanceDecision {
+    /// When.
+    pub time: String,
+    /// Imbalance then, %.
+    pub imbalance: f64,
+    /// What it decided, in words (moves started, or why nothing moved).
+    pub summary: String,
+    /// The moves it started.
+    #[serde(default)]
+    pub moves: Vec<BalanceMove>,
+    /// The operation that carries them out.
+    #[serde(default)]
+    pub operation: Option<String>,
+}
+
+/// The balancer's state (`GET /v1/balance`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct BalanceStatus {
+    /// `off` or `auto`.
+    pub mode: BalanceMode,
+    /// Seconds between rounds in `auto` mode.
+    pub interval_s: u64,
+    /// Imbalance now, 0–100 %.
+    pub imbalance: f64,
+    /// Threshold, %.
+    pub threshold: f64,
+    /// Consecutive rounds the imbalance has been above the threshold.
+    pub rounds_above: u32,
+    /// Rounds above the threshold needed before moving.
+    pub hold_rounds: u32,
+    /// The hosts' loads now.
+    pub hosts: Vec<HostLoad>,
+    /// The latest decisions, newest first.
+    pub decisions: Vec<BalanceDecision>,
 }

@@ -1,9 +1,12 @@
 //! Pure domain logic of tuchka: names, network addressing, IPAM, placement.
 //!
-//! Nothing here does I/O; every function is deterministic given its inputs (random choices take
+//! Nothing here does I/O (but [`digest`] reading what it is given); every function is deterministic given its inputs (random choices take
 //! the random source as an argument), so the controller's decisions can be unit-tested in full.
 
+pub mod digest;
 pub mod ipam;
+pub mod migration;
 pub mod names;
+pub mod ops;
 pub mod placement;
 pub mod rules;
