@@ -67,6 +67,23 @@ impl Error {
         }
     }
 
+    /// Shorthand for [`Error::NotFound`].
+    pub fn not_found(kind: &'static str, cli: &'static str, name: &str) -> Error {
+        Error::NotFound {
+            kind,
+            cli,
+            name: name.to_string(),
+        }
+    }
+
+    /// A name that breaks the naming rule.
+    pub fn bad_name(kind: &'static str, name: &str) -> Error {
+        match tuchka_core::names::validate_name(kind, name) {
+            Err(e) => Error::invalid("InvalidName", e.to_string()),
+            Ok(()) => Error::invalid("InvalidName", format!("invalid {kind} name {name:?}")),
+        }
+    }
+
     /// Shorthand for [`Error::Conflict`].
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Error {
         Error::Conflict {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
+use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -132,12 +133,11 @@ where
         &format!("image/{name}"),
         format!("image {name} stored ({source_format}, sha256 {sha256})"),
     );
-    crate::service::get_image(ctl, name)
+    get(ctl, name)
 }
 
 fn precheck(ctl: &Controller, name: &str) -> Result<()> {
-    tuchka_core::names::validate_name("image", name)
-        .map_err(|e| Error::invalid("InvalidName", e.to_string()))?;
+    tuchka_core::names::validate_name("image", name).map_err(|_| Error::bad_name("image", name))?;
     if db::image(ctl.db().conn(), name)?.is_some() {
         return Err(Error::conflict(
             "ImageExists",
@@ -359,25 +359,89 @@ fn set_readonly(path: &Path) -> Result<()> {
         .map_err(|e| Error::internal(format!("cannot set permissions of {}", path.display()), &e))
 }
 
-/// sha256 hex of a file.
+/// sha256 hex of a file (read off the async threads).
 pub async fn sha256_file(path: &Path) -> Result<String> {
-    use tokio::io::AsyncReadExt;
-    let mut f = tokio::fs::File::open(path)
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || tuchka_core::digest::sha256_file(&p))
         .await
-        .map_err(|e| Error::internal(format!("cannot read {}", path.display()), &e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .await
-            .map_err(|e| Error::internal(format!("cannot read {}", path.display()), &e))?;
-        if n == 0 {
-            break;
+        .map_err(|e| Error::internal("hashing failed", &e))?
+        .map_err(|e| Error::internal(format!("cannot read {}", path.display()), &e))
+}
+
+// ------------------------------------------------------------------ views and removal
+
+fn view(c: &Connection, i: ImageRow) -> Result<Image> {
+    let groups: Vec<String> = db::groups(c)?
+        .into_iter()
+        .filter(|g| g.image == i.name)
+        .map(|g| g.name)
+        .collect();
+    let used_by = db::vms(c)?
+        .into_iter()
+        .filter(|v| groups.contains(&v.group))
+        .map(|v| v.name)
+        .collect();
+    Ok(Image {
+        name: i.name,
+        sha256: i.sha256,
+        source_format: i.source_format,
+        virtual_size: i.virtual_size,
+        stored_size: i.stored_size,
+        created_at: i.created_at,
+        used_by,
+    })
+}
+
+/// All images.
+pub fn list(ctl: &Controller) -> Result<Vec<Image>> {
+    let db = ctl.db();
+    let c = db.conn();
+    db::images(c)?.into_iter().map(|i| view(c, i)).collect()
+}
+
+/// One image.
+pub fn get(ctl: &Controller, name: &str) -> Result<Image> {
+    let db = ctl.db();
+    let c = db.conn();
+    let i = db::image(c, name)?.ok_or_else(|| Error::not_found("image", "image", name))?;
+    view(c, i)
+}
+
+/// `image rm`: refused while a group uses it.
+pub fn delete(ctl: &Controller, name: &str) -> Result<()> {
+    let file = ctl.db().atomic(|c| {
+        let img = db::image(c, name)?.ok_or_else(|| Error::not_found("image", "image", name))?;
+        let users: Vec<String> = db::groups(c)?
+            .into_iter()
+            .filter(|g| g.image == name)
+            .map(|g| g.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(Error::conflict(
+                "ImageInUse",
+                format!(
+                    "image {name:?} is used by group(s) {}: remove them first (tuchka group rm …)",
+                    users.join(", ")
+                ),
+            ));
         }
-        hasher.update(&buf[..n]);
+        db::delete_image(c, name)?;
+        let still_used = db::image_by_sha(c, &img.sha256)?.is_some();
+        Ok((!still_used).then_some(img.sha256))
+    })?;
+    if let Some(sha) = file {
+        let path = stored_path(ctl, &sha);
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove image file");
+        }
     }
-    Ok(hex::encode(hasher.finalize()))
+    ctl.bump();
+    ctl.emit(
+        "image.deleted",
+        &format!("image/{name}"),
+        format!("image {name} removed"),
+    );
+    Ok(())
 }
 
 #[cfg(test)]

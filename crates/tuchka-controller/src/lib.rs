@@ -1,18 +1,34 @@
-//! The controller: the REST API, the state database, operations, scheduling, IPAM and the image
-//! store. It never connects to hosts: agents pull their desired state from it and push reports
-//! (see `tuchka_api::agent`), over the same HTTP API whether they run in this process (the local
-//! agent, over the unix socket) or on another machine.
+//! The controller: the REST API, the state database, operations, scheduling, IPAM, migrations,
+//! the balancer and the image store. It never connects to hosts: agents pull their desired
+//! state from it and push reports (see `tuchka_api::agent`), over the same HTTP API whether they
+//! run in this process (the local agent, over the unix socket) or on another machine.
+//!
+//! Modules, from the bottom up (none imports one above it): `error`, `state`, `snapshot`,
+//! `operations`, `scheduler`; one per resource — `images`, `networks`, `netrules`, `groups`,
+//! `vms`, `hosts`, `migrations`, `drain`, `balance`; the agent-facing `agents` and `desired`;
+//! the engine `progress`; then `handlers`, `openapi` and the routing table `api`.
 
+pub mod agents;
 pub mod api;
+pub mod balance;
 pub mod desired;
+pub mod drain;
 pub mod error;
+pub mod groups;
+pub mod handlers;
+pub mod hosts;
 pub mod images;
+pub mod migrations;
 pub mod netrules;
+pub mod networks;
 pub mod openapi;
-pub mod ops;
-pub mod service;
+pub mod operations;
+pub mod progress;
+pub mod scheduler;
+pub mod snapshot;
 pub mod state;
 pub mod tls;
+pub mod vms;
 
 pub use error::{Error, Result};
 pub use state::{Controller, ControllerConfig};

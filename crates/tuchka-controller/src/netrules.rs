@@ -10,20 +10,17 @@ use std::collections::HashMap;
 
 use rusqlite::Connection;
 use tuchka_api::agent::{EgressRule, ForwardDesired, IngressRule};
-use tuchka_api::{Forward, ForwardCreate, Rule, RuleCreate};
+use tuchka_api::{Direction, Forward, ForwardCreate, Rule, RuleAction, RuleCreate};
 use tuchka_core::ipam::Cidr;
 use tuchka_core::rules::{format_spec, parse_spec, parse_target, reserved_port};
 use tuchka_store::{self as db, ForwardRow, RuleRow};
 
 use crate::error::{Error, Result};
+use crate::snapshot::Snapshot;
 use crate::state::Controller;
 
 fn not_found(kind: &'static str, cli: &'static str, name: &str) -> Error {
-    Error::NotFound {
-        kind,
-        cli,
-        name: name.to_string(),
-    }
+    Error::not_found(kind, cli, name)
 }
 
 fn rule_view(r: RuleRow) -> Rule {
@@ -45,8 +42,8 @@ fn rule_view(r: RuleRow) -> Rule {
 /// Rules and forwards of a network as the API shows them.
 pub fn views(
     c: &Connection,
+    s: &Snapshot,
     network: &str,
-    hosts: &HashMap<String, db::HostRow>,
     gateway_host: Option<&str>,
 ) -> Result<(Vec<Rule>, Vec<Forward>)> {
     let rules = db::rules(c)?
@@ -54,14 +51,13 @@ pub fn views(
         .filter(|r| r.network == network)
         .map(rule_view)
         .collect();
-    let nics = db::nics(c)?;
-    let vms: HashMap<String, String> = db::vms(c)?.into_iter().map(|v| (v.id, v.name)).collect();
-    let host = gateway_host.map(|id| {
-        hosts
-            .get(id)
-            .map(|h| h.name.clone())
-            .unwrap_or_else(|| id.to_string())
-    });
+    let nics = &s.nics;
+    let vms: HashMap<&str, &str> = s
+        .vms
+        .iter()
+        .map(|v| (v.id.as_str(), v.name.as_str()))
+        .collect();
+    let host = gateway_host.map(|id| s.host_name(id));
     let forwards = db::forwards(c)?
         .into_iter()
         .filter(|f| f.network == network)
@@ -72,8 +68,8 @@ pub fn views(
                 .map(|n| n.ip.clone())
                 .unwrap_or_default(),
             vm: vms
-                .get(&f.vm_id)
-                .cloned()
+                .get(f.vm_id.as_str())
+                .map(|v| v.to_string())
                 .unwrap_or_else(|| f.vm_id.clone()),
             id: f.id,
             network: f.network,
@@ -115,16 +111,16 @@ fn changed(ctl: &Controller, network: &str, what: String) {
 
 /// `net rule add`.
 pub fn add_rule(ctl: &Controller, network: &str, req: RuleCreate) -> Result<Rule> {
-    let direction = req.direction.clone().unwrap_or_else(|| "in".into());
-    let action = req.action.clone().unwrap_or_else(|| "allow".into());
+    let direction = req.direction.unwrap_or(Direction::In);
+    let action = req.action.unwrap_or(RuleAction::Allow);
     let m = parse_spec(&req.spec).map_err(|e| Error::invalid("InvalidRule", e.to_string()))?;
     let row = ctl.db().atomic(|c| {
         live_network(c, network)?;
         let mut row = RuleRow {
             id: short_id(),
             network: network.into(),
-            direction: direction.clone(),
-            action: action.clone(),
+            direction,
+            action,
             spec: format_spec(&m),
             from_cidr: None,
             from_group: None,
@@ -133,8 +129,8 @@ pub fn add_rule(ctl: &Controller, network: &str, req: RuleCreate) -> Result<Rule
             to_cidr: None,
             created_at: db::now(),
         };
-        match (direction.as_str(), action.as_str()) {
-            ("in", "allow") => {
+        match (direction, action) {
+            (Direction::In, RuleAction::Allow) => {
                 let sources = [&req.from, &req.from_group, &req.from_network].iter().filter(|s| s.is_some()).count();
                 if sources != 1 {
                     return Err(Error::invalid(
@@ -159,23 +155,17 @@ pub fn add_rule(ctl: &Controller, network: &str, req: RuleCreate) -> Result<Rule
                     row.to_group = Some(g.clone());
                 }
             }
-            ("in", _) => {
+            (Direction::In, RuleAction::Deny) => {
                 return Err(Error::invalid(
                     "InvalidRule",
                     "inbound rules can only allow: everything not allowed is already denied",
                 ))
             }
-            ("out", "allow" | "deny") => {
+            (Direction::Out, _) => {
                 if req.from.is_some() || req.from_group.is_some() || req.from_network.is_some() || req.to_group.is_some() {
                     return Err(Error::invalid("InvalidRule", "outbound rules take only a destination: --to CIDR"));
                 }
                 row.to_cidr = Some(cidr_arg("--to", req.to.as_deref().unwrap_or("0.0.0.0/0"))?);
-            }
-            _ => {
-                return Err(Error::invalid(
-                    "InvalidRule",
-                    format!("direction {direction:?} / action {action:?}: use in+allow, out+allow or out+deny"),
-                ))
             }
         }
         db::insert_rule(c, &row)?;
@@ -339,11 +329,8 @@ pub fn list_forwards(ctl: &Controller, network: &str) -> Result<Vec<Forward>> {
     let db = ctl.db();
     let c = db.conn();
     let n = db::network(c, network)?.ok_or_else(|| not_found("network", "net", network))?;
-    let hosts: HashMap<String, db::HostRow> = db::hosts(c)?
-        .into_iter()
-        .map(|h| (h.id.clone(), h))
-        .collect();
-    Ok(views(c, network, &hosts, n.gateway_host.as_deref())?.1)
+    let s = ctl.snapshot(c)?;
+    Ok(views(c, &s, network, n.gateway_host.as_deref())?.1)
 }
 
 /// What hosts filter on for network `network`, from the stored rules and forwards.
@@ -386,10 +373,10 @@ pub fn resolve(
         let Ok(matches) = parse_spec(&r.spec) else {
             continue;
         };
-        if r.direction == "out" {
+        if r.direction == Direction::Out {
             egress.push(EgressRule {
                 id: r.id.clone(),
-                action: r.action.clone(),
+                action: r.action.as_str().to_string(),
                 matches,
                 destinations: vec![r.to_cidr.clone().unwrap_or_else(|| "0.0.0.0/0".into())],
             });
@@ -469,6 +456,8 @@ mod tests {
             desired: PowerState::Running,
             observed: VmState::Running,
             error: None,
+            error_chain: vec![],
+            cpu_usage: 0.0,
             reboot_seq: 0,
             reboot_done: 0,
             force_stop: false,
@@ -492,8 +481,8 @@ mod tests {
         RuleRow {
             id: id.into(),
             network: net.into(),
-            direction: "in".into(),
-            action: "allow".into(),
+            direction: Direction::In,
+            action: RuleAction::Allow,
             spec: "tcp:80".into(),
             from_cidr: None,
             from_group: None,

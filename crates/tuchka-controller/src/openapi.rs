@@ -3,7 +3,7 @@
 
 use utoipa::OpenApi;
 
-use crate::api;
+use crate::handlers as api;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -37,6 +37,7 @@ use crate::api;
         api::delete_vm,
         api::vm_console,
         api::vm_action,
+        api::migrate_vm,
         api::list_hosts,
         api::get_host,
         api::revoke_host,
@@ -44,6 +45,9 @@ use crate::api;
         api::undrain_host,
         api::join_token,
         api::rotate_join_token,
+        api::balance_status,
+        api::balance_plan,
+        api::balance_apply,
         api::list_operations,
         api::get_operation,
         api::events,
@@ -69,6 +73,28 @@ use crate::api;
         tuchka_api::Host,
         tuchka_api::JoinToken,
         tuchka_api::Operation,
+        tuchka_api::OperationKind,
+        tuchka_api::OperationState,
+        tuchka_api::OperationPhase,
+        tuchka_api::PhaseState,
+        tuchka_api::HostState,
+        tuchka_api::NetworkState,
+        tuchka_api::Direction,
+        tuchka_api::RuleAction,
+        tuchka_api::PlacementPolicy,
+        tuchka_api::Migration,
+        tuchka_api::MigrationMode,
+        tuchka_api::MigrationPhase,
+        tuchka_api::VmMigrate,
+        tuchka_api::HostDrain,
+        tuchka_api::Drain,
+        tuchka_api::Unmovable,
+        tuchka_api::BalanceMode,
+        tuchka_api::HostLoad,
+        tuchka_api::BalanceMove,
+        tuchka_api::BalancePlan,
+        tuchka_api::BalanceDecision,
+        tuchka_api::BalanceStatus,
         tuchka_api::Event,
         tuchka_api::CheckItem,
         tuchka_api::Rule,
@@ -91,6 +117,14 @@ use crate::api;
         tuchka_api::agent::EgressRule,
         tuchka_api::agent::ForwardDesired,
         tuchka_api::agent::VxlanDesired,
+        tuchka_api::agent::HostIdentity,
+        tuchka_api::agent::VmRemoval,
+        tuchka_api::agent::PeerHost,
+        tuchka_api::agent::VmMigrationDesired,
+        tuchka_api::agent::Orphan,
+        tuchka_api::agent::OrphanKind,
+        tuchka_api::agent::MigrationStatus,
+        tuchka_api::agent::MigrationObserved,
     ))
 )]
 struct ApiDoc;

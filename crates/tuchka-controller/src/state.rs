@@ -14,10 +14,12 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 use tuchka_api::{Event, JoinToken};
+use tuchka_core::digest::{constant_time_eq, sha256_hex};
 use tuchka_core::placement::Ratios;
 use tuchka_store::Store;
 
 use crate::error::{Error, Result};
+use crate::snapshot::Snapshot;
 
 /// How the controller is set up.
 #[derive(Debug, Clone)]
@@ -34,6 +36,28 @@ pub struct ControllerConfig {
     pub long_poll: Duration,
     /// Where agents join over TCP (set with `--listen`).
     pub join: Option<JoinEndpoint>,
+    /// Time limits of migration phases.
+    pub migration_limits: tuchka_core::migration::Limits,
+    /// Whether the controller balances load by itself, and how often.
+    pub balance: BalanceConfig,
+}
+
+/// How the balancer runs (`serve --balance`, `--balance-interval`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BalanceConfig {
+    /// `off`: only `balance apply`; `auto`: every `interval`.
+    pub mode: tuchka_api::BalanceMode,
+    /// Time between rounds.
+    pub interval: Duration,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig {
+            mode: tuchka_api::BalanceMode::Off,
+            interval: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The TCP endpoint agents join at.
@@ -55,6 +79,8 @@ impl ControllerConfig {
             local_pool: None,
             long_poll: Duration::from_secs(10),
             join: None,
+            migration_limits: Default::default(),
+            balance: BalanceConfig::default(),
         }
     }
 }
@@ -136,7 +162,7 @@ impl Controller {
     pub fn join_token_matches(&self, token: &str) -> Result<bool> {
         let stored = tuchka_store::meta_get(self.db().conn(), JOIN_TOKEN_META)?;
         Ok(stored.is_some_and(|h| {
-            !token.is_empty() && constant_time_eq(h.as_bytes(), sha256_hex(token).as_bytes())
+            !token.is_empty() && constant_time_eq(h.as_bytes(), sha256_hex(token.as_bytes()).as_bytes())
         }))
     }
 
@@ -147,7 +173,7 @@ impl Controller {
         let dir = &self.inner.config.data_dir;
         write_secret(&dir.join(JOIN_TOKEN_FILE), &format!("{token}\n"))?;
         self.db()
-            .atomic(|c| tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(&token)))?;
+            .atomic(|c| tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(token.as_bytes())))?;
         *lock(&self.inner.join_token) = token;
         self.write_join_file()?;
         Ok(self.join_info())
@@ -160,6 +186,11 @@ impl Controller {
             write_secret(&path, &format!("{command}\n"))?;
         }
         Ok(())
+    }
+
+    /// A consistent read of the whole state (see [`Snapshot`]).
+    pub fn snapshot(&self, c: &rusqlite::Connection) -> Result<Snapshot> {
+        Snapshot::load(c, self.inner.config.down_after.as_secs() as i64)
     }
 
     /// The database (held briefly; never across an await).
@@ -235,15 +266,6 @@ fn join_info(endpoint: Option<&JoinEndpoint>, token: String) -> JoinToken {
     }
 }
 
-fn sha256_hex(s: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(s.as_bytes()))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn random_hex() -> String {
     let mut bytes = [0u8; 32];
     rand::Rng::fill(&mut rand::thread_rng(), &mut bytes);
@@ -290,9 +312,9 @@ fn load_or_create_join_token(dir: &std::path::Path, store: &mut Store) -> Result
     let file = read_trimmed(&path);
     let stored = tuchka_store::meta_get(store.conn(), JOIN_TOKEN_META)?;
     match (file, stored) {
-        (Some(t), Some(h)) if sha256_hex(&t) == h => return Ok(t),
+        (Some(t), Some(h)) if sha256_hex(t.as_bytes()) == h => return Ok(t),
         (Some(t), None) => {
-            store.atomic(|c| tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(&t)))?;
+            store.atomic(|c| tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(t.as_bytes())))?;
             return Ok(t);
         }
         (_, Some(_)) => tracing::warn!(
@@ -303,7 +325,7 @@ fn load_or_create_join_token(dir: &std::path::Path, store: &mut Store) -> Result
     }
     let token = random_hex();
     write_secret(&path, &format!("{token}\n"))?;
-    store.atomic(|c| tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(&token)))?;
+    store.atomic(|c| tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(token.as_bytes())))?;
     Ok(token)
 }
 

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use tuchka_core::placement::{place_group, GroupRequest, HostCapacity, Policy, Ratios};
+use tuchka_core::placement::{place_group, GroupRequest, HostCapacity, Ratios};
 
 fn hosts(n: usize) -> Vec<HostCapacity> {
     (0..n)
@@ -31,7 +31,7 @@ fn hosts(n: usize) -> Vec<HostCapacity> {
         .collect()
 }
 
-fn run(policy: Policy, anti_affinity: bool) {
+fn run(policy: tuchka_api::PlacementPolicy, anti_affinity: bool) {
     let mut hs = hosts(1000);
     let ratios = Ratios::default();
     let groups = 1000;
@@ -69,7 +69,7 @@ fn run(policy: Policy, anti_affinity: bool) {
 }
 
 fn main() {
-    run(Policy::Spread, false);
-    run(Policy::Pack, false);
-    run(Policy::Spread, true);
+    run(tuchka_api::PlacementPolicy::Spread, false);
+    run(tuchka_api::PlacementPolicy::Pack, false);
+    run(tuchka_api::PlacementPolicy::Spread, true);
 }

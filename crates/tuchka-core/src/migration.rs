@@ -22,9 +22,11 @@ use tuchka_api::agent::{MigrationObserved, MigrationStatus};
 use tuchka_api::{MigrationMode, MigrationPhase};
 
 /// What one host last reported about the VM.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Side {
-    /// The host reported recently.
+    /// The host reported recently (not stored: the controller sets it from the host's last
+    /// report time).
+    #[serde(skip)]
     pub up: bool,
     /// The host's last report lists the VM.
     pub reported: bool,
@@ -175,8 +177,7 @@ fn source_holds_it(i: &MigrationInput) -> bool {
         )
 }
 
-/// Decide the next step (see the module docs). `aborting_since` is how long the migration has
-/// been aborting or cleaning up (the same as `in_phase` there).
+/// Decide the next step (see the module docs).
 pub fn decide(i: &MigrationInput, limits: &Limits) -> Step {
     match i.phase {
         MigrationPhase::Preparing => {

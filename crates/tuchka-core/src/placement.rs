@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use thiserror::Error;
+use tuchka_api::PlacementPolicy;
 
 /// What the scheduler knows of a host.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,26 +64,6 @@ impl Default for Ratios {
     }
 }
 
-/// Placement policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    /// Balance VMs across hosts.
-    Spread,
-    /// Fill one host before the next.
-    Pack,
-}
-
-impl Policy {
-    /// Parse `spread` / `pack`.
-    pub fn parse(s: &str) -> Option<Policy> {
-        match s {
-            "spread" => Some(Policy::Spread),
-            "pack" => Some(Policy::Pack),
-            _ => None,
-        }
-    }
-}
-
 /// What each VM of the group needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupRequest {
@@ -103,7 +84,7 @@ pub struct GroupRequest {
     /// Host ids that already hold VMs of this group (scale up), with how many.
     pub existing: BTreeMap<String, u32>,
     /// Spread or pack.
-    pub policy: Policy,
+    pub policy: PlacementPolicy,
 }
 
 /// One decision.
@@ -199,8 +180,8 @@ pub fn place_group(
             let free_mem = h.memory_mib as i64 - h.memory_used_mib as i64;
             let cached = i64::from(h.cached_images.contains(&req.image_sha256));
             let score = match req.policy {
-                Policy::Spread => (free_mem, -(in_group[i] as i64), cached),
-                Policy::Pack => (-free_mem, in_group[i] as i64, cached),
+                PlacementPolicy::Spread => (free_mem, -(in_group[i] as i64), cached),
+                PlacementPolicy::Pack => (-free_mem, in_group[i] as i64, cached),
             };
             if best.as_ref().is_none_or(|(_, s)| score > *s) {
                 best = Some((i, score));
@@ -225,10 +206,7 @@ pub fn place_group(
         let candidates = in_group.len() - reasons.len();
         let reason = format!(
             "{}: {} of {} hosts passed the filters (up, not draining, vCPU/memory/disk{}); {} MiB memory free{}",
-            match req.policy {
-                Policy::Spread => "spread",
-                Policy::Pack => "pack",
-            },
+            req.policy,
             candidates,
             in_group.len(),
             if req.anti_affinity { ", anti-affinity" } else { "" },
@@ -267,7 +245,7 @@ mod tests {
         }
     }
 
-    fn req(count: u32, mem: u64, policy: Policy) -> GroupRequest {
+    fn req(count: u32, mem: u64, policy: PlacementPolicy) -> GroupRequest {
         GroupRequest {
             group: "web".into(),
             count,
@@ -289,18 +267,18 @@ mod tests {
     fn spread_balances_and_pack_fills_first() {
         let hosts = [host("h1", 8192), host("h2", 8192), host("h3", 8192)];
         let p =
-            place_group(&hosts, &req(6, 256, Policy::Spread), &Ratios::default()).expect("fits");
+            place_group(&hosts, &req(6, 256, PlacementPolicy::Spread), &Ratios::default()).expect("fits");
         for h in ["h1", "h2", "h3"] {
             assert_eq!(count_on(&p, h), 2, "{p:?}");
         }
-        let p = place_group(&hosts, &req(6, 256, Policy::Pack), &Ratios::default()).expect("fits");
+        let p = place_group(&hosts, &req(6, 256, PlacementPolicy::Pack), &Ratios::default()).expect("fits");
         assert_eq!(count_on(&p, "h1"), 6, "{p:?}");
     }
 
     #[test]
     fn refuses_whole_group_with_per_host_reasons() {
         let hosts = [host("h1", 2048)];
-        let e = place_group(&hosts, &req(1, 30_000, Policy::Spread), &Ratios::default())
+        let e = place_group(&hosts, &req(1, 30_000, PlacementPolicy::Spread), &Ratios::default())
             .expect_err("too big");
         assert!(
             e.to_string()
@@ -308,7 +286,7 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.placed, 0);
-        let e = place_group(&hosts, &req(7, 256, Policy::Spread), &Ratios::default())
+        let e = place_group(&hosts, &req(7, 256, PlacementPolicy::Spread), &Ratios::default())
             .expect_err("7th does not fit");
         assert_eq!(e.placed, 6);
     }
@@ -316,7 +294,7 @@ mod tests {
     #[test]
     fn anti_affinity_and_down_hosts() {
         let mut hosts = vec![host("h1", 8192), host("h2", 8192), host("h3", 8192)];
-        let mut r = req(4, 256, Policy::Spread);
+        let mut r = req(4, 256, PlacementPolicy::Spread);
         r.anti_affinity = true;
         let e = place_group(&hosts, &r, &Ratios::default()).expect_err("4 on 3");
         assert!(e.to_string().contains("anti-affinity"), "{e}");
@@ -336,10 +314,10 @@ mod tests {
         let mut hosts = vec![host("h1", 8192), host("h2", 8192)];
         hosts[1].cached_images = vec!["abc".into()];
         let p =
-            place_group(&hosts, &req(1, 256, Policy::Spread), &Ratios::default()).expect("fits");
+            place_group(&hosts, &req(1, 256, PlacementPolicy::Spread), &Ratios::default()).expect("fits");
         assert_eq!(p[0].host_id, "h2");
         assert!(p[0].reason.contains("image cached"));
-        let mut r = req(1, 256, Policy::Spread);
+        let mut r = req(1, 256, PlacementPolicy::Spread);
         r.cpus = 9;
         let e = place_group(&hosts, &r, &Ratios::default()).expect_err("9 vCPU > 2x4");
         assert!(e.detail.contains("vCPU: 8 free"), "{e}");
@@ -348,7 +326,7 @@ mod tests {
     #[test]
     fn no_hosts_says_so() {
         let e =
-            place_group(&[], &req(1, 256, Policy::Spread), &Ratios::default()).expect_err("none");
+            place_group(&[], &req(1, 256, PlacementPolicy::Spread), &Ratios::default()).expect_err("none");
         assert!(e.to_string().contains("no hosts"));
     }
 }

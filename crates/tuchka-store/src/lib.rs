@@ -100,6 +100,29 @@ CREATE TABLE forwards (
 CREATE INDEX rules_network ON rules(network);
 CREATE INDEX forwards_network ON forwards(network);
 "#,
+    // 3: migrations, explicit removal, cause chains, multi-phase operations, usage
+    r#"
+ALTER TABLE vms ADD COLUMN error_chain TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE vms ADD COLUMN cpu_usage REAL NOT NULL DEFAULT 0;
+ALTER TABLE hosts ADD COLUMN orphans TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE operations ADD COLUMN phases TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE operations ADD COLUMN parent TEXT;
+ALTER TABLE operations ADD COLUMN children TEXT NOT NULL DEFAULT '[]';
+CREATE INDEX operations_parent ON operations(parent);
+CREATE TABLE migrations (
+  id TEXT PRIMARY KEY, vm_id TEXT NOT NULL, vm_name TEXT NOT NULL,
+  source_host TEXT NOT NULL, target_host TEXT NOT NULL, mode TEXT NOT NULL, phase TEXT NOT NULL,
+  reason TEXT NOT NULL, copied_bytes INTEGER NOT NULL DEFAULT 0, remaining_bytes INTEGER NOT NULL DEFAULT 0,
+  mib_per_s REAL NOT NULL DEFAULT 0, total_ms INTEGER, downtime_ms INTEGER, bytes INTEGER, error TEXT,
+  started_at TEXT NOT NULL, started_unix_ms INTEGER NOT NULL, phase_since_unix_ms INTEGER NOT NULL,
+  finished_at TEXT, source_obs TEXT NOT NULL DEFAULT '{}', target_obs TEXT NOT NULL DEFAULT '{}',
+  target_cleanup INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX migrations_vm ON migrations(vm_id);
+CREATE UNIQUE INDEX migrations_one_active ON migrations(vm_id) WHERE phase NOT IN ('done', 'failed');
+CREATE TABLE vm_removals (
+  vm_id TEXT NOT NULL, host_id TEXT NOT NULL, name TEXT NOT NULL, domain TEXT NOT NULL,
+  reason TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (vm_id, host_id));
+"#,
 ];
 
 /// The open database.
@@ -193,6 +216,14 @@ pub fn meta_set(c: &Connection, key: &str, value: &str) -> Result<()> {
 /// Now as RFC 3339 UTC with seconds.
 pub fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Now as Unix milliseconds.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Now as Unix seconds.

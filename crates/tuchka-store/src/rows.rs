@@ -1,10 +1,16 @@
 //! Typed rows and the queries on them. Every function takes a `&Connection` so it can run
 //! inside or outside [`crate::Store::atomic`].
 
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::de::DeserializeOwned;
-use tuchka_api::agent::HostFacts;
-use tuchka_api::{PowerState, VmState};
+use tuchka_api::agent::{HostFacts, Orphan};
+use tuchka_api::{
+    ApiError, Direction, MigrationMode, MigrationPhase, NetworkState, OperationKind,
+    OperationState, PlacementPolicy, PowerState, RuleAction, VmState,
+};
+use tuchka_core::migration::Side;
+use tuchka_core::ops::OpRecord;
 
 use crate::{Result, StoreError};
 
@@ -28,26 +34,21 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
-/// Parse a stored power state.
-pub fn power_from_str(s: &str) -> PowerState {
-    match s {
-        "paused" => PowerState::Paused,
-        "stopped" => PowerState::Stopped,
-        _ => PowerState::Running,
-    }
-}
+/// A column holding one of the API's wire names (a state, a kind, a policy): read with
+/// `r.get::<_, Wire<T>>(i)?.0`, written as `t.as_str()`. A value this version does not know is
+/// an error naming the column's type and the valid names, never a silent default.
+pub struct Wire<T>(pub T);
 
-/// Parse a stored VM state.
-pub fn state_from_str(s: &str) -> VmState {
-    match s {
-        "starting" => VmState::Starting,
-        "running" => VmState::Running,
-        "paused" => VmState::Paused,
-        "stopping" => VmState::Stopping,
-        "stopped" => VmState::Stopped,
-        "error" => VmState::Error,
-        "unknown" => VmState::Unknown,
-        _ => VmState::Pending,
+impl<T> FromSql for Wire<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
+        let s = v.as_str()?;
+        s.parse::<T>()
+            .map(Wire)
+            .map_err(|e| FromSqlError::Other(Box::new(e)))
     }
 }
 
@@ -74,11 +75,13 @@ pub struct HostRow {
     pub last_seen: Option<String>,
     /// Last report, Unix seconds (0 = never).
     pub last_seen_unix: i64,
+    /// What the host last reported having that the controller does not know.
+    pub orphans: Vec<Orphan>,
 }
 
-const HOST_COLS: &str = "id, name, credential_sha256, draining, revoked, facts, cached_images, last_seen, last_seen_unix";
+const HOST_COLS: &str = "id, name, credential_sha256, draining, revoked, facts, cached_images, last_seen, last_seen_unix, orphans";
 
-fn host_row(r: &Row) -> rusqlite::Result<(HostRow, String, String)> {
+fn host_row(r: &Row) -> rusqlite::Result<(HostRow, String, String, String)> {
     Ok((
         HostRow {
             id: r.get(0)?,
@@ -90,15 +93,18 @@ fn host_row(r: &Row) -> rusqlite::Result<(HostRow, String, String)> {
             cached_images: vec![],
             last_seen: r.get(7)?,
             last_seen_unix: r.get(8)?,
+            orphans: vec![],
         },
         r.get(5)?,
         r.get(6)?,
+        r.get(9)?,
     ))
 }
 
-fn finish_host((mut h, facts, cached): (HostRow, String, String)) -> Result<HostRow> {
+fn finish_host((mut h, facts, cached, orphans): (HostRow, String, String, String)) -> Result<HostRow> {
     h.facts = json("hosts.facts", &facts)?;
     h.cached_images = json("hosts.cached_images", &cached)?;
+    h.orphans = json("hosts.orphans", &orphans)?;
     Ok(h)
 }
 
@@ -162,13 +168,24 @@ pub fn set_draining(c: &Connection, id: &str, draining: bool) -> Result<bool> {
     )? > 0)
 }
 
-/// Record a report's facts and cache.
-pub fn touch_host(c: &Connection, id: &str, facts: &HostFacts, cached: &[String]) -> Result<()> {
+/// Record a report's facts, cache and orphans.
+pub fn touch_host(
+    c: &Connection,
+    id: &str,
+    facts: &HostFacts,
+    cached: &[String],
+    orphans: &[Orphan],
+) -> Result<()> {
     c.execute(
-        "UPDATE hosts SET facts = ?2, cached_images = ?3, last_seen = ?4, last_seen_unix = ?5 WHERE id = ?1",
-        params![id, to_json(facts), to_json(&cached), crate::now(), crate::now_unix()],
+        "UPDATE hosts SET facts = ?2, cached_images = ?3, last_seen = ?4, last_seen_unix = ?5, orphans = ?6 WHERE id = ?1",
+        params![id, to_json(facts), to_json(&cached), crate::now(), crate::now_unix(), to_json(&orphans)],
     )?;
     Ok(())
+}
+
+/// Rename host `id`; false if there is no such host.
+pub fn rename_host(c: &Connection, id: &str, name: &str) -> Result<bool> {
+    Ok(c.execute("UPDATE hosts SET name = ?2 WHERE id = ?1", params![id, name])? > 0)
 }
 
 // ---------------------------------------------------------------- images
@@ -274,7 +291,7 @@ pub struct NetworkRow {
     /// Host id of the gateway.
     pub gateway_host: Option<String>,
     /// creating / ready / error.
-    pub state: String,
+    pub state: NetworkState,
     /// Last error.
     pub error: Option<String>,
     /// Being removed.
@@ -296,7 +313,7 @@ fn net_row(r: &Row) -> rusqlite::Result<NetworkRow> {
         cidr: r.get(1)?,
         vni: r.get(2)?,
         gateway_host: r.get(3)?,
-        state: r.get(4)?,
+        state: r.get::<_, Wire<NetworkState>>(4)?.0,
         error: r.get(5)?,
         deleting: r.get(6)?,
         created_at: r.get(7)?,
@@ -336,7 +353,7 @@ pub fn insert_network(c: &Connection, n: &NetworkRow) -> Result<()> {
             n.cidr,
             n.vni,
             n.gateway_host,
-            n.state,
+            n.state.as_str(),
             n.error,
             n.deleting,
             n.created_at,
@@ -351,7 +368,7 @@ pub fn insert_network(c: &Connection, n: &NetworkRow) -> Result<()> {
 pub fn update_network(c: &Connection, n: &NetworkRow) -> Result<()> {
     c.execute(
         "UPDATE networks SET state = ?2, error = ?3, deleting = ?4, gateway_host = ?5 WHERE name = ?1",
-        params![n.name, n.state, n.error, n.deleting, n.gateway_host],
+        params![n.name, n.state.as_str(), n.error, n.deleting, n.gateway_host],
     )?;
     Ok(())
 }
@@ -433,7 +450,7 @@ pub struct GroupRow {
     /// ssh keys.
     pub ssh_keys: Vec<String>,
     /// spread / pack.
-    pub placement: String,
+    pub placement: PlacementPolicy,
     /// Anti-affinity.
     pub anti_affinity: bool,
     /// Being removed.
@@ -458,7 +475,7 @@ fn group_row(r: &Row) -> rusqlite::Result<(GroupRow, String, String)> {
             networks: vec![],
             user_data: r.get(8)?,
             ssh_keys: vec![],
-            placement: r.get(10)?,
+            placement: r.get::<_, Wire<PlacementPolicy>>(10)?.0,
             anti_affinity: r.get(11)?,
             deleting: r.get(12)?,
             created_at: r.get(13)?,
@@ -512,7 +529,7 @@ pub fn insert_group(c: &Connection, g: &GroupRow) -> Result<()> {
             to_json(&g.networks),
             g.user_data,
             to_json(&g.ssh_keys),
-            g.placement,
+            g.placement.as_str(),
             g.anti_affinity,
             g.deleting,
             g.created_at
@@ -559,6 +576,10 @@ pub struct VmRow {
     pub observed: VmState,
     /// Last error.
     pub error: Option<String>,
+    /// Its causes, outermost first.
+    pub error_chain: Vec<String>,
+    /// CPU the guest used lately, cores.
+    pub cpu_usage: f64,
     /// Reboot requests.
     pub reboot_seq: u64,
     /// Reboots carried out.
@@ -573,18 +594,18 @@ pub struct VmRow {
     pub created_at: String,
 }
 
-const VM_COLS: &str = "id, name, group_name, idx, host_id, placement_reason, desired, observed, error, reboot_seq, reboot_done, force_stop, stop_timeout_s, deleting, created_at";
+const VM_COLS: &str = "id, name, group_name, idx, host_id, placement_reason, desired, observed, error, reboot_seq, reboot_done, force_stop, stop_timeout_s, deleting, created_at, error_chain, cpu_usage";
 
-fn vm_row(r: &Row) -> rusqlite::Result<VmRow> {
-    Ok(VmRow {
+fn vm_row(r: &Row) -> rusqlite::Result<(VmRow, String)> {
+    Ok((VmRow {
         id: r.get(0)?,
         name: r.get(1)?,
         group: r.get(2)?,
         idx: r.get(3)?,
         host_id: r.get(4)?,
         placement_reason: r.get(5)?,
-        desired: power_from_str(&r.get::<_, String>(6)?),
-        observed: state_from_str(&r.get::<_, String>(7)?),
+        desired: r.get::<_, Wire<PowerState>>(6)?.0,
+        observed: r.get::<_, Wire<VmState>>(7)?.0,
         error: r.get(8)?,
         reboot_seq: r.get::<_, i64>(9)? as u64,
         reboot_done: r.get::<_, i64>(10)? as u64,
@@ -592,11 +613,19 @@ fn vm_row(r: &Row) -> rusqlite::Result<VmRow> {
         stop_timeout_s: r.get(12)?,
         deleting: r.get(13)?,
         created_at: r.get(14)?,
-    })
+        error_chain: vec![],
+        cpu_usage: r.get(16)?,
+    }, r.get(15)?))
 }
 
 fn vms_where(c: &Connection, clause: &str, p: impl rusqlite::Params) -> Result<Vec<VmRow>> {
-    query_all(c, &format!("SELECT {VM_COLS} FROM vms {clause}"), p, vm_row)
+    query_all(c, &format!("SELECT {VM_COLS} FROM vms {clause}"), p, vm_row)?
+        .into_iter()
+        .map(|(mut v, chain)| {
+            v.error_chain = json("vms.error_chain", &chain)?;
+            Ok(v)
+        })
+        .collect()
 }
 
 /// All VMs, by group and index.
@@ -627,7 +656,7 @@ pub fn vm_by_id(c: &Connection, id: &str) -> Result<Option<VmRow>> {
 /// Insert a VM.
 pub fn insert_vm(c: &Connection, v: &VmRow) -> Result<()> {
     c.execute(
-        &format!("INSERT INTO vms ({VM_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
+        &format!("INSERT INTO vms ({VM_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
         params![
             v.id,
             v.name,
@@ -643,16 +672,18 @@ pub fn insert_vm(c: &Connection, v: &VmRow) -> Result<()> {
             v.force_stop,
             v.stop_timeout_s,
             v.deleting,
-            v.created_at
+            v.created_at,
+            to_json(&v.error_chain),
+            v.cpu_usage
         ],
     )?;
     Ok(())
 }
 
-/// Write the mutable fields of a VM.
+/// Write the mutable fields of a VM (its host too: a migration moves it).
 pub fn update_vm(c: &Connection, v: &VmRow) -> Result<()> {
     c.execute(
-        "UPDATE vms SET desired = ?2, observed = ?3, error = ?4, reboot_seq = ?5, reboot_done = ?6, force_stop = ?7, stop_timeout_s = ?8, deleting = ?9 WHERE id = ?1",
+        "UPDATE vms SET desired = ?2, observed = ?3, error = ?4, reboot_seq = ?5, reboot_done = ?6, force_stop = ?7, stop_timeout_s = ?8, deleting = ?9, host_id = ?10, error_chain = ?11, cpu_usage = ?12 WHERE id = ?1",
         params![
             v.id,
             v.desired.as_str(),
@@ -662,7 +693,10 @@ pub fn update_vm(c: &Connection, v: &VmRow) -> Result<()> {
             v.reboot_done as i64,
             v.force_stop,
             v.stop_timeout_s,
-            v.deleting
+            v.deleting,
+            v.host_id,
+            to_json(&v.error_chain),
+            v.cpu_usage
         ],
     )?;
     Ok(())
@@ -742,9 +776,9 @@ pub struct RuleRow {
     /// Network.
     pub network: String,
     /// in / out.
-    pub direction: String,
+    pub direction: Direction,
     /// allow / deny.
-    pub action: String,
+    pub action: RuleAction,
     /// Canonical spec (`tcp:80`).
     pub spec: String,
     /// Source CIDR.
@@ -767,8 +801,8 @@ fn rule_row(r: &Row) -> rusqlite::Result<RuleRow> {
     Ok(RuleRow {
         id: r.get(0)?,
         network: r.get(1)?,
-        direction: r.get(2)?,
-        action: r.get(3)?,
+        direction: r.get::<_, Wire<Direction>>(2)?.0,
+        action: r.get::<_, Wire<RuleAction>>(3)?.0,
         spec: r.get(4)?,
         from_cidr: r.get(5)?,
         from_group: r.get(6)?,
@@ -798,8 +832,8 @@ pub fn insert_rule(c: &Connection, r: &RuleRow) -> Result<()> {
         params![
             r.id,
             r.network,
-            r.direction,
-            r.action,
+            r.direction.as_str(),
+            r.action.as_str(),
             r.spec,
             r.from_cidr,
             r.from_group,
@@ -878,43 +912,60 @@ pub fn delete_forward(c: &Connection, network: &str, id: &str) -> Result<bool> {
 
 // ---------------------------------------------------------------- operations
 
-/// An operation with its private parameters.
+/// An operation: its public view and what the controller needs to follow it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpRow {
-    /// The public view.
+    /// The public view (phases and the migration are filled in by the controller).
     pub op: tuchka_api::Operation,
-    /// What the controller needs to follow it.
-    pub params: serde_json::Value,
+    /// Kind, parameters and rollback state.
+    pub record: OpRecord,
 }
 
 const OP_COLS: &str =
-    "id, kind, target, state, done, total, message, error, params, created_at, finished_at";
+    "id, kind, target, state, done, total, message, error, params, created_at, finished_at, phases, parent, children";
 
-fn op_row(r: &Row) -> rusqlite::Result<(OpRow, Option<String>, String)> {
+type OpRaw = (OpRow, String, Option<String>, String, String, String);
+
+fn op_row(r: &Row) -> rusqlite::Result<OpRaw> {
     Ok((
         OpRow {
             op: tuchka_api::Operation {
                 id: r.get(0)?,
-                kind: r.get(1)?,
+                kind: r.get::<_, Wire<OperationKind>>(1)?.0,
                 target: r.get(2)?,
-                state: r.get(3)?,
+                state: r.get::<_, Wire<OperationState>>(3)?.0,
                 done: r.get(4)?,
                 total: r.get(5)?,
                 message: r.get(6)?,
                 error: None,
                 created_at: r.get(9)?,
                 finished_at: r.get(10)?,
+                phases: vec![],
+                parent: r.get(12)?,
+                children: vec![],
+                migration: None,
             },
-            params: serde_json::Value::Null,
+            record: OpRecord::new(tuchka_core::ops::OpKind::GroupCreate {
+                group: String::new(),
+            }),
         },
+        r.get(1)?,
         r.get(7)?,
         r.get(8)?,
+        r.get(11)?,
+        r.get(13)?,
     ))
 }
 
-fn finish_op((mut o, err, params): (OpRow, Option<String>, String)) -> Result<OpRow> {
+fn finish_op((mut o, kind, err, params, phases, children): OpRaw) -> Result<OpRow> {
     o.op.error = err.map(|e| json("operations.error", &e)).transpose()?;
-    o.params = json("operations.params", &params)?;
+    let params: serde_json::Value = json("operations.params", &params)?;
+    o.record = OpRecord::decode(&kind, params).map_err(|source| StoreError::Json {
+        column: "operations.params",
+        source,
+    })?;
+    o.op.phases = json("operations.phases", &phases)?;
+    o.op.children = json("operations.children", &children)?;
     Ok(o)
 }
 
@@ -948,23 +999,271 @@ pub fn save_operation(c: &Connection, o: &OpRow) -> Result<()> {
     let op = &o.op;
     c.execute(
         &format!(
-            "INSERT INTO operations ({OP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+            "INSERT INTO operations ({OP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
              ON CONFLICT(id) DO UPDATE SET state = excluded.state, done = excluded.done, total = excluded.total,
-               message = excluded.message, error = excluded.error, params = excluded.params, finished_at = excluded.finished_at"
+               message = excluded.message, error = excluded.error, params = excluded.params, finished_at = excluded.finished_at,
+               phases = excluded.phases, children = excluded.children"
         ),
         params![
             op.id,
-            op.kind,
+            o.record.kind.kind().as_str(),
             op.target,
-            op.state,
+            op.state.as_str(),
             op.done,
             op.total,
             op.message,
             op.error.as_ref().map(to_json),
-            to_json(&o.params),
+            to_json(&o.record),
             op.created_at,
-            op.finished_at
+            op.finished_at,
+            to_json(&op.phases),
+            op.parent,
+            to_json(&op.children)
         ],
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- migrations
+
+/// A migration of one VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationRow {
+    /// Id (= its operation's id).
+    pub id: String,
+    /// VM id.
+    pub vm_id: String,
+    /// VM name.
+    pub vm_name: String,
+    /// Source host id.
+    pub source_host: String,
+    /// Target host id.
+    pub target_host: String,
+    /// Live or cold.
+    pub mode: MigrationMode,
+    /// Where it is.
+    pub phase: MigrationPhase,
+    /// Why this target.
+    pub reason: String,
+    /// Bytes copied so far.
+    pub copied_bytes: u64,
+    /// Bytes left.
+    pub remaining_bytes: u64,
+    /// Copy rate.
+    pub mib_per_s: f64,
+    /// Total time, ms.
+    pub total_ms: Option<u64>,
+    /// Downtime, ms.
+    pub downtime_ms: Option<u64>,
+    /// Bytes moved.
+    pub bytes: Option<u64>,
+    /// Why it failed.
+    pub error: Option<ApiError>,
+    /// Start, RFC 3339.
+    pub started_at: String,
+    /// Start, Unix ms.
+    pub started_unix_ms: i64,
+    /// When the current phase began, Unix ms.
+    pub phase_since_unix_ms: i64,
+    /// End, RFC 3339.
+    pub finished_at: Option<String>,
+    /// What the source host last reported about the VM.
+    pub source_obs: Side,
+    /// What the target host last reported about the VM.
+    pub target_obs: Side,
+    /// The target's copy was named for removal (an abort, once the source confirmed it keeps
+    /// the VM).
+    pub target_cleanup: bool,
+}
+
+const MIGRATION_COLS: &str = "id, vm_id, vm_name, source_host, target_host, mode, phase, reason, copied_bytes, remaining_bytes, mib_per_s, total_ms, downtime_ms, bytes, error, started_at, started_unix_ms, phase_since_unix_ms, finished_at, source_obs, target_obs, target_cleanup";
+
+type MigrationRaw = (MigrationRow, Option<String>, String, String);
+
+fn migration_row(r: &Row) -> rusqlite::Result<MigrationRaw> {
+    let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> {
+        Ok(r.get::<_, Option<i64>>(i)?.map(|v| v as u64))
+    };
+    Ok((
+        MigrationRow {
+            id: r.get(0)?,
+            vm_id: r.get(1)?,
+            vm_name: r.get(2)?,
+            source_host: r.get(3)?,
+            target_host: r.get(4)?,
+            mode: r.get::<_, Wire<MigrationMode>>(5)?.0,
+            phase: r.get::<_, Wire<MigrationPhase>>(6)?.0,
+            reason: r.get(7)?,
+            copied_bytes: r.get::<_, i64>(8)? as u64,
+            remaining_bytes: r.get::<_, i64>(9)? as u64,
+            mib_per_s: r.get(10)?,
+            total_ms: opt_u64(11)?,
+            downtime_ms: opt_u64(12)?,
+            bytes: opt_u64(13)?,
+            error: None,
+            started_at: r.get(15)?,
+            started_unix_ms: r.get(16)?,
+            phase_since_unix_ms: r.get(17)?,
+            finished_at: r.get(18)?,
+            source_obs: Side::default(),
+            target_obs: Side::default(),
+            target_cleanup: r.get(21)?,
+        },
+        r.get(14)?,
+        r.get(19)?,
+        r.get(20)?,
+    ))
+}
+
+fn migrations_where(
+    c: &Connection,
+    clause: &str,
+    p: impl rusqlite::Params,
+) -> Result<Vec<MigrationRow>> {
+    query_all(
+        c,
+        &format!("SELECT {MIGRATION_COLS} FROM migrations {clause}"),
+        p,
+        migration_row,
+    )?
+    .into_iter()
+    .map(|(mut m, err, src, tgt)| {
+        m.error = err.map(|e| json("migrations.error", &e)).transpose()?;
+        m.source_obs = json("migrations.source_obs", &src)?;
+        m.target_obs = json("migrations.target_obs", &tgt)?;
+        Ok(m)
+    })
+    .collect()
+}
+
+/// Migrations not yet done or failed, oldest first.
+pub fn active_migrations(c: &Connection) -> Result<Vec<MigrationRow>> {
+    migrations_where(
+        c,
+        "WHERE phase NOT IN ('done', 'failed') ORDER BY started_unix_ms, rowid",
+        [],
+    )
+}
+
+/// One migration.
+pub fn migration(c: &Connection, id: &str) -> Result<Option<MigrationRow>> {
+    Ok(migrations_where(c, "WHERE id = ?1", [id])?.into_iter().next())
+}
+
+/// The latest finished migration of a VM.
+pub fn last_migration(c: &Connection, vm_id: &str) -> Result<Option<MigrationRow>> {
+    Ok(migrations_where(
+        c,
+        "WHERE vm_id = ?1 AND phase IN ('done', 'failed') ORDER BY started_unix_ms DESC, rowid DESC LIMIT 1",
+        [vm_id],
+    )?
+    .into_iter()
+    .next())
+}
+
+/// The latest finished migration of every VM that has one, by VM id.
+pub fn last_migrations(c: &Connection) -> Result<std::collections::HashMap<String, MigrationRow>> {
+    let mut out = std::collections::HashMap::new();
+    for m in migrations_where(
+        c,
+        "WHERE phase IN ('done', 'failed') ORDER BY started_unix_ms, rowid",
+        [],
+    )? {
+        out.insert(m.vm_id.clone(), m);
+    }
+    Ok(out)
+}
+
+/// Insert or update a migration. A second active migration of one VM is refused by the schema.
+pub fn save_migration(c: &Connection, m: &MigrationRow) -> Result<()> {
+    c.execute(
+        &format!(
+            "INSERT INTO migrations ({MIGRATION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)
+             ON CONFLICT(id) DO UPDATE SET phase = excluded.phase, target_cleanup = excluded.target_cleanup, copied_bytes = excluded.copied_bytes,
+               remaining_bytes = excluded.remaining_bytes, mib_per_s = excluded.mib_per_s, total_ms = excluded.total_ms,
+               downtime_ms = excluded.downtime_ms, bytes = excluded.bytes, error = excluded.error,
+               phase_since_unix_ms = excluded.phase_since_unix_ms, finished_at = excluded.finished_at,
+               source_obs = excluded.source_obs, target_obs = excluded.target_obs"
+        ),
+        params![
+            m.id,
+            m.vm_id,
+            m.vm_name,
+            m.source_host,
+            m.target_host,
+            m.mode.as_str(),
+            m.phase.as_str(),
+            m.reason,
+            m.copied_bytes as i64,
+            m.remaining_bytes as i64,
+            m.mib_per_s,
+            m.total_ms.map(|v| v as i64),
+            m.downtime_ms.map(|v| v as i64),
+            m.bytes.map(|v| v as i64),
+            m.error.as_ref().map(to_json),
+            m.started_at,
+            m.started_unix_ms,
+            m.phase_since_unix_ms,
+            m.finished_at,
+            to_json(&m.source_obs),
+            to_json(&m.target_obs),
+            m.target_cleanup
+        ],
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- removals
+
+/// A VM a host must remove (besides the VMs being deleted, whose rows say so themselves): the
+/// leftovers of a migration on its source or, after a failure, on its target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovalRow {
+    /// VM id.
+    pub vm_id: String,
+    /// Host id.
+    pub host_id: String,
+    /// VM name.
+    pub name: String,
+    /// Domain name.
+    pub domain: String,
+    /// Why (e.g. "migrated to h2").
+    pub reason: String,
+}
+
+/// Every pending removal.
+pub fn removals(c: &Connection) -> Result<Vec<RemovalRow>> {
+    query_all(
+        c,
+        "SELECT vm_id, host_id, name, domain, reason FROM vm_removals ORDER BY created_at, rowid",
+        [],
+        |r| {
+            Ok(RemovalRow {
+                vm_id: r.get(0)?,
+                host_id: r.get(1)?,
+                name: r.get(2)?,
+                domain: r.get(3)?,
+                reason: r.get(4)?,
+            })
+        },
+    )
+}
+
+/// Name a VM for removal on a host (idempotent).
+pub fn insert_removal(c: &Connection, r: &RemovalRow) -> Result<()> {
+    c.execute(
+        "INSERT INTO vm_removals (vm_id, host_id, name, domain, reason, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT(vm_id, host_id) DO UPDATE SET reason = excluded.reason",
+        params![r.vm_id, r.host_id, r.name, r.domain, r.reason, crate::now()],
+    )?;
+    Ok(())
+}
+
+/// The host has removed the VM.
+pub fn delete_removal(c: &Connection, vm_id: &str, host_id: &str) -> Result<()> {
+    c.execute(
+        "DELETE FROM vm_removals WHERE vm_id = ?1 AND host_id = ?2",
+        [vm_id, host_id],
     )?;
     Ok(())
 }
@@ -1008,7 +1307,7 @@ mod tests {
                     cidr: "10.80.0.0/24".into(),
                     vni: 5000,
                     gateway_host: Some("h1".into()),
-                    state: "ready".into(),
+                    state: NetworkState::Ready,
                     error: None,
                     deleting: false,
                     created_at: crate::now(),
@@ -1029,7 +1328,7 @@ mod tests {
                     networks: vec!["lan".into()],
                     user_data: Some("#!/bin/sh\necho 'hi' \"<x>\"".into()),
                     ssh_keys: vec!["ssh-ed25519 AAA x@y".into()],
-                    placement: "spread".into(),
+                    placement: PlacementPolicy::Spread,
                     anti_affinity: false,
                     deleting: false,
                     created_at: crate::now(),
@@ -1045,6 +1344,8 @@ mod tests {
                 desired: PowerState::Running,
                 observed: VmState::Pending,
                 error: None,
+                error_chain: vec![],
+                cpu_usage: 0.0,
                 reboot_seq: 0,
                 reboot_done: 0,
                 force_stop: false,
@@ -1084,6 +1385,108 @@ mod tests {
         assert!(dup.is_err());
         delete_vm(s.conn(), "v1").expect("delete");
         assert!(nics(s.conn()).expect("q").is_empty());
+    }
+
+    fn migration_row(id: &str, phase: MigrationPhase) -> MigrationRow {
+        MigrationRow {
+            id: id.into(),
+            vm_id: "v1".into(),
+            vm_name: "web-0".into(),
+            source_host: "h1".into(),
+            target_host: "h2".into(),
+            mode: MigrationMode::Live,
+            phase,
+            reason: "asked for".into(),
+            copied_bytes: 0,
+            remaining_bytes: 0,
+            mib_per_s: 0.0,
+            total_ms: None,
+            downtime_ms: None,
+            bytes: None,
+            error: None,
+            started_at: crate::now(),
+            started_unix_ms: crate::now_unix_ms(),
+            phase_since_unix_ms: crate::now_unix_ms(),
+            finished_at: None,
+            source_obs: Side::default(),
+            target_obs: Side::default(),
+            target_cleanup: false,
+        }
+    }
+
+    #[test]
+    fn a_vm_is_in_one_migration_at_a_time_and_removals_are_idempotent() {
+        let s = Store::open_in_memory().expect("open");
+        let c = s.conn();
+        let mut m = migration_row("m1", MigrationPhase::Preparing);
+        m.source_obs.domain = true;
+        m.downtime_ms = Some(120);
+        save_migration(c, &m).expect("save");
+        assert!(
+            save_migration(c, &migration_row("m2", MigrationPhase::Copying)).is_err(),
+            "a second active migration of one VM is refused"
+        );
+        let back = migration(c, "m1").expect("q").expect("row");
+        assert!(back.source_obs.domain);
+        assert_eq!(back.downtime_ms, Some(120));
+        assert_eq!(active_migrations(c).expect("q").len(), 1);
+        m.phase = MigrationPhase::Done;
+        save_migration(c, &m).expect("update");
+        assert!(active_migrations(c).expect("q").is_empty());
+        save_migration(c, &migration_row("m2", MigrationPhase::Preparing)).expect("now allowed");
+        assert_eq!(last_migration(c, "v1").expect("q").map(|m| m.id), Some("m1".into()));
+
+        let r = RemovalRow {
+            vm_id: "v1".into(),
+            host_id: "h1".into(),
+            name: "web-0".into(),
+            domain: "tk-x-web-0".into(),
+            reason: "migrated to h2".into(),
+        };
+        insert_removal(c, &r).expect("insert");
+        insert_removal(c, &r).expect("again");
+        assert_eq!(removals(c).expect("q"), vec![r]);
+        delete_removal(c, "v1", "h1").expect("delete");
+        assert!(removals(c).expect("q").is_empty());
+    }
+
+    #[test]
+    fn operations_keep_their_typed_kind_and_phases() {
+        let s = Store::open_in_memory().expect("open");
+        let c = s.conn();
+        let op = OpRow {
+            op: tuchka_api::Operation {
+                id: "o1".into(),
+                kind: OperationKind::VmMigrate,
+                target: "vm/web-0".into(),
+                state: OperationState::Running,
+                done: 0,
+                total: 4,
+                message: "preparing".into(),
+                error: None,
+                created_at: crate::now(),
+                finished_at: None,
+                phases: vec![tuchka_api::OperationPhase {
+                    name: "prepare target".into(),
+                    state: tuchka_api::PhaseState::Running,
+                    message: String::new(),
+                    started_at: None,
+                    finished_at: None,
+                }],
+                parent: Some("o0".into()),
+                children: vec![],
+                migration: None,
+            },
+            record: OpRecord::new(tuchka_core::ops::OpKind::VmMigrate {
+                vm: "web-0".into(),
+                vm_id: "v1".into(),
+                mode: MigrationMode::Live,
+            }),
+        };
+        save_operation(c, &op).expect("save");
+        let back = operation(c, "o1").expect("q").expect("row");
+        assert_eq!(back, op);
+        assert_eq!(running_operations(c).expect("q").len(), 1);
     }
 
     #[test]

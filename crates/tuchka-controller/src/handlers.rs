@@ -1,0 +1,615 @@
+//! The handlers of the HTTP API: each parses its request, calls the module of its resource and
+//! maps the result (errors through [`Error`]'s one mapping). The routing table and
+//! authentication are in [`crate::api`].
+
+use std::io::SeekFrom;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tuchka_api::agent::{HostDesired, HostRegister, HostRegistered, HostReport};
+use tuchka_api::{
+    ApiError, BalancePlan, BalanceStatus, Drain, Forward, ForwardCreate, Group, GroupCreate,
+    GroupScale, Host, HostDrain, Image, JoinToken, Network, NetworkCreate, Operation, Rule,
+    RuleCreate, Vm, VmMigrate, VmStop,
+};
+
+use crate::error::{Error, Result};
+use crate::state::Controller;
+use crate::vms::VmAction;
+use crate::{agents, desired, images};
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The unix socket: trusted.
+    Unix,
+    /// TCP (TLS): bearer token required.
+    Tcp,
+}
+
+/// A JSON request body; a body that does not parse is a `400 InvalidBody` with serde's words
+/// (which field, what was expected), like every other error.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(Error))]
+pub struct JsonBody<T>(pub T);
+
+impl From<JsonRejection> for Error {
+    fn from(r: JsonRejection) -> Error {
+        Error::invalid("InvalidBody", format!("bad request body: {}", r.body_text()))
+    }
+}
+
+/// The OpenAPI document, handed to [`openapi`] by the router.
+#[derive(Debug, Clone)]
+pub struct OpenApiDoc(pub Arc<String>);
+
+/// Run blocking service code off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal {
+            message: "worker failed".into(),
+            chain: vec![e.to_string()],
+        })?
+}
+
+/// `202` with the operation as it stands after the engine's first look at it (an operation
+/// that has nothing to wait for is already finished).
+async fn accepted(ctl: Controller, op: Operation) -> Result<(StatusCode, Json<Operation>)> {
+    let op = blocking(move || {
+        crate::progress::progress(&ctl);
+        Ok(crate::operations::get(&ctl, &op.id).unwrap_or(op))
+    })
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(op)))
+}
+
+/// Query of the image upload.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct UploadQuery {
+    /// Name of the new image.
+    pub name: String,
+}
+
+/// List images.
+#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = Vec<Image>)))]
+pub async fn list_images(State(ctl): State<Controller>) -> Result<Json<Vec<Image>>> {
+    blocking(move || images::list(&ctl)).await.map(Json)
+}
+
+/// Upload an image (raw file bytes as the body).
+#[utoipa::path(post, path = "/v1/images", params(UploadQuery), request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = Image), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn upload_image(
+    State(ctl): State<Controller>,
+    Query(q): Query<UploadQuery>,
+    body: Body,
+) -> Result<(StatusCode, Json<Image>)> {
+    let img = images::upload(&ctl, &q.name, body.into_data_stream()).await?;
+    Ok((StatusCode::CREATED, Json(img)))
+}
+
+/// Show an image.
+#[utoipa::path(get, path = "/v1/images/{name}", responses((status = 200, body = Image), (status = 404, body = ApiError)))]
+pub async fn get_image(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Image>> {
+    blocking(move || images::get(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// Remove an image (refused while in use).
+#[utoipa::path(delete, path = "/v1/images/{name}", responses((status = 204), (status = 409, body = ApiError)))]
+pub async fn delete_image(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<StatusCode> {
+    blocking(move || images::delete(&ctl, &name))
+        .await
+        .map(|_| StatusCode::NO_CONTENT)
+}
+
+/// List networks.
+#[utoipa::path(get, path = "/v1/networks", responses((status = 200, body = Vec<Network>)))]
+pub async fn list_networks(State(ctl): State<Controller>) -> Result<Json<Vec<Network>>> {
+    blocking(move || crate::networks::list(&ctl))
+        .await
+        .map(Json)
+}
+
+/// Create a network.
+#[utoipa::path(post, path = "/v1/networks", request_body = NetworkCreate, responses((status = 202, body = Operation), (status = 400, body = ApiError)))]
+pub async fn create_network(
+    State(ctl): State<Controller>,
+    JsonBody(req): JsonBody<NetworkCreate>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::networks::create(&ctl, req)).await?;
+    accepted(c2, op).await
+}
+
+/// Show a network.
+#[utoipa::path(get, path = "/v1/networks/{name}", responses((status = 200, body = Network), (status = 404, body = ApiError)))]
+pub async fn get_network(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Network>> {
+    blocking(move || crate::networks::get(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// Remove a network (refused while VMs use it).
+#[utoipa::path(delete, path = "/v1/networks/{name}", responses((status = 202, body = Operation), (status = 409, body = ApiError)))]
+pub async fn delete_network(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::networks::delete(&ctl, &name)).await?;
+    accepted(c2, op).await
+}
+
+/// Access rules of a network.
+#[utoipa::path(get, path = "/v1/networks/{name}/rules", responses((status = 200, body = Vec<Rule>), (status = 404, body = ApiError)))]
+pub async fn list_rules(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<Rule>>> {
+    blocking(move || crate::netrules::list_rules(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// Add an access rule; hosts apply it within a second, without restarting anything.
+#[utoipa::path(post, path = "/v1/networks/{name}/rules", request_body = RuleCreate,
+    responses((status = 201, body = Rule), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn add_rule(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<RuleCreate>,
+) -> Result<(StatusCode, Json<Rule>)> {
+    blocking(move || crate::netrules::add_rule(&ctl, &name, req))
+        .await
+        .map(|r| (StatusCode::CREATED, Json(r)))
+}
+
+/// Remove an access rule.
+#[utoipa::path(delete, path = "/v1/networks/{name}/rules/{id}", responses((status = 204), (status = 404, body = ApiError)))]
+pub async fn delete_rule(
+    State(ctl): State<Controller>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    blocking(move || crate::netrules::delete_rule(&ctl, &name, &id))
+        .await
+        .map(|_| StatusCode::NO_CONTENT)
+}
+
+/// Port forwards of a network.
+#[utoipa::path(get, path = "/v1/networks/{name}/forwards", responses((status = 200, body = Vec<Forward>), (status = 404, body = ApiError)))]
+pub async fn list_forwards(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<Forward>>> {
+    blocking(move || crate::netrules::list_forwards(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// Add a port forward host:port → vm:port.
+#[utoipa::path(post, path = "/v1/networks/{name}/forwards", request_body = ForwardCreate,
+    responses((status = 201, body = Forward), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn add_forward(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<ForwardCreate>,
+) -> Result<(StatusCode, Json<Forward>)> {
+    blocking(move || crate::netrules::add_forward(&ctl, &name, req))
+        .await
+        .map(|f| (StatusCode::CREATED, Json(f)))
+}
+
+/// Remove a port forward.
+#[utoipa::path(delete, path = "/v1/networks/{name}/forwards/{id}", responses((status = 204), (status = 404, body = ApiError)))]
+pub async fn delete_forward(
+    State(ctl): State<Controller>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    blocking(move || crate::netrules::delete_forward(&ctl, &name, &id))
+        .await
+        .map(|_| StatusCode::NO_CONTENT)
+}
+
+/// List groups.
+#[utoipa::path(get, path = "/v1/groups", responses((status = 200, body = Vec<Group>)))]
+pub async fn list_groups(State(ctl): State<Controller>) -> Result<Json<Vec<Group>>> {
+    blocking(move || crate::groups::list(&ctl)).await.map(Json)
+}
+
+/// Create a group (all or nothing).
+#[utoipa::path(post, path = "/v1/groups", request_body = GroupCreate,
+    responses((status = 202, body = Operation), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn create_group(
+    State(ctl): State<Controller>,
+    JsonBody(req): JsonBody<GroupCreate>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::groups::create(&ctl, req)).await?;
+    accepted(c2, op).await
+}
+
+/// Show a group.
+#[utoipa::path(get, path = "/v1/groups/{name}", responses((status = 200, body = Group), (status = 404, body = ApiError)))]
+pub async fn get_group(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Group>> {
+    blocking(move || crate::groups::get(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// Scale a group.
+#[utoipa::path(post, path = "/v1/groups/{name}/scale", request_body = GroupScale, responses((status = 202, body = Operation)))]
+pub async fn scale_group(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<GroupScale>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::groups::scale(&ctl, &name, req)).await?;
+    accepted(c2, op).await
+}
+
+/// Remove a group and all its VMs.
+#[utoipa::path(delete, path = "/v1/groups/{name}", responses((status = 202, body = Operation)))]
+pub async fn delete_group(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::groups::delete(&ctl, &name)).await?;
+    accepted(c2, op).await
+}
+
+/// List VMs.
+#[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = Vec<Vm>)))]
+pub async fn list_vms(State(ctl): State<Controller>) -> Result<Json<Vec<Vm>>> {
+    blocking(move || crate::vms::list(&ctl)).await.map(Json)
+}
+
+/// Show a VM.
+#[utoipa::path(get, path = "/v1/vms/{name}", responses((status = 200, body = Vm), (status = 404, body = ApiError)))]
+pub async fn get_vm(State(ctl): State<Controller>, Path(name): Path<String>) -> Result<Json<Vm>> {
+    blocking(move || crate::vms::get(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// Remove a VM.
+#[utoipa::path(delete, path = "/v1/vms/{name}", responses((status = 202, body = Operation)))]
+pub async fn delete_vm(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::vms::delete(&ctl, &name)).await?;
+    accepted(c2, op).await
+}
+
+/// The serial console log of a VM.
+#[utoipa::path(get, path = "/v1/vms/{name}/console", responses((status = 200, body = String, content_type = "text/plain")))]
+pub async fn vm_console(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    let text = blocking(move || crate::vms::console(&ctl, &name)).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+/// Start, stop, pause, resume or reboot a VM. `stop` takes an optional [`VmStop`] body.
+#[utoipa::path(post, path = "/v1/vms/{name}/{action}", request_body(content = Option<VmStop>),
+    params(("name" = String, Path, description = "VM name"), ("action" = String, Path, description = "start | stop | pause | resume | reboot")),
+    responses((status = 202, body = Operation), (status = 409, body = ApiError)))]
+pub async fn vm_action(
+    State(ctl): State<Controller>,
+    Path((name, action)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let Some(action) = VmAction::parse(&action) else {
+        return Err(Error::invalid(
+            "InvalidAction",
+            format!("unknown VM action {action:?}: use start, stop, pause, resume, reboot or migrate"),
+        ));
+    };
+    let stop: VmStop = if body.is_empty() {
+        VmStop::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid("InvalidBody", format!("bad request body: {e}")))?
+    };
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::vms::action(&ctl, &name, action, stop)).await?;
+    accepted(c2, op).await
+}
+
+/// List hosts.
+#[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = Vec<Host>)))]
+pub async fn list_hosts(State(ctl): State<Controller>) -> Result<Json<Vec<Host>>> {
+    blocking(move || crate::hosts::list(&ctl)).await.map(Json)
+}
+
+/// Show a host.
+#[utoipa::path(get, path = "/v1/hosts/{name}", responses((status = 200, body = Host), (status = 404, body = ApiError)))]
+pub async fn get_host(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Host>> {
+    blocking(move || crate::hosts::get(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// Move a VM to another host: live if it runs or is paused, cold if it is stopped. Without
+/// `to` the scheduler picks the target.
+#[utoipa::path(post, path = "/v1/vms/{name}/migrate", request_body(content = Option<VmMigrate>),
+    responses((status = 202, body = Operation), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn migrate_vm(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let req: VmMigrate = if body.is_empty() {
+        VmMigrate::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid("InvalidBody", format!("bad request body: {e}")))?
+    };
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::migrations::start(&ctl, &name, req)).await?;
+    accepted(c2, op).await
+}
+
+/// Drain a host: no new VMs are placed on it, and its VMs move off (one migration each, a few
+/// at a time). `202` with the operation; VMs that cannot move are listed with the reason.
+#[utoipa::path(post, path = "/v1/hosts/{name}/drain", request_body(content = Option<HostDrain>),
+    responses((status = 202, body = Drain), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn drain_host(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Drain>)> {
+    let req: HostDrain = if body.is_empty() {
+        HostDrain::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid("InvalidBody", format!("bad request body: {e}")))?
+    };
+    let c2 = ctl.clone();
+    let mut d = blocking(move || crate::drain::start(&ctl, &name, req)).await?;
+    if let Some(op) = d.operation.take() {
+        d.operation = Some(accepted(c2, op).await?.1 .0);
+    }
+    Ok((StatusCode::ACCEPTED, Json(d)))
+}
+
+/// Undrain a host: it accepts new VMs again.
+#[utoipa::path(post, path = "/v1/hosts/{name}/undrain", responses((status = 200, body = Host), (status = 404, body = ApiError)))]
+pub async fn undrain_host(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Host>> {
+    blocking(move || crate::hosts::undrain(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// Revoke a host: its agent's credential is refused from now on (it may join again only with
+/// a join token).
+#[utoipa::path(post, path = "/v1/hosts/{name}/revoke", responses((status = 200, body = Host), (status = 404, body = ApiError)))]
+pub async fn revoke_host(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Host>> {
+    blocking(move || crate::hosts::revoke(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// The join token and the command that joins a host (users only: unix socket or API token).
+#[utoipa::path(get, path = "/v1/join-token", responses((status = 200, body = JoinToken)))]
+pub async fn join_token(State(ctl): State<Controller>) -> Json<JoinToken> {
+    Json(ctl.join_info())
+}
+
+/// Replace the join token; the old one stops admitting hosts (joined hosts are not affected).
+#[utoipa::path(post, path = "/v1/join-token", responses((status = 200, body = JoinToken)))]
+pub async fn rotate_join_token(State(ctl): State<Controller>) -> Result<Json<JoinToken>> {
+    blocking(move || ctl.rotate_join_token()).await.map(Json)
+}
+
+/// Latest operations, newest first.
+#[utoipa::path(get, path = "/v1/operations", responses((status = 200, body = Vec<Operation>)))]
+pub async fn list_operations(State(ctl): State<Controller>) -> Result<Json<Vec<Operation>>> {
+    blocking(move || crate::operations::list(&ctl))
+        .await
+        .map(Json)
+}
+
+/// Show an operation.
+#[utoipa::path(get, path = "/v1/operations/{id}", responses((status = 200, body = Operation), (status = 404, body = ApiError)))]
+pub async fn get_operation(
+    State(ctl): State<Controller>,
+    Path(id): Path<String>,
+) -> Result<Json<Operation>> {
+    blocking(move || crate::operations::get(&ctl, &id))
+        .await
+        .map(Json)
+}
+
+/// Server-sent events: one `tuchka_api::Event` (JSON) per message.
+#[utoipa::path(get, path = "/v1/events", responses((status = 200, description = "text/event-stream of Event", content_type = "text/event-stream")))]
+pub async fn events(State(ctl): State<Controller>) -> impl IntoResponse {
+    let stream =
+        tokio_stream::wrappers::BroadcastStream::new(ctl.events()).filter_map(|ev| async move {
+            let ev = ev.ok()?;
+            Some(Ok::<_, std::convert::Infallible>(
+                SseEvent::default()
+                    .event(ev.kind.clone())
+                    .data(serde_json::to_string(&ev).ok()?),
+            ))
+        });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// The OpenAPI document of this API.
+#[utoipa::path(get, path = "/v1/openapi.json", responses((status = 200, description = "OpenAPI 3.1 document")))]
+pub async fn openapi(Extension(doc): Extension<OpenApiDoc>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        doc.0.as_str().to_string(),
+    )
+        .into_response()
+}
+
+/// The balancer: its mode, the imbalance now, and its latest decisions (why it moved, or why
+/// not).
+#[utoipa::path(get, path = "/v1/balance", responses((status = 200, body = BalanceStatus)))]
+pub async fn balance_status(State(ctl): State<Controller>) -> Result<Json<BalanceStatus>> {
+    blocking(move || crate::balance::status(&ctl)).await.map(Json)
+}
+
+/// The moves that would even out the load now, each with its reason, the imbalance before and
+/// after, and its cost. Changes nothing.
+#[utoipa::path(get, path = "/v1/balance/plan", responses((status = 200, body = BalancePlan)))]
+pub async fn balance_plan(State(ctl): State<Controller>) -> Result<Json<BalancePlan>> {
+    blocking(move || crate::balance::plan(&ctl)).await.map(Json)
+}
+
+/// Carry out the plan now: one operation, one `vm.migrate` child per move.
+#[utoipa::path(post, path = "/v1/balance/apply", responses((status = 202, body = Operation), (status = 409, body = ApiError)))]
+pub async fn balance_apply(State(ctl): State<Controller>) -> Result<(StatusCode, Json<Operation>)> {
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::balance::apply(&ctl)).await?;
+    accepted(c2, op).await
+}
+
+/// Register a host (agents). Over TCP the body's `join_token` must be the current join token
+/// (else `401` "join token refused"); on the unix socket the agent is trusted.
+#[utoipa::path(post, path = "/v1/agent/register", request_body = HostRegister, responses((status = 200, body = HostRegistered), (status = 401, body = ApiError)))]
+pub async fn register(
+    State(ctl): State<Controller>,
+    Extension(t): Extension<Transport>,
+    JsonBody(req): JsonBody<HostRegister>,
+) -> Result<Json<HostRegistered>> {
+    blocking(move || agents::register(&ctl, req, t == Transport::Unix))
+        .await
+        .map(Json)
+}
+
+/// Query of the desired-state long poll.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct DesiredQuery {
+    /// Answer once the generation is above this (or after the long-poll timeout).
+    #[serde(default)]
+    pub after: u64,
+}
+
+/// The desired state of a host (long poll).
+#[utoipa::path(get, path = "/v1/agent/hosts/{id}/desired", params(DesiredQuery), responses((status = 200, body = HostDesired)))]
+pub async fn host_desired(
+    State(ctl): State<Controller>,
+    Path(id): Path<String>,
+    Query(q): Query<DesiredQuery>,
+) -> Result<Json<HostDesired>> {
+    let generation = ctl.wait_generation(q.after, ctl.config().long_poll).await;
+    blocking(move || desired::desired_for(&ctl, &id, generation))
+        .await
+        .map(Json)
+}
+
+/// A host's report of what it observed.
+#[utoipa::path(post, path = "/v1/agent/hosts/{id}/report", request_body = HostReport, responses((status = 204)))]
+pub async fn host_report(
+    State(ctl): State<Controller>,
+    Path(id): Path<String>,
+    JsonBody(report): JsonBody<HostReport>,
+) -> Result<StatusCode> {
+    blocking(move || {
+        agents::apply_report(&ctl, &id, report)?;
+        crate::progress::progress(&ctl);
+        Ok(())
+    })
+    .await
+    .map(|_| StatusCode::NO_CONTENT)
+}
+
+/// The stored qcow2 of an image (agents); honours `Range: bytes=N-`.
+#[utoipa::path(get, path = "/v1/agent/images/{sha256}", responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206)))]
+pub async fn image_file(
+    State(ctl): State<Controller>,
+    Path(sha): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::invalid("InvalidSha256", "not a sha256"));
+    }
+    let path = images::stored_path(&ctl, &sha);
+    let mut f = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| Error::NotFound {
+            kind: "image",
+            cli: "image",
+            name: sha.clone(),
+        })?;
+    let len = f
+        .metadata()
+        .await
+        .map_err(|e| Error::internal("cannot stat image", &e))?
+        .len();
+    let start = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.strip_suffix('-'))
+        .and_then(|v| v.parse::<u64>().ok());
+    let (status, start) = match start {
+        Some(s) if s <= len => (StatusCode::PARTIAL_CONTENT, s),
+        Some(_) => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+            )
+                .into_response())
+        }
+        None => (StatusCode::OK, 0),
+    };
+    f.seek(SeekFrom::Start(start))
+        .await
+        .map_err(|e| Error::internal("cannot read image", &e))?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(f.take(len - start)));
+    let mut resp = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len - start);
+    if status == StatusCode::PARTIAL_CONTENT {
+        resp = resp.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{len}", len.saturating_sub(1)),
+        );
+    }
+    resp.body(body)
+        .map_err(|e| Error::internal("cannot build response", &e))
+}

@@ -1,0 +1,181 @@
+//! A consistent read of the whole state, in a fixed number of queries, for everything that looks
+//! at many objects at once: listings, the desired state of a host, the scheduler, the balancer.
+//! Views built from it cost time linear in the state, never one query per VM.
+
+use std::collections::HashMap;
+
+use rusqlite::Connection;
+use tuchka_api::HostState;
+use tuchka_store::{
+    self as db, GroupRow, HostRow, ImageRow, MigrationRow, NetworkRow, NicRow, RemovalRow, VmRow,
+};
+
+use crate::error::Result;
+
+/// What is promised on a host: vCPUs, memory and root disk of the VMs placed there, plus those
+/// migrating onto it (they hold their place on both hosts until the move ends).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// Root disks, MiB.
+    pub disk_mib: u64,
+    /// VMs.
+    pub vms: u32,
+}
+
+impl Usage {
+    fn add(&mut self, g: &GroupRow) {
+        self.cpus += g.cpus;
+        self.memory_mib += g.memory_mib;
+        self.disk_mib += g.disk_mib;
+        self.vms += 1;
+    }
+}
+
+/// The state at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// When it was read, Unix seconds.
+    pub now_unix: i64,
+    /// A host silent longer than this (s) is down.
+    pub down_after_s: i64,
+    /// Hosts by name.
+    pub hosts: Vec<HostRow>,
+    /// Groups by name.
+    pub groups: HashMap<String, GroupRow>,
+    /// VMs by group and index.
+    pub vms: Vec<VmRow>,
+    /// NICs by VM and index.
+    pub nics: Vec<NicRow>,
+    /// Networks by name.
+    pub networks: Vec<NetworkRow>,
+    /// Images by name.
+    pub images: Vec<ImageRow>,
+    /// Migrations under way.
+    pub migrations: Vec<MigrationRow>,
+    /// Removals the hosts have not done yet.
+    pub removals: Vec<RemovalRow>,
+    host_index: HashMap<String, usize>,
+    nics_of: HashMap<String, Vec<usize>>,
+    usage: HashMap<String, Usage>,
+}
+
+impl Snapshot {
+    /// Read everything (call inside a transaction for a consistent view across tables).
+    pub fn load(c: &Connection, down_after_s: i64) -> Result<Snapshot> {
+        let hosts = db::hosts(c)?;
+        let groups: HashMap<String, GroupRow> = db::groups(c)?
+            .into_iter()
+            .map(|g| (g.name.clone(), g))
+            .collect();
+        let vms = db::vms(c)?;
+        let nics = db::nics(c)?;
+        let migrations = db::active_migrations(c)?;
+        let host_index = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.id.clone(), i))
+            .collect();
+        let mut nics_of: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, n) in nics.iter().enumerate() {
+            nics_of.entry(n.vm_id.clone()).or_default().push(i);
+        }
+        let mut usage: HashMap<String, Usage> = HashMap::new();
+        let vm_group: HashMap<&str, &str> = vms
+            .iter()
+            .map(|v| (v.id.as_str(), v.group.as_str()))
+            .collect();
+        for v in &vms {
+            if let Some(g) = groups.get(&v.group) {
+                usage.entry(v.host_id.clone()).or_default().add(g);
+            }
+        }
+        for m in &migrations {
+            if let Some(g) = vm_group.get(m.vm_id.as_str()).and_then(|g| groups.get(*g)) {
+                usage.entry(m.target_host.clone()).or_default().add(g);
+            }
+        }
+        Ok(Snapshot {
+            now_unix: db::now_unix(),
+            down_after_s,
+            hosts,
+            groups,
+            vms,
+            nics,
+            networks: db::networks(c)?,
+            images: db::images(c)?,
+            migrations,
+            removals: db::removals(c)?,
+            host_index,
+            nics_of,
+            usage,
+        })
+    }
+
+    /// The host with this id.
+    pub fn host(&self, id: &str) -> Option<&HostRow> {
+        self.host_index.get(id).map(|&i| &self.hosts[i])
+    }
+
+    /// The name of host `id` (the id itself for a host that is gone).
+    pub fn host_name(&self, id: &str) -> String {
+        self.host(id)
+            .map(|h| h.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    }
+
+    /// The host reported within `down_after`.
+    pub fn is_up(&self, h: &HostRow) -> bool {
+        is_up(h, self.now_unix, self.down_after_s)
+    }
+
+    /// Host `id` exists and is up.
+    pub fn id_is_up(&self, id: &str) -> bool {
+        self.host(id).is_some_and(|h| self.is_up(h))
+    }
+
+    /// The state a user sees.
+    pub fn host_state(&self, h: &HostRow) -> HostState {
+        host_state(h, self.is_up(h))
+    }
+
+    /// What is promised on host `id`.
+    pub fn usage(&self, id: &str) -> Usage {
+        self.usage.get(id).copied().unwrap_or_default()
+    }
+
+    /// NICs of VM `id`, in order.
+    pub fn vm_nics(&self, id: &str) -> impl Iterator<Item = &NicRow> {
+        self.nics_of
+            .get(id)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.nics[i])
+    }
+
+    /// The migration under way of VM `id`.
+    pub fn migration_of(&self, vm_id: &str) -> Option<&MigrationRow> {
+        self.migrations.iter().find(|m| m.vm_id == vm_id)
+    }
+}
+
+/// Whether a host reported within `down_after_s` of `now_unix`.
+pub fn is_up(h: &HostRow, now_unix: i64, down_after_s: i64) -> bool {
+    h.last_seen_unix > 0 && now_unix - h.last_seen_unix <= down_after_s
+}
+
+/// The state a user sees for host `h`.
+pub fn host_state(h: &HostRow, up: bool) -> HostState {
+    if h.revoked {
+        HostState::Revoked
+    } else if !up {
+        HostState::Down
+    } else if h.draining {
+        HostState::Draining
+    } else {
+        HostState::Up
+    }
+}

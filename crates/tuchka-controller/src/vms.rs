@@ -1,0 +1,339 @@
+//! VMs: views, power actions, removal, console; and how their operations stand. Moving a VM is
+//! [`crate::migrations`].
+
+use std::collections::HashMap;
+
+use rusqlite::Connection;
+use tuchka_api::{Operation, PowerState, Vm, VmAddress, VmState, VmStop};
+use tuchka_core::names;
+use tuchka_core::ops::OpKind;
+use tuchka_store::{self as db, MigrationRow, VmRow};
+
+use crate::error::{Error, Result};
+use crate::operations::{self, migration_view, new_op, Step};
+use crate::snapshot::Snapshot;
+use crate::state::Controller;
+
+fn view(ctl: &Controller, s: &Snapshot, v: &VmRow, last: Option<&MigrationRow>) -> Result<Vm> {
+    let g = s
+        .groups
+        .get(&v.group)
+        .ok_or_else(|| Error::not_found("group", "group", &v.group))?;
+    let up = s.id_is_up(&v.host_id);
+    let host_name = |id: &str| s.host_name(id);
+    Ok(Vm {
+        name: v.name.clone(),
+        id: v.id.clone(),
+        group: v.group.clone(),
+        index: v.idx,
+        state: if up || v.observed == VmState::Pending {
+            v.observed
+        } else {
+            VmState::Unknown
+        },
+        desired: v.desired,
+        host: s.host_name(&v.host_id),
+        placement_reason: v.placement_reason.clone(),
+        image: g.image.clone(),
+        cpus: g.cpus,
+        memory_mib: g.memory_mib,
+        disk_mib: g.disk_mib,
+        addresses: s
+            .vm_nics(&v.id)
+            .map(|n| VmAddress {
+                network: n.network.clone(),
+                mac: n.mac.clone(),
+                ip: n.ip.clone(),
+                vm: None,
+            })
+            .collect(),
+        domain: names::domain_name(ctl.cloud_id(), &v.name),
+        error: v.error.clone(),
+        error_chain: v.error_chain.clone(),
+        created_at: v.created_at.clone(),
+        migration: s.migration_of(&v.id).map(|m| migration_view(m, host_name)),
+        last_migration: last.map(|m| migration_view(m, host_name)),
+        cpu_usage: v.cpu_usage,
+    })
+}
+
+/// All VMs.
+pub fn list(ctl: &Controller) -> Result<Vec<Vm>> {
+    let db = ctl.db();
+    let c = db.conn();
+    let s = ctl.snapshot(c)?;
+    let last: HashMap<String, MigrationRow> = db::last_migrations(c)?;
+    s.vms
+        .iter()
+        .map(|v| view(ctl, &s, v, last.get(&v.id)))
+        .collect()
+}
+
+/// One VM.
+pub fn get(ctl: &Controller, name: &str) -> Result<Vm> {
+    let db = ctl.db();
+    let c = db.conn();
+    let s = ctl.snapshot(c)?;
+    let v = s
+        .vms
+        .iter()
+        .find(|v| v.name == name)
+        .ok_or_else(|| Error::not_found("vm", "vm", name))?;
+    view(ctl, &s, v, db::last_migration(c, &v.id)?.as_ref())
+}
+
+/// Refuse to `what` while one of `vms` is migrating: a VM is in at most one change of place
+/// at a time, and its power state must not change under a live copy.
+pub fn refuse_while_migrating(c: &Connection, vms: &[VmRow], what: &str) -> Result<()> {
+    let active = db::active_migrations(c)?;
+    for v in vms {
+        if let Some(m) = active.iter().find(|m| m.vm_id == v.id) {
+            return Err(Error::conflict(
+                "VmMigrating",
+                format!(
+                    "vm {:?} is migrating (operation {}): wait for it to finish (tuchka op wait {}), then {what}",
+                    v.name, m.id, m.id
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A VM action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmAction {
+    /// Start a stopped VM (or resume a paused one).
+    Start,
+    /// Shut down (ACPI, then force after the timeout).
+    Stop,
+    /// Pause.
+    Pause,
+    /// Resume from pause.
+    Resume,
+    /// ACPI reboot.
+    Reboot,
+}
+
+impl VmAction {
+    /// The action named in the URL.
+    pub fn parse(s: &str) -> Option<VmAction> {
+        Some(match s {
+            "start" => VmAction::Start,
+            "stop" => VmAction::Stop,
+            "pause" => VmAction::Pause,
+            "resume" => VmAction::Resume,
+            "reboot" => VmAction::Reboot,
+            _ => return None,
+        })
+    }
+}
+
+/// Ask a VM to change power state.
+pub fn action(ctl: &Controller, name: &str, action: VmAction, stop: VmStop) -> Result<Operation> {
+    let op = ctl.db().atomic(|c| {
+        let mut v = db::vm(c, name)?.ok_or_else(|| Error::not_found("vm", "vm", name))?;
+        if v.deleting {
+            return Err(Error::conflict(
+                "VmDeleting",
+                format!("vm {name:?} is being removed"),
+            ));
+        }
+        let verb = match action {
+            VmAction::Start => "start it",
+            VmAction::Stop => "stop it",
+            VmAction::Pause => "pause it",
+            VmAction::Resume => "resume it",
+            VmAction::Reboot => "reboot it",
+        };
+        refuse_while_migrating(c, std::slice::from_ref(&v), verb)?;
+        let target = format!("vm/{name}");
+        let op = match action {
+            VmAction::Reboot => {
+                if v.desired != PowerState::Running {
+                    return Err(Error::conflict(
+                        "VmNotRunning",
+                        format!(
+                            "vm {name:?} is {}: start it first (tuchka vm start {name})",
+                            v.desired
+                        ),
+                    ));
+                }
+                v.reboot_seq = v.reboot_seq.max(v.reboot_done) + 1;
+                new_op(
+                    OpKind::VmReboot {
+                        vm: name.to_string(),
+                        seq: v.reboot_seq,
+                    },
+                    &target,
+                    1,
+                    "rebooting",
+                )
+            }
+            _ => {
+                if action == VmAction::Resume && v.desired != PowerState::Paused {
+                    return Err(Error::conflict(
+                        "VmNotPaused",
+                        format!("vm {name:?} is not paused (it is {})", v.desired),
+                    ));
+                }
+                if action == VmAction::Pause && v.desired == PowerState::Stopped {
+                    return Err(Error::conflict(
+                        "VmStopped",
+                        format!("vm {name:?} is stopped: start it first (tuchka vm start {name})"),
+                    ));
+                }
+                let vm = name.to_string();
+                let (kind, message) = match action {
+                    VmAction::Start => (OpKind::VmStart { vm }, "starting"),
+                    VmAction::Stop if stop.force => (OpKind::VmStop { vm }, "powering off"),
+                    VmAction::Stop => (OpKind::VmStop { vm }, "shutting down (ACPI)"),
+                    VmAction::Pause => (OpKind::VmPause { vm }, "pausing"),
+                    _ => (OpKind::VmResume { vm }, "resuming"),
+                };
+                if let Some(want) = kind.wanted_power() {
+                    v.desired = want;
+                }
+                if action == VmAction::Stop {
+                    v.force_stop = stop.force;
+                    v.stop_timeout_s = stop.timeout_s.unwrap_or(60).clamp(1, 3600);
+                }
+                new_op(kind, &target, 1, message)
+            }
+        };
+        v.error = None;
+        v.error_chain.clear();
+        db::update_vm(c, &v)?;
+        operations::record(c, &op)?;
+        Ok::<_, Error>(op)
+    })?;
+    operations::announce(ctl, &op.op);
+    Ok(op.op)
+}
+
+/// `vm rm`: removes one VM; its group shrinks by one.
+pub fn delete(ctl: &Controller, name: &str) -> Result<Operation> {
+    let op = ctl.db().atomic(|c| {
+        let mut v = db::vm(c, name)?.ok_or_else(|| Error::not_found("vm", "vm", name))?;
+        refuse_while_migrating(c, std::slice::from_ref(&v), "remove it")?;
+        v.deleting = true;
+        db::update_vm(c, &v)?;
+        if let Some(g) = db::group(c, &v.group)? {
+            db::update_group(c, &g.name, g.count.saturating_sub(1), g.deleting)?;
+        }
+        let op = new_op(
+            OpKind::VmDelete {
+                vm: name.to_string(),
+                id: v.id.clone(),
+            },
+            &format!("vm/{name}"),
+            1,
+            "removing",
+        );
+        operations::record(c, &op)?;
+        Ok::<_, Error>(op)
+    })?;
+    operations::announce(ctl, &op.op);
+    Ok(op.op)
+}
+
+/// The serial console log of a VM on the local host.
+pub fn console(ctl: &Controller, name: &str) -> Result<String> {
+    let v = get(ctl, name)?;
+    let pool = ctl.config().local_pool.clone().ok_or_else(|| {
+        Error::conflict(
+            "ConsoleUnavailable",
+            format!(
+                "vm {name:?} runs on host {}; its console is on that host",
+                v.host
+            ),
+        )
+    })?;
+    let path = pool.join("vms").join(&v.id).join("console.log");
+    match std::fs::read(&path) {
+        Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(Error::internal(
+            format!("cannot read the console log of vm {name:?}"),
+            &e,
+        )),
+    }
+}
+
+/// How a VM power or removal operation stands.
+pub fn evaluate(c: &Connection, kind: &OpKind) -> Result<Step> {
+    let removed = |vm: &str| Step::Failed {
+        error: format!("vm {vm:?} was removed"),
+        chain: vec![],
+    };
+    Ok(match kind {
+        OpKind::VmStart { vm }
+        | OpKind::VmStop { vm }
+        | OpKind::VmPause { vm }
+        | OpKind::VmResume { vm } => {
+            let want = kind.wanted_power().unwrap_or(PowerState::Running);
+            let Some(v) = db::vm(c, vm)? else {
+                return Ok(removed(vm));
+            };
+            if v.desired != want {
+                return Ok(Step::Failed {
+                    error: format!("superseded: vm {vm} was asked to be {}", v.desired),
+                    chain: vec![],
+                });
+            }
+            if let Some((error, chain)) = crate::groups::vm_failure(&v) {
+                return Ok(Step::Failed { error, chain });
+            }
+            let reached = matches!(
+                (v.desired, v.observed),
+                (PowerState::Running, VmState::Running)
+                    | (PowerState::Paused, VmState::Paused)
+                    | (PowerState::Stopped, VmState::Stopped)
+            );
+            if reached {
+                Step::Succeeded {
+                    message: format!("vm {vm} is {}", v.observed),
+                }
+            } else {
+                Step::Running {
+                    done: 0,
+                    message: format!("vm {vm} is {}", v.observed),
+                }
+            }
+        }
+        OpKind::VmReboot { vm, seq } => {
+            let Some(v) = db::vm(c, vm)? else {
+                return Ok(removed(vm));
+            };
+            if let Some((error, chain)) = crate::groups::vm_failure(&v) {
+                return Ok(Step::Failed { error, chain });
+            }
+            if v.reboot_done >= *seq {
+                Step::Succeeded {
+                    message: format!("vm {vm} rebooted"),
+                }
+            } else {
+                Step::Running {
+                    done: 0,
+                    message: "waiting for the host to reboot it".into(),
+                }
+            }
+        }
+        OpKind::VmDelete { vm, id } => {
+            if db::vm_by_id(c, id)?.is_none() {
+                Step::Succeeded {
+                    message: format!("vm {vm} removed"),
+                }
+            } else {
+                Step::Running {
+                    done: 0,
+                    message: "removing".into(),
+                }
+            }
+        }
+        _ => Step::Failed {
+            error: "not a VM operation".into(),
+            chain: vec![],
+        },
+    })
+}
