@@ -11,7 +11,6 @@ use tuchka_api::agent::{
     DhcpHost, EgressRule, ForwardDesired, IngressRule, NetworkDesired, PortMatch,
 };
 use tuchka_host::domain_xml::{domain_uuid, parse_vm_metadata};
-use tuchka_host::net::cidr::Ipv4Net;
 use tuchka_host::net::dnsmasq::{
     dnsmasq_args, render_addn_hosts, render_dhcp_hosts, DnsmasqConfig, DnsmasqFiles,
 };
@@ -330,7 +329,7 @@ fn dnsmasq_golden() {
     let cfg = DnsmasqConfig {
         domain: "blue".into(),
         bridge: "tk100".into(),
-        net: Ipv4Net::parse("10.10.0.0/24").expect("cidr"),
+        net: "10.10.0.0/24".parse().expect("cidr"),
         gateway: "10.10.0.1".parse().expect("ip"),
         files: DnsmasqFiles::in_dir(Path::new("/var/lib/tuchka/net/blue")),
     };
