@@ -8,15 +8,16 @@
 //! State lives in `<pool>/net/<network>/`: `network.json` (the last desired state applied — it
 //! is also how [`Dataplane::networks`] and the firewall know which networks are ours) and the
 //! dnsmasq files; and in `<pool>/net/underlay.json` (the last [`Underlay`] applied, part of
-//! every later firewall apply). [`Dataplane::ensure_network`] converges in this order — validate (rules
-//! included: a bad rule changes nothing), state dir, firewall (rendered from every network of
-//! the cloud on this host with the new desired state in place of the stored one; so a bridge
-//! never exists unprotected — nft matches interface names, present or not), `network.json`,
-//! `ip_forward`, bridge, address, VXLAN device and FDB, dnsmasq — and rolls back what it created
-//! itself when a later
-//! step fails. The firewall is applied only when the rendered script or the kernel's table
-//! differs from what the last apply left; an unchanged pass costs a netlink round trip (one
-//! `nft list table` when something else was committed meanwhile), see [`nft::ensure`].
+//! every later firewall apply). [`Dataplane::ensure_network`] converges in this order —
+//! validate (rules included: a bad rule changes nothing), state dir, firewall (rendered from
+//! every network of the cloud on this host with the new desired state in place of the stored
+//! one; so a bridge never exists unprotected — nft matches interface names, present or not),
+//! `network.json`, `ip_forward`, bridge, address, VXLAN device and FDB, dnsmasq — and rolls
+//! back what it created itself when a later step fails. [`Dataplane::ensure_underlay`] renders
+//! the firewall with the new underlay, then records it. The firewall is applied only when the
+//! rendered script or the kernel's table differs from what the last apply left; an unchanged
+//! pass costs a netlink round trip (one `nft list table` when something else was committed
+//! meanwhile), see [`nft::ensure`].
 
 pub mod dnsmasq;
 pub mod forwarding;
