@@ -1,5 +1,9 @@
 //! IPv4 address management: CIDRs, gateways, address and MAC allocation, VNIs.
 //!
+//! [`Cidr`] is the one IPv4 prefix type of tuchka: the controller validates user networks and
+//! rule sources with it, the host renders firewall address lists from it. A `Cidr` never has
+//! host bits set (every constructor refuses them, suggesting the network).
+//!
 //! A network `a.b.c.0/p` has its network address, the gateway (first usable address), the
 //! broadcast address, and VM addresses from the second usable address up. Allocation takes the
 //! lowest free address so that reservations are predictable and dense.
@@ -61,17 +65,19 @@ pub enum IpamError {
     },
 }
 
-/// An IPv4 network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// An IPv4 network: a network address (no host bits set) and a prefix length 0–32. Ordered by
+/// address, then prefix length (a wider network first among equal addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
     addr: Ipv4Addr,
     prefix: u8,
 }
 
 impl Cidr {
-    /// Parse and validate a network CIDR (no host bits, prefix in range).
+    /// Parse and validate a user network's CIDR: `a.b.c.d/p`, no host bits, prefix in
+    /// [`MIN_PREFIX`]..=[`MAX_PREFIX`]. For any prefix length use [`str::parse`].
     pub fn parse_network(s: &str) -> Result<Cidr, IpamError> {
-        let c: Cidr = s.parse()?;
+        let c = Cidr::parse_raw(s)?;
         if c.prefix < MIN_PREFIX {
             return Err(IpamError::Size {
                 cidr: s.into(),
@@ -90,14 +96,31 @@ impl Cidr {
     /// Parse a CIDR of any size (`0.0.0.0/0` … `/32`) or a bare address (taken as `/32`), as
     /// used in access rules; host bits must be zero.
     pub fn parse_any(s: &str) -> Result<Cidr, IpamError> {
-        let c: Cidr = if s.contains('/') {
-            s.parse()?
-        } else {
-            format!("{s}/32")
-                .parse()
-                .map_err(|_| IpamError::Syntax(s.to_string()))?
-        };
-        c.without_host_bits(s)
+        if s.contains('/') {
+            return s.parse();
+        }
+        let addr: Ipv4Addr = s.parse().map_err(|_| IpamError::Syntax(s.to_string()))?;
+        Ok(Cidr::host(addr))
+    }
+
+    /// The `/32` of one address.
+    pub fn host(addr: Ipv4Addr) -> Cidr {
+        Cidr { addr, prefix: 32 }
+    }
+
+    /// `a.b.c.d/p` with `p` 0–32; host bits are not checked.
+    fn parse_raw(s: &str) -> Result<Cidr, IpamError> {
+        let bad = || IpamError::Syntax(s.to_string());
+        let (a, p) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;
+        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) || p.len() > 2 {
+            return Err(bad());
+        }
+        let prefix: u8 = p.parse().map_err(|_| bad())?;
+        if prefix > 32 {
+            return Err(bad());
+        }
+        Ok(Cidr { addr, prefix })
     }
 
     /// `self` if no host bits are set, else the error suggesting the network (`given` is the
@@ -147,9 +170,9 @@ impl Cidr {
         Ipv4Addr::from(self.last())
     }
 
-    /// Gateway: the first usable address.
+    /// Gateway: the first usable address (meaningful for user networks, /30 and larger).
     pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.first() + 1)
+        Ipv4Addr::from(self.first().saturating_add(1))
     }
 
     /// Netmask in dotted form.
@@ -167,27 +190,23 @@ impl Cidr {
         self.first() <= other.last() && other.first() <= self.last()
     }
 
+    /// Whether every address of `other` is inside this network.
+    pub fn covers(&self, other: &Cidr) -> bool {
+        self.prefix <= other.prefix && self.contains(other.addr)
+    }
+
     /// Addresses VMs may get: after the gateway, before the broadcast.
     pub fn vm_range(&self) -> impl Iterator<Item = Ipv4Addr> {
-        (self.first() + 2..self.last()).map(Ipv4Addr::from)
+        (self.first().saturating_add(2)..self.last()).map(Ipv4Addr::from)
     }
 }
 
+/// `a.b.c.d/p` with any prefix length 0–32; host bits must be zero.
 impl FromStr for Cidr {
     type Err = IpamError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || IpamError::Syntax(s.to_string());
-        let (a, p) = s.split_once('/').ok_or_else(bad)?;
-        let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;
-        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) || p.len() > 2 {
-            return Err(bad());
-        }
-        let prefix: u8 = p.parse().map_err(|_| bad())?;
-        if prefix > 32 {
-            return Err(bad());
-        }
-        Ok(Cidr { addr, prefix })
+        Cidr::parse_raw(s)?.without_host_bits(s)
     }
 }
 
@@ -195,6 +214,24 @@ impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
     }
+}
+
+/// Sort `nets`, drop duplicates and every network covered by another one of the list. The
+/// result matches exactly the same addresses and never holds overlapping entries (which
+/// nftables interval sets refuse).
+pub fn normalize(nets: &[Cidr]) -> Vec<Cidr> {
+    let mut sorted = nets.to_vec();
+    // Wider networks first among equal addresses, so a covering one precedes what it covers.
+    sorted.sort();
+    let mut out: Vec<Cidr> = Vec::with_capacity(sorted.len());
+    for n in sorted {
+        // In address order, a covering network of `n` can only be the last one kept.
+        if out.last().is_some_and(|last| last.covers(&n)) {
+            continue;
+        }
+        out.push(n);
+    }
+    out
 }
 
 /// Refuse `cidr` if it overlaps one of `existing` (name, cidr).
@@ -305,6 +342,66 @@ mod tests {
         );
         assert!(Cidr::parse_any("203.0.113.7/24").is_err());
         assert!(Cidr::parse_any("nope").is_err());
+    }
+
+    #[test]
+    fn parses_any_prefix_length_without_host_bits() {
+        let n: Cidr = "10.7.0.0/24".parse().expect("valid");
+        assert_eq!(n.netmask(), Ipv4Addr::new(255, 255, 255, 0));
+        assert!(n.contains(Ipv4Addr::new(10, 7, 0, 9)));
+        assert!(!n.contains(Ipv4Addr::new(10, 7, 1, 9)));
+        let e = "10.7.0.1/24".parse::<Cidr>().expect_err("host bits");
+        assert!(e.to_string().contains("did you mean 10.7.0.0/24"), "{e}");
+        assert!("10.7.0.0/33".parse::<Cidr>().is_err());
+        assert!(
+            "10.7.0.0".parse::<Cidr>().is_err(),
+            "a network needs a prefix"
+        );
+        assert_eq!(
+            "0.0.0.0/0".parse::<Cidr>().map(|n| n.netmask()),
+            Ok(Ipv4Addr::new(0, 0, 0, 0))
+        );
+        assert_eq!(
+            "0.0.0.0/0".parse::<Cidr>().map(|n| n.broadcast()),
+            Ok(Ipv4Addr::BROADCAST)
+        );
+        assert_eq!(
+            "10.7.0.9/32".parse::<Cidr>(),
+            Ok(Cidr::host(Ipv4Addr::new(10, 7, 0, 9)))
+        );
+    }
+
+    #[test]
+    fn covers_and_normalize() {
+        let p = |s: &str| Cidr::parse_any(s).expect("valid");
+        assert!(p("10.0.0.0/8").covers(&p("10.1.0.0/16")));
+        assert!(p("10.1.0.0/16").covers(&p("10.1.0.0/16")));
+        assert!(!p("10.1.0.0/16").covers(&p("10.0.0.0/8")));
+        assert!(!p("10.1.0.0/16").covers(&p("10.2.0.1")));
+        let nets = [
+            p("10.1.2.3"),
+            p("10.0.0.0/8"),
+            p("192.168.1.0/24"),
+            p("10.1.0.0/16"),
+            p("192.168.1.7"),
+            p("172.16.0.1"),
+            p("172.16.0.1"),
+            p("192.168.2.0/24"),
+        ];
+        let out: Vec<String> = normalize(&nets).iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            out,
+            [
+                "10.0.0.0/8",
+                "172.16.0.1/32",
+                "192.168.1.0/24",
+                "192.168.2.0/24"
+            ]
+        );
+        assert_eq!(
+            normalize(&[p("0.0.0.0/0"), p("10.0.0.1")]),
+            vec![p("0.0.0.0/0")]
+        );
     }
 
     #[test]

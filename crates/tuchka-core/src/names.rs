@@ -3,6 +3,7 @@
 //! A name is `^[a-z][a-z0-9-]{0,62}$`: it is safe in a DNS label, a file name, a libvirt domain
 //! name and a URL path segment, so nothing downstream has to quote it.
 
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// Longest name accepted (a DNS label).
@@ -55,14 +56,20 @@ pub fn domain_name(cloud_id: &str, vm: &str) -> String {
     format!("tk-{}-{vm}", cloud8(cloud_id))
 }
 
-/// The first 8 hex digits of a cloud id, used to scope host-global names.
+/// The short cloud id that scopes host-global names (domains `tk-<cloud8>-<vm>`, the nftables
+/// table `tk_<cloud8>`): always 8 lowercase hex digits — the first 8 characters of `cloud_id`
+/// when they are hex digits (a UUID), else the first 8 hex digits of its sha256.
 pub fn cloud8(cloud_id: &str) -> String {
-    cloud_id
-        .chars()
-        .filter(|c| c.is_ascii_hexdigit())
-        .take(8)
-        .collect::<String>()
-        .to_ascii_lowercase()
+    let head: String = cloud_id.chars().take(8).collect();
+    if head.len() == 8 && head.chars().all(|c| c.is_ascii_hexdigit()) {
+        head.to_ascii_lowercase()
+    } else {
+        Sha256::digest(cloud_id.as_bytes())
+            .iter()
+            .take(4)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// Bridge of a network on every host: `tk<vni>` (at most 10 characters).
@@ -117,5 +124,21 @@ mod tests {
             domain_name("3fa2b4c1-0000-4000-8000-000000000000", "web-0"),
             "tk-3fa2b4c1-web-0"
         );
+    }
+
+    #[test]
+    fn cloud8_is_always_eight_hex_digits() {
+        assert_eq!(cloud8("0F2A6C1E-0000-4000-8000-000000000001"), "0f2a6c1e");
+        for odd in ["not-hex-at-all", "", "abc", "abcdefg-1", "日本語のクラウド"] {
+            let c = cloud8(odd);
+            assert_eq!(c.len(), 8, "{odd:?} -> {c:?}");
+            assert!(
+                c.chars()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+                "{odd:?} -> {c:?}"
+            );
+        }
+        assert_ne!(cloud8("cloud-a"), cloud8("cloud-b"));
+        assert_eq!(cloud8("e2e-cloud"), cloud8("e2e-cloud"), "deterministic");
     }
 }

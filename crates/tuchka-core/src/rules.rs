@@ -86,13 +86,15 @@ pub fn parse_target(s: &str) -> Result<(String, u16), RuleError> {
 }
 
 /// Host ports a forward may not use: what the cloud itself listens on.
-/// SSH 22, DNS 53, DHCP 67/68, libvirt 16509/16514, VXLAN 4789, libvirt migration 49152-49215.
+/// SSH 22, DNS 53, DHCP 67/68, libvirt 16509/16514, VXLAN 4789, the host-to-host migration
+/// channel 7481 (its default port), libvirt migration 49152-49215.
 pub fn reserved_port(p: u16) -> Option<&'static str> {
     match p {
         22 => Some("SSH"),
         53 => Some("DNS of the networks"),
         67 | 68 => Some("DHCP of the networks"),
         4789 => Some("VXLAN between hosts"),
+        7481 => Some("the migration channel between hosts"),
         16509 | 16514 => Some("libvirt"),
         49152..=49215 => Some("libvirt live migration"),
         _ => None,
@@ -148,5 +150,6 @@ mod tests {
         assert!(parse_target("web-0:0").is_err());
         assert_eq!(reserved_port(53), Some("DNS of the networks"));
         assert_eq!(reserved_port(8080), None);
+        assert!(reserved_port(7481).is_some(), "the migration channel");
     }
 }

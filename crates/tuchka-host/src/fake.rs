@@ -24,7 +24,7 @@ use tuchka_api::agent::NetworkDesired;
 
 use crate::domain_xml::{validate_spec, DomainSpec};
 use crate::libvirt::{DomainInfo, DomainState, Hypervisor};
-use crate::net::{Dataplane, NetPlan};
+use crate::net::{Dataplane, NetPlan, Underlay};
 use crate::storage::{is_sha256, is_vm_id, Storage};
 use crate::HostError;
 
@@ -565,11 +565,13 @@ impl Storage for FakeStorage {
     }
 }
 
-/// In-memory [`Dataplane`].
+/// In-memory [`Dataplane`]: networks, the underlay, and taps a test marks as unplugged.
 #[derive(Debug, Default)]
 pub struct FakeDataplane {
     rec: Recorder,
     networks: Mutex<BTreeMap<String, NetworkDesired>>,
+    underlay: Mutex<Option<Underlay>>,
+    unplugged: Mutex<BTreeSet<String>>,
 }
 
 impl FakeDataplane {
@@ -583,6 +585,17 @@ impl FakeDataplane {
     /// The last desired state applied for network `name`, if present.
     pub fn network(&self, name: &str) -> Option<NetworkDesired> {
         lock(&self.networks).get(name).cloned()
+    }
+
+    /// The last underlay applied (normalized), if any.
+    pub fn underlay(&self) -> Option<Underlay> {
+        lock(&self.underlay).clone()
+    }
+
+    /// Take `tap` off its bridge behind the agent's back: the next [`Dataplane::ensure_port`]
+    /// of it plugs it back and returns `true`.
+    pub fn unplug(&self, tap: &str) {
+        lock(&self.unplugged).insert(tap.to_string());
     }
 }
 
@@ -604,6 +617,20 @@ impl Dataplane for FakeDataplane {
     fn networks(&self) -> Result<Vec<String>, HostError> {
         self.rec.call("networks", "")?;
         Ok(lock(&self.networks).keys().cloned().collect())
+    }
+
+    fn ensure_port(&self, _bridge: &str, tap: &str) -> Result<bool, HostError> {
+        self.rec.call("ensure_port", tap)?;
+        Ok(lock(&self.unplugged).remove(tap))
+    }
+
+    fn ensure_underlay(&self, underlay: &Underlay) -> Result<(), HostError> {
+        self.rec.call("ensure_underlay", "")?;
+        let underlay = underlay
+            .normalized()
+            .map_err(|m| HostError::invalid("underlay", m))?;
+        *lock(&self.underlay) = Some(underlay);
+        Ok(())
     }
 }
 
@@ -743,5 +770,28 @@ mod tests {
         dp.fail("remove_network");
         assert!(dp.remove_network("blue").is_err());
         assert_eq!(dp.count("ensure_network"), 2);
+    }
+
+    #[test]
+    fn dataplane_ports_and_underlay_never_touch_the_host() {
+        let dp = FakeDataplane::new();
+        assert_eq!(dp.ensure_port("tk100", "tkv000001").ok(), Some(false));
+        dp.unplug("tkv000001");
+        assert_eq!(dp.ensure_port("tk100", "tkv000001").ok(), Some(true));
+        assert_eq!(dp.ensure_port("tk100", "tkv000001").ok(), Some(false));
+        dp.fail_on("ensure_port", "tkv000002");
+        assert!(dp.ensure_port("tk100", "tkv000002").is_err());
+
+        let peer = std::net::IpAddr::from([10, 0, 0, 2]);
+        dp.ensure_underlay(&Underlay::new(vec![peer, peer]))
+            .expect("underlay");
+        assert_eq!(dp.underlay().map(|u| u.peers), Some(vec![peer]));
+        let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+        assert!(dp.ensure_underlay(&Underlay::new(vec![loopback])).is_err());
+        assert_eq!(dp.underlay().map(|u| u.peers), Some(vec![peer]), "kept");
+        dp.fail_once("ensure_underlay");
+        assert!(dp.ensure_underlay(&Underlay::new(vec![])).is_err());
+        assert_eq!(dp.count("ensure_port"), 4);
+        assert_eq!(dp.count("ensure_underlay"), 3);
     }
 }

@@ -37,29 +37,6 @@ pub use libvirt::{DomainInfo, DomainState, Hypervisor, Libvirt};
 pub use net::{Dataplane, LinuxDataplane};
 pub use storage::{DirStorage, Storage};
 
-/// The short cloud id used in host resource names: the first 8 hex digits of `cloud_id`
-/// (lowercased), or — for ids that do not start with 8 hex digits — the first 8 hex digits of
-/// its sha256.
-pub fn cloud8(cloud_id: &str) -> String {
-    let head: String = cloud_id.chars().take(8).collect();
-    if head.len() == 8 && head.chars().all(|c| c.is_ascii_hexdigit()) {
-        head.to_ascii_lowercase()
-    } else {
-        use sha2::{Digest, Sha256};
-        hex::encode(Sha256::digest(cloud_id.as_bytes()))[..8].to_string()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn cloud8_takes_the_uuid_prefix() {
-        assert_eq!(
-            super::cloud8("0F2A6C1E-0000-4000-8000-000000000001"),
-            "0f2a6c1e"
-        );
-        let odd = super::cloud8("not-hex-at-all");
-        assert_eq!(odd.len(), 8);
-        assert!(odd.chars().all(|c| c.is_ascii_hexdigit()));
-    }
-}
+/// The short cloud id in host resource names (domains, the nft table): re-exported from
+/// [`tuchka_core::names`], the one definition the controller's domain names also use.
+pub use tuchka_core::names::cloud8;

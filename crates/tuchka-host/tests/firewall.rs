@@ -9,19 +9,27 @@
 //! the client address (`/cgi-bin/who`) so a test can tell NAT'ed from original sources.
 //! Everything is removed by Drop guards — in the inner run and again, by name and pid, in the
 //! outer one — even when an assertion fails.
+//!
+//! The ports between hosts (migration channel, VXLAN) are checked with listeners of the test
+//! itself in the host namespace and two neighbours on links of their own: a "peer" (a host of
+//! the cloud) and a "third" party.
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::{sh, wait_for, Scratch};
 use tuchka_api::agent::{EgressRule, ForwardDesired, IngressRule, NetworkDesired, PortMatch};
 use tuchka_host::cmd::CommandError;
 use tuchka_host::net::listening::{listening_ports, parse_proc_net, SocketTable};
 use tuchka_host::net::nft::{Firewall, NftFirewall};
+use tuchka_host::net::Underlay;
 use tuchka_host::{Dataplane, HostError, LinuxDataplane};
 
 /// Set (to the test id) in the inner run, inside the host namespace.
@@ -188,12 +196,19 @@ impl<'a> World<'a> {
         ns
     }
 
+    /// A neighbour of the host on a link of its own: `<net3>.2/24` in namespace `tkt<id><tag>`,
+    /// `<net3>.1/24` on the host's side. Returns the namespace name.
+    fn neighbour(&mut self, tag: &str, net3: &str) -> String {
+        let ns = self.netns_with_veth(tag, &format!("{net3}.2/24"), 1500);
+        self.run(&["addr", "add", &format!("{net3}.1/24"), "dev", &ns]);
+        self.run(&["link", "set", &ns, "up"]);
+        ns
+    }
+
     /// The outside world: `203.0.113.2` behind the host's `203.0.113.1`, with routes to the
     /// tenant networks `cidrs` via the host, and a web server answering `outside`.
     fn outside(&mut self, cidrs: &[&str]) -> String {
-        let ns = self.netns_with_veth("o", &format!("{OUTSIDE_PEER}/24"), 1500);
-        self.run(&["addr", "add", &format!("{OUTSIDE_HOST}/24"), "dev", &ns]);
-        self.run(&["link", "set", &ns, "up"]);
+        let ns = self.neighbour("o", "203.0.113");
         for cidr in cidrs {
             self.run(&["-n", &ns, "route", "add", cidr, "via", OUTSIDE_HOST]);
         }
@@ -843,4 +858,264 @@ fn ip_forward_body(env: &Env) {
     let mut w = World::new(env);
     w.serve(&env.name("h"), "host"); // the host namespace itself, by name
     assert_eq!(listening_ports().expect("read /proc/net"), vec![80]);
+}
+
+/// A TCP server in the host namespace (this process) answering every connection with an HTTP
+/// response `body`, so `curl` can tell it answered. Lives as long as the test process.
+fn answer_http(port: u16, body: &'static str) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("listen");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut request = [0u8; 1024];
+            let _ = conn.read(&mut request);
+            let _ = write!(
+                conn,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+}
+
+/// `curl`'s exit code for `url` from namespace `ns` with a 1.5 s connect timeout: 28 when the
+/// SYN goes unanswered (dropped), 7 when the connection is refused (reset).
+fn curl_exit(ns: &str, url: &str) -> Option<i32> {
+    Command::new(tuchka_host::cmd::tool("ip"))
+        .args(["netns", "exec", ns, "curl", "-s", "--noproxy", "*"])
+        .args(["--connect-timeout", "1.5", "--max-time", "4", url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run curl")
+        .code()
+}
+
+/// `from` cannot connect to `url`, and the reason is silence: the SYN is dropped, no reset.
+#[track_caller]
+fn assert_dropped(from: &str, url: &str, why: &str) {
+    assert_eq!(
+        curl_exit(from, url),
+        Some(28),
+        "{why}: {from} must time out connecting to {url} (28; 7 = refused, 0 = reached)"
+    );
+}
+
+/// Send `count` UDP datagrams from namespace `ns` to `to` (bash's `/dev/udp`).
+fn send_udp(ns: &str, to: SocketAddr, count: usize) {
+    for _ in 0..count {
+        let script = format!("printf x > /dev/udp/{}/{}", to.ip(), to.port());
+        let (ok, _) = sh("ip", &["netns", "exec", ns, "bash", "-c", &script]);
+        assert!(ok, "send a datagram from {ns} to {to}");
+    }
+}
+
+/// The sources of the datagrams `socket` receives until `expected` came from `wanted` (or
+/// 3 s passed), plus 300 ms for stragglers.
+fn udp_sources(socket: &UdpSocket, wanted: Option<IpAddr>, expected: usize) -> Vec<IpAddr> {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("read timeout");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut settle: Option<Instant> = None;
+    let mut buf = [0u8; 64];
+    loop {
+        let now = Instant::now();
+        if settle.is_some_and(|t| now >= t) || now >= deadline {
+            return got;
+        }
+        if let Ok((_, from)) = socket.recv_from(&mut buf) {
+            got.push(from.ip());
+        }
+        let done = got.iter().filter(|ip| Some(**ip) == wanted).count() >= expected;
+        if settle.is_none() && (done || wanted.is_none()) {
+            settle = Some(Instant::now() + Duration::from_millis(300));
+        }
+    }
+}
+
+/// What reached the host's VXLAN port when `peer` and `third` (namespace, host address to send
+/// to) each sent 3 datagrams, third first; waits for those from `admitted`, if given.
+fn vxlan_from(
+    socket: &UdpSocket,
+    peer: (&str, &str),
+    third: (&str, &str),
+    admitted: Option<&str>,
+) -> Vec<IpAddr> {
+    let port = socket.local_addr().expect("local addr").port();
+    let to = |ip: &str| SocketAddr::new(ip.parse().expect("ip"), port);
+    // Drain anything left from an earlier round.
+    let _ = udp_sources(socket, None, 0);
+    send_udp(third.0, to(third.1), 3);
+    send_udp(peer.0, to(peer.1), 3);
+    udp_sources(socket, admitted.map(|a| a.parse().expect("ip")), 3)
+}
+
+/// The peer's and the third party's addresses; the host is `.1` on each link.
+const PEER: &str = "198.18.1.2";
+const THIRD: &str = "198.18.2.2";
+const CHANNEL: u16 = 7481;
+const UNFILTERED: u16 = 7482;
+
+#[test]
+fn the_ports_between_hosts_answer_only_the_clouds_hosts() {
+    in_host_netns(
+        "the_ports_between_hosts_answer_only_the_clouds_hosts",
+        underlay_body,
+    );
+}
+
+fn underlay_body(env: &Env) {
+    let cloud = common::cloud_id();
+    let dp = LinuxDataplane::new(&env.pool(), &cloud);
+    let table = dp.table_name();
+    let _nets = NetCleanup {
+        scratch: env.scratch.clone(),
+        tables: vec![table.clone()],
+    };
+    let mut w = World::new(env);
+    let peer = w.neighbour("p", "198.18.1");
+    let third = w.neighbour("x", "198.18.2");
+    w.run(&["-n", &third, "route", "add", "default", "via", "198.18.2.1"]);
+    answer_http(CHANNEL, "channel");
+    answer_http(UNFILTERED, "other");
+    let vxlan = UdpSocket::bind(("0.0.0.0", 4789)).expect("bind the VXLAN port");
+    let from_peer = (peer.as_str(), "198.18.1.1");
+    let from_third = (third.as_str(), "198.18.2.1");
+    let channel = |host: &str| format!("http://{host}:{CHANNEL}/");
+    let (peer_ip, third_ip): (IpAddr, IpAddr) =
+        (PEER.parse().expect("ip"), THIRD.parse().expect("ip"));
+
+    // Before: nothing is filtered.
+    assert_reaches(
+        Some(&third),
+        &channel("198.18.2.1"),
+        "channel",
+        "no underlay yet",
+    );
+    assert!(vxlan_from(&vxlan, from_peer, from_third, Some(THIRD)).contains(&third_ip));
+
+    // Only the peer (and the host itself) reach the channel and VXLAN.
+    dp.ensure_underlay(&Underlay::new(vec![peer_ip]))
+        .expect("ensure underlay");
+    assert_reaches(Some(&peer), &channel("198.18.1.1"), "channel", "a peer");
+    assert_reaches(None, &channel("127.0.0.1"), "channel", "loopback");
+    assert_reaches(
+        None,
+        &channel("198.18.1.1"),
+        "channel",
+        "the host, by its address",
+    );
+    assert_dropped(&third, &channel("198.18.2.1"), "not a host of the cloud");
+    assert_dropped(
+        &third,
+        &channel("198.18.1.1"),
+        "not a host, to the other address",
+    );
+    assert_reaches(
+        Some(&third),
+        &format!("http://198.18.2.1:{UNFILTERED}/"),
+        "other",
+        "every other port stays open",
+    );
+    assert_eq!(
+        vxlan_from(&vxlan, from_peer, from_third, Some(PEER)),
+        vec![peer_ip; 3],
+        "VXLAN only from the peer"
+    );
+
+    // The same underlay again (peers in any order, duplicated): nothing is applied.
+    let handle = table_handle(&table).expect("the table exists");
+    dp.ensure_underlay(&Underlay::new(vec![peer_ip, peer_ip]))
+        .expect("unchanged");
+    assert_eq!(
+        table_handle(&table),
+        Some(handle),
+        "unchanged: not re-applied"
+    );
+
+    // A restarted agent keeps the underlay in every apply; networks come and go around it.
+    drop(dp);
+    let dp = LinuxDataplane::new(&env.pool(), &cloud);
+    let mut net = network(env, "na", 1);
+    net.gateway_here = false;
+    dp.ensure_network(&net).expect("a network");
+    assert!(
+        nft_list(&table).is_some_and(|l| l.contains("chain underlay")),
+        "the network's apply keeps the underlay"
+    );
+    assert_dropped(&third, &channel("198.18.2.1"), "with a network");
+    assert_reaches(
+        Some(&peer),
+        &channel("198.18.1.1"),
+        "channel",
+        "with a network",
+    );
+    dp.remove_network(&net.name).expect("remove the network");
+    assert!(
+        nft_list(&table).is_some_and(|l| l.contains("chain underlay")),
+        "no network left: the table stays for the underlay"
+    );
+    assert_dropped(&third, &channel("198.18.2.1"), "after the network left");
+
+    // A forward may not take the channel port, nor an underlay a forwarded port.
+    net.forwards = vec![ForwardDesired {
+        id: "steal".into(),
+        proto: "tcp".into(),
+        host_port: CHANNEL,
+        vm_ip: "10.77.1.5".into(),
+        vm_port: 80,
+    }];
+    net.gateway_here = true;
+    let err = dp
+        .ensure_network(&net)
+        .expect_err("forward of the channel port");
+    assert!(matches!(err, HostError::Invalid { .. }), "{}", err.chain());
+    assert!(err.chain().contains("migration channel"), "{}", err.chain());
+    net.forwards[0].host_port = 8080;
+    dp.ensure_network(&net).expect("forward of another port");
+    let listing = nft_list(&table).expect("table");
+    let onto_forward = Underlay {
+        channel_port: Some(8080),
+        ..Underlay::new(vec![peer_ip])
+    };
+    let err = dp
+        .ensure_underlay(&onto_forward)
+        .expect_err("channel on a forwarded port");
+    assert!(err.chain().contains("\"steal\""), "{}", err.chain());
+    assert_eq!(nft_list(&table), Some(listing), "refused: nothing applied");
+    dp.remove_network(&net.name).expect("remove the network");
+
+    // A single-host cloud: the channel from loopback only, VXLAN from no one.
+    dp.ensure_underlay(&Underlay::new(vec![]))
+        .expect("no peers");
+    assert_dropped(
+        &peer,
+        &channel("198.18.1.1"),
+        "no peers: not even the old one",
+    );
+    assert_reaches(None, &channel("127.0.0.1"), "channel", "loopback, no peers");
+    assert_eq!(
+        vxlan_from(&vxlan, from_peer, from_third, None),
+        Vec::<IpAddr>::new(),
+        "no peers: VXLAN from no one"
+    );
+
+    // Peers change: the new one is in, the old one out.
+    dp.ensure_underlay(&Underlay::new(vec![third_ip]))
+        .expect("another peer");
+    assert_reaches(
+        Some(&third),
+        &channel("198.18.2.1"),
+        "channel",
+        "the new peer",
+    );
+    assert_dropped(&peer, &channel("198.18.1.1"), "no longer a peer");
+    let got = vxlan_from(&vxlan, from_peer, from_third, Some(THIRD));
+    assert!(
+        got.contains(&third_ip) && !got.contains(&peer_ip),
+        "VXLAN from the new peer only: {got:?}"
+    );
 }

@@ -11,12 +11,11 @@ use tuchka_api::agent::{
     DhcpHost, EgressRule, ForwardDesired, IngressRule, NetworkDesired, PortMatch,
 };
 use tuchka_host::domain_xml::{domain_uuid, parse_vm_metadata};
-use tuchka_host::net::cidr::Ipv4Net;
 use tuchka_host::net::dnsmasq::{
     dnsmasq_args, render_addn_hosts, render_dhcp_hosts, DnsmasqConfig, DnsmasqFiles,
 };
 use tuchka_host::net::nft::{render_firewall, FirewallModel};
-use tuchka_host::net::NetPlan;
+use tuchka_host::net::{NetPlan, Underlay};
 use tuchka_host::seed::render_meta_data;
 use tuchka_host::{render_domain_xml, Accel, DomainSpec, NicSpec};
 
@@ -301,6 +300,90 @@ fn nft_golden_no_networks_only_deletes_the_table() {
     );
 }
 
+fn underlay(peers: &[&str]) -> Underlay {
+    Underlay::new(
+        peers
+            .iter()
+            .map(|p| p.parse().expect("test address"))
+            .collect(),
+    )
+}
+
+#[test]
+fn nft_golden_underlay_without_networks() {
+    let mut m = FirewallModel::new("0f2a6c1e");
+    m.set_underlay(&underlay(&[
+        "192.0.2.13",
+        "192.0.2.12",
+        "fd00::12",
+        "192.0.2.13",
+    ]))
+    .expect("valid underlay");
+    nft_golden("firewall-underlay.nft", &render_firewall(&m));
+}
+
+#[test]
+fn nft_golden_underlay_of_a_single_host_cloud() {
+    let mut m = FirewallModel::new("0f2a6c1e");
+    m.set_underlay(&underlay(&[])).expect("valid underlay");
+    nft_golden("firewall-underlay-no-peers.nft", &render_firewall(&m));
+}
+
+#[test]
+fn nft_golden_underlay_with_networks_and_no_channel() {
+    let mut m = model(&[
+        net("red", "tk101", "10.11.0.0/24", "10.11.0.1"),
+        net("blue", "tk100", "10.10.0.0/24", "10.10.0.1"),
+    ]);
+    let u = Underlay {
+        channel_port: None,
+        vxlan_port: 8472,
+        ..underlay(&["192.0.2.12"])
+    };
+    m.set_underlay(&u).expect("valid underlay");
+    nft_golden("firewall-two-networks-underlay.nft", &render_firewall(&m));
+}
+
+#[test]
+fn nft_model_refuses_forwards_of_the_ports_between_hosts() {
+    let mut blue = net("blue", "tk100", "10.10.0.0/24", "10.10.0.1");
+    blue.forwards = vec![ForwardDesired {
+        id: "sneaky".into(),
+        proto: "tcp".into(),
+        host_port: 7481,
+        vm_ip: "10.10.0.5".into(),
+        vm_port: 80,
+    }];
+    let rules = |d: &NetworkDesired| NetPlan::from_desired(d).expect("valid network").rules;
+
+    // Underlay first, then the network.
+    let mut m = FirewallModel::new("0f2a6c1e");
+    m.set_underlay(&underlay(&["192.0.2.12"]))
+        .expect("underlay");
+    let err = m
+        .add(rules(&blue))
+        .expect_err("forward of the channel port");
+    assert!(
+        err.contains("\"sneaky\"") && err.contains("migration channel"),
+        "{err}"
+    );
+
+    // The network first, then the underlay.
+    let mut m = FirewallModel::new("0f2a6c1e");
+    m.add(rules(&blue)).expect("no underlay yet");
+    let err = m
+        .set_underlay(&underlay(&["192.0.2.12"]))
+        .expect_err("forward of the channel port");
+    assert!(err.contains("network blue"), "{err}");
+    assert_eq!(m.underlay, None, "refused: nothing set");
+
+    // A forward of the same port number over the other protocol is fine.
+    blue.forwards[0].proto = "udp".into();
+    let mut m = FirewallModel::new("0f2a6c1e");
+    m.set_underlay(&underlay(&[])).expect("underlay");
+    m.add(rules(&blue)).expect("udp 7481 is not the channel");
+}
+
 #[test]
 fn nft_model_refuses_clashes() {
     let mut m = model(&[net("blue", "tk100", "10.10.0.0/24", "10.10.0.1")]);
@@ -330,7 +413,7 @@ fn dnsmasq_golden() {
     let cfg = DnsmasqConfig {
         domain: "blue".into(),
         bridge: "tk100".into(),
-        net: Ipv4Net::parse("10.10.0.0/24").expect("cidr"),
+        net: "10.10.0.0/24".parse().expect("cidr"),
         gateway: "10.10.0.1".parse().expect("ip"),
         files: DnsmasqFiles::in_dir(Path::new("/var/lib/tuchka/net/blue")),
     };

@@ -16,8 +16,10 @@
 //! changes nothing; DHCP, ping, HTTP (256 KiB) and DNS between the VMs across hosts, through
 //! the firewall (a probe rule counts the bridged packets); a peer leaving B's desired state
 //! loses its FDB entry and traffic stops; no peers, no device; B's underlay address changes
-//! (device recreated); a source address the host does not have is refused; a failed first
-//! call on D leaves no device behind; `remove_network` deletes device and bridge.
+//! (device recreated); with the underlay filter on (`ensure_underlay`), VXLAN still flows between
+//! peers and stops from a host that is not one; a source address the host does not have is
+//! refused; a failed first call on D leaves no device behind; `remove_network` deletes device
+//! and bridge.
 //!
 //! The dataplane code has to run inside a host's namespace, so every `ensure_network` /
 //! `remove_network` is a step: the test binary re-runs itself with `ip netns exec <host>` and
@@ -36,6 +38,7 @@ use std::time::Instant;
 use common::{sh, wait_for, Scratch};
 use serde::{Deserialize, Serialize};
 use tuchka_api::agent::{DhcpHost, NetworkDesired, VxlanDesired};
+use tuchka_host::net::Underlay;
 use tuchka_host::{Dataplane, LinuxDataplane};
 
 /// Set in the inner run: the path of the [`Step`] file to perform.
@@ -75,6 +78,7 @@ struct Step {
 enum Op {
     Ensure(Box<NetworkDesired>),
     Remove(String),
+    Underlay(Underlay),
 }
 
 fn require() {
@@ -99,6 +103,7 @@ fn run_step(path: &str) {
     let result = match &step.op {
         Op::Ensure(net) => dp.ensure_network(net),
         Op::Remove(name) => dp.remove_network(name),
+        Op::Underlay(u) => dp.ensure_underlay(u),
     };
     match result {
         Ok(()) => println!("{RESULT}ok"),
@@ -287,6 +292,15 @@ impl World {
             Ok(())
         } else {
             Err(result.to_string())
+        }
+    }
+
+    /// `ensure_underlay` on `host` with the default ports and `peers`.
+    #[track_caller]
+    fn underlay(&mut self, host: &str, peers: &[&str]) {
+        let peers = peers.iter().map(|p| p.parse().expect("ip")).collect();
+        if let Err(e) = self.step(host, Op::Underlay(Underlay::new(peers))) {
+            panic!("ensure_underlay on {host}: {e}");
         }
     }
 
@@ -693,6 +707,30 @@ fn one_network_spans_three_hosts_over_vxlan() {
     assert_eq!(
         w.fetch(&v1, &format!("http://{VM2_IP}/")).as_deref(),
         Some(&b"v2"[..])
+    );
+
+    // The underlay filter: VXLAN between the cloud's hosts still flows; A drops it from B
+    // once B is not among A's peers, and takes it again when B is back.
+    w.underlay(&a, &[B_IP2, C_IP]);
+    w.underlay(&b, &[A_IP, C_IP]);
+    assert!(w.ping(&v2, VM1_IP), "VXLAN between peers, filter on");
+    assert_eq!(
+        w.fetch(&v2, &format!("http://{VM1_IP}/big"))
+            .map(|b| b == big_file()),
+        Some(true),
+        "256 KiB across hosts with the filter on"
+    );
+    w.underlay(&a, &[C_IP]);
+    assert!(!w.ping(&v2, VM1_IP), "A drops VXLAN from B, not a peer");
+    w.ensure(&a, &network(&net, &br, true, A_IP, &[B_IP2, C_IP]));
+    assert!(
+        !w.ping(&v2, VM1_IP),
+        "a network pass keeps A's underlay filter"
+    );
+    w.underlay(&a, &[B_IP2, C_IP]);
+    assert!(
+        wait_for(10, || w.ping(&v2, VM1_IP).then_some(())).is_some(),
+        "B is a peer of A again"
     );
 
     // An address the host does not have is refused with a clear message; nothing is torn down.

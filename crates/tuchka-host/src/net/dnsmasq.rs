@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use rustix::process::{kill_process, test_kill_process, Pid, Signal};
 use tuchka_api::agent::DhcpHost;
 
-use super::cidr::Ipv4Net;
 use crate::cmd;
 use crate::domain_xml::is_mac;
+use tuchka_core::ipam::Cidr;
 
 /// Lease time handed out (reservations are static, so this only paces renewals).
 pub const LEASE_TIME: &str = "1h";
@@ -60,7 +60,7 @@ pub struct DnsmasqConfig {
     /// Bridge to serve on.
     pub bridge: String,
     /// The network.
-    pub net: Ipv4Net,
+    pub net: Cidr,
     /// Gateway address (on the bridge): DNS server, router and listen address.
     pub gateway: Ipv4Addr,
     /// Where the files live.
@@ -78,7 +78,7 @@ pub fn dnsmasq_args(c: &DnsmasqConfig) -> Vec<String> {
         format!("--listen-address={}", c.gateway),
         format!(
             "--dhcp-range={},static,{},{LEASE_TIME}",
-            c.net.addr,
+            c.net.network(),
             c.net.netmask()
         ),
         "--dhcp-authoritative".to_string(),
@@ -108,7 +108,7 @@ pub fn is_hostname(s: &str) -> bool {
 }
 
 /// Check every reservation (a bad line would break the whole file for dnsmasq).
-pub fn validate_hosts(net: &Ipv4Net, hosts: &[DhcpHost]) -> Result<(), String> {
+pub fn validate_hosts(net: &Cidr, hosts: &[DhcpHost]) -> Result<(), String> {
     for h in hosts {
         if !is_mac(&h.mac) {
             return Err(format!(
@@ -350,7 +350,7 @@ mod tests {
 
     #[test]
     fn hosts_are_validated() {
-        let net = Ipv4Net::parse("10.1.0.0/24").expect("cidr");
+        let net: Cidr = "10.1.0.0/24".parse().expect("cidr");
         let ok = DhcpHost {
             mac: "52:54:00:00:00:01".into(),
             ip: "10.1.0.5".into(),

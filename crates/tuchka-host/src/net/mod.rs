@@ -2,21 +2,23 @@
 //! VXLAN port `vx<vni>` on it with one flood FDB entry per other host ([`vxlan`]), on the
 //! network's gateway host the gateway address and a dnsmasq, and the cloud's firewall, NAT and
 //! port forwards (one nftables table per cloud, see [`nft`]), plus `net.ipv4.ip_forward`
-//! ([`forwarding`]).
+//! ([`forwarding`]). The same table admits the ports between hosts (migration channel, VXLAN)
+//! only from the cloud's other hosts ([`underlay`]).
 //!
 //! State lives in `<pool>/net/<network>/`: `network.json` (the last desired state applied — it
 //! is also how [`Dataplane::networks`] and the firewall know which networks are ours) and the
-//! dnsmasq files. [`Dataplane::ensure_network`] converges in this order — validate (rules
-//! included: a bad rule changes nothing), state dir, firewall (rendered from every network of
-//! the cloud on this host with the new desired state in place of the stored one; so a bridge
-//! never exists unprotected — nft matches interface names, present or not), `network.json`,
-//! `ip_forward`, bridge, address, VXLAN device and FDB, dnsmasq — and rolls back what it created
-//! itself when a later
-//! step fails. The firewall is applied only when the rendered script or the kernel's table
-//! differs from what the last apply left; an unchanged pass costs a netlink round trip (one
-//! `nft list table` when something else was committed meanwhile), see [`nft::ensure`].
+//! dnsmasq files; and in `<pool>/net/underlay.json` (the last [`Underlay`] applied, part of
+//! every later firewall apply). [`Dataplane::ensure_network`] converges in this order —
+//! validate (rules included: a bad rule changes nothing), state dir, firewall (rendered from
+//! every network of the cloud on this host with the new desired state in place of the stored
+//! one; so a bridge never exists unprotected — nft matches interface names, present or not),
+//! `network.json`, `ip_forward`, bridge, address, VXLAN device and FDB, dnsmasq — and rolls
+//! back what it created itself when a later step fails. [`Dataplane::ensure_underlay`] renders
+//! the firewall with the new underlay, then records it. The firewall is applied only when the
+//! rendered script or the kernel's table differs from what the last apply left; an unchanged
+//! pass costs a netlink round trip (one `nft list table` when something else was committed
+//! meanwhile), see [`nft::ensure`].
 
-pub mod cidr;
 pub mod dnsmasq;
 pub mod forwarding;
 pub mod links;
@@ -25,6 +27,7 @@ pub mod nfgen;
 pub mod nft;
 pub mod ports;
 pub mod rules;
+pub mod underlay;
 pub mod vxlan;
 
 use std::net::Ipv4Addr;
@@ -32,16 +35,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use tuchka_api::agent::NetworkDesired;
+use tuchka_core::ipam::Cidr;
+use tuchka_core::names::cloud8;
 
-use self::cidr::Ipv4Net;
 use self::dnsmasq::{DnsmasqConfig, DnsmasqFiles};
 use self::forwarding::IpForward;
 use self::nft::{Applied, Firewall, FirewallError, FirewallModel, NftFirewall};
 use self::rules::NetRules;
+pub use self::underlay::Underlay;
 use self::vxlan::VxlanPlan;
 use crate::domain_xml::is_ifname;
 use crate::storage::write_atomic;
-use crate::{cloud8, HostError};
+use crate::HostError;
 
 /// Networks of one cloud on one host. Synchronous: call from a blocking thread.
 pub trait Dataplane: Send + Sync {
@@ -58,9 +63,14 @@ pub trait Dataplane: Send + Sync {
     fn networks(&self) -> Result<Vec<String>, HostError>;
     /// Plug a running VM's tap back into its bridge if it is not on it (after the bridge was
     /// deleted and recreated). Returns whether it had to. Ok(false) when the tap does not exist.
-    fn ensure_port(&self, bridge: &str, tap: &str) -> Result<bool, HostError> {
-        ports::ensure_port(bridge, tap)
-    }
+    fn ensure_port(&self, bridge: &str, tap: &str) -> Result<bool, HostError>;
+    /// Admit the ports between hosts — the migration channel (TCP) and VXLAN (UDP) — only from
+    /// `underlay.peers` (the cloud's other hosts' underlay addresses; the channel also from
+    /// loopback) and drop them from anyone else; nothing else on the host is filtered. The
+    /// underlay is recorded, so every later firewall apply (and a restarted agent) keeps it,
+    /// and the firewall is applied now when that changes it. Idempotent. Refused, with nothing
+    /// changed, when it is invalid or a network's forward uses one of its ports.
+    fn ensure_underlay(&self, underlay: &Underlay) -> Result<(), HostError>;
 }
 
 /// A network's validated, parsed desired state (pure).
@@ -71,7 +81,7 @@ pub struct NetPlan {
     /// Bridge name.
     pub bridge: String,
     /// The network.
-    pub net: Ipv4Net,
+    pub net: Cidr,
     /// Gateway address.
     pub gateway: Ipv4Addr,
     /// MTU.
@@ -97,12 +107,12 @@ impl NetPlan {
                 d.bridge
             ));
         }
-        let net = Ipv4Net::parse(&d.cidr).map_err(|e| format!("cidr: {e}"))?;
+        let net: Cidr = d.cidr.parse().map_err(|e| format!("cidr: {e}"))?;
         let gw_text = d.gateway.split('/').next().unwrap_or_default();
         let gateway: Ipv4Addr = gw_text
             .parse()
             .map_err(|_| format!("gateway {:?} is not an IPv4 address", d.gateway))?;
-        if !net.contains(gateway) || gateway == net.addr {
+        if !net.contains(gateway) || gateway == net.network() {
             return Err(format!("gateway {gateway} is not a host address of {net}"));
         }
         if !(68..=65535).contains(&d.mtu) {
@@ -179,6 +189,26 @@ impl LinuxDataplane {
         links::owner_alias(&self.cloud_id, name)
     }
 
+    fn underlay_path(&self) -> PathBuf {
+        self.net_root.join("underlay.json")
+    }
+
+    /// The underlay recorded by the last [`Dataplane::ensure_underlay`]; `None` when there is
+    /// none (or it no longer validates: warned).
+    fn read_underlay(&self) -> Option<Underlay> {
+        let text = std::fs::read_to_string(self.underlay_path()).ok()?;
+        let parsed = serde_json::from_str::<Underlay>(&text)
+            .map_err(|e| e.to_string())
+            .and_then(|u| u.normalized());
+        match parsed {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(path = %self.underlay_path().display(), error = %e, "stored underlay left out of the firewall");
+                None
+            }
+        }
+    }
+
     fn read_state(&self, name: &str) -> Option<NetworkDesired> {
         let text = std::fs::read_to_string(self.dir(name).join("network.json")).ok()?;
         serde_json::from_str(&text).ok()
@@ -204,15 +234,26 @@ impl LinuxDataplane {
         Ok(out)
     }
 
-    /// The firewall model of every stored network except `skip`, then `desired` (if any) in
-    /// place of its stored state. A stored network that no longer validates or clashes is left
-    /// out with a warning; a clash of `desired` is an error naming it.
+    /// The firewall model: the underlay (`underlay` if given, else the stored one), every
+    /// stored network except `skip`, then `desired` (if any) in place of its stored state. A
+    /// stored network that no longer validates or clashes is left out with a warning — except
+    /// that a clash with a given `underlay` is an error, as is a clash of `desired`.
     fn model(
         &self,
         skip: Option<&str>,
         desired: Option<&NetPlan>,
+        underlay: Option<&Underlay>,
     ) -> Result<FirewallModel, HostError> {
         let mut model = FirewallModel::new(&self.cloud8);
+        let stored_underlay = match underlay {
+            Some(_) => None,
+            None => self.read_underlay(),
+        };
+        if let Some(u) = underlay.or(stored_underlay.as_ref()) {
+            model
+                .set_underlay(u)
+                .map_err(|m| HostError::invalid(UNDERLAY, m))?;
+        }
         for name in self.list_dirs()? {
             if Some(name.as_str()) == skip || desired.is_some_and(|d| d.name == name) {
                 continue;
@@ -220,8 +261,18 @@ impl LinuxDataplane {
             let Some(stored) = self.read_state(&name) else {
                 continue;
             };
-            let added = NetPlan::from_desired(&stored).and_then(|p| model.add(p.rules));
-            if let Err(e) = added {
+            let plan = match NetPlan::from_desired(&stored) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(network = %name, error = %e, "stored network left out of the firewall");
+                    continue;
+                }
+            };
+            // A new underlay must not silently knock a network out of the firewall.
+            if let Some(clash) = underlay.and_then(|u| nft::forward_on_underlay(u, &plan.rules)) {
+                return Err(HostError::invalid(UNDERLAY, clash));
+            }
+            if let Err(e) = model.add(plan.rules) {
                 tracing::warn!(network = %name, error = %e, "stored network left out of the firewall");
             }
         }
@@ -234,19 +285,19 @@ impl LinuxDataplane {
     }
 
     /// Render `model`, apply it if the kernel does not already hold it, then converge
-    /// `ip_forward`. `context` names the network the caller is changing.
+    /// `ip_forward`. `object` names what the caller is changing (`network blue`, `underlay`).
     fn apply_firewall(
         &self,
         last: &mut Option<Applied>,
         model: &FirewallModel,
-        context: &str,
+        object: &str,
     ) -> Result<(), HostError> {
         let script = nft::render_firewall(model);
-        let object = object_for(context);
+        let object = object.to_string();
         match nft::ensure(self.firewall.as_ref(), &self.table_name(), &script, last) {
             Ok(applied) => {
                 if applied {
-                    tracing::debug!(network = %context, "firewall applied");
+                    tracing::debug!(%object, "firewall applied");
                 }
             }
             Err(FirewallError::List(source)) => {
@@ -280,7 +331,7 @@ impl LinuxDataplane {
                     action,
                     path,
                     source,
-                } => HostError::io(object_for(context), action, path, source),
+                } => HostError::io(object, action, path, source),
             })?;
         Ok(())
     }
@@ -330,8 +381,8 @@ impl LinuxDataplane {
         }
         // The firewall first, from the new desired state; only once the kernel took it is
         // the state recorded (a refused ruleset leaves the previous state and ruleset).
-        let model = self.model(None, Some(plan))?;
-        self.apply_firewall(last, &model, &d.name)?;
+        let model = self.model(None, Some(plan), None)?;
+        self.apply_firewall(last, &model, &obj)?;
         let json = serde_json::to_string_pretty(d)
             .map_err(|e| HostError::invalid(&obj, format!("cannot serialise: {e}")))?;
         write_if_changed(&dir.join("network.json"), &json, &obj)?;
@@ -342,7 +393,7 @@ impl LinuxDataplane {
                     &d.name,
                     format!("create bridge {}", plan.bridge),
                 ))?;
-        let addr = d.gateway_here.then_some((plan.gateway, plan.net.prefix));
+        let addr = d.gateway_here.then_some((plan.gateway, plan.net.prefix()));
         links::set_ipv4(&plan.bridge, addr).map_err(Self::link_err(
             &d.name,
             format!("set the address of bridge {}", plan.bridge),
@@ -451,14 +502,17 @@ impl LinuxDataplane {
         if created.dir {
             let _ = std::fs::remove_dir_all(&dir);
             let reapplied = self
-                .model(Some(&d.name), None)
-                .and_then(|m| self.apply_firewall(last, &m, &d.name));
+                .model(Some(&d.name), None, None)
+                .and_then(|m| self.apply_firewall(last, &m, &object_for(&d.name)));
             if let Err(e) = reapplied {
                 tracing::warn!(network = %d.name, error = %e.chain(), "rollback: cannot re-apply firewall");
             }
         }
     }
 }
+
+/// The object of messages about the ports between hosts.
+const UNDERLAY: &str = "underlay (migration channel and VXLAN ports)";
 
 /// `network <name>`, the object of messages about a network.
 fn object_for(name: &str) -> String {
@@ -527,12 +581,32 @@ impl Dataplane for LinuxDataplane {
             ))?;
         }
         std::fs::remove_dir_all(&dir).map_err(|e| HostError::io(&obj, "remove", &dir, e))?;
-        let model = self.model(Some(name), None)?;
-        self.apply_firewall(&mut last, &model, name)
+        let model = self.model(Some(name), None, None)?;
+        self.apply_firewall(&mut last, &model, &obj)
     }
 
     fn networks(&self) -> Result<Vec<String>, HostError> {
         self.list_dirs()
+    }
+
+    fn ensure_port(&self, bridge: &str, tap: &str) -> Result<bool, HostError> {
+        ports::ensure_port(bridge, tap)
+    }
+
+    fn ensure_underlay(&self, underlay: &Underlay) -> Result<(), HostError> {
+        let underlay = underlay
+            .normalized()
+            .map_err(|m| HostError::invalid(UNDERLAY, m))?;
+        let mut last = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        // The firewall first; only once the kernel took it is the underlay recorded.
+        let model = self.model(None, None, Some(&underlay))?;
+        self.apply_firewall(&mut last, &model, UNDERLAY)?;
+        std::fs::create_dir_all(&self.net_root)
+            .map_err(|e| HostError::io(UNDERLAY, "create", &self.net_root, e))?;
+        let json = serde_json::to_string_pretty(&underlay)
+            .map_err(|e| HostError::invalid(UNDERLAY, format!("cannot serialise: {e}")))?;
+        write_if_changed(&self.underlay_path(), &json, UNDERLAY)?;
+        Ok(())
     }
 }
 
@@ -567,7 +641,28 @@ mod tests {
     fn plan_accepts_a_good_network() {
         let p = NetPlan::from_desired(&desired()).expect("valid");
         assert_eq!(p.gateway, Ipv4Addr::new(10, 10, 0, 1));
-        assert_eq!(p.net.prefix, 24);
+        assert_eq!(p.net.prefix(), 24);
+    }
+
+    #[test]
+    fn a_cloud_id_that_is_not_a_uuid_names_domains_and_the_table_alike() {
+        let dir = std::env::temp_dir().join("tuchka-no-such-pool");
+        for cloud in ["e2e-cloud", "x", "0f2a6c1e-0000-4000-8000-000000000001"] {
+            let table = LinuxDataplane::new(&dir, cloud).table_name();
+            let domain = tuchka_core::names::domain_name(cloud, "web-0");
+            let from_table = table.strip_prefix("tk_").expect("tk_ prefix");
+            let from_domain = domain
+                .strip_prefix("tk-")
+                .and_then(|d| d.strip_suffix("-web-0"))
+                .expect("tk-<cloud8>-<vm>");
+            assert_eq!(from_table, from_domain, "cloud id {cloud:?}");
+            assert_eq!(from_table.len(), 8, "cloud id {cloud:?}");
+            assert_eq!(
+                crate::cloud8(cloud),
+                from_table,
+                "the re-export is the same"
+            );
+        }
     }
 
     #[test]

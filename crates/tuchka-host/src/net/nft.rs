@@ -26,6 +26,10 @@
 //!   (prerouting) or sent by the host itself (output, loopback excluded) → `dnat` to the VM.
 //! - **postrouting** (nat): for networks with NAT whose gateway is here, `masquerade` what the
 //!   network sends out of anything but a bridge of `B`.
+//! - **underlay** (input, once [`FirewallModel::underlay`] is set, with or without networks):
+//!   the migration channel's TCP port and VXLAN's UDP port only from the cloud's other hosts
+//!   (sets `peers4`/`peers6`; the channel also from loopback), dropped from anyone else; nothing
+//!   else is filtered there (see [`super::underlay`]).
 //!
 //! Address lists of more than one entry become named sets (`addrs<N>`), shared by every rule
 //! with the same list, so a thousand rules stay a thousand small rules and a few sets. An empty
@@ -41,9 +45,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
-use super::cidr::Ipv4Net;
+use tuchka_core::ipam::Cidr;
+
 use super::rules::{EgressAction, NetRules, PortSpec, Proto};
+use super::underlay::Underlay;
 use crate::cmd::{self, CommandError};
 
 /// Name of the marker chain of a table whose networks need `net.ipv4.ip_forward=1`.
@@ -56,6 +63,8 @@ pub struct FirewallModel {
     pub cloud8: String,
     /// The cloud's networks present on this host (validated).
     pub networks: Vec<NetRules>,
+    /// Who may reach the ports between hosts (normalized); `None`: not filtered.
+    pub underlay: Option<Underlay>,
 }
 
 impl FirewallModel {
@@ -64,12 +73,36 @@ impl FirewallModel {
         FirewallModel {
             cloud8: cloud8.to_string(),
             networks: Vec::new(),
+            underlay: None,
         }
     }
 
+    /// Filter the ports between hosts as `underlay` says (validated and normalized here),
+    /// unless a network already in the model forwards one of them.
+    pub fn set_underlay(&mut self, underlay: &Underlay) -> Result<(), String> {
+        let underlay = underlay.normalized()?;
+        if let Some(clash) = self
+            .networks
+            .iter()
+            .find_map(|n| forward_on_underlay(&underlay, n))
+        {
+            return Err(clash);
+        }
+        self.underlay = Some(underlay);
+        Ok(())
+    }
+
     /// Add a network unless it clashes with one already in the model: the same name, the same
-    /// bridge, or a forward of the same protocol and host port. The message says what clashes.
+    /// bridge, or a forward of the same protocol and host port — or a forward of a port between
+    /// hosts (see [`Self::set_underlay`]). The message says what clashes.
     pub fn add(&mut self, net: NetRules) -> Result<(), String> {
+        if let Some(clash) = self
+            .underlay
+            .as_ref()
+            .and_then(|u| forward_on_underlay(u, &net))
+        {
+            return Err(clash);
+        }
         for other in &self.networks {
             if other.name == net.name {
                 return Err(format!("network {} is in the firewall twice", net.name));
@@ -109,6 +142,18 @@ impl FirewallModel {
     }
 }
 
+/// The message for a forward of `net` that takes one of `underlay`'s ports, if any.
+pub(crate) fn forward_on_underlay(underlay: &Underlay, net: &NetRules) -> Option<String> {
+    net.active_forwards().iter().find_map(|f| {
+        underlay.taken_by(f.proto, f.host_port).map(|why| {
+            format!(
+                "forward {:?} of network {}: {why}, it cannot be forwarded",
+                f.id, net.name
+            )
+        })
+    })
+}
+
 /// `tk_<cloud8>`.
 pub fn table_name(cloud8: &str) -> String {
     format!("tk_{cloud8}")
@@ -142,9 +187,9 @@ fn comment(kind: &str, id: &str) -> String {
 }
 
 /// An address for nft: a /32 as the bare address.
-fn addr(n: &Ipv4Net) -> String {
-    if n.prefix == 32 {
-        n.addr.to_string()
+fn addr(n: &Cidr) -> String {
+    if n.prefix() == 32 {
+        n.network().to_string()
     } else {
         n.to_string()
     }
@@ -153,13 +198,13 @@ fn addr(n: &Ipv4Net) -> String {
 /// Address lists of more than one entry, deduplicated into named sets.
 #[derive(Default)]
 struct SetPool {
-    sets: Vec<Vec<Ipv4Net>>,
-    index: HashMap<Vec<Ipv4Net>, usize>,
+    sets: Vec<Vec<Cidr>>,
+    index: HashMap<Vec<Cidr>, usize>,
 }
 
 impl SetPool {
     /// The nft expression for a non-empty normalized list: the address itself or `@addrs<N>`.
-    fn expr(&mut self, nets: &[Ipv4Net]) -> String {
+    fn expr(&mut self, nets: &[Cidr]) -> String {
         if let [one] = nets {
             return addr(one);
         }
@@ -249,7 +294,7 @@ fn render_ingress(n: &NetRules, sets: &mut SetPool, out: &mut String) {
             continue;
         }
         let saddr = format!("ip saddr {}", sets.expr(&r.sources));
-        let targets: &[Ipv4Net] = if r.targets.is_empty() {
+        let targets: &[Cidr] = if r.targets.is_empty() {
             &whole
         } else {
             &r.targets
@@ -270,24 +315,101 @@ fn render_ingress(n: &NetRules, sets: &mut SetPool, out: &mut String) {
     out.push_str("\t}\n");
 }
 
-/// Render the complete nft script for `model` (pure). With no networks the script only deletes
-/// the table.
+/// The sets `peers4`/`peers6` (those with elements) and the chain `underlay`.
+fn render_underlay(u: &Underlay, sets: &mut String, chains: &mut String) {
+    let (v4, v6): (Vec<&IpAddr>, Vec<&IpAddr>) = u.peers.iter().partition(|ip| ip.is_ipv4());
+    let families = [
+        ("peers4", "ip", "ipv4_addr", v4),
+        ("peers6", "ip6", "ipv6_addr", v6),
+    ];
+    let mut from_peers = Vec::new();
+    for (set, match_kw, ty, peers) in &families {
+        if peers.is_empty() {
+            continue;
+        }
+        let elements: Vec<String> = peers.iter().map(|ip| ip.to_string()).collect();
+        let _ = write!(
+            sets,
+            "\tset {set} {{\n\t\ttype {ty}\n\t\telements = {{ {} }}\n\t}}\n",
+            elements.join(", ")
+        );
+        from_peers.push(format!("{match_kw} saddr @{set}"));
+    }
+    chains.push_str("\tchain underlay {\n");
+    chains.push_str("\t\ttype filter hook input priority filter; policy accept;\n");
+    if let Some(port) = u.channel_port {
+        let _ = writeln!(chains, "\t\tiifname \"lo\" tcp dport {port} accept");
+        for peers in &from_peers {
+            let _ = writeln!(chains, "\t\t{peers} tcp dport {port} accept");
+        }
+        let _ = writeln!(
+            chains,
+            "\t\ttcp dport {port} drop comment \"channel: not from a host of this cloud\""
+        );
+    }
+    let port = u.vxlan_port;
+    for peers in &from_peers {
+        let _ = writeln!(chains, "\t\t{peers} udp dport {port} accept");
+    }
+    let _ = writeln!(
+        chains,
+        "\t\tudp dport {port} drop comment \"vxlan: not from a host of this cloud\""
+    );
+    chains.push_str("\t}\n");
+}
+
+/// Render the complete nft script for `model` (pure). With no networks and no underlay the
+/// script only deletes the table.
 pub fn render_firewall(model: &FirewallModel) -> String {
     let table = table_name(&model.cloud8);
     let mut nets: Vec<&NetRules> = model.networks.iter().collect();
     nets.sort_by(|a, b| a.name.cmp(&b.name));
     let mut s = format!("table inet {table}\ndelete table inet {table}\n");
-    if nets.is_empty() {
+    if nets.is_empty() && model.underlay.is_none() {
         return s;
     }
     let mut sets = SetPool::default();
     let mut chains = String::new();
+    if !nets.is_empty() {
+        render_networks(&nets, &mut sets, &mut chains);
+    }
+    let mut peer_sets = String::new();
+    if let Some(u) = &model.underlay {
+        render_underlay(u, &mut peer_sets, &mut chains);
+    }
 
+    let _ = writeln!(s, "table inet {table} {{");
+    let _ = writeln!(
+        s,
+        "\tcomment \"tuchka cloud {}: generated, replaced as a whole\"",
+        model.cloud8
+    );
+    if !nets.is_empty() {
+        let bridges: Vec<String> = nets.iter().map(|n| q(&n.bridge)).collect();
+        let _ = write!(
+            s,
+            "\tset bridges {{\n\t\ttype ifname\n\t\telements = {{ {} }}\n\t}}\n",
+            bridges.join(", ")
+        );
+    }
+    sets.render(&mut s);
+    s.push_str(&peer_sets);
+    if model.needs_forwarding() {
+        let _ = write!(s, "\tchain {FORWARDING_MARKER} {{\n\t}}\n");
+    }
+    s.push_str(&chains);
+    s.push_str("}\n");
+    s
+}
+
+/// The chains of the networks `nets` (non-empty, sorted by name): forward, `route_out`, each
+/// network's `out_<N>`/`in_<N>`, input, and the nat chains; address lists go to `sets`.
+fn render_networks(nets: &[&NetRules], sets: &mut SetPool, chains: &mut String) {
     // forward
     chains.push_str("\tchain forward {\n");
     chains.push_str("\t\ttype filter hook forward priority filter; policy accept;\n");
     chains.push_str("\t\tiifname != @bridges oifname != @bridges accept\n");
-    for n in &nets {
+    for n in nets {
         let b = q(&n.bridge);
         let _ = writeln!(chains, "\t\tiifname {b} oifname {b} accept");
     }
@@ -313,9 +435,9 @@ pub fn render_firewall(model: &FirewallModel) -> String {
         chains.push_str("\t\taccept\n");
         chains.push_str("\t}\n");
     }
-    for n in &nets {
-        render_egress(n, &mut sets, &mut chains);
-        render_ingress(n, &mut sets, &mut chains);
+    for n in nets {
+        render_egress(n, sets, chains);
+        render_ingress(n, sets, chains);
     }
 
     // input
@@ -371,26 +493,6 @@ pub fn render_firewall(model: &FirewallModel) -> String {
         }
         chains.push_str("\t}\n");
     }
-
-    let _ = writeln!(s, "table inet {table} {{");
-    let _ = writeln!(
-        s,
-        "\tcomment \"tuchka cloud {}: generated, replaced as a whole\"",
-        model.cloud8
-    );
-    let bridges: Vec<String> = nets.iter().map(|n| q(&n.bridge)).collect();
-    let _ = write!(
-        s,
-        "\tset bridges {{\n\t\ttype ifname\n\t\telements = {{ {} }}\n\t}}\n",
-        bridges.join(", ")
-    );
-    sets.render(&mut s);
-    if model.needs_forwarding() {
-        let _ = write!(s, "\tchain {FORWARDING_MARKER} {{\n\t}}\n");
-    }
-    s.push_str(&chains);
-    s.push_str("}\n");
-    s
 }
 
 /// Pure: the inet tables that have a chain named `chain`, from `nft -j list chains` output.

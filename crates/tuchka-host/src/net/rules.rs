@@ -14,8 +14,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use tuchka_api::agent::{EgressRule, ForwardDesired, IngressRule, NetworkDesired, PortMatch};
-
-use super::cidr::{normalize, Ipv4Net};
+use tuchka_core::ipam::{normalize, Cidr};
 
 /// A transport protocol a rule can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -97,9 +96,9 @@ pub struct Ingress {
     /// Protocol and ports.
     pub matches: PortSpec,
     /// Source networks, normalized; empty = the rule matches nothing.
-    pub sources: Vec<Ipv4Net>,
+    pub sources: Vec<Cidr>,
     /// Destinations inside the network, normalized; empty = the whole network.
-    pub targets: Vec<Ipv4Net>,
+    pub targets: Vec<Cidr>,
 }
 
 /// What an egress rule does with what it matches.
@@ -121,7 +120,7 @@ pub struct Egress {
     /// Protocol and ports.
     pub matches: PortSpec,
     /// Destination networks, normalized; empty = the rule matches nothing.
-    pub destinations: Vec<Ipv4Net>,
+    pub destinations: Vec<Cidr>,
 }
 
 /// A validated port forward.
@@ -147,7 +146,7 @@ pub struct NetRules {
     /// Bridge name.
     pub bridge: String,
     /// The network.
-    pub net: Ipv4Net,
+    pub net: Cidr,
     /// Whether this host is the network's gateway (NAT and forwards happen only there).
     pub gateway_here: bool,
     /// Outbound NAT.
@@ -162,7 +161,7 @@ pub struct NetRules {
 
 impl NetRules {
     /// Validate the rules of `d`, whose CIDR parsed to `net`.
-    pub fn from_desired(d: &NetworkDesired, net: Ipv4Net) -> Result<Self, String> {
+    pub fn from_desired(d: &NetworkDesired, net: Cidr) -> Result<Self, String> {
         let ingress = d
             .ingress
             .iter()
@@ -219,15 +218,16 @@ impl NetRules {
 }
 
 /// Parse and normalize an address list.
-fn addr_list(list: &[String]) -> Result<Vec<Ipv4Net>, String> {
+fn addr_list(list: &[String]) -> Result<Vec<Cidr>, String> {
     let nets = list
         .iter()
-        .map(|s| Ipv4Net::parse_addr_or_net(s.trim()))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|s| Cidr::parse_any(s.trim()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
     Ok(normalize(&nets))
 }
 
-fn ingress(r: &IngressRule, net: &Ipv4Net) -> Result<Ingress, String> {
+fn ingress(r: &IngressRule, net: &Cidr) -> Result<Ingress, String> {
     let ctx = |e: String| format!("ingress rule {:?}: {e}", r.id);
     let matches = PortSpec::parse(&r.matches).map_err(ctx)?;
     let sources = addr_list(&r.sources).map_err(|e| ctx(format!("sources: {e}")))?;
@@ -260,7 +260,7 @@ fn egress(r: &EgressRule) -> Result<Egress, String> {
     })
 }
 
-fn forward(f: &ForwardDesired, net: &Ipv4Net) -> Result<Forward, String> {
+fn forward(f: &ForwardDesired, net: &Cidr) -> Result<Forward, String> {
     let ctx = |e: String| format!("forward {:?}: {e}", f.id);
     let proto = match Proto::parse(&f.proto).map_err(ctx)? {
         p @ (Proto::Tcp | Proto::Udp) => p,
@@ -321,7 +321,7 @@ mod tests {
     }
 
     fn rules(d: &NetworkDesired) -> Result<NetRules, String> {
-        NetRules::from_desired(d, Ipv4Net::parse(&d.cidr).expect("cidr"))
+        NetRules::from_desired(d, d.cidr.parse().expect("cidr"))
     }
 
     #[test]
