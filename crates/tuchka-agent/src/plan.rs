@@ -75,6 +75,35 @@ pub fn next_action(want: &VmDesired, state: Option<&DomainState>, mem: &VmMemory
     }
 }
 
+/// What the source of a migration does in a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutgoingAction {
+    /// Nothing (waiting for `go`, or the job runs, or it ended and the controller decides).
+    None,
+    /// Start the job.
+    Begin,
+    /// Stop the running job: the VM stays here.
+    Abort,
+}
+
+/// The next step of the source of a migration. `go`/`abort`: what the controller says; `job`:
+/// how this agent's job stands (None: it has none, e.g. it restarted); `domain_here`: the VM's
+/// domain is still on this host. Never starts a job for a VM whose domain is gone (it moved).
+pub fn outgoing_action(
+    go: bool,
+    abort: bool,
+    job: Option<tuchka_api::agent::MigrationStatus>,
+    domain_here: bool,
+) -> OutgoingAction {
+    use tuchka_api::agent::MigrationStatus as S;
+    match (abort, go, job) {
+        (true, _, Some(S::Running)) => OutgoingAction::Abort,
+        (true, _, _) => OutgoingAction::None,
+        (false, true, None) if domain_here => OutgoingAction::Begin,
+        _ => OutgoingAction::None,
+    }
+}
+
 /// The state to report for a VM whose domain shows `state`.
 pub fn observed_state(want: &VmDesired, state: Option<&DomainState>) -> VmState {
     match state {
@@ -112,7 +141,25 @@ mod tests {
             reboot_seq: 0,
             force_stop: false,
             stop_timeout_s: 60,
+            migration: None,
         }
+    }
+
+    #[test]
+    fn the_source_begins_once_told_and_aborts_only_a_running_job() {
+        use tuchka_api::agent::MigrationStatus as S;
+        assert_eq!(outgoing_action(false, false, None, true), OutgoingAction::None);
+        assert_eq!(outgoing_action(true, false, None, true), OutgoingAction::Begin);
+        assert_eq!(
+            outgoing_action(true, false, None, false),
+            OutgoingAction::None,
+            "a domain that left is never moved again"
+        );
+        assert_eq!(outgoing_action(true, false, Some(S::Running), true), OutgoingAction::None);
+        assert_eq!(outgoing_action(true, false, Some(S::Failed), true), OutgoingAction::None);
+        assert_eq!(outgoing_action(true, true, Some(S::Running), true), OutgoingAction::Abort);
+        assert_eq!(outgoing_action(true, true, Some(S::Completed), false), OutgoingAction::None);
+        assert_eq!(outgoing_action(false, true, None, true), OutgoingAction::None);
     }
 
     #[test]

@@ -1,21 +1,37 @@
 //! One reconcile pass: converge this host to a [`HostDesired`] and say what it now has.
 //!
-//! Order matters for cleanliness: networks first (VMs plug into bridges), then VMs, then
-//! removal of what is not desired (domains, VM directories), then cached images and networks
-//! nothing uses any more. Every step is idempotent; a failure is reported on the object it
-//! concerns and retried on the next pass.
+//! Order matters for cleanliness: the host firewall for the channel and VXLAN, networks (VMs
+//! plug into bridges), then VMs, then the removals the controller named, then cached images
+//! and networks nothing uses any more. Every step is idempotent; a failure is reported on the
+//! object it concerns (with its cause chain) and retried on the next pass.
+//!
+//! Removal is explicit: a domain or VM directory of this cloud is destroyed only when the
+//! controller names its VM in `removals`. Anything else found that no desired VM explains is
+//! reported as an orphan and left alone — a restored database, a renamed host or a VM arriving
+//! by migration never loses a disk.
+//!
+//! A VM in a migration is not converged as usual: on the target (`incoming`) the pass only
+//! prepares (image, overlay, seed — networks come with the desired state) and never defines or
+//! starts it; on the source (`outgoing`) the pass starts, watches or aborts the [`Mover`]'s
+//! job and never re-creates a domain that left.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tuchka_api::agent::{HostDesired, HostReport, NetworkObserved, VmDesired, VmObserved};
-use tuchka_api::VmState;
+use tuchka_api::agent::{
+    HostDesired, HostReport, MigrationObserved, MigrationStatus, NetworkObserved, Orphan,
+    OrphanKind, VmDesired, VmMigrationDesired, VmObserved,
+};
+use tuchka_api::{MigrationMode, VmState};
+use tuchka_host::net::Underlay;
 use tuchka_host::{
     Accel, Dataplane, DomainInfo, DomainSpec, HostError, Hypervisor, NicSpec, Storage,
 };
 
-use crate::plan::{next_action, observed_state, Action, VmMemory};
+use crate::mover::{Mover, OutgoingJob};
+use crate::plan::{next_action, observed_state, outgoing_action, Action, OutgoingAction, VmMemory};
 
 /// The side-effect adapters of one host.
 pub struct HostParts {
@@ -25,10 +41,14 @@ pub struct HostParts {
     pub storage: Arc<dyn Storage>,
     /// Bridges, DHCP/DNS, firewall.
     pub dataplane: Arc<dyn Dataplane>,
+    /// Moves VMs to other hosts.
+    pub mover: Arc<dyn Mover>,
     /// Accelerator for new domains.
     pub accel: Accel,
     /// Id of the cloud (domain metadata).
     pub cloud_id: String,
+    /// Port of this host's migration channel (None: it has none).
+    pub channel_port: Option<u16>,
 }
 
 /// What the agent remembers between passes.
@@ -58,19 +78,96 @@ pub struct PassResult {
     pub settled: bool,
 }
 
-/// Converge the host once. `image_errors` holds images that could not be fetched (sha → why).
+/// A failure as a user sees it: what failed, then its causes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The outermost message.
+    pub message: String,
+    /// The causes, outermost first.
+    pub chain: Vec<String>,
+}
+
+impl Failure {
+    /// From an error and its sources.
+    pub fn of(e: &dyn std::error::Error) -> Self {
+        let mut chain = vec![];
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            chain.push(s.to_string());
+            cur = s.source();
+        }
+        Failure {
+            message: e.to_string(),
+            chain,
+        }
+    }
+
+    fn text(message: impl Into<String>) -> Self {
+        Failure {
+            message: message.into(),
+            chain: vec![],
+        }
+    }
+}
+
+impl From<HostError> for Failure {
+    fn from(e: HostError) -> Self {
+        Failure::of(&e)
+    }
+}
+
+fn observed(id: &str, state: VmState, error: Option<Failure>) -> VmObserved {
+    let (error, error_chain) = match error {
+        Some(f) => (Some(f.message), f.chain),
+        None => (None, vec![]),
+    };
+    VmObserved {
+        id: id.to_string(),
+        state,
+        error,
+        error_chain,
+        reboot_seq: 0,
+        domain: false,
+        migration: None,
+        cpu_usage: 0.0,
+    }
+}
+
+/// The host firewall's view of the cloud: who may reach the channel and VXLAN.
+fn underlay(desired: &HostDesired, channel_port: Option<u16>) -> Underlay {
+    let mut u = Underlay::new(
+        desired
+            .peers
+            .iter()
+            .filter_map(|p| p.address.parse::<IpAddr>().ok())
+            .collect(),
+    );
+    u.channel_port = channel_port;
+    u
+}
+
+/// Converge the host once. `image_errors` holds images that could not be fetched (sha → why);
+/// `cpu`: each VM's CPU use lately (cores), by id.
 pub fn reconcile(
     parts: &HostParts,
     desired: &HostDesired,
     mem: &mut Memory,
     image_errors: &HashMap<String, String>,
+    cpu: &HashMap<String, f64>,
 ) -> PassResult {
     let mut settled = true;
-    let mut net_errors: HashMap<String, String> = HashMap::new();
+    if let Err(e) = parts
+        .dataplane
+        .ensure_underlay(&underlay(desired, parts.channel_port))
+    {
+        tracing::warn!(error = %e.chain(), "host firewall for the channel and VXLAN not converged");
+        settled = false;
+    }
+    let mut net_errors: HashMap<String, Failure> = HashMap::new();
     for n in &desired.networks {
         if let Err(e) = parts.dataplane.ensure_network(n) {
-            tracing::warn!(network = %n.name, error = %e, "network not converged");
-            net_errors.insert(n.name.clone(), e.to_string());
+            tracing::warn!(network = %n.name, error = %e.chain(), "network not converged");
+            net_errors.insert(n.name.clone(), e.into());
             settled = false;
         }
     }
@@ -78,16 +175,12 @@ pub fn reconcile(
     let domains: HashMap<String, DomainInfo> = match parts.hypervisor.list() {
         Ok(d) => d.into_iter().map(|d| (d.vm_id.clone(), d)).collect(),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot list domains");
+            tracing::warn!(error = %e.chain(), "cannot list domains");
+            let f = Failure::of(&e);
             let vms = desired
                 .vms
                 .iter()
-                .map(|v| VmObserved {
-                    id: v.id.clone(),
-                    state: VmState::Error,
-                    error: Some(e.to_string()),
-                    reboot_seq: 0,
-                })
+                .map(|v| observed(&v.id, VmState::Error, Some(f.clone())))
                 .collect();
             return PassResult {
                 report: HostReport {
@@ -108,106 +201,153 @@ pub fn reconcile(
     // VMs converge independently, a few at a time: starting or destroying a domain takes
     // libvirt hundreds of milliseconds, mostly waiting on qemu.
     let shared = Mutex::new(std::mem::take(mem));
-    let mut observed: Vec<VmObserved> = parallel_map(&desired.vms, |want| {
-        let result = match image_errors.get(&want.image_sha256) {
-            Some(why) => Err(format!("image not available on this host: {why}")),
-            None => converge_vm(
-                parts,
-                want,
-                domains.get(&want.id).map(|d| &d.state),
-                &shared,
-                &mtus,
-            ),
-        };
-        let (state, error) = match result {
-            Ok(state_now) => (observed_state(want, state_now.as_ref()), None),
-            Err(e) => {
-                tracing::warn!(vm = %want.name, error = %e, "vm not converged");
-                (VmState::Error, Some(e))
+    let mut report_vms: Vec<VmObserved> = parallel_map(&desired.vms, |want| {
+        let domain = domains.get(&want.id);
+        let mut o = match &want.migration {
+            Some(VmMigrationDesired::Incoming { id, mode, .. }) => {
+                incoming(parts, want, id, *mode, domain, image_errors)
             }
+            Some(VmMigrationDesired::Outgoing {
+                id,
+                mode,
+                target,
+                target_pool,
+                go,
+                abort,
+            }) => {
+                let job = OutgoingJob {
+                    id: id.clone(),
+                    mode: *mode,
+                    target: target.clone(),
+                    target_pool: target_pool.clone(),
+                    vm: want.clone(),
+                };
+                outgoing(parts, want, &job, *go, *abort, domain)
+            }
+            None => converge_one(parts, want, domain, &shared, &mtus, image_errors),
         };
-        let reboot_seq = lock(&shared)
+        o.reboot_seq = lock(&shared)
             .reboot_done
             .get(&want.id)
             .copied()
             .unwrap_or(0);
-        VmObserved {
-            id: want.id.clone(),
-            state,
-            error,
-            reboot_seq,
-        }
+        o.cpu_usage = cpu.get(&want.id).copied().unwrap_or(0.0);
+        o
     });
     *mem = shared.into_inner().unwrap_or_else(|p| p.into_inner());
-    if observed.iter().any(|o| {
+    if report_vms.iter().any(|o| {
         !matches!(
             o.state,
             VmState::Running | VmState::Paused | VmState::Stopped
-        )
+        ) || o
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.status != MigrationStatus::Idle)
     }) {
         settled = false;
     }
 
     // A bridge recreated under running VMs has lost their taps: plug them back.
-    for (want, seen) in desired.vms.iter().zip(&observed) {
-        if matches!(
-            seen.state,
-            VmState::Running | VmState::Paused | VmState::Stopping
-        ) {
+    for (want, seen) in desired.vms.iter().zip(&report_vms) {
+        if want.migration.is_none()
+            && matches!(
+                seen.state,
+                VmState::Running | VmState::Paused | VmState::Stopping
+            )
+        {
             for nic in &want.nics {
                 if let Err(e) = parts.dataplane.ensure_port(&nic.bridge, &nic.tap) {
-                    tracing::warn!(vm = %want.name, tap = %nic.tap, error = %e, "cannot plug the tap into its bridge");
+                    tracing::warn!(vm = %want.name, tap = %nic.tap, error = %e.chain(), "cannot plug the tap into its bridge");
                 }
             }
         }
     }
 
-    // Remove what is not desired: domains, then their directories.
-    let wanted: HashSet<&str> = desired.vms.iter().map(|v| v.id.as_str()).collect();
-    let unwanted: Vec<&DomainInfo> = domains
-        .values()
-        .filter(|d| !wanted.contains(d.vm_id.as_str()))
-        .collect();
-    let failed_removals = parallel_map(&unwanted, |d| {
-        let gone = parts
-            .hypervisor
-            .undefine(&d.name)
-            .and_then(|_| parts.storage.remove_vm(&d.vm_id));
-        gone.err().map(|e| {
-            tracing::warn!(domain = %d.name, error = %e, "cannot remove domain");
-            VmObserved {
-                id: d.vm_id.clone(),
-                state: VmState::Stopping,
-                error: Some(e.to_string()),
-                reboot_seq: 0,
-            }
+    // Migrations this host no longer plays a part in.
+    let outgoing_ids: HashSet<&str> = desired
+        .vms
+        .iter()
+        .filter_map(|v| match &v.migration {
+            Some(VmMigrationDesired::Outgoing { id, .. }) => Some(id.as_str()),
+            _ => None,
         })
-    });
-    for d in &unwanted {
-        forget(mem, &d.vm_id);
-    }
-    for f in failed_removals.into_iter().flatten() {
-        observed.push(f);
-        settled = false;
-    }
-    if let Ok(dirs) = parts.storage.vm_dirs() {
-        for id in dirs
-            .iter()
-            .filter(|id| !wanted.contains(id.as_str()) && !domains.contains_key(id.as_str()))
-        {
-            if let Err(e) = parts.storage.remove_vm(id) {
-                tracing::warn!(vm = %id, error = %e, "cannot remove VM directory");
-                observed.push(VmObserved {
-                    id: id.clone(),
-                    state: VmState::Stopping,
-                    error: Some(e.to_string()),
-                    reboot_seq: 0,
-                });
-            }
+        .collect();
+    for id in parts.mover.known() {
+        if !outgoing_ids.contains(id.as_str()) {
+            parts.mover.abort(&id);
+            parts.mover.forget(&id);
         }
     }
 
-    // Cached images the cloud no longer has and no desired VM uses.
+    // The removals the controller named: domains (matched by VM id, never by name alone), then
+    // directories.
+    let wanted: HashSet<&str> = desired.vms.iter().map(|v| v.id.as_str()).collect();
+    let removal_ids: HashSet<&str> = desired.removals.iter().map(|r| r.id.as_str()).collect();
+    let dirs: HashSet<String> = parts
+        .storage
+        .vm_dirs()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let present: Vec<&tuchka_api::agent::VmRemoval> = desired
+        .removals
+        .iter()
+        .filter(|r| !wanted.contains(r.id.as_str()))
+        .filter(|r| domains.contains_key(&r.id) || dirs.contains(&r.id))
+        .collect();
+    let failed_removals = parallel_map(&present, |r| {
+        let gone = match domains.get(&r.id) {
+            Some(d) => parts.hypervisor.undefine(&d.name),
+            None => Ok(()),
+        }
+        .and_then(|_| parts.storage.remove_vm(&r.id));
+        gone.err().map(|e| {
+            tracing::warn!(vm = %r.name, error = %e.chain(), "cannot remove VM");
+            let mut o = observed(&r.id, VmState::Stopping, Some(e.into()));
+            o.domain = domains.contains_key(&r.id);
+            o
+        })
+    });
+    for r in &present {
+        forget(mem, &r.id);
+    }
+    for f in failed_removals.into_iter().flatten() {
+        report_vms.push(f);
+        settled = false;
+    }
+
+    // What nothing explains: reported, left alone.
+    let mut orphans: Vec<Orphan> = domains
+        .values()
+        .filter(|d| !wanted.contains(d.vm_id.as_str()) && !removal_ids.contains(d.vm_id.as_str()))
+        .map(|d| Orphan {
+            kind: OrphanKind::Domain,
+            name: d.name.clone(),
+            vm_id: d.vm_id.clone(),
+        })
+        .collect();
+    orphans.extend(
+        dirs.iter()
+            .filter(|id| {
+                !wanted.contains(id.as_str())
+                    && !removal_ids.contains(id.as_str())
+                    && !domains.contains_key(id.as_str())
+            })
+            .map(|id| Orphan {
+                kind: OrphanKind::Disk,
+                name: parts
+                    .storage
+                    .root_disk_path(id)
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                vm_id: id.clone(),
+            }),
+    );
+    orphans.sort_by(|a, b| (a.kind, &a.vm_id).cmp(&(b.kind, &b.vm_id)));
+
+    // Cached images the cloud no longer has and no desired VM uses (the storage refuses to
+    // remove one that still backs a disk, an orphan's included).
     let keep: HashSet<&str> = desired
         .images
         .iter()
@@ -222,7 +362,7 @@ pub fn reconcile(
         match parts.storage.remove_image(sha) {
             Ok(()) => false,
             Err(e) => {
-                tracing::warn!(image = %sha, error = %e, "cannot remove cached image");
+                tracing::debug!(image = %sha, error = %e.chain(), "cached image kept");
                 true
             }
         }
@@ -236,11 +376,13 @@ pub fn reconcile(
             continue;
         }
         if let Err(e) = parts.dataplane.remove_network(&name) {
-            tracing::warn!(network = %name, error = %e, "cannot remove network");
+            tracing::warn!(network = %name, error = %e.chain(), "cannot remove network");
+            let f = Failure::from(e);
             networks.push(NetworkObserved {
                 name,
                 ready: false,
-                error: Some(e.to_string()),
+                error: Some(f.message),
+                error_chain: f.chain,
             });
             settled = false;
         }
@@ -250,7 +392,8 @@ pub fn reconcile(
         networks.push(NetworkObserved {
             name: n.name.clone(),
             ready: error.is_none(),
-            error,
+            error_chain: error.as_ref().map(|f| f.chain.clone()).unwrap_or_default(),
+            error: error.map(|f| f.message),
         });
     }
 
@@ -258,12 +401,151 @@ pub fn reconcile(
         report: HostReport {
             generation: desired.generation,
             facts: Default::default(),
-            vms: observed,
+            vms: report_vms,
             networks,
             cached_images: cached,
+            orphans,
         },
         settled,
     }
+}
+
+/// The usual convergence of one VM, and what to report.
+fn converge_one(
+    parts: &HostParts,
+    want: &VmDesired,
+    domain: Option<&DomainInfo>,
+    mem: &Mutex<Memory>,
+    mtus: &HashMap<&str, u32>,
+    image_errors: &HashMap<String, String>,
+) -> VmObserved {
+    let result = match image_errors.get(&want.image_sha256) {
+        Some(why) => Err(Failure::text(format!(
+            "image not available on this host: {why}"
+        ))),
+        None => converge_vm(parts, want, domain.map(|d| &d.state), mem, mtus),
+    };
+    match result {
+        Ok(state_now) => {
+            let mut o = observed(&want.id, observed_state(want, state_now.as_ref()), None);
+            o.domain = state_now.is_some();
+            o
+        }
+        Err(f) => {
+            tracing::warn!(vm = %want.name, error = %f.message, chain = ?f.chain, "vm not converged");
+            let mut o = observed(&want.id, VmState::Error, Some(f));
+            o.domain = domain.is_some();
+            o
+        }
+    }
+}
+
+/// The target's part: prepare, never define or start.
+fn incoming(
+    parts: &HostParts,
+    want: &VmDesired,
+    id: &str,
+    mode: MigrationMode,
+    domain: Option<&DomainInfo>,
+    image_errors: &HashMap<String, String>,
+) -> VmObserved {
+    let status = |status: MigrationStatus, error: Option<Failure>| MigrationObserved {
+        id: id.to_string(),
+        status,
+        copied_bytes: 0,
+        remaining_bytes: 0,
+        mib_per_s: 0.0,
+        total_ms: None,
+        downtime_ms: None,
+        bytes: None,
+        error_chain: error.as_ref().map(|f| f.chain.clone()).unwrap_or_default(),
+        error: error.map(|f| f.message),
+    };
+    let prepared = match image_errors.get(&want.image_sha256) {
+        Some(why) => Err(Failure::text(format!(
+            "image not available on this host: {why}"
+        ))),
+        None => (|| -> Result<(), HostError> {
+            match mode {
+                // The overlay the copy writes into: same backing image, same virtual size.
+                MigrationMode::Live => {
+                    parts
+                        .storage
+                        .ensure_root_disk(&want.id, &want.image_sha256, want.disk_mib)?;
+                    parts.storage.ensure_seed(
+                        &want.id,
+                        &want.name,
+                        want.user_data.as_deref(),
+                        &want.ssh_keys,
+                    )?;
+                }
+                // The disk arrives whole through the channel into the VM's directory.
+                MigrationMode::Cold => {
+                    parts.storage.ensure_vm_dir(&want.id)?;
+                }
+            }
+            Ok(())
+        })()
+        .map_err(Failure::from),
+    };
+    let state = match domain {
+        Some(d) => observed_state(want, Some(&d.state)),
+        None => VmState::Starting,
+    };
+    let mut o = observed(&want.id, state, None);
+    o.domain = domain.is_some();
+    o.migration = Some(match prepared {
+        Ok(()) => status(MigrationStatus::Prepared, None),
+        Err(f) => {
+            tracing::warn!(vm = %want.name, migration = %id, error = %f.message, "cannot prepare for the incoming VM");
+            status(MigrationStatus::Failed, Some(f))
+        }
+    });
+    o
+}
+
+/// The source's part: start, watch or abort the job; never re-create a domain that left.
+fn outgoing(
+    parts: &HostParts,
+    want: &VmDesired,
+    job: &OutgoingJob,
+    go: bool,
+    abort: bool,
+    domain: Option<&DomainInfo>,
+) -> VmObserved {
+    let known = parts.mover.status(&job.id);
+    match outgoing_action(go, abort, known.as_ref().map(|m| m.status), domain.is_some()) {
+        OutgoingAction::Begin => {
+            tracing::info!(vm = %want.name, migration = %job.id, to = %job.target.name, mode = %job.mode, "moving");
+            if let Err(e) = parts.mover.begin(job) {
+                tracing::warn!(vm = %want.name, migration = %job.id, error = %e, "cannot start the migration");
+            }
+        }
+        OutgoingAction::Abort => {
+            tracing::info!(vm = %want.name, migration = %job.id, "aborting the migration");
+            parts.mover.abort(&job.id);
+        }
+        OutgoingAction::None => {}
+    }
+    let state = match domain {
+        Some(d) => observed_state(want, Some(&d.state)),
+        None => VmState::Starting,
+    };
+    let mut o = observed(&want.id, state, None);
+    o.domain = domain.is_some();
+    o.migration = Some(parts.mover.status(&job.id).unwrap_or(MigrationObserved {
+        id: job.id.clone(),
+        status: MigrationStatus::Idle,
+        copied_bytes: 0,
+        remaining_bytes: 0,
+        mib_per_s: 0.0,
+        total_ms: None,
+        downtime_ms: None,
+        bytes: None,
+        error: None,
+        error_chain: vec![],
+    }));
+    o
 }
 
 fn forget(mem: &mut Memory, id: &str) {
@@ -273,14 +555,14 @@ fn forget(mem: &mut Memory, id: &str) {
 }
 
 /// Take the next action for one VM (several in a row while they are quick: create → start →
-/// suspend). Returns the domain's state afterwards; errors come back as the message to report.
+/// suspend). Returns the domain's state afterwards.
 fn converge_vm(
     parts: &HostParts,
     want: &VmDesired,
     state: Option<&tuchka_host::DomainState>,
     mem: &Mutex<Memory>,
     mtus: &HashMap<&str, u32>,
-) -> Result<Option<tuchka_host::DomainState>, String> {
+) -> Result<Option<tuchka_host::DomainState>, Failure> {
     if want.power != tuchka_api::PowerState::Stopped {
         let mut m = lock(mem);
         m.shutdown_since.remove(&want.id);
@@ -292,11 +574,10 @@ fn converge_vm(
         if action == Action::None {
             break;
         }
-        apply(parts, want, action, mem, mtus).map_err(|e| e.to_string())?;
+        apply(parts, want, action, mem, mtus)?;
         state = parts
             .hypervisor
-            .list()
-            .map_err(|e| e.to_string())?
+            .list()?
             .into_iter()
             .find(|d| d.vm_id == want.id)
             .map(|d| d.state);
@@ -379,9 +660,42 @@ fn apply(
     }
 }
 
-/// Disk, seed and definition of a new VM; undone if a later step fails.
+/// The domain spec of `want` on this host.
+pub fn domain_spec(
+    parts: &HostParts,
+    want: &VmDesired,
+    root_disk: std::path::PathBuf,
+    seed_iso: std::path::PathBuf,
+    mtus: &HashMap<&str, u32>,
+) -> DomainSpec {
+    DomainSpec {
+        name: want.domain.clone(),
+        vm_id: want.id.clone(),
+        cloud_id: parts.cloud_id.clone(),
+        accel: parts.accel,
+        vcpus: want.cpus,
+        memory_mib: want.memory_mib,
+        root_disk,
+        seed_iso,
+        console_log: parts.storage.console_log_path(&want.id),
+        nics: want
+            .nics
+            .iter()
+            .map(|n| NicSpec {
+                bridge: n.bridge.clone(),
+                mac: n.mac.clone(),
+                tap: n.tap.clone(),
+                mtu: mtus.get(n.network.as_str()).copied().unwrap_or(1500),
+            })
+            .collect(),
+    }
+}
+
+/// Disk, seed and definition of a new VM; the definition is undone if a later step fails. A
+/// disk that was there before (it arrived by migration, or survived a failed start) is kept.
 fn create(parts: &HostParts, want: &VmDesired, mtus: &HashMap<&str, u32>) -> Result<(), HostError> {
     let st = &parts.storage;
+    let had_disk = st.root_disk_path(&want.id).exists();
     let result = (|| {
         let root_disk = st.ensure_root_disk(&want.id, &want.image_sha256, want.disk_mib)?;
         let seed_iso = st.ensure_seed(
@@ -390,32 +704,15 @@ fn create(parts: &HostParts, want: &VmDesired, mtus: &HashMap<&str, u32>) -> Res
             want.user_data.as_deref(),
             &want.ssh_keys,
         )?;
-        let spec = DomainSpec {
-            name: want.domain.clone(),
-            vm_id: want.id.clone(),
-            cloud_id: parts.cloud_id.clone(),
-            accel: parts.accel,
-            vcpus: want.cpus,
-            memory_mib: want.memory_mib,
-            root_disk,
-            seed_iso,
-            console_log: st.console_log_path(&want.id),
-            nics: want
-                .nics
-                .iter()
-                .map(|n| NicSpec {
-                    bridge: n.bridge.clone(),
-                    mac: n.mac.clone(),
-                    tap: n.tap.clone(),
-                    mtu: mtus.get(n.network.as_str()).copied().unwrap_or(1500),
-                })
-                .collect(),
-        };
-        parts.hypervisor.define(&spec)
+        parts
+            .hypervisor
+            .define(&domain_spec(parts, want, root_disk, seed_iso, mtus))
     })();
     if result.is_err() {
         let _ = parts.hypervisor.undefine(&want.domain);
-        let _ = st.remove_vm(&want.id);
+        if !had_disk {
+            let _ = st.remove_vm(&want.id);
+        }
     }
     result
 }
@@ -423,7 +720,8 @@ fn create(parts: &HostParts, want: &VmDesired, mtus: &HashMap<&str, u32>) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tuchka_api::agent::{NetworkDesired, NicDesired};
+    use crate::mover::FakeMover;
+    use tuchka_api::agent::{NetworkDesired, NicDesired, PeerHost, VmRemoval};
     use tuchka_api::PowerState;
     use tuchka_host::fake::{FakeDataplane, FakeHypervisor, FakeStorage};
     use tuchka_host::DomainState;
@@ -436,6 +734,7 @@ mod tests {
         hv: Arc<FakeHypervisor>,
         st: Arc<FakeStorage>,
         dp: Arc<FakeDataplane>,
+        mover: Arc<FakeMover>,
         parts: HostParts,
         _dir: tempfile::TempDir,
     }
@@ -445,18 +744,22 @@ mod tests {
         let hv = Arc::new(FakeHypervisor::new(CLOUD));
         let st = Arc::new(FakeStorage::new(dir.path()).expect("fake storage"));
         let dp = Arc::new(FakeDataplane::new());
+        let mover = Arc::new(FakeMover::default());
         st.add_image(IMG, 64);
         let parts = HostParts {
             hypervisor: hv.clone(),
             storage: st.clone(),
             dataplane: dp.clone(),
+            mover: mover.clone(),
             accel: Accel::Tcg,
             cloud_id: CLOUD.into(),
+            channel_port: Some(7481),
         };
         Host {
             hv,
             st,
             dp,
+            mover,
             parts,
             _dir: dir,
         }
@@ -503,6 +806,7 @@ mod tests {
             reboot_seq: 0,
             force_stop: false,
             stop_timeout_s: 60,
+            migration: None,
         }
     }
 
@@ -513,7 +817,22 @@ mod tests {
             vms,
             networks: vec![net()],
             images: vec![IMG.into()],
+            removals: vec![],
+            peers: vec![peer()],
         }
+    }
+
+    fn peer() -> PeerHost {
+        PeerHost {
+            host_id: "h2".into(),
+            name: "h2".into(),
+            address: "10.250.0.12".into(),
+            channel_port: 7481,
+        }
+    }
+
+    fn pass(h: &Host, d: &HostDesired, mem: &mut Memory) -> PassResult {
+        reconcile(&h.parts, d, mem, &HashMap::new(), &HashMap::new())
     }
 
     fn state_of(r: &PassResult) -> VmState {
@@ -525,19 +844,26 @@ mod tests {
             .expect("vm reported")
     }
 
+    fn removal() -> VmRemoval {
+        VmRemoval {
+            id: VM.into(),
+            name: "web-0".into(),
+            domain: "tk-0f2a6c1e-web-0".into(),
+        }
+    }
+
     #[test]
     fn a_new_vm_gets_network_disk_seed_and_runs() {
         let h = host();
         let mut mem = Memory::default();
-        let r = reconcile(
-            &h.parts,
-            &desired(vec![vm(PowerState::Running)]),
-            &mut mem,
-            &HashMap::new(),
-        );
+        let r = pass(&h, &desired(vec![vm(PowerState::Running)]), &mut mem);
         assert_eq!(state_of(&r), VmState::Running);
+        assert!(r.report.vms[0].domain);
         assert!(r.settled);
         assert!(h.dp.network("lan").is_some());
+        let u = h.dp.underlay().expect("underlay applied");
+        assert_eq!(u.channel_port, Some(7481));
+        assert_eq!(u.peers, vec!["10.250.0.12".parse::<IpAddr>().expect("ip")]);
         let d = h.hv.domain("tk-0f2a6c1e-web-0").expect("defined");
         assert_eq!(d.state, DomainState::Running);
         let storage = h.st.vm(VM).expect("storage");
@@ -546,35 +872,21 @@ mod tests {
         assert!(r.report.networks[0].ready);
         // A second pass changes nothing.
         h.hv.take_calls();
-        let r = reconcile(
-            &h.parts,
-            &desired(vec![vm(PowerState::Running)]),
-            &mut mem,
-            &HashMap::new(),
-        );
+        let r = pass(&h, &desired(vec![vm(PowerState::Running)]), &mut mem);
         assert_eq!(state_of(&r), VmState::Running);
         assert_eq!(h.hv.count("start") + h.hv.count("define"), 0);
     }
 
     #[test]
-    fn a_failed_define_is_reported_and_leaves_no_storage() {
+    fn a_failed_define_is_reported_with_its_cause_and_leaves_no_storage() {
         let h = host();
         h.hv.fail("define");
-        let r = reconcile(
-            &h.parts,
-            &desired(vec![vm(PowerState::Running)]),
-            &mut Memory::default(),
-            &HashMap::new(),
-        );
+        let r = pass(&h, &desired(vec![vm(PowerState::Running)]), &mut Memory::default());
         assert_eq!(state_of(&r), VmState::Error);
+        let o = &r.report.vms[0];
         assert!(
-            r.report.vms[0]
-                .error
-                .as_deref()
-                .unwrap_or_default()
-                .contains("define"),
-            "{:?}",
-            r.report.vms[0].error
+            o.error.as_deref().unwrap_or_default().contains("define"),
+            "{o:?}"
         );
         assert!(h.st.vm(VM).is_none(), "disk and seed are removed again");
         assert!(h.hv.domain("tk-0f2a6c1e-web-0").is_none());
@@ -589,6 +901,7 @@ mod tests {
             &desired(vec![vm(PowerState::Running)]),
             &mut Memory::default(),
             &errors,
+            &HashMap::new(),
         );
         assert_eq!(state_of(&r), VmState::Error);
         assert!(r.report.vms[0]
@@ -600,57 +913,85 @@ mod tests {
     }
 
     #[test]
-    fn what_is_not_desired_is_removed() {
+    fn what_is_not_desired_is_an_orphan_and_stays_until_named_for_removal() {
         let h = host();
         let mut mem = Memory::default();
-        reconcile(
-            &h.parts,
-            &desired(vec![vm(PowerState::Running)]),
-            &mut mem,
-            &HashMap::new(),
-        );
-        let empty = HostDesired {
-            generation: 2,
-            cloud_id: CLOUD.into(),
-            vms: vec![],
-            networks: vec![],
-            images: vec![],
-        };
-        let r = reconcile(&h.parts, &empty, &mut mem, &HashMap::new());
+        pass(&h, &desired(vec![vm(PowerState::Running)]), &mut mem);
+        // A restored database (or a renamed host) no longer lists the VM: nothing is destroyed.
+        let mut empty = desired(vec![]);
+        empty.networks.clear();
+        empty.images.clear();
+        let r = pass(&h, &empty, &mut mem);
         assert!(r.report.vms.is_empty(), "{:?}", r.report.vms);
+        assert_eq!(
+            h.hv.domain("tk-0f2a6c1e-web-0").map(|d| d.state),
+            Some(DomainState::Running),
+            "the VM keeps running"
+        );
+        assert!(h.st.vm(VM).is_some(), "its disk stays");
+        assert_eq!(r.report.orphans.len(), 1, "{:?}", r.report.orphans);
+        assert_eq!(r.report.orphans[0].kind, OrphanKind::Domain);
+        assert_eq!(r.report.orphans[0].vm_id, VM);
+        assert!(
+            h.st.images().contains(IMG),
+            "the image backing the orphan's disk is kept"
+        );
+        // Named for removal: now it goes, domain and directory.
+        let mut remove = empty.clone();
+        remove.removals = vec![removal()];
+        let r = pass(&h, &remove, &mut mem);
+        assert!(r.report.vms.is_empty() && r.report.orphans.is_empty(), "{:?}", r.report);
         assert!(h.hv.domain("tk-0f2a6c1e-web-0").is_none());
         assert!(h.st.vm(VM).is_none());
         assert!(h.dp.network("lan").is_none());
-        assert!(
-            h.st.images().is_empty(),
-            "the unused cached image is removed"
-        );
-        assert!(r.report.networks.is_empty());
+    }
+
+    #[test]
+    fn a_removal_matches_the_vm_id_not_just_the_domain_name() {
+        let h = host();
+        let mut mem = Memory::default();
+        pass(&h, &desired(vec![vm(PowerState::Running)]), &mut mem);
+        // A removal for another VM that had the same name must not touch this one.
+        let mut d = desired(vec![vm(PowerState::Running)]);
+        d.removals = vec![VmRemoval {
+            id: "0000aaaa-0000-4000-8000-000000000000".into(),
+            ..removal()
+        }];
+        pass(&h, &d, &mut mem);
+        assert!(h.hv.domain("tk-0f2a6c1e-web-0").is_some());
+        assert_eq!(h.hv.count("undefine"), 0);
+    }
+
+    #[test]
+    fn a_failed_removal_is_reported_with_its_cause_and_retried() {
+        let h = host();
+        let mut mem = Memory::default();
+        pass(&h, &desired(vec![vm(PowerState::Running)]), &mut mem);
+        h.hv.fail_once("undefine");
+        let mut d = desired(vec![]);
+        d.removals = vec![removal()];
+        let r = pass(&h, &d, &mut mem);
+        let o = r.report.vms.iter().find(|v| v.id == VM).expect("reported");
+        assert!(o.error.is_some() && o.domain, "{o:?}");
+        assert!(!r.settled);
+        let r = pass(&h, &d, &mut mem);
+        assert!(r.report.vms.is_empty());
+        assert!(h.hv.domain("tk-0f2a6c1e-web-0").is_none());
     }
 
     #[test]
     fn stop_waits_for_acpi_then_forces_after_the_timeout() {
         let h = host();
         let mut mem = Memory::default();
-        reconcile(
-            &h.parts,
-            &desired(vec![vm(PowerState::Running)]),
-            &mut mem,
-            &HashMap::new(),
-        );
+        pass(&h, &desired(vec![vm(PowerState::Running)]), &mut mem);
         h.hv.set_ignore_acpi(true);
         let mut stop = vm(PowerState::Stopped);
         stop.stop_timeout_s = 0;
-        let r = reconcile(
-            &h.parts,
-            &desired(vec![stop.clone()]),
-            &mut mem,
-            &HashMap::new(),
-        );
+        let r = pass(&h, &desired(vec![stop.clone()]), &mut mem);
         assert_eq!(state_of(&r), VmState::Stopping);
         assert!(!r.settled);
         assert_eq!(h.hv.count("shutdown"), 1);
-        let r = reconcile(&h.parts, &desired(vec![stop]), &mut mem, &HashMap::new());
+        let r = pass(&h, &desired(vec![stop]), &mut mem);
         assert_eq!(state_of(&r), VmState::Stopped);
         assert_eq!(h.hv.count("destroy"), 1);
     }
@@ -659,23 +1000,116 @@ mod tests {
     fn a_domain_deleted_behind_our_back_comes_back() {
         let h = host();
         let mut mem = Memory::default();
-        reconcile(
-            &h.parts,
-            &desired(vec![vm(PowerState::Running)]),
-            &mut mem,
-            &HashMap::new(),
-        );
+        pass(&h, &desired(vec![vm(PowerState::Running)]), &mut mem);
         h.hv.undefine("tk-0f2a6c1e-web-0").expect("undefine");
-        let r = reconcile(
-            &h.parts,
-            &desired(vec![vm(PowerState::Running)]),
-            &mut mem,
-            &HashMap::new(),
-        );
+        let r = pass(&h, &desired(vec![vm(PowerState::Running)]), &mut mem);
         assert_eq!(state_of(&r), VmState::Running);
         assert_eq!(
             h.hv.domain("tk-0f2a6c1e-web-0").map(|d| d.state),
             Some(DomainState::Running)
         );
+    }
+
+    fn incoming_vm(mode: MigrationMode) -> VmDesired {
+        let mut v = vm(PowerState::Running);
+        v.migration = Some(VmMigrationDesired::Incoming {
+            id: "m1".into(),
+            mode,
+            source: peer(),
+        });
+        v
+    }
+
+    fn outgoing_vm(go: bool, abort: bool) -> VmDesired {
+        let mut v = vm(PowerState::Running);
+        v.migration = Some(VmMigrationDesired::Outgoing {
+            id: "m1".into(),
+            mode: MigrationMode::Live,
+            target: peer(),
+            target_pool: "/var/lib/tuchka/pool".into(),
+            go,
+            abort,
+        });
+        v
+    }
+
+    #[test]
+    fn the_target_prepares_disk_and_seed_but_never_defines_the_vm() {
+        let h = host();
+        let mut mem = Memory::default();
+        let r = pass(&h, &desired(vec![incoming_vm(MigrationMode::Live)]), &mut mem);
+        let o = &r.report.vms[0];
+        assert_eq!(o.migration.as_ref().map(|m| m.status), Some(MigrationStatus::Prepared));
+        assert!(!o.domain);
+        let st = h.st.vm(VM).expect("prepared");
+        assert_eq!(st.disk_mib, Some(1024), "an overlay of the same size");
+        assert!(st.seed.is_some());
+        assert_eq!(h.hv.count("define"), 0, "libvirt brings the domain");
+        assert!(h.dp.network("lan").is_some());
+        // Preparing fails (e.g. the disk cannot be made): reported with the cause.
+        let h = host();
+        h.st.fail("ensure_root_disk");
+        let r = pass(&h, &desired(vec![incoming_vm(MigrationMode::Live)]), &mut mem);
+        let m = r.report.vms[0].migration.clone().expect("migration");
+        assert_eq!(m.status, MigrationStatus::Failed);
+        assert!(m.error.unwrap_or_default().contains("injected"));
+        // Cold: only the directory the disk arrives in.
+        let h = host();
+        let r = pass(&h, &desired(vec![incoming_vm(MigrationMode::Cold)]), &mut mem);
+        assert_eq!(
+            r.report.vms[0].migration.as_ref().map(|m| m.status),
+            Some(MigrationStatus::Prepared)
+        );
+        assert_eq!(h.st.vm(VM).and_then(|v| v.disk_mib), None);
+    }
+
+    #[test]
+    fn the_source_moves_when_told_aborts_when_told_and_never_recreates_a_domain_that_left() {
+        let h = host();
+        let mut mem = Memory::default();
+        pass(&h, &desired(vec![vm(PowerState::Running)]), &mut mem);
+        // Preparing: nothing happens yet.
+        let r = pass(&h, &desired(vec![outgoing_vm(false, false)]), &mut mem);
+        assert!(h.mover.calls().is_empty());
+        assert_eq!(
+            r.report.vms[0].migration.as_ref().map(|m| m.status),
+            Some(MigrationStatus::Idle)
+        );
+        // Go: the job starts once.
+        let r = pass(&h, &desired(vec![outgoing_vm(true, false)]), &mut mem);
+        assert_eq!(h.mover.calls(), vec!["begin m1"]);
+        assert_eq!(
+            r.report.vms[0].migration.as_ref().map(|m| m.status),
+            Some(MigrationStatus::Running)
+        );
+        pass(&h, &desired(vec![outgoing_vm(true, false)]), &mut mem);
+        assert_eq!(h.mover.calls().len(), 1, "never begun twice");
+        // Abort: the running job is cut; the VM stays.
+        let r = pass(&h, &desired(vec![outgoing_vm(true, true)]), &mut mem);
+        assert!(h.mover.calls().contains(&"abort m1".to_string()));
+        let o = &r.report.vms[0];
+        assert_eq!(o.migration.as_ref().map(|m| m.status), Some(MigrationStatus::Failed));
+        assert!(o.domain);
+        // A fresh migration that completes: the domain leaves; the pass must not re-create it.
+        let h = host();
+        let mut mem = Memory::default();
+        pass(&h, &desired(vec![vm(PowerState::Running)]), &mut mem);
+        pass(&h, &desired(vec![outgoing_vm(true, false)]), &mut mem);
+        h.mover.finish("m1", 120);
+        h.hv.undefine("tk-0f2a6c1e-web-0").expect("libvirt moved it");
+        let r = pass(&h, &desired(vec![outgoing_vm(true, false)]), &mut mem);
+        let o = &r.report.vms[0];
+        assert!(!o.domain);
+        let m = o.migration.clone().expect("migration");
+        assert_eq!((m.status, m.downtime_ms), (MigrationStatus::Completed, Some(120)));
+        assert!(h.hv.domain("tk-0f2a6c1e-web-0").is_none(), "not re-created");
+        assert_eq!(h.hv.count("define"), 1);
+        // The controller gives the VM to the target and names it for removal here.
+        let mut d = desired(vec![]);
+        d.removals = vec![removal()];
+        let r = pass(&h, &d, &mut mem);
+        assert!(r.report.vms.is_empty() && r.report.orphans.is_empty());
+        assert!(h.st.vm(VM).is_none(), "the source's copy is gone");
+        assert!(h.mover.calls().contains(&"forget m1".to_string()));
     }
 }

@@ -113,8 +113,10 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         hypervisor: Arc::new(Libvirt::connect(&config.libvirt_uri, &reg.cloud_id)?),
         storage: Arc::new(storage),
         dataplane: Arc::new(LinuxDataplane::new(&config.pool, &reg.cloud_id)),
+        mover: Arc::new(crate::mover::NoMover::default()),
         accel,
         cloud_id: reg.cloud_id.clone(),
+        channel_port: None,
     });
     let client = client.with_token(Some(reg.credential.clone()));
     let mut host_id = reg.host_id.clone();
@@ -144,7 +146,7 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         let (p, m, d) = (parts.clone(), memory.clone(), desired.clone());
         let pass = tokio::task::spawn_blocking(move || {
             let mut mem = m.lock().unwrap_or_else(|p| p.into_inner());
-            reconcile(&p, &d, &mut mem, &image_errors)
+            reconcile(&p, &d, &mut mem, &image_errors, &HashMap::new())
         })
         .await
         .map_err(|e| AgentError::Join(e.to_string()))?;
@@ -176,6 +178,8 @@ async fn register(
         name: config.name.clone(),
         join_token: config.join_token.clone(),
         facts,
+        identity: None,
+        csr_pem: None,
     };
     let mut wait = Duration::from_millis(200);
     loop {

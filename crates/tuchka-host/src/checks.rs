@@ -260,6 +260,12 @@ pub fn host_facts(
             .and_then(load_1m)
             .unwrap_or(0.0),
         memory_available_mib: meminfo_mib(&meminfo, "MemAvailable:").unwrap_or(0),
+        memory_in_use_mib: memory_mib
+            .saturating_sub(meminfo_mib(&meminfo, "MemAvailable:").unwrap_or(memory_mib)),
+        // The agent fills these: CPU usage needs two samples, the channel and pool are its own.
+        cpu_usage: 0.0,
+        channel_port: 0,
+        pool: String::new(),
     })
 }
 

@@ -547,6 +547,17 @@ impl Storage for FakeStorage {
         self.root.join("vms").join(vm_id).join("console.log")
     }
 
+    fn root_disk_path(&self, vm_id: &str) -> PathBuf {
+        self.root.join("vms").join(vm_id).join("root.qcow2")
+    }
+
+    fn ensure_vm_dir(&self, vm_id: &str) -> Result<PathBuf, HostError> {
+        self.rec.call("ensure_vm_dir", vm_id)?;
+        Self::check_vm_id(vm_id)?;
+        lock(&self.state).vms.entry(vm_id.to_string()).or_default();
+        Ok(self.root.join("vms").join(vm_id))
+    }
+
     fn vm_dirs(&self) -> Result<Vec<String>, HostError> {
         self.rec.call("vm_dirs", "")?;
         Ok(lock(&self.state).vms.keys().cloned().collect())

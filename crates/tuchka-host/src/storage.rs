@@ -44,8 +44,10 @@ pub trait Storage: Send + Sync {
     /// uses it as backing file.
     fn remove_image(&self, sha256: &str) -> Result<(), HostError>;
     /// `vms/<id>/root.qcow2`: a qcow2 overlay over the cached image (absolute backing path,
-    /// `-F qcow2`), virtual size `disk_mib`. Idempotent (exists → Ok). Refused if `disk_mib` is
-    /// smaller than the image's virtual size or the image is not cached.
+    /// `-F qcow2`), virtual size `disk_mib`. Idempotent (exists → Ok; an overlay that arrived from
+    /// another host, whose backing path names that host's pool, is pointed at this host's copy of
+    /// the same image). Refused if `disk_mib` is smaller than the image's virtual size or the
+    /// image is not cached.
     fn ensure_root_disk(
         &self,
         vm_id: &str,
@@ -63,6 +65,11 @@ pub trait Storage: Send + Sync {
     ) -> Result<PathBuf, HostError>;
     /// `vms/<id>/console.log`.
     fn console_log_path(&self, vm_id: &str) -> PathBuf;
+    /// `vms/<id>/root.qcow2` (whether it exists or not).
+    fn root_disk_path(&self, vm_id: &str) -> PathBuf;
+    /// Make `vms/<id>` exist (with the modes qemu needs) and return it: where a disk arriving
+    /// from another host is written.
+    fn ensure_vm_dir(&self, vm_id: &str) -> Result<PathBuf, HostError>;
     /// Ids with a `vms/<id>` directory.
     fn vm_dirs(&self) -> Result<Vec<String>, HostError>;
     /// Remove `vms/<id>` and everything in it; Ok if absent.
@@ -175,6 +182,48 @@ impl DirStorage {
 
     fn vm_dir(&self, vm_id: &str) -> PathBuf {
         self.vms_dir().join(vm_id)
+    }
+
+    /// Point an overlay made on another host at this host's copy of its image (the same bytes:
+    /// the file name is the image's identity). An unsafe rebase only rewrites the header.
+    fn fix_backing(&self, root: &Path, image: &Path, sha256: &str, obj: &str) -> Result<(), HostError> {
+        let backing = match qcow2::read_header(root) {
+            Ok(Some(h)) => h.backing_file,
+            Ok(None) => return Err(HostError::invalid(obj, format!("{} is not a qcow2 file", root.display()))),
+            Err(e) => return Err(HostError::io(obj, "read", root, e)),
+        };
+        let Some(backing) = backing else {
+            return Ok(());
+        };
+        if Path::new(&backing) == image {
+            return Ok(());
+        }
+        if Path::new(&backing).file_name() != image.file_name() {
+            return Err(HostError::invalid(
+                obj,
+                format!("its backing file {backing} is not image {sha256}"),
+            ));
+        }
+        if !image.exists() {
+            return Err(HostError::invalid(
+                obj,
+                format!("image {sha256} is not in the cache ({})", image.display()),
+            ));
+        }
+        let args: Vec<std::ffi::OsString> = vec![
+            "rebase".into(),
+            "-u".into(),
+            "-F".into(),
+            "qcow2".into(),
+            "-b".into(),
+            image.as_os_str().to_owned(),
+            root.as_os_str().to_owned(),
+        ];
+        cmd::run("qemu-img", &args, None).map(drop).map_err(|source| HostError::Tool {
+            object: obj.to_string(),
+            action: "qemu-img rebase",
+            source,
+        })
     }
 
     /// Which VM disk (if any) uses `image` as its backing file.
@@ -334,10 +383,11 @@ impl Storage for DirStorage {
         let obj = format!("vm {vm_id} root disk");
         let dir = self.vm_dir(vm_id);
         let root = dir.join("root.qcow2");
+        let image = self.image_path(image_sha256);
         if root.exists() {
+            self.fix_backing(&root, &image, image_sha256, &obj)?;
             return Ok(root);
         }
-        let image = self.image_path(image_sha256);
         let header = match qcow2::read_header(&image) {
             Ok(Some(h)) => h,
             Ok(None) => {
@@ -439,6 +489,17 @@ impl Storage for DirStorage {
         fs::rename(&staging, &inputs)
             .map_err(|e| HostError::io(&obj, "move into place", &inputs, e))?;
         Ok(iso)
+    }
+
+    fn root_disk_path(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("root.qcow2")
+    }
+
+    fn ensure_vm_dir(&self, vm_id: &str) -> Result<PathBuf, HostError> {
+        check_vm_id(vm_id)?;
+        let dir = self.vm_dir(vm_id);
+        make_dir(&dir, 0o711, &format!("vm {vm_id}"))?;
+        Ok(dir)
     }
 
     fn console_log_path(&self, vm_id: &str) -> PathBuf {

@@ -1,0 +1,168 @@
+//! Moving a VM off this host runs in the background, across many reconcile passes: a [`Mover`]
+//! starts a migration job, tells how it stands, and aborts it (by cutting its channel: libvirt
+//! then fails the job and the VM stays here). The reconcile pass decides when
+//! ([`crate::plan::outgoing_action`]); the real mover ([`crate::channel`]) runs libvirt's
+//! migration through the host-to-host channel, the fake here only records and obeys.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tuchka_api::agent::{MigrationObserved, MigrationStatus, PeerHost, VmDesired};
+use tuchka_api::MigrationMode;
+
+/// What a job needs to know.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingJob {
+    /// Migration id.
+    pub id: String,
+    /// Live or cold.
+    pub mode: MigrationMode,
+    /// Where to.
+    pub target: PeerHost,
+    /// The target's pool directory.
+    pub target_pool: String,
+    /// The VM.
+    pub vm: VmDesired,
+}
+
+/// Moves VMs off this host.
+pub trait Mover: Send + Sync {
+    /// Start job `job` (once per migration id, until [`Mover::forget`]).
+    fn begin(&self, job: &OutgoingJob) -> Result<(), String>;
+    /// How migration `id` stands; None when this agent never began it (or forgot it).
+    fn status(&self, id: &str) -> Option<MigrationObserved>;
+    /// Stop migration `id`: cut its channel; the job then fails and the VM stays here.
+    fn abort(&self, id: &str);
+    /// Forget migration `id` (it is over, or no longer this host's business).
+    fn forget(&self, id: &str);
+    /// The migrations it knows.
+    fn known(&self) -> Vec<String>;
+}
+
+/// A mover for a host without a migration channel: every job fails at once, saying why.
+#[derive(Debug, Default)]
+pub struct NoMover {
+    failed: Mutex<HashMap<String, MigrationObserved>>,
+}
+
+impl Mover for NoMover {
+    fn begin(&self, job: &OutgoingJob) -> Result<(), String> {
+        let error = "this host has no migration channel (the controller gave it no certificate: is it a single-host cloud without --listen?)".to_string();
+        lock(&self.failed).insert(job.id.clone(), failed(&job.id, &error));
+        Err(error)
+    }
+
+    fn status(&self, id: &str) -> Option<MigrationObserved> {
+        lock(&self.failed).get(id).cloned()
+    }
+
+    fn abort(&self, _id: &str) {}
+
+    fn forget(&self, id: &str) {
+        lock(&self.failed).remove(id);
+    }
+
+    fn known(&self) -> Vec<String> {
+        lock(&self.failed).keys().cloned().collect()
+    }
+}
+
+/// A failed status with `error`.
+pub fn failed(id: &str, error: &str) -> MigrationObserved {
+    MigrationObserved {
+        id: id.to_string(),
+        status: MigrationStatus::Failed,
+        copied_bytes: 0,
+        remaining_bytes: 0,
+        mib_per_s: 0.0,
+        total_ms: None,
+        downtime_ms: None,
+        bytes: None,
+        error: Some(error.to_string()),
+        error_chain: vec![],
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A mover for tests: records calls; jobs stay `running` until [`FakeMover::finish`] or
+/// [`FakeMover::fail`]; aborting a running job fails it.
+#[derive(Debug, Default)]
+pub struct FakeMover {
+    jobs: Mutex<HashMap<String, (OutgoingJob, MigrationObserved)>>,
+    calls: Mutex<Vec<String>>,
+    refuse: Mutex<Option<String>>,
+}
+
+impl FakeMover {
+    /// Every call so far, as `"<op> <id>"`.
+    pub fn calls(&self) -> Vec<String> {
+        lock(&self.calls).clone()
+    }
+
+    /// Make the next `begin` fail with `error`.
+    pub fn refuse_next(&self, error: &str) {
+        *lock(&self.refuse) = Some(error.to_string());
+    }
+
+    /// Finish job `id` well, with these statistics.
+    pub fn finish(&self, id: &str, downtime_ms: u64) {
+        if let Some((_, o)) = lock(&self.jobs).get_mut(id) {
+            o.status = MigrationStatus::Completed;
+            o.downtime_ms = Some(downtime_ms);
+            o.total_ms = Some(1000);
+            o.bytes = Some(1 << 20);
+        }
+    }
+
+    /// Fail job `id` with `error`.
+    pub fn fail(&self, id: &str, error: &str) {
+        if let Some((_, o)) = lock(&self.jobs).get_mut(id) {
+            *o = failed(id, error);
+        }
+    }
+
+    /// The job that was begun for migration `id`.
+    pub fn job(&self, id: &str) -> Option<OutgoingJob> {
+        lock(&self.jobs).get(id).map(|(j, _)| j.clone())
+    }
+}
+
+impl Mover for FakeMover {
+    fn begin(&self, job: &OutgoingJob) -> Result<(), String> {
+        lock(&self.calls).push(format!("begin {}", job.id));
+        if let Some(e) = lock(&self.refuse).take() {
+            lock(&self.jobs).insert(job.id.clone(), (job.clone(), failed(&job.id, &e)));
+            return Err(e);
+        }
+        let mut o = failed(&job.id, "");
+        o.status = MigrationStatus::Running;
+        o.error = None;
+        lock(&self.jobs).insert(job.id.clone(), (job.clone(), o));
+        Ok(())
+    }
+
+    fn status(&self, id: &str) -> Option<MigrationObserved> {
+        lock(&self.jobs).get(id).map(|(_, o)| o.clone())
+    }
+
+    fn abort(&self, id: &str) {
+        lock(&self.calls).push(format!("abort {id}"));
+        if let Some((_, o)) = lock(&self.jobs).get_mut(id) {
+            if o.status == MigrationStatus::Running {
+                *o = failed(id, "aborted: the channel was cut");
+            }
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        lock(&self.calls).push(format!("forget {id}"));
+        lock(&self.jobs).remove(id);
+    }
+
+    fn known(&self) -> Vec<String> {
+        lock(&self.jobs).keys().cloned().collect()
+    }
+}
