@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tuchka_api::PlacementPolicy;
 
 use crate::size::parse_size_arg;
 
@@ -109,6 +110,9 @@ pub enum Command {
     /// Inspect and follow operations.
     #[command(subcommand, visible_alias = "operation")]
     Op(OpCmd),
+    /// Even out the load across hosts: see the plan, carry it out, see what the balancer did.
+    #[command(subcommand)]
+    Balance(BalanceCmd),
     /// Check that this machine can run tuchka (CPU flags, /dev/kvm, libvirt, tools).
     Check,
 }
@@ -266,24 +270,13 @@ pub enum ForwardCmd {
     },
 }
 
-/// VM placement policy of a group.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
-pub enum Placement {
-    /// Put the VMs on as many hosts as possible.
-    #[default]
-    Spread,
-    /// Fill one host before using the next.
-    Pack,
-}
-
-impl Placement {
-    /// The name used on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Placement::Spread => "spread",
-            Placement::Pack => "pack",
-        }
-    }
+/// A wire name (`spread`, `live`, …) parsed into its API enum, for clap.
+pub fn wire<T>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    s.parse::<T>().map_err(|e| e.to_string())
 }
 
 /// Arguments of `tuchka group create`.
@@ -315,9 +308,10 @@ pub struct GroupCreateArgs {
     /// SSH public key file (.pub or authorized_keys); may repeat.
     #[arg(long = "ssh-key", value_name = "FILE")]
     pub ssh_keys: Vec<PathBuf>,
-    /// How to place the VMs on hosts.
-    #[arg(long, value_enum, default_value_t = Placement::Spread)]
-    pub placement: Placement,
+    /// How to place the VMs on hosts: spread (on the hosts with the most free memory) or pack
+    /// (on as few hosts as possible).
+    #[arg(long, default_value = "spread", value_parser = wire::<PlacementPolicy>, value_name = "POLICY")]
+    pub placement: PlacementPolicy,
     /// Never put two VMs of the group on one host.
     #[arg(long)]
     pub anti_affinity: bool,
@@ -407,6 +401,19 @@ pub enum VmCmd {
     /// Remove a VM (its group's count goes down by one).
     #[command(visible_alias = "delete")]
     Rm(VmAction),
+    /// Move a VM to another host: live if it runs or is paused (it keeps running and keeps
+    /// its connections), cold if it is stopped (its disk moves, it stays stopped).
+    Migrate {
+        /// VM name.
+        name: String,
+        /// Target host [default: the scheduler picks one: the same filters as placement, the
+        /// group's anti-affinity kept].
+        #[arg(long, value_name = "HOST")]
+        to: Option<String>,
+        /// Follow the migration until it finishes; prints total time, downtime and bytes moved.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Print the VM's serial console log.
     Console {
         /// VM name.
@@ -437,16 +444,39 @@ pub enum HostCmd {
         /// Host name.
         name: String,
     },
-    /// Drain a host: no new VMs are placed on it (its VMs stay).
+    /// Drain a host: no new VMs are placed on it, and every VM on it moves off (live if it
+    /// runs or is paused, cold if stopped), spread over the other hosts.
     Drain {
         /// Host name.
         name: String,
+        /// Most migrations at once from the host [server default: 2].
+        #[arg(long, value_name = "N")]
+        parallel: Option<u32>,
+        /// Follow the drain until every VM moved (exit 1 listing those that could not).
+        #[arg(long)]
+        wait: bool,
     },
     /// Undrain a host: it accepts new VMs again.
     Undrain {
         /// Host name.
         name: String,
     },
+}
+
+/// `tuchka balance …`
+#[derive(Debug, Clone, Subcommand)]
+pub enum BalanceCmd {
+    /// The moves that would even out the load now: each with its reason, the imbalance before
+    /// and after, and its cost. Changes nothing.
+    Plan,
+    /// Carry out the plan now (one operation, one migration per move).
+    Apply {
+        /// Follow it until every move finished.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The current imbalance, the balancer's mode and its last decisions (and why nothing moved).
+    Status,
 }
 
 /// `tuchka op …`
@@ -525,7 +555,7 @@ mod tests {
         assert_eq!(a.disk, Some(2048));
         assert_eq!(a.nets, vec!["a", "b"]);
         assert_eq!(a.ssh_keys.len(), 2);
-        assert_eq!(a.placement, Placement::Pack);
+        assert_eq!(a.placement, PlacementPolicy::Pack);
         assert!(a.wait);
     }
 
@@ -536,7 +566,7 @@ mod tests {
             panic!("wrong command");
         };
         assert_eq!((a.count, a.cpus, a.memory, a.disk), (1, 1, 256, None));
-        assert_eq!(a.placement, Placement::Spread);
+        assert_eq!(a.placement, PlacementPolicy::Spread);
         assert!(!a.wait);
     }
 

@@ -15,12 +15,13 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tuchka_api::{
     CheckItem, Forward, ForwardCreate, Group, GroupCreate, GroupScale, Host, Image, JoinToken,
-    Network, NetworkCreate, Operation, Rule, RuleCreate, Vm, VmStop,
+    Network, NetworkCreate, Operation, OperationState, Rule, RuleCreate, Vm, VmStop,
 };
+use tuchka_api::{BalancePlan, BalanceStatus, Drain, HostDrain, VmMigrate};
 use tuchka_client::{segment, Client, Endpoint, DEFAULT_SOCKET};
 
 use crate::args::{
-    Command, ForwardCmd, GlobalOpts, GroupCmd, GroupCreateArgs, HostCmd, ImageCmd, NetCmd, OpCmd,
+    BalanceCmd, Command, ForwardCmd, GlobalOpts, GroupCmd, GroupCreateArgs, HostCmd, ImageCmd, NetCmd, OpCmd,
     Output, RuleCmd, VmCmd,
 };
 use crate::render;
@@ -108,6 +109,7 @@ pub async fn execute(ctx: &mut Ctx<'_>, cmd: Command) -> anyhow::Result<i32> {
         Command::Vm(c) => vm(ctx, c).await,
         Command::Host(c) => host(ctx, c).await,
         Command::Op(c) => op(ctx, c).await,
+        Command::Balance(c) => balance(ctx, c).await,
         Command::Check => check(ctx).await,
     }
 }
@@ -279,7 +281,7 @@ fn group_create_body(args: &GroupCreateArgs) -> anyhow::Result<GroupCreate> {
         networks: args.nets.clone(),
         user_data,
         ssh_keys,
-        placement: Some(args.placement.as_str().to_string()),
+        placement: Some(args.placement),
         anti_affinity: args.anti_affinity,
     })
 }
@@ -343,6 +345,11 @@ async fn vm(ctx: &mut Ctx<'_>, cmd: VmCmd) -> anyhow::Result<i32> {
             let op: Operation = ctx.client.delete(&object("vms", &a.name)).await?;
             return follow(ctx, op, a.wait).await;
         }
+        VmCmd::Migrate { name, to, wait } => {
+            let path = format!("{}/migrate", object("vms", &name));
+            let op: Operation = ctx.client.post(&path, &VmMigrate { to }).await?;
+            return follow(ctx, op, wait).await;
+        }
         VmCmd::Start(a) => (a.name, "start", a.wait),
         VmCmd::Pause(a) => (a.name, "pause", a.wait),
         VmCmd::Resume(a) => (a.name, "resume", a.wait),
@@ -371,12 +378,30 @@ async fn host(ctx: &mut Ctx<'_>, cmd: HostCmd) -> anyhow::Result<i32> {
             };
             ctx.show(&join, render::join_token)?;
         }
-        HostCmd::Drain { name } => {
-            let h: Host = ctx
+        HostCmd::Drain {
+            name,
+            parallel,
+            wait,
+        } => {
+            let d: Drain = ctx
                 .client
-                .post_no_body(&format!("{}/drain", object("hosts", &name)))
+                .post(
+                    &format!("{}/drain", object("hosts", &name)),
+                    &HostDrain { parallel },
+                )
                 .await?;
-            ctx.show(&h, render::host_detail)?;
+            if wait {
+                if let Some(op) = d.operation {
+                    if ctx.output == Output::Table {
+                        ctx.print(&format!(
+                            "host {} is {}: no new placements; moving its VMs off\n",
+                            d.host.name, d.host.state
+                        ))?;
+                    }
+                    return follow(ctx, op, true).await;
+                }
+            }
+            ctx.show(&d, render::drain)?;
         }
         HostCmd::Undrain { name } => {
             let h: Host = ctx
@@ -392,6 +417,25 @@ async fn host(ctx: &mut Ctx<'_>, cmd: HostCmd) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+async fn balance(ctx: &mut Ctx<'_>, cmd: BalanceCmd) -> anyhow::Result<i32> {
+    match cmd {
+        BalanceCmd::Plan => {
+            let p: BalancePlan = ctx.client.get("/v1/balance/plan").await?;
+            ctx.show(&p, render::balance_plan)?;
+            Ok(0)
+        }
+        BalanceCmd::Status => {
+            let s: BalanceStatus = ctx.client.get("/v1/balance").await?;
+            ctx.show(&s, render::balance_status)?;
+            Ok(0)
+        }
+        BalanceCmd::Apply { wait } => {
+            let op: Operation = ctx.client.post_no_body("/v1/balance/apply").await?;
+            follow(ctx, op, wait).await
+        }
+    }
 }
 
 async fn op(ctx: &mut Ctx<'_>, cmd: OpCmd) -> anyhow::Result<i32> {
@@ -436,15 +480,16 @@ async fn rule(ctx: &mut Ctx<'_>, cmd: RuleCmd) -> anyhow::Result<i32> {
             to_group,
             to,
         } => {
+            use tuchka_api::{Direction, RuleAction};
             let (direction, action, spec) = match (allow, allow_out, deny_out) {
-                (Some(s), None, None) => ("in", "allow", s),
-                (None, Some(s), None) => ("out", "allow", s),
-                (None, None, Some(s)) => ("out", "deny", s),
+                (Some(s), None, None) => (Direction::In, RuleAction::Allow, s),
+                (None, Some(s), None) => (Direction::Out, RuleAction::Allow, s),
+                (None, None, Some(s)) => (Direction::Out, RuleAction::Deny, s),
                 _ => bail!("give exactly one of --allow SPEC, --allow-out SPEC or --deny-out SPEC"),
             };
             let body = RuleCreate {
-                direction: Some(direction.into()),
-                action: Some(action.into()),
+                direction: Some(direction),
+                action: Some(action),
                 spec,
                 from,
                 from_group,
@@ -545,12 +590,17 @@ async fn follow(ctx: &mut Ctx<'_>, op: Operation, wait: bool) -> anyhow::Result<
 fn finished(ctx: &mut Ctx<'_>, op: &Operation) -> anyhow::Result<i32> {
     match ctx.output {
         Output::Json => ctx.print_json(op)?,
-        Output::Table if op.state == "succeeded" => {
-            ctx.print(&format!("{} {}: succeeded\n", op.kind, op.target))?;
+        Output::Table if op.state == OperationState::Succeeded => {
+            let detail = match &op.migration {
+                Some(m) => format!(" ({})", render::migration_line(m)),
+                None if op.message.is_empty() => String::new(),
+                None => format!(" ({})", op.message),
+            };
+            ctx.print(&format!("{} {}: succeeded{detail}\n", op.kind, op.target))?;
         }
         Output::Table => {}
     }
-    if op.state == "succeeded" {
+    if op.state == OperationState::Succeeded {
         Ok(0)
     } else {
         let lines = operation_failure_lines(op);
@@ -673,7 +723,7 @@ mod tests {
             nets: vec![],
             user_data: Some(PathBuf::from("/nonexistent/ud.yaml")),
             ssh_keys: vec![],
-            placement: crate::args::Placement::Spread,
+            placement: tuchka_api::PlacementPolicy::Spread,
             anti_affinity: false,
             wait: false,
         };
@@ -711,7 +761,7 @@ mod tests {
             nets: vec!["a".into(), "b".into()],
             user_data: Some(ud),
             ssh_keys: vec![key],
-            placement: crate::args::Placement::Pack,
+            placement: tuchka_api::PlacementPolicy::Pack,
             anti_affinity: false,
             wait: true,
         };
@@ -728,7 +778,7 @@ mod tests {
                 networks: vec!["a".into(), "b".into()],
                 user_data: Some("#cloud-config\n".into()),
                 ssh_keys: vec!["ssh-ed25519 AAAA me".into()],
-                placement: Some("pack".into()),
+                placement: Some(tuchka_api::PlacementPolicy::Pack),
                 anti_affinity: false,
             }
         );

@@ -17,7 +17,7 @@ use std::io::Write;
 
 pub use args::{
     Cli, Command, GlobalOpts, GroupCmd, GroupCreateArgs, HostCmd, ImageCmd, NetCmd, OpCmd, Output,
-    Placement, VmAction, VmCmd,
+    VmAction, VmCmd,
 };
 pub use commands::{client_for, resolve_endpoint};
 pub use report::{print_error, render_error};

@@ -154,7 +154,7 @@ pub fn network_table(nets: &[Network]) -> String {
                 n.gateway.clone(),
                 n.vni.to_string(),
                 n.bridge.clone(),
-                n.state.clone(),
+                n.state.to_string(),
                 or_none(n.gateway_host.as_deref()),
                 n.addresses.len().to_string(),
             ]
@@ -183,7 +183,7 @@ pub fn network_detail(n: &Network) -> String {
         ("gateway", n.gateway.clone()),
         ("vni", n.vni.to_string()),
         ("bridge", n.bridge.clone()),
-        ("state", n.state.clone()),
+        ("state", n.state.to_string()),
         ("gateway host", or_none(n.gateway_host.as_deref())),
         (
             "nat",
@@ -220,7 +220,8 @@ pub fn rule_table(rules: &[Rule]) -> String {
     let rows: Vec<Vec<String>> = rules
         .iter()
         .map(|r| {
-            let peer = if r.direction == "in" {
+            let inbound = r.direction == tuchka_api::Direction::In;
+            let peer = if inbound {
                 r.from
                     .clone()
                     .or_else(|| r.from_group.as_ref().map(|g| format!("group {g}")))
@@ -229,15 +230,15 @@ pub fn rule_table(rules: &[Rule]) -> String {
             } else {
                 r.to.clone().unwrap_or_else(|| "0.0.0.0/0".into())
             };
-            let target = match (&r.direction[..], &r.to_group) {
-                ("in", Some(g)) => format!("group {g}"),
-                ("in", None) => "all VMs".into(),
+            let target = match (inbound, &r.to_group) {
+                (true, Some(g)) => format!("group {g}"),
+                (true, None) => "all VMs".into(),
                 _ => "-".into(),
             };
             vec![
                 r.id.clone(),
-                r.direction.clone(),
-                r.action.clone(),
+                r.direction.to_string(),
+                r.action.to_string(),
                 r.spec.clone(),
                 peer,
                 target,
@@ -279,7 +280,7 @@ pub fn group_table(groups: &[Group]) -> String {
                 format_mib(g.memory_mib),
                 format_mib(g.disk_mib),
                 list_or_none(&g.networks),
-                g.placement.clone(),
+                g.placement.to_string(),
             ]
         })
         .collect();
@@ -308,7 +309,7 @@ pub fn group_detail(g: &Group) -> String {
         ("memory", format_mib(g.memory_mib)),
         ("disk", format_mib(g.disk_mib)),
         ("networks", list_or_none(&g.networks)),
-        ("placement", g.placement.clone()),
+        ("placement", g.placement.to_string()),
         ("vms", list_or_none(&g.vms)),
         ("created", g.created_at.clone()),
     ])
@@ -370,6 +371,15 @@ pub fn vm_detail(vm: &Vm) -> String {
         ("error", or_none(vm.error.as_deref())),
         ("created", vm.created_at.clone()),
     ];
+    for cause in &vm.error_chain {
+        pairs.push(("caused by", cause.clone()));
+    }
+    if let Some(m) = &vm.migration {
+        pairs.push(("migrating", migration_line(m)));
+    }
+    if let Some(m) = &vm.last_migration {
+        pairs.push(("last migration", migration_line(m)));
+    }
     if addresses.is_empty() {
         pairs.insert(6, ("addresses", NONE.to_string()));
     } else {
@@ -392,7 +402,7 @@ pub fn host_table(hosts: &[Host]) -> String {
                 } else {
                     h.address.clone()
                 },
-                h.state.clone(),
+                h.state.to_string(),
                 h.accel.clone(),
                 format!("{:.2}", h.load_1m),
                 format!("{}/{}", h.cpus_used, h.cpus),
@@ -450,7 +460,7 @@ pub fn host_detail(h: &Host) -> String {
     fields(&[
         ("name", h.name.clone()),
         ("id", h.id.clone()),
-        ("state", h.state.clone()),
+        ("state", h.state.to_string()),
         (
             "address",
             or_none(
@@ -481,10 +491,112 @@ pub fn host_detail(h: &Host) -> String {
                 format_mib(h.disk_provisioned_mib)
             ),
         ),
+        ("cpu in use", format!("{:.0} %", h.cpu_usage * 100.0)),
+        ("memory in use", format_mib(h.memory_in_use_mib)),
         ("vms", list_or_none(&h.vms)),
         ("cached images", list_or_none(&cached)),
         ("last seen", or_none(h.last_seen.as_deref())),
+        (
+            "orphans",
+            if h.orphans.is_empty() {
+                NONE.to_string()
+            } else {
+                h.orphans
+                    .iter()
+                    .map(|o| format!("{} {} (vm id {})", o.kind, o.name, o.vm_id))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+                    + " — left alone: not known to the controller"
+            },
+        ),
     ])
+}
+
+/// `host drain`: the host, the operation moving its VMs, and what cannot move.
+pub fn drain(d: &tuchka_api::Drain) -> String {
+    let mut out = format!("host {} is {}: no new placements\n", d.host.name, d.host.state);
+    match &d.operation {
+        Some(op) => out += &operation_started(op),
+        None if d.unmovable.is_empty() => out += "it has no VMs\n",
+        None => {}
+    }
+    for u in &d.unmovable {
+        out += &format!("cannot move {}: {}\n", u.vm, u.reason);
+    }
+    out
+}
+
+/// `balance plan`.
+pub fn balance_plan(p: &tuchka_api::BalancePlan) -> String {
+    let mut out = format!(
+        "imbalance {:.0} % (acts above {:.0} %)",
+        p.imbalance, p.threshold
+    );
+    if !p.moves.is_empty() {
+        out += &format!(" → {:.0} % after the plan", p.imbalance_after);
+    }
+    out.push('\n');
+    if !p.hosts.is_empty() {
+        out.push('\n');
+        out += &host_loads(&p.hosts);
+    }
+    if !p.moves.is_empty() {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = p
+            .moves
+            .iter()
+            .map(|m| {
+                vec![
+                    m.vm.clone(),
+                    m.from.clone(),
+                    m.to.clone(),
+                    format!("{:.0} → {:.0} %", m.imbalance_before, m.imbalance_after),
+                    m.cost.clone(),
+                    m.reason.clone(),
+                ]
+            })
+            .collect();
+        out += &table(&["VM", "FROM", "TO", "IMBALANCE", "COST", "REASON"], &rows);
+    }
+    for w in &p.why_not {
+        out += &format!("no move: {w}\n");
+    }
+    out
+}
+
+fn host_loads(hosts: &[tuchka_api::HostLoad]) -> String {
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.host.clone(),
+                format!("{:.0} %", h.cpu * 100.0),
+                format!("{:.0} %", h.memory * 100.0),
+                h.vms.to_string(),
+                if h.target { "yes" } else { "no" }.to_string(),
+            ]
+        })
+        .collect();
+    table(&["HOST", "CPU", "MEMORY", "VMS", "TARGET"], &rows)
+}
+
+/// `balance status`.
+pub fn balance_status(s: &tuchka_api::BalanceStatus) -> String {
+    let mut out = format!(
+        "mode {} (every {} s), imbalance {:.0} %, threshold {:.0} %, above it for {} of {} rounds needed\n",
+        s.mode, s.interval_s, s.imbalance, s.threshold, s.rounds_above, s.hold_rounds
+    );
+    if !s.hosts.is_empty() {
+        out.push('\n');
+        out += &host_loads(&s.hosts);
+    }
+    if !s.decisions.is_empty() {
+        out += "\nlast decisions:\n";
+        for d in &s.decisions {
+            out += &format!("  {} ({:.0} %): {}\n", d.time, d.imbalance, d.summary);
+        }
+    }
+    out
 }
 
 /// `done/total`, or `-` before the total is known.
@@ -503,9 +615,9 @@ pub fn operation_table(ops: &[Operation]) -> String {
         .map(|op| {
             vec![
                 op.id.clone(),
-                op.kind.clone(),
+                op.kind.to_string(),
                 op.target.clone(),
-                op.state.clone(),
+                op.state.to_string(),
                 progress(op),
                 op.created_at.clone(),
                 match &op.error {
@@ -527,21 +639,76 @@ pub fn operation_table(ops: &[Operation]) -> String {
 pub fn operation_detail(op: &Operation) -> String {
     let mut pairs = vec![
         ("id", op.id.clone()),
-        ("kind", op.kind.clone()),
+        ("kind", op.kind.to_string()),
         ("target", op.target.clone()),
-        ("state", op.state.clone()),
+        ("state", op.state.to_string()),
         ("progress", progress(op)),
         ("message", or_none(Some(&op.message))),
         ("created", op.created_at.clone()),
         ("finished", or_none(op.finished_at.as_deref())),
     ];
+    if let Some(p) = &op.parent {
+        pairs.push(("part of", p.clone()));
+    }
+    if let Some(m) = &op.migration {
+        pairs.push(("migration", migration_line(m)));
+    }
     if let Some(e) = &op.error {
         pairs.push(("error", format!("{} ({})", e.message, e.code)));
         for cause in &e.chain {
             pairs.push(("caused by", cause.clone()));
         }
     }
-    fields(&pairs)
+    let mut out = fields(&pairs);
+    if !op.phases.is_empty() {
+        out.push_str("
+phases:
+");
+        let rows: Vec<Vec<String>> = op
+            .phases
+            .iter()
+            .map(|p| vec![p.name.clone(), p.state.to_string(), p.message.clone()])
+            .collect();
+        out.push_str(&table(&["PHASE", "STATE", "MESSAGE"], &rows));
+    }
+    if !op.children.is_empty() {
+        out.push_str("
+children (tuchka op show ID):
+");
+        for c in &op.children {
+            out.push_str(&format!("  {c}
+"));
+        }
+    }
+    out
+}
+
+/// A migration in one line: `live h1 → h2, done: 1.9 s, downtime 120 ms, 300 MiB moved`.
+pub fn migration_line(m: &tuchka_api::Migration) -> String {
+    let mut s = format!("{} {} → {}, {}", m.mode, m.from, m.to, m.phase);
+    if m.phase == tuchka_api::MigrationPhase::Copying && m.copied_bytes + m.remaining_bytes > 0 {
+        let total = (m.copied_bytes + m.remaining_bytes) as f64;
+        s += &format!(
+            ": {:.0} % ({} of {} MiB), {:.0} MiB/s",
+            100.0 * m.copied_bytes as f64 / total,
+            m.copied_bytes >> 20,
+            (m.copied_bytes + m.remaining_bytes) >> 20,
+            m.mib_per_s
+        );
+    }
+    if let Some(t) = m.total_ms {
+        s += &format!(", {:.1} s", t as f64 / 1000.0);
+    }
+    if let Some(d) = m.downtime_ms {
+        s += &format!(", downtime {d} ms");
+    }
+    if let Some(b) = m.bytes {
+        s += &format!(", {} MiB moved", b >> 20);
+    }
+    if let Some(e) = &m.error {
+        s += &format!(" ({})", e.message);
+    }
+    s
 }
 
 /// What `--wait`-less actions print: the operation and how to follow it.
@@ -604,7 +771,11 @@ mod tests {
                 .collect(),
             domain: "tk-1-web-0".to_string(),
             error: None,
+            error_chain: vec![],
             created_at: "2026-01-01T00:00:00Z".to_string(),
+            migration: None,
+            last_migration: None,
+            cpu_usage: 0.0,
         }
     }
 
@@ -714,15 +885,19 @@ mod tests {
     fn op(state: &str, error: Option<ApiError>) -> Operation {
         Operation {
             id: "op-1".into(),
-            kind: "vm.start".into(),
+            kind: "vm.start".parse().expect("kind"),
             target: "vm/web-0".into(),
-            state: state.into(),
+            state: state.parse().expect("state"),
             done: 1,
             total: 2,
             message: "starting".into(),
             error,
             created_at: "2026-01-01T00:00:00Z".into(),
             finished_at: None,
+            phases: vec![],
+            parent: None,
+            children: vec![],
+            migration: None,
         }
     }
 
@@ -763,7 +938,7 @@ mod tests {
         let h = Host {
             name: "h1".into(),
             id: "1".into(),
-            state: "up".into(),
+            state: tuchka_api::HostState::Up,
             address: String::new(),
             load_1m: 0.25,
             memory_available_mib: 20_000,
@@ -779,6 +954,10 @@ mod tests {
             vms: vec!["web-0".into()],
             cached_images: vec![],
             last_seen: None,
+            cpu_usage: 0.0,
+            memory_in_use_mib: 0,
+            orphans: vec![],
+            channel_port: 0,
         };
         assert_eq!(
             host_table(&[h]),

@@ -128,9 +128,9 @@ mod tests {
     fn failed_operations_print_their_error() {
         let mut op = Operation {
             id: "1".into(),
-            kind: "group.create".into(),
+            kind: "group.create".parse().expect("kind"),
             target: "group/web".into(),
-            state: "failed".into(),
+            state: "failed".parse().expect("state"),
             done: 0,
             total: 2,
             message: String::new(),
@@ -141,6 +141,10 @@ mod tests {
             }),
             created_at: String::new(),
             finished_at: None,
+            phases: vec![],
+            parent: None,
+            children: vec![],
+            migration: None,
         };
         assert_eq!(
             format_lines(&operation_failure_lines(&op)),

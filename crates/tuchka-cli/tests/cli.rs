@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
-use tuchka_api::{
+use tuchka_api::{OperationState, 
     ApiError, GroupCreate, Image, Operation, PowerState, Vm, VmAddress, VmState, VmStop,
 };
 use tuchka_cli::{run_command_with, Cli};
@@ -48,7 +48,11 @@ fn vms() -> Vec<Vm> {
             }],
             domain: format!("tk-1-web-{i}"),
             error: None,
+            error_chain: vec![],
             created_at: "2026-01-01T00:00:00Z".into(),
+            migration: None,
+            last_migration: None,
+            cpu_usage: 0.0,
         })
         .collect()
 }
@@ -56,15 +60,19 @@ fn vms() -> Vec<Vm> {
 fn operation(id: &str, kind: &str, target: &str, state: &str) -> Operation {
     Operation {
         id: id.into(),
-        kind: kind.into(),
+        kind: kind.parse().expect("kind"),
         target: target.into(),
-        state: state.into(),
+        state: state.parse().expect("state"),
         done: 0,
         total: 2,
         message: "placing".into(),
         error: None,
         created_at: "2026-01-01T00:00:00Z".into(),
         finished_at: None,
+        phases: vec![],
+        parent: None,
+        children: vec![],
+        migration: None,
     }
 }
 
@@ -149,9 +157,9 @@ async fn get_op(State(f): State<Fake>, Path(id): Path<String>) -> Response {
         op.done = 2;
         op.finished_at = Some("2026-01-01T00:00:05Z".into());
         if id == "op-ok" {
-            op.state = "succeeded".into();
+            op.state = OperationState::Succeeded;
         } else {
-            op.state = "failed".into();
+            op.state = OperationState::Failed;
             op.error = Some(ApiError {
                 code: "NoCapacity".into(),
                 message: "no host can take web-2".into(),
@@ -300,7 +308,7 @@ async fn stop_with_wait_follows_the_operation_to_success() {
     )
     .await;
     assert_eq!(r.code, 0, "{}", r.err);
-    assert_eq!(r.out, "vm.stop vm/web-0: succeeded\n");
+    assert_eq!(r.out, "vm.stop vm/web-0: succeeded (placing)\n");
     assert_eq!(
         *s.fake.vm_stop.lock().expect("lock"),
         Some(VmStop {
@@ -358,7 +366,7 @@ async fn group_create_sends_files_and_a_failed_operation_exits_1() {
         Some("#cloud-config\nhostname: x\n")
     );
     assert_eq!(sent.ssh_keys, vec!["ssh-ed25519 AAAAC3 me@laptop"]);
-    assert_eq!(sent.placement.as_deref(), Some("spread"));
+    assert_eq!(sent.placement, Some(tuchka_api::PlacementPolicy::Spread));
 }
 
 #[tokio::test]
@@ -391,7 +399,7 @@ async fn op_wait_on_a_failed_operation_prints_json_and_exits_1() {
     let r = tuchka(&s.socket, &["op", "wait", "op-fail", "-o", "json"]).await;
     assert_eq!(r.code, 1);
     let op: Operation = serde_json::from_str(&r.out).expect("operation json");
-    assert_eq!(op.state, "failed");
+    assert_eq!(op.state, OperationState::Failed);
     assert!(
         r.err.starts_with("error: no host can take web-2\n"),
         "{}",

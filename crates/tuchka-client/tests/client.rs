@@ -41,15 +41,19 @@ fn api_error(status: StatusCode, code: &str, message: String) -> Response {
 fn operation(state: &str, done: u32) -> Operation {
     Operation {
         id: "op-1".to_string(),
-        kind: "group.create".to_string(),
+        kind: tuchka_api::OperationKind::GroupCreate,
         target: "group/web".to_string(),
-        state: state.to_string(),
+        state: state.parse().expect("state"),
         done,
         total: 3,
         message: format!("step {done}"),
         error: None,
         created_at: "2026-01-01T00:00:00Z".to_string(),
         finished_at: None,
+        phases: vec![],
+        parent: None,
+        children: vec![],
+        migration: None,
     }
 }
 
@@ -411,10 +415,10 @@ async fn wait_operation_reports_each_change_until_finished() {
     let mut updates = Vec::new();
     let op = s
         .client()
-        .wait_operation("op-1", |op| updates.push((op.state.clone(), op.done)))
+        .wait_operation("op-1", |op| updates.push((op.state.to_string(), op.done)))
         .await
         .expect("wait");
-    assert_eq!(op.state, "succeeded");
+    assert_eq!(op.state, tuchka_api::OperationState::Succeeded);
     assert_eq!(
         updates,
         vec![

@@ -84,6 +84,8 @@ async fn main() {
                         name: format!("sim-{i}"),
                         join_token: String::new(),
                         facts: facts.clone(),
+                        identity: None,
+                        csr_pem: None,
                     },
                 )
                 .await

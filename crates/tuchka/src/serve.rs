@@ -167,7 +167,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         loop {
             every.tick().await;
             let c = ticker.clone();
-            let _ = tokio::task::spawn_blocking(move || tuchka_controller::ops::progress(&c)).await;
+            let _ = tokio::task::spawn_blocking(move || tuchka_controller::progress::progress(&c)).await;
         }
     });
     if !args.no_local_agent {
