@@ -27,12 +27,20 @@
 //! variances, so a resource that is badly spread is not averaged away by one that is not). It is
 //! not Proxmox CRS's coefficient of variation (σ / mean): that reads 100 % on an idle cloud where
 //! one host is at 3 % CPU and the others at 0 %, and would migrate VMs for noise; what hurts is
-//! distance in percentage points. A host's *deviation* is the same formula for that host alone,
-//! measured from the cloud's means; the *pair imbalance* `P(a, b)` of two hosts is the formula
-//! over just those two, from the cloud's means (so `P` of a pair is on the same 0–100 % scale).
+//! distance in percentage points.
+//!
+//! The *pair imbalance* of two hosts is the same formula over just those two, measured from the
+//! cloud's means `μ_c`, `μ_m` (so it is on the same 0–100 % scale):
+//!
+//! ```text
+//! P(a, b) = 100 % × sqrt(Σ_{i∈{a,b}} (w_c·(c_i − μ_c)² + w_m·(m_i − μ_m)²) / (2·(w_c + w_m))) / 0.5
+//! ```
 //!
 //! The score is cheap to update: the balancer keeps `Σx` and `Σx²` per resource, so the score
-//! after a candidate move, which changes two hosts, costs O(1) (`σ² = Σx²/n − (Σx/n)²`).
+//! after a candidate move, which changes two hosts, costs O(1) (`σ² = Σx²/n − (Σx/n)²`). To
+//! find the best move without trying every (VM, target) pair, VMs are visited by an upper bound
+//! of the gain any target could give them, and the search stops when no VM left can be chosen
+//! (see `Model::best_moves`); every pair is tried only to explain a round that moves nothing.
 //!
 //! A move's predicted effect: the VM's measured CPU (cores) leaves the source and arrives at the
 //! target (`c_src −= cores / cpus_src`, `c_dst += cores / cpus_dst`), and so does its resident
@@ -41,7 +49,7 @@
 //! # Rules (no ping-pong)
 //!
 //! 1. **Threshold**: a round acts only when the imbalance is above `threshold_pct` (25 %).
-//! 2. **Hold**: ... for `hold_rounds` (3) consecutive rounds. The count is [`BalanceState`]; it
+//! 2. **Hold**: ... and has been for `hold_rounds` (3) consecutive rounds. The count is [`BalanceState`]; it
 //!    restarts after a round that moves something, so the next action rests on measurements
 //!    taken after those migrations.
 //! 3. **Margin**: a move from `a` to `b` is made only if the pair imbalance `P(a, b)` is above the
@@ -73,6 +81,13 @@
 //!    the next move is chosen on the updated model.
 //!
 //! Inputs are sorted by id first, so the same input (in any order) gives the same plan.
+//!
+//! # Cost
+//!
+//! A move's [`MoveCost`]: the memory to copy is the VM's resident memory (QEMU does not send
+//! zero pages); with a dirty-rate estimate `d` and the link's bandwidth `B`, pre-copy resends
+//! what the guest dirties meanwhile, a geometric series: `copy = resident / (1 − d/B)`, taking
+//! `copy / B` seconds; when `d ≥ B` it does not converge (the VM is not a candidate).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -655,13 +670,10 @@ fn run(
         return (plan(reasons, vec![], score0), BalanceState::default());
     }
     if score0 <= cfg.threshold_pct {
+        let (s, t) = distinct(score0, cfg.threshold_pct);
         reasons.push(Reason {
             code: ReasonCode::BelowThreshold,
-            message: format!(
-                "imbalance {} is not above the threshold {}: nothing to do",
-                spct(score0),
-                spct(cfg.threshold_pct)
-            ),
+            message: format!("imbalance {s} is not above the threshold {t}: nothing to do"),
         });
         return (plan(reasons, vec![], score0), BalanceState::default());
     }
@@ -669,12 +681,11 @@ fn run(
     if let Some(r) = rounds {
         if r < cfg.hold_rounds {
             let left = cfg.hold_rounds - r;
+            let (s, t) = distinct(score0, cfg.threshold_pct);
             reasons.push(Reason {
                 code: ReasonCode::Holding,
                 message: format!(
-                    "imbalance {} has been above the threshold {} for {r} of {} rounds: waiting {left} more round{} before moving anything",
-                    spct(score0),
-                    spct(cfg.threshold_pct),
+                    "imbalance {s} has been above the threshold {t} for {r} of {} rounds: waiting {left} more round{} before moving anything",
                     cfg.hold_rounds,
                     if left == 1 { "" } else { "s" },
                 ),
@@ -708,14 +719,13 @@ fn run(
         cur = m.wvar();
         moves.push(mv);
         if score(cur) <= cfg.threshold_pct {
+            let (s, t) = distinct(score(cur), cfg.threshold_pct);
             reasons.push(Reason {
                 code: ReasonCode::ReachedThreshold,
                 message: format!(
-                    "stopped after {} move{}: the imbalance will be {}, not above the threshold {}",
+                    "stopped after {} move{}: the imbalance will be {s}, not above the threshold {t}",
                     moves.len(),
                     if moves.len() == 1 { "" } else { "s" },
-                    spct(score(cur)),
-                    spct(cfg.threshold_pct),
                 ),
             });
             break;
@@ -747,7 +757,7 @@ struct Weights {
 }
 
 /// Why a candidate move is not allowed. VM-level kinds first, then target-level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     OptOut,
     CannotMove,
@@ -1547,6 +1557,10 @@ impl<'a> Model<'a> {
 
     /// Reasons why the step found no move.
     fn explain(&self, st: &Step, cur: f64, done: usize, out: &mut Vec<Reason>) {
+        debug_assert!(
+            st.qualifying.is_empty(),
+            "the fast pass missed a move the survey found"
+        );
         let s0 = score(cur);
         let thr = self.cfg.threshold_pct;
         let what = |c: &Cand| {
@@ -1714,7 +1728,7 @@ impl<'a> Model<'a> {
 
     /// A summary of the VMs on balanced hosts that were not considered.
     fn excluded(&self) -> Option<Reason> {
-        let mut by: BTreeMap<u8, Vec<String>> = BTreeMap::new();
+        let mut by: BTreeMap<Kind, Vec<String>> = BTreeMap::new();
         for vm in &self.vms {
             if !self.hosts[vm.host].balanced || !vm.v.running {
                 continue;
@@ -1737,7 +1751,7 @@ impl<'a> Model<'a> {
                 ),
                 _ => v.name.clone(),
             };
-            by.entry(k as u8).or_default().push(item);
+            by.entry(k).or_default().push(item);
         }
         if by.is_empty() {
             return None;
@@ -1746,10 +1760,10 @@ impl<'a> Model<'a> {
         for (k, names) in &by {
             let n = names.len();
             let s = if n == 1 { "" } else { "s" };
-            let label = match *k {
-                x if x == Kind::OptOut as u8 => format!("{n} VM{s} opted out"),
-                x if x == Kind::CannotMove as u8 => format!("{n} VM{s} that cannot move now"),
-                x if x == Kind::Cooldown as u8 => format!("{n} VM{s} in cooldown"),
+            let label = match k {
+                Kind::OptOut => format!("{n} VM{s} opted out"),
+                Kind::CannotMove => format!("{n} VM{s} that cannot move now"),
+                Kind::Cooldown => format!("{n} VM{s} in cooldown"),
                 _ => format!("{n} VM{s} dirtying memory faster than the link"),
             };
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -1795,12 +1809,19 @@ fn spct(p: f64) -> String {
 /// `75 % → 49 %`; with as many decimals (up to 2) as it takes to show a change, e.g.
 /// `33.9 % → 33.8 %` on a large cloud, where one move changes the score little.
 fn change(before: f64, after: f64) -> String {
-    let (b, a) = (before.max(0.0) + 0.0, after.max(0.0) + 0.0);
+    let (b, a) = distinct(before, after);
+    format!("{b} → {a}")
+}
+
+/// Two percentages with as many decimals (up to 2) as it takes to tell them apart:
+/// `24.7 %` and `25.0 %`, not `25 %` and `25 %`.
+fn distinct(x: f64, y: f64) -> (String, String) {
+    let (x, y) = (x.max(0.0) + 0.0, y.max(0.0) + 0.0);
     let mut d = 0;
-    while d < 2 && format!("{b:.d$}") == format!("{a:.d$}") {
+    while d < 2 && format!("{x:.d$}") == format!("{y:.d$}") {
         d += 1;
     }
-    format!("{b:.d$} % → {a:.d$} %")
+    (format!("{x:.d$} %"), format!("{y:.d$} %"))
 }
 
 /// MiB as `512 MiB`, `2 GiB`, `1.5 GiB`.
@@ -2629,6 +2650,7 @@ mod tests {
         assert_eq!(change(75.2, 49.4), "75 % → 49 %");
         assert_eq!(change(33.94, 33.61), "33.9 % → 33.6 %");
         assert_eq!(change(33.941, 33.939), "33.94 % → 33.94 %");
+        assert_eq!(distinct(24.7, 25.0), ("24.7 %".into(), "25.0 %".into()));
     }
 
     #[test]
