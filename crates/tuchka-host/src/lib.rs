@@ -7,6 +7,7 @@
 //! - [`Dataplane`] ([`LinuxDataplane`]): bridges, VXLAN ports to the other hosts of a
 //!   network, gateway address + dnsmasq, and the cloud's isolation firewall (nftables).
 //! - [`probe_accel`], [`run_checks`], [`host_facts`]: what this host can do.
+//! - [`metrics`]: the load an agent reports for the balancer (host CPU and memory, VM CPU).
 //! - [`fake`]: hand-written fakes of the three traits for tests of the code that drives them.
 //!
 //! The API is synchronous; the agent calls it from `tokio::task::spawn_blocking`. Every
@@ -24,6 +25,7 @@ pub mod domain_xml;
 mod error;
 pub mod fake;
 pub mod libvirt;
+pub mod metrics;
 pub mod net;
 pub mod qcow2;
 pub mod seed;
