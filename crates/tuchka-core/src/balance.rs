@@ -95,7 +95,8 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::placement::{self, GroupRequest, HostCapacity, Policy, Ratios};
+use crate::placement::{self, GroupRequest, HostCapacity, Ratios};
+use tuchka_api::PlacementPolicy;
 
 /// The largest standard deviation of numbers in 0..1: the score's 100 %.
 const NORM: f64 = 0.5;
@@ -580,7 +581,7 @@ pub fn plan_drain(
             image_sha256: v.image_sha256.clone(),
             anti_affinity: constraints.anti_affinity.contains(&v.group),
             existing: existing.get(v.group.as_str()).cloned().unwrap_or_default(),
-            policy: Policy::Spread,
+            policy: PlacementPolicy::Spread,
         };
         let size = format!("{} vCPU, {}", v.vcpus, mib(v.memory_mib));
         if caps.is_empty() {
@@ -1696,7 +1697,7 @@ impl<'a> Model<'a> {
                     image_sha256: v.image_sha256.clone(),
                     anti_affinity: false,
                     existing: BTreeMap::new(),
-                    policy: Policy::Spread,
+                    policy: PlacementPolicy::Spread,
                 };
                 let msg = placement::refuse_reason(&cap, &req, &self.ratios, 0)
                     .unwrap_or_else(|| "no room".into());
@@ -2333,7 +2334,7 @@ mod tests {
                 image_sha256: String::new(),
                 anti_affinity: false,
                 existing: BTreeMap::new(),
-                policy: Policy::Spread,
+                policy: PlacementPolicy::Spread,
             };
             let sched = placement::refuse_reason(&hosts[0].capacity, &req, &ratios, 0);
             assert_eq!(
