@@ -16,7 +16,7 @@ mod size;
 use std::io::Write;
 
 pub use args::{
-    Cli, Command, GlobalOpts, GroupCmd, GroupCreateArgs, HostCmd, ImageCmd, NetCmd, OpCmd, Output,
+    wire, Cli, Command, GlobalOpts, GroupCmd, GroupCreateArgs, HostCmd, ImageCmd, NetCmd, OpCmd, Output,
     VmAction, VmCmd,
 };
 pub use commands::{client_for, resolve_endpoint};

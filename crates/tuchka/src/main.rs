@@ -82,6 +82,16 @@ pub struct ServeArgs {
     /// Root disk size the scheduler may promise per MiB of storage pool (disks are thin overlays).
     #[arg(long, default_value_t = 2.0)]
     pub disk_overcommit: f64,
+    /// Balance load by itself: `off` (only `tuchka balance apply`) or `auto` (a round every
+    /// --balance-interval; see docs/migration.md for its rules).
+    #[arg(long, default_value = "off", value_parser = tuchka_cli::wire::<tuchka_api::BalanceMode>, value_name = "MODE")]
+    pub balance: tuchka_api::BalanceMode,
+    /// Seconds between two rounds of the automatic balancer.
+    #[arg(long, default_value_t = 30, value_name = "S")]
+    pub balance_interval: u64,
+    /// TCP port of the local agent's migration channel (with --listen: on the listen address).
+    #[arg(long, default_value_t = tuchka_host::net::underlay::DEFAULT_CHANNEL_PORT, value_name = "PORT")]
+    pub channel_port: u16,
 }
 
 /// Options of `tuchka agent`.
@@ -108,10 +118,17 @@ pub struct AgentArgs {
     /// libvirt connection.
     #[arg(long, default_value = "qemu:///system")]
     pub libvirt_uri: String,
-    /// Underlay address of this host for VXLAN between hosts [default: the local address used
-    /// to reach the controller].
+    /// Underlay address of this host for VXLAN and migrations between hosts [default: the local
+    /// address used to reach the controller].
     #[arg(long)]
     pub address: Option<std::net::Ipv4Addr>,
+    /// TCP port of this host's migration channel (mutual TLS, on --address; only the cloud's
+    /// other hosts are admitted).
+    #[arg(long, default_value_t = tuchka_host::net::underlay::DEFAULT_CHANNEL_PORT, value_name = "PORT")]
+    pub channel_port: u16,
+    /// Where the migration channel's unix sockets live (must be the same path on every host).
+    #[arg(long, default_value = "/run/tuchka", value_name = "DIR")]
+    pub run_dir: PathBuf,
 }
 
 fn main() {

@@ -107,6 +107,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.ratios.memory = args.memory_overcommit;
     config.ratios.disk = args.disk_overcommit;
     config.long_poll = Duration::from_secs((args.down_after / 3).clamp(1, 10));
+    if !(1..=86_400).contains(&args.balance_interval) {
+        bail!(
+            "--balance-interval {} is out of range: use 1 to 86400 seconds",
+            args.balance_interval
+        );
+    }
+    config.balance = tuchka_controller::state::BalanceConfig {
+        mode: args.balance,
+        interval: Duration::from_secs(args.balance_interval),
+    };
     let mut tcp = None;
     if let Some(addr) = args.listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -170,6 +180,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = tokio::task::spawn_blocking(move || tuchka_controller::progress::progress(&c)).await;
         }
     });
+    if args.balance == tuchka_api::BalanceMode::Auto {
+        let balancer = ctl.clone();
+        let interval = Duration::from_secs(args.balance_interval);
+        tracing::info!(every_s = interval.as_secs(), "automatic balancing is on");
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(interval);
+            every.tick().await; // the first round one interval after the start
+            loop {
+                every.tick().await;
+                let c = balancer.clone();
+                let r = tokio::task::spawn_blocking(move || tuchka_controller::balance::auto_round(&c)).await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "balancer round failed");
+                }
+            }
+        });
+    }
     if !args.no_local_agent {
         let agent = AgentConfig {
             name: args.host_name.clone().unwrap_or_else(system_host_name),
