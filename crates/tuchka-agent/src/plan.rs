@@ -148,18 +148,39 @@ mod tests {
     #[test]
     fn the_source_begins_once_told_and_aborts_only_a_running_job() {
         use tuchka_api::agent::MigrationStatus as S;
-        assert_eq!(outgoing_action(false, false, None, true), OutgoingAction::None);
-        assert_eq!(outgoing_action(true, false, None, true), OutgoingAction::Begin);
+        assert_eq!(
+            outgoing_action(false, false, None, true),
+            OutgoingAction::None
+        );
+        assert_eq!(
+            outgoing_action(true, false, None, true),
+            OutgoingAction::Begin
+        );
         assert_eq!(
             outgoing_action(true, false, None, false),
             OutgoingAction::None,
             "a domain that left is never moved again"
         );
-        assert_eq!(outgoing_action(true, false, Some(S::Running), true), OutgoingAction::None);
-        assert_eq!(outgoing_action(true, false, Some(S::Failed), true), OutgoingAction::None);
-        assert_eq!(outgoing_action(true, true, Some(S::Running), true), OutgoingAction::Abort);
-        assert_eq!(outgoing_action(true, true, Some(S::Completed), false), OutgoingAction::None);
-        assert_eq!(outgoing_action(false, true, None, true), OutgoingAction::None);
+        assert_eq!(
+            outgoing_action(true, false, Some(S::Running), true),
+            OutgoingAction::None
+        );
+        assert_eq!(
+            outgoing_action(true, false, Some(S::Failed), true),
+            OutgoingAction::None
+        );
+        assert_eq!(
+            outgoing_action(true, true, Some(S::Running), true),
+            OutgoingAction::Abort
+        );
+        assert_eq!(
+            outgoing_action(true, true, Some(S::Completed), false),
+            OutgoingAction::None
+        );
+        assert_eq!(
+            outgoing_action(false, true, None, true),
+            OutgoingAction::None
+        );
     }
 
     #[test]

@@ -514,7 +514,12 @@ fn outgoing(
     domain: Option<&DomainInfo>,
 ) -> VmObserved {
     let known = parts.mover.status(&job.id);
-    match outgoing_action(go, abort, known.as_ref().map(|m| m.status), domain.is_some()) {
+    match outgoing_action(
+        go,
+        abort,
+        known.as_ref().map(|m| m.status),
+        domain.is_some(),
+    ) {
         OutgoingAction::Begin => {
             tracing::info!(vm = %want.name, migration = %job.id, to = %job.target.name, mode = %job.mode, "moving");
             if let Err(e) = parts.mover.begin(job) {
@@ -881,7 +886,11 @@ mod tests {
     fn a_failed_define_is_reported_with_its_cause_and_leaves_no_storage() {
         let h = host();
         h.hv.fail("define");
-        let r = pass(&h, &desired(vec![vm(PowerState::Running)]), &mut Memory::default());
+        let r = pass(
+            &h,
+            &desired(vec![vm(PowerState::Running)]),
+            &mut Memory::default(),
+        );
         assert_eq!(state_of(&r), VmState::Error);
         let o = &r.report.vms[0];
         assert!(
@@ -940,7 +949,11 @@ mod tests {
         let mut remove = empty.clone();
         remove.removals = vec![removal()];
         let r = pass(&h, &remove, &mut mem);
-        assert!(r.report.vms.is_empty() && r.report.orphans.is_empty(), "{:?}", r.report);
+        assert!(
+            r.report.vms.is_empty() && r.report.orphans.is_empty(),
+            "{:?}",
+            r.report
+        );
         assert!(h.hv.domain("tk-0f2a6c1e-web-0").is_none());
         assert!(h.st.vm(VM).is_none());
         assert!(h.dp.network("lan").is_none());
@@ -1037,9 +1050,16 @@ mod tests {
     fn the_target_prepares_disk_and_seed_but_never_defines_the_vm() {
         let h = host();
         let mut mem = Memory::default();
-        let r = pass(&h, &desired(vec![incoming_vm(MigrationMode::Live)]), &mut mem);
+        let r = pass(
+            &h,
+            &desired(vec![incoming_vm(MigrationMode::Live)]),
+            &mut mem,
+        );
         let o = &r.report.vms[0];
-        assert_eq!(o.migration.as_ref().map(|m| m.status), Some(MigrationStatus::Prepared));
+        assert_eq!(
+            o.migration.as_ref().map(|m| m.status),
+            Some(MigrationStatus::Prepared)
+        );
         assert!(!o.domain);
         let st = h.st.vm(VM).expect("prepared");
         assert_eq!(st.disk_mib, Some(1024), "an overlay of the same size");
@@ -1049,13 +1069,21 @@ mod tests {
         // Preparing fails (e.g. the disk cannot be made): reported with the cause.
         let h = host();
         h.st.fail("ensure_root_disk");
-        let r = pass(&h, &desired(vec![incoming_vm(MigrationMode::Live)]), &mut mem);
+        let r = pass(
+            &h,
+            &desired(vec![incoming_vm(MigrationMode::Live)]),
+            &mut mem,
+        );
         let m = r.report.vms[0].migration.clone().expect("migration");
         assert_eq!(m.status, MigrationStatus::Failed);
         assert!(m.error.unwrap_or_default().contains("injected"));
         // Cold: only the directory the disk arrives in.
         let h = host();
-        let r = pass(&h, &desired(vec![incoming_vm(MigrationMode::Cold)]), &mut mem);
+        let r = pass(
+            &h,
+            &desired(vec![incoming_vm(MigrationMode::Cold)]),
+            &mut mem,
+        );
         assert_eq!(
             r.report.vms[0].migration.as_ref().map(|m| m.status),
             Some(MigrationStatus::Prepared)
@@ -1088,7 +1116,10 @@ mod tests {
         let r = pass(&h, &desired(vec![outgoing_vm(true, true)]), &mut mem);
         assert!(h.mover.calls().contains(&"abort m1".to_string()));
         let o = &r.report.vms[0];
-        assert_eq!(o.migration.as_ref().map(|m| m.status), Some(MigrationStatus::Failed));
+        assert_eq!(
+            o.migration.as_ref().map(|m| m.status),
+            Some(MigrationStatus::Failed)
+        );
         assert!(o.domain);
         // A fresh migration that completes: the domain leaves; the pass must not re-create it.
         let h = host();
@@ -1096,12 +1127,16 @@ mod tests {
         pass(&h, &desired(vec![vm(PowerState::Running)]), &mut mem);
         pass(&h, &desired(vec![outgoing_vm(true, false)]), &mut mem);
         h.mover.finish("m1", 120);
-        h.hv.undefine("tk-0f2a6c1e-web-0").expect("libvirt moved it");
+        h.hv.undefine("tk-0f2a6c1e-web-0")
+            .expect("libvirt moved it");
         let r = pass(&h, &desired(vec![outgoing_vm(true, false)]), &mut mem);
         let o = &r.report.vms[0];
         assert!(!o.domain);
         let m = o.migration.clone().expect("migration");
-        assert_eq!((m.status, m.downtime_ms), (MigrationStatus::Completed, Some(120)));
+        assert_eq!(
+            (m.status, m.downtime_ms),
+            (MigrationStatus::Completed, Some(120))
+        );
         assert!(h.hv.domain("tk-0f2a6c1e-web-0").is_none(), "not re-created");
         assert_eq!(h.hv.count("define"), 1);
         // The controller gives the VM to the target and names it for removal here.

@@ -13,16 +13,16 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
+use tuchka_api::{BalancePlan, BalanceStatus, Drain, HostDrain, VmMigrate};
 use tuchka_api::{
     CheckItem, Forward, ForwardCreate, Group, GroupCreate, GroupScale, Host, Image, JoinToken,
     Network, NetworkCreate, Operation, OperationState, Rule, RuleCreate, Vm, VmStop,
 };
-use tuchka_api::{BalancePlan, BalanceStatus, Drain, HostDrain, VmMigrate};
 use tuchka_client::{segment, Client, Endpoint, DEFAULT_SOCKET};
 
 use crate::args::{
-    BalanceCmd, Command, ForwardCmd, GlobalOpts, GroupCmd, GroupCreateArgs, HostCmd, ImageCmd, NetCmd, OpCmd,
-    Output, RuleCmd, VmCmd,
+    BalanceCmd, Command, ForwardCmd, GlobalOpts, GroupCmd, GroupCreateArgs, HostCmd, ImageCmd,
+    NetCmd, OpCmd, Output, RuleCmd, VmCmd,
 };
 use crate::render;
 use crate::report::{format_lines, operation_failure_lines};

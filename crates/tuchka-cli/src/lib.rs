@@ -16,8 +16,8 @@ mod size;
 use std::io::Write;
 
 pub use args::{
-    wire, Cli, Command, GlobalOpts, GroupCmd, GroupCreateArgs, HostCmd, ImageCmd, NetCmd, OpCmd, Output,
-    VmAction, VmCmd,
+    wire, Cli, Command, GlobalOpts, GroupCmd, GroupCreateArgs, HostCmd, ImageCmd, NetCmd, OpCmd,
+    Output, VmAction, VmCmd,
 };
 pub use commands::{client_for, resolve_endpoint};
 pub use report::{print_error, render_error};

@@ -514,7 +514,10 @@ pub fn host_detail(h: &Host) -> String {
 
 /// `host drain`: the host, the operation moving its VMs, and what cannot move.
 pub fn drain(d: &tuchka_api::Drain) -> String {
-    let mut out = format!("host {} is {}: no new placements\n", d.host.name, d.host.state);
+    let mut out = format!(
+        "host {} is {}: no new placements\n",
+        d.host.name, d.host.state
+    );
     match &d.operation {
         Some(op) => out += &operation_started(op),
         None if d.unmovable.is_empty() => out += "it has no VMs\n",
@@ -661,9 +664,11 @@ pub fn operation_detail(op: &Operation) -> String {
     }
     let mut out = fields(&pairs);
     if !op.phases.is_empty() {
-        out.push_str("
+        out.push_str(
+            "
 phases:
-");
+",
+        );
         let rows: Vec<Vec<String>> = op
             .phases
             .iter()
@@ -672,12 +677,16 @@ phases:
         out.push_str(&table(&["PHASE", "STATE", "MESSAGE"], &rows));
     }
     if !op.children.is_empty() {
-        out.push_str("
+        out.push_str(
+            "
 children (tuchka op show ID):
-");
+",
+        );
         for c in &op.children {
-            out.push_str(&format!("  {c}
-"));
+            out.push_str(&format!(
+                "  {c}
+"
+            ));
         }
     }
     out

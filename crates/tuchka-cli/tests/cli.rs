@@ -12,8 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
-use tuchka_api::{OperationState, 
-    ApiError, GroupCreate, Image, Operation, PowerState, Vm, VmAddress, VmState, VmStop,
+use tuchka_api::{
+    ApiError, GroupCreate, Image, Operation, OperationState, PowerState, Vm, VmAddress, VmState,
+    VmStop,
 };
 use tuchka_cli::{run_command_with, Cli};
 

@@ -95,7 +95,10 @@ pub fn register(ctl: &Controller, req: HostRegister, trusted: bool) -> Result<Ho
         Ok::<_, Error>((id, credential, renamed))
     })?;
     let what = match &renamed {
-        Some(old) => format!("host {} registered again (was {old}: same host, same VMs)", req.name),
+        Some(old) => format!(
+            "host {} registered again (was {old}: same host, same VMs)",
+            req.name
+        ),
         None => format!("host {} registered ({})", req.name, req.facts.accel),
     };
     ctl.emit("host.registered", &format!("host/{}", req.name), what);
@@ -107,7 +110,10 @@ pub fn register(ctl: &Controller, req: HostRegister, trusted: bool) -> Result<Ho
             Err(e) => {
                 return Err(Error::invalid(
                     "InvalidCsr",
-                    format!("cannot issue the migration channel certificate of host {:?}: {e}", req.name),
+                    format!(
+                        "cannot issue the migration channel certificate of host {:?}: {e}",
+                        req.name
+                    ),
                 ))
             }
         },
@@ -238,10 +244,16 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
                 }
             }
         }
-        for r in db::removals(c)?.into_iter().filter(|r| r.host_id == host_id) {
+        for r in db::removals(c)?
+            .into_iter()
+            .filter(|r| r.host_id == host_id)
+        {
             if !seen.contains_key(r.vm_id.as_str()) {
                 db::delete_removal(c, &r.vm_id, host_id)?;
-                changes.push((r.name.clone(), format!("removed from this host ({})", r.reason)));
+                changes.push((
+                    r.name.clone(),
+                    format!("removed from this host ({})", r.reason),
+                ));
                 deleted_any = true;
             }
         }
@@ -383,12 +395,24 @@ mod tests {
         };
         // Renamed, no token needed: same id, same credential.
         let again = register(&ctl, req("edge-9", "", Some(id())), false).expect("renamed");
-        assert_eq!((again.host_id.as_str(), again.credential.as_str()), (first.host_id.as_str(), first.credential.as_str()));
-        assert_eq!(crate::hosts::get(&ctl, &first.host_id).expect("host").name, "edge-9");
+        assert_eq!(
+            (again.host_id.as_str(), again.credential.as_str()),
+            (first.host_id.as_str(), first.credential.as_str())
+        );
+        assert_eq!(
+            crate::hosts::get(&ctl, &first.host_id).expect("host").name,
+            "edge-9"
+        );
         // A name another host has is refused, and changes nothing.
         let taken = register(&ctl, req("edge-2", "", Some(id())), false).expect_err("taken");
-        assert!(taken.to_string().contains("another host has that name"), "{taken}");
-        assert_eq!(crate::hosts::get(&ctl, &first.host_id).expect("host").name, "edge-9");
+        assert!(
+            taken.to_string().contains("another host has that name"),
+            "{taken}"
+        );
+        assert_eq!(
+            crate::hosts::get(&ctl, &first.host_id).expect("host").name,
+            "edge-9"
+        );
         // A wrong credential is no identity: without a token it is refused.
         let forged = HostIdentity {
             host_id: first.host_id.clone(),

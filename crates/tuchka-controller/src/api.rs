@@ -158,4 +158,3 @@ fn host_auth_refused(e: agents::HostAuthError) -> Response {
     };
     (StatusCode::UNAUTHORIZED, Json(body)).into_response()
 }
-

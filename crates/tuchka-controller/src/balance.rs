@@ -34,7 +34,11 @@ const DECISIONS_META: &str = "balance_decisions";
 
 /// The balancer's inputs from the state: every host with its measured load (none for a host
 /// that is down: it is not balanced), every VM with its size, measured CPU and last move.
-pub fn inputs(ctl: &Controller, c: &Connection, s: &Snapshot) -> Result<(Vec<HostLoad>, Vec<VmLoad>, Constraints)> {
+pub fn inputs(
+    ctl: &Controller,
+    c: &Connection,
+    s: &Snapshot,
+) -> Result<(Vec<HostLoad>, Vec<VmLoad>, Constraints)> {
     let hosts = s
         .hosts
         .iter()
@@ -132,13 +136,22 @@ fn move_view(m: &balance::Move) -> BalanceMove {
     }
 }
 
-fn plan_view(s: &Snapshot, hosts: &[HostLoad], p: &balance::BalancePlan, cfg: &BalanceConfig) -> BalancePlan {
+fn plan_view(
+    s: &Snapshot,
+    hosts: &[HostLoad],
+    p: &balance::BalancePlan,
+    cfg: &BalanceConfig,
+) -> BalancePlan {
     BalancePlan {
         imbalance: p.imbalance.score_pct,
         imbalance_after: p.score_after_pct,
         threshold: cfg.threshold_pct,
         moves: p.moves.iter().map(move_view).collect(),
-        why_not: p.reasons.iter().map(|r: &Reason| r.message.clone()).collect(),
+        why_not: p
+            .reasons
+            .iter()
+            .map(|r: &Reason| r.message.clone())
+            .collect(),
         hosts: loads(s, hosts),
     }
 }
@@ -174,7 +187,11 @@ fn record_decision(c: &Connection, d: BalanceDecision) -> Result<()> {
     let mut all = decisions(c)?;
     all.insert(0, d);
     all.truncate(KEEP_DECISIONS);
-    db::meta_set(c, DECISIONS_META, &serde_json::to_string(&all).unwrap_or_default())?;
+    db::meta_set(
+        c,
+        DECISIONS_META,
+        &serde_json::to_string(&all).unwrap_or_default(),
+    )?;
     Ok(())
 }
 
@@ -233,7 +250,10 @@ fn busy(c: &Connection) -> Result<Option<String>> {
         )));
     }
     for o in db::running_operations(c)? {
-        if matches!(o.record.kind, OpKind::BalanceApply { .. } | OpKind::HostDrain { .. }) {
+        if matches!(
+            o.record.kind,
+            OpKind::BalanceApply { .. } | OpKind::HostDrain { .. }
+        ) {
             return Ok(Some(format!(
                 "operation {} ({}) is running: the balancer waits for it",
                 o.op.id, o.op.kind
@@ -262,7 +282,10 @@ pub fn apply(ctl: &Controller) -> Result<Operation> {
                 imbalance: view.imbalance,
                 summary: match &op {
                     Some(_) => format!("balance apply: {} moves", view.moves.len()),
-                    None => format!("balance apply: nothing to move ({})", view.why_not.join("; ")),
+                    None => format!(
+                        "balance apply: nothing to move ({})",
+                        view.why_not.join("; ")
+                    ),
                 },
                 moves: view.moves.clone(),
                 operation: op.as_ref().map(|o| o.op.id.clone()),
@@ -306,8 +329,13 @@ pub fn auto_round(ctl: &Controller) -> Result<()> {
             record_decision(c, d.clone())?;
             return Ok::<_, Error>((d, None));
         }
-        let (p, next) = balance::balance_round(&hosts, &vms, &cons, &cfg, stored_state(c)?, now_s());
-        db::meta_set(c, STATE_META, &serde_json::to_string(&next).unwrap_or_default())?;
+        let (p, next) =
+            balance::balance_round(&hosts, &vms, &cons, &cfg, stored_state(c)?, now_s());
+        db::meta_set(
+            c,
+            STATE_META,
+            &serde_json::to_string(&next).unwrap_or_default(),
+        )?;
         let view = plan_view(&s, &hosts, &p, &cfg);
         let op = start_apply(c, &p, "automatic balancing")?;
         let d = BalanceDecision {

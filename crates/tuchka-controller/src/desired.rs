@@ -6,8 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use tuchka_api::agent::{
-    DhcpHost, HostDesired, NetworkDesired, NicDesired, PeerHost, VmDesired, VmRemoval,
-    VxlanDesired,
+    DhcpHost, HostDesired, NetworkDesired, NicDesired, PeerHost, VmDesired, VmRemoval, VxlanDesired,
 };
 use tuchka_core::names;
 use tuchka_store::{NetworkRow, VmRow};
@@ -32,7 +31,14 @@ pub fn desired_for(ctl: &Controller, host_id: &str, generation: u64) -> Result<H
     }
     let rules = tuchka_store::rules(c)?;
     let forwards = tuchka_store::forwards(c)?;
-    Ok(build(&s, ctl.cloud_id(), host_id, generation, &rules, &forwards))
+    Ok(build(
+        &s,
+        ctl.cloud_id(),
+        host_id,
+        generation,
+        &rules,
+        &forwards,
+    ))
 }
 
 fn vm_desired(
@@ -195,14 +201,8 @@ pub fn build(
                 .collect();
             hosts.sort();
             let gateway_here = n.gateway_host.as_deref() == Some(host_id);
-            let r = crate::netrules::resolve(
-                &n.name,
-                rules,
-                forwards,
-                &s.nics,
-                &s.vms,
-                &s.networks,
-            );
+            let r =
+                crate::netrules::resolve(&n.name, rules, forwards, &s.nics, &s.vms, &s.networks);
             let empty = HashSet::new();
             NetworkDesired {
                 name: n.name.clone(),
@@ -272,7 +272,12 @@ fn vxlan_for(
     let mut peers: Vec<String> = hosts
         .into_iter()
         .filter(|h| *h != host_id)
-        .filter_map(|h| addresses.get(h).filter(|a| !a.is_empty()).map(|a| a.to_string()))
+        .filter_map(|h| {
+            addresses
+                .get(h)
+                .filter(|a| !a.is_empty())
+                .map(|a| a.to_string())
+        })
         .collect();
     peers.sort();
     peers.dedup();
@@ -313,7 +318,8 @@ mod tests {
         .into_iter()
         .collect();
         let on_app: HashSet<&str> = ["h2"].into_iter().collect();
-        let v = vxlan_for("h2", &net("h1"), &on_app, &addrs).expect("h2 has a peer: the gateway h1");
+        let v =
+            vxlan_for("h2", &net("h1"), &on_app, &addrs).expect("h2 has a peer: the gateway h1");
         assert_eq!(v.local, "10.250.0.12");
         assert_eq!(v.peers, vec!["10.250.0.11"]);
         assert_eq!(v.port, 4789);

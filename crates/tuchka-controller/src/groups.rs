@@ -116,7 +116,8 @@ fn check(c: &Connection, req: &GroupCreate) -> Result<(db::ImageRow, u64, Placem
             ));
         }
     }
-    let img = db::image(c, &req.image)?.ok_or_else(|| Error::not_found("image", "image", &req.image))?;
+    let img =
+        db::image(c, &req.image)?.ok_or_else(|| Error::not_found("image", "image", &req.image))?;
     let image_mib = img.virtual_size.div_ceil(1 << 20);
     let disk = if req.disk_mib == 0 {
         image_mib
@@ -399,7 +400,13 @@ pub fn vm_failure(v: &VmRow) -> Option<(String, Vec<String>)> {
 }
 
 /// How a group operation stands. Failing ones mark what they added for removal first.
-pub fn evaluate(c: &Connection, kind: &OpKind, rollback: Option<&str>, done: u32, total: u32) -> Result<Step> {
+pub fn evaluate(
+    c: &Connection,
+    kind: &OpKind,
+    rollback: Option<&str>,
+    done: u32,
+    total: u32,
+) -> Result<Step> {
     Ok(match kind {
         OpKind::GroupCreate { group } => {
             let Some(g) = db::group(c, group)? else {

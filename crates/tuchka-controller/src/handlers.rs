@@ -45,7 +45,10 @@ pub struct JsonBody<T>(pub T);
 
 impl From<JsonRejection> for Error {
     fn from(r: JsonRejection) -> Error {
-        Error::invalid("InvalidBody", format!("bad request body: {}", r.body_text()))
+        Error::invalid(
+            "InvalidBody",
+            format!("bad request body: {}", r.body_text()),
+        )
     }
 }
 
@@ -54,7 +57,9 @@ impl From<JsonRejection> for Error {
 pub struct OpenApiDoc(pub Arc<String>);
 
 /// Run blocking service code off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Internal {
@@ -105,9 +110,7 @@ pub async fn get_image(
     State(ctl): State<Controller>,
     Path(name): Path<String>,
 ) -> Result<Json<Image>> {
-    blocking(move || images::get(&ctl, &name))
-        .await
-        .map(Json)
+    blocking(move || images::get(&ctl, &name)).await.map(Json)
 }
 
 /// Remove an image (refused while in use).
@@ -331,7 +334,9 @@ pub async fn vm_action(
     let Some(action) = VmAction::parse(&action) else {
         return Err(Error::invalid(
             "InvalidAction",
-            format!("unknown VM action {action:?}: use start, stop, pause, resume, reboot or migrate"),
+            format!(
+                "unknown VM action {action:?}: use start, stop, pause, resume, reboot or migrate"
+            ),
         ));
     };
     let stop: VmStop = if body.is_empty() {
@@ -488,7 +493,9 @@ pub async fn openapi(Extension(doc): Extension<OpenApiDoc>) -> Response {
 /// not).
 #[utoipa::path(get, path = "/v1/balance", responses((status = 200, body = BalanceStatus)))]
 pub async fn balance_status(State(ctl): State<Controller>) -> Result<Json<BalanceStatus>> {
-    blocking(move || crate::balance::status(&ctl)).await.map(Json)
+    blocking(move || crate::balance::status(&ctl))
+        .await
+        .map(Json)
 }
 
 /// The moves that would even out the load now, each with its reason, the imbalance before and

@@ -10,8 +10,8 @@
 use std::path::{Path, PathBuf};
 
 use futures_util::{Stream, StreamExt};
-use serde::Deserialize;
 use rusqlite::Connection;
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;

@@ -122,7 +122,10 @@ pub fn start_in(
     if source.facts.channel_port == 0 {
         return Err(refuse(
             "NoChannel",
-            format!("host {} has no migration channel (is its agent up to date?)", source.name),
+            format!(
+                "host {} has no migration channel (is its agent up to date?)",
+                source.name
+            ),
         ));
     }
     if let Some(t) = target {
@@ -139,8 +142,7 @@ pub fn start_in(
         .ok_or_else(|| refuse("GroupNotFound", format!("group {:?} not found", v.group)))?;
     let p = crate::scheduler::migration_target(ctl, s, g, &v.id, &source.id, target)
         .map_err(|why| refuse("NoTarget", format!("vm {:?} cannot move: {why}", v.name)))?;
-    if s
-        .removals
+    if s.removals
         .iter()
         .any(|r| r.vm_id == v.id && r.host_id == p.host_id)
     {
@@ -356,7 +358,10 @@ pub fn advance(ctl: &Controller, c: &Connection, limits: &Limits) -> Result<bool
                 }
                 switch_over(ctl, c, &m, &from, &to)?;
                 set_phase(&mut m, MigrationPhase::CleaningUp);
-                message = Some(format!("{}; the source removes its copy", outcome(&m, &from, &to)));
+                message = Some(format!(
+                    "{}; the source removes its copy",
+                    outcome(&m, &from, &to)
+                ));
                 changed = true;
                 ctl.emit(
                     "vm.migrated",
@@ -378,14 +383,20 @@ pub fn advance(ctl: &Controller, c: &Connection, limits: &Limits) -> Result<bool
                 set_phase(&mut m, MigrationPhase::Aborting);
                 message = Some(format!("aborting: {}", f.message));
                 m.error = Some(failure(
-                    &format!("migration of vm {} to {to} failed: {}", m.vm_name, f.message),
+                    &format!(
+                        "migration of vm {} to {to} failed: {}",
+                        m.vm_name, f.message
+                    ),
                     f.chain,
                 ));
                 changed = true;
                 ctl.emit(
                     "vm.migration",
                     &format!("vm/{}", m.vm_name),
-                    format!("migration of vm {} to {to} aborting: {}", m.vm_name, f.message),
+                    format!(
+                        "migration of vm {} to {to} aborting: {}",
+                        m.vm_name, f.message
+                    ),
                 );
             }
             MStep::CleanTarget => {
@@ -417,7 +428,12 @@ pub fn advance(ctl: &Controller, c: &Connection, limits: &Limits) -> Result<bool
         if let Some(mut op) = db::operation(c, &m.id)? {
             let text = message.unwrap_or_else(|| op.op.message.clone());
             op.op.phases = phases(m.phase, &text);
-            op.op.done = op.op.phases.iter().filter(|p| p.state == PhaseState::Done).count() as u32;
+            op.op.done = op
+                .op
+                .phases
+                .iter()
+                .filter(|p| p.state == PhaseState::Done)
+                .count() as u32;
             op.op.message = text;
             db::save_operation(c, &op)?;
         }
@@ -426,7 +442,13 @@ pub fn advance(ctl: &Controller, c: &Connection, limits: &Limits) -> Result<bool
 }
 
 /// The VM now belongs to the target: move it there and name the source's copy for removal.
-fn switch_over(ctl: &Controller, c: &Connection, m: &MigrationRow, from: &str, to: &str) -> Result<()> {
+fn switch_over(
+    ctl: &Controller,
+    c: &Connection,
+    m: &MigrationRow,
+    from: &str,
+    to: &str,
+) -> Result<()> {
     let Some(mut v) = db::vm_by_id(c, &m.vm_id)? else {
         return Ok(());
     };
@@ -456,13 +478,22 @@ pub fn evaluate(c: &Connection, op_id: &str) -> Result<Step> {
             chain: vec![],
         });
     };
-    let names = |id: &str| db::host(c, id).ok().flatten().map(|h| h.name).unwrap_or_else(|| id.to_string());
+    let names = |id: &str| {
+        db::host(c, id)
+            .ok()
+            .flatten()
+            .map(|h| h.name)
+            .unwrap_or_else(|| id.to_string())
+    };
     Ok(match m.phase {
         MigrationPhase::Done => Step::Succeeded {
             message: outcome(&m, &names(&m.source_host), &names(&m.target_host)),
         },
         MigrationPhase::Failed => {
-            let e = m.error.clone().unwrap_or_else(|| failure("migration failed", vec![]));
+            let e = m
+                .error
+                .clone()
+                .unwrap_or_else(|| failure("migration failed", vec![]));
             Step::Failed {
                 error: e.message,
                 chain: e.chain,

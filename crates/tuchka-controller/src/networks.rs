@@ -77,7 +77,8 @@ pub fn get(ctl: &Controller, name: &str) -> Result<Network> {
 
 /// `net create`.
 pub fn create(ctl: &Controller, req: NetworkCreate) -> Result<Operation> {
-    names::validate_name("network", &req.name).map_err(|_| Error::bad_name("network", &req.name))?;
+    names::validate_name("network", &req.name)
+        .map_err(|_| Error::bad_name("network", &req.name))?;
     let cidr =
         Cidr::parse_network(&req.cidr).map_err(|e| Error::invalid("InvalidCidr", e.to_string()))?;
     let gateway = req
@@ -180,7 +181,8 @@ fn pick_gateway_host(s: &Snapshot) -> Result<String> {
 /// `net rm`: refused while VMs use it.
 pub fn delete(ctl: &Controller, name: &str) -> Result<Operation> {
     let op = ctl.db().atomic(|c| {
-        let mut n = db::network(c, name)?.ok_or_else(|| Error::not_found("network", "net", name))?;
+        let mut n =
+            db::network(c, name)?.ok_or_else(|| Error::not_found("network", "net", name))?;
         let s = ctl.snapshot(c)?;
         let ids: HashSet<&str> = s
             .nics

@@ -139,10 +139,8 @@ pub fn migration_view(m: &MigrationRow, host_name: impl Fn(&str) -> String) -> M
 }
 
 fn host_namer(c: &Connection) -> Result<impl Fn(&str) -> String> {
-    let hosts: std::collections::HashMap<String, String> = db::hosts(c)?
-        .into_iter()
-        .map(|h| (h.id, h.name))
-        .collect();
+    let hosts: std::collections::HashMap<String, String> =
+        db::hosts(c)?.into_iter().map(|h| (h.id, h.name)).collect();
     Ok(move |id: &str| hosts.get(id).cloned().unwrap_or_else(|| id.to_string()))
 }
 

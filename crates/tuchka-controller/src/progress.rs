@@ -123,7 +123,9 @@ fn has_deadline(k: &OpKind) -> bool {
 fn evaluate(c: &Connection, o: &OpRow) -> Result<Step> {
     let rollback = o.record.rollback_error.as_deref();
     match &o.record.kind {
-        k @ (OpKind::GroupCreate { .. } | OpKind::GroupScale { .. } | OpKind::GroupDelete { .. }) => {
+        k @ (OpKind::GroupCreate { .. }
+        | OpKind::GroupScale { .. }
+        | OpKind::GroupDelete { .. }) => {
             crate::groups::evaluate(c, k, rollback, o.op.done, o.op.total)
         }
         k @ (OpKind::VmStart { .. }

@@ -46,7 +46,9 @@ pub fn request(s: &Snapshot, g: &GroupRow, count: u32, except: Option<&str>) -> 
     }
     // A VM on its way to a host already counts there.
     for m in &s.migrations {
-        if Some(m.vm_id.as_str()) != except && s.vms.iter().any(|v| v.id == m.vm_id && v.group == g.name) {
+        if Some(m.vm_id.as_str()) != except
+            && s.vms.iter().any(|v| v.id == m.vm_id && v.group == g.name)
+        {
             *existing.entry(m.target_host.clone()).or_default() += 1;
         }
     }
@@ -65,8 +67,12 @@ pub fn request(s: &Snapshot, g: &GroupRow, count: u32, except: Option<&str>) -> 
 
 /// Place `count` new VMs of group `g`, all or none.
 pub fn place(ctl: &Controller, s: &Snapshot, g: &GroupRow, count: u32) -> Result<Vec<Placement>> {
-    placement::place_group(&capacities(s), &request(s, g, count, None), &ctl.config().ratios)
-        .map_err(|e| Error::conflict("PlacementFailed", e.to_string()))
+    placement::place_group(
+        &capacities(s),
+        &request(s, g, count, None),
+        &ctl.config().ratios,
+    )
+    .map_err(|e| Error::conflict("PlacementFailed", e.to_string()))
 }
 
 /// A target for VM `vm_id` of group `g` now on host `source`: the same filters as placement

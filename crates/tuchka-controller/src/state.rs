@@ -162,7 +162,8 @@ impl Controller {
     pub fn join_token_matches(&self, token: &str) -> Result<bool> {
         let stored = tuchka_store::meta_get(self.db().conn(), JOIN_TOKEN_META)?;
         Ok(stored.is_some_and(|h| {
-            !token.is_empty() && constant_time_eq(h.as_bytes(), sha256_hex(token.as_bytes()).as_bytes())
+            !token.is_empty()
+                && constant_time_eq(h.as_bytes(), sha256_hex(token.as_bytes()).as_bytes())
         }))
     }
 
@@ -172,8 +173,9 @@ impl Controller {
         let token = random_hex();
         let dir = &self.inner.config.data_dir;
         write_secret(&dir.join(JOIN_TOKEN_FILE), &format!("{token}\n"))?;
-        self.db()
-            .atomic(|c| tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(token.as_bytes())))?;
+        self.db().atomic(|c| {
+            tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(token.as_bytes()))
+        })?;
         *lock(&self.inner.join_token) = token;
         self.write_join_file()?;
         Ok(self.join_info())
@@ -314,7 +316,9 @@ fn load_or_create_join_token(dir: &std::path::Path, store: &mut Store) -> Result
     match (file, stored) {
         (Some(t), Some(h)) if sha256_hex(t.as_bytes()) == h => return Ok(t),
         (Some(t), None) => {
-            store.atomic(|c| tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(t.as_bytes())))?;
+            store.atomic(|c| {
+                tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(t.as_bytes()))
+            })?;
             return Ok(t);
         }
         (_, Some(_)) => tracing::warn!(

@@ -671,7 +671,10 @@ pub fn sign_host_csr(
     csr_pem: &str,
 ) -> std::result::Result<Option<(String, String)>, String> {
     let dir = ctl.config().data_dir.join("tls");
-    let (Ok(Some(_ca)), Ok(Some(_key))) = (read_text(&dir.join("ca.crt")), read_text(&dir.join("ca.key"))) else {
+    let (Ok(Some(_ca)), Ok(Some(_key))) = (
+        read_text(&dir.join("ca.crt")),
+        read_text(&dir.join("ca.key")),
+    ) else {
         return Ok(None);
     };
     let _ = (host_id, csr_pem);

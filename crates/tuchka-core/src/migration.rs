@@ -158,8 +158,7 @@ fn completed(i: &MigrationInput) -> bool {
     match i.mode {
         // The domain moved: the source lost it and the target has it.
         MigrationMode::Live => {
-            source_done
-                || (i.source.up && i.source.reported && !i.source.domain && i.target.domain)
+            source_done || (i.source.up && i.source.reported && !i.source.domain && i.target.domain)
         }
         // The receiver verified the disk, then the source said so.
         MigrationMode::Cold => source_done,
@@ -363,7 +362,11 @@ mod tests {
         assert!(matches!(decide(&i, &L), Step::Wait { .. }));
         let i = input(Preparing, side(true, None), side(false, Some(S::Prepared)));
         assert_eq!(decide(&i, &L), Step::Go);
-        let i = input(Copying, side(true, Some(S::Running)), side(true, Some(S::Prepared)));
+        let i = input(
+            Copying,
+            side(true, Some(S::Running)),
+            side(true, Some(S::Prepared)),
+        );
         assert!(matches!(decide(&i, &L), Step::Wait { .. }));
         let i = input(
             Copying,
@@ -415,7 +418,11 @@ mod tests {
         i.in_phase = Duration::from_secs(601);
         assert!(matches!(decide(&i, &L), Step::Abort(f) if f.message.contains("within 600 s")));
         // the copy fails on the source
-        let i = input(Copying, side(true, Some(S::Failed)), side(true, Some(S::Prepared)));
+        let i = input(
+            Copying,
+            side(true, Some(S::Failed)),
+            side(true, Some(S::Prepared)),
+        );
         assert!(matches!(decide(&i, &L), Step::Abort(f) if f.message.contains("copy failed")));
         // the target agent dies mid-copy
         let mut t = side(true, Some(S::Prepared));
@@ -423,7 +430,11 @@ mod tests {
         let i = input(Copying, side(true, Some(S::Running)), t);
         assert!(matches!(decide(&i, &L), Step::Abort(_)));
         // the copy is stuck
-        let mut i = input(Copying, side(true, Some(S::Running)), side(true, Some(S::Prepared)));
+        let mut i = input(
+            Copying,
+            side(true, Some(S::Running)),
+            side(true, Some(S::Prepared)),
+        );
         i.in_phase = Duration::from_secs(301);
         assert!(matches!(decide(&i, &L), Step::Abort(f) if f.message.contains("did not finish")));
     }
@@ -433,7 +444,11 @@ mod tests {
         use MigrationPhase::*;
         use MigrationStatus as S;
         // still copying: wait
-        let i = input(Aborting, side(true, Some(S::Running)), side(true, Some(S::Prepared)));
+        let i = input(
+            Aborting,
+            side(true, Some(S::Running)),
+            side(true, Some(S::Prepared)),
+        );
         assert!(matches!(decide(&i, &L), Step::Wait { .. }));
         // the source silent: never clean the target on a guess
         let mut s = side(true, Some(S::Failed));
@@ -441,7 +456,11 @@ mod tests {
         let i = input(Aborting, s, side(false, Some(S::Prepared)));
         assert!(matches!(decide(&i, &L), Step::Wait { .. }));
         // the source holds it, no copy: clean the target
-        let i = input(Aborting, side(true, Some(S::Failed)), side(false, Some(S::Prepared)));
+        let i = input(
+            Aborting,
+            side(true, Some(S::Failed)),
+            side(false, Some(S::Prepared)),
+        );
         assert_eq!(decide(&i, &L), Step::CleanTarget);
         // the target has removed it: failed
         let mut t = side(false, None);

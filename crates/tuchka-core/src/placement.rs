@@ -266,28 +266,45 @@ mod tests {
     #[test]
     fn spread_balances_and_pack_fills_first() {
         let hosts = [host("h1", 8192), host("h2", 8192), host("h3", 8192)];
-        let p =
-            place_group(&hosts, &req(6, 256, PlacementPolicy::Spread), &Ratios::default()).expect("fits");
+        let p = place_group(
+            &hosts,
+            &req(6, 256, PlacementPolicy::Spread),
+            &Ratios::default(),
+        )
+        .expect("fits");
         for h in ["h1", "h2", "h3"] {
             assert_eq!(count_on(&p, h), 2, "{p:?}");
         }
-        let p = place_group(&hosts, &req(6, 256, PlacementPolicy::Pack), &Ratios::default()).expect("fits");
+        let p = place_group(
+            &hosts,
+            &req(6, 256, PlacementPolicy::Pack),
+            &Ratios::default(),
+        )
+        .expect("fits");
         assert_eq!(count_on(&p, "h1"), 6, "{p:?}");
     }
 
     #[test]
     fn refuses_whole_group_with_per_host_reasons() {
         let hosts = [host("h1", 2048)];
-        let e = place_group(&hosts, &req(1, 30_000, PlacementPolicy::Spread), &Ratios::default())
-            .expect_err("too big");
+        let e = place_group(
+            &hosts,
+            &req(1, 30_000, PlacementPolicy::Spread),
+            &Ratios::default(),
+        )
+        .expect_err("too big");
         assert!(
             e.to_string()
                 .contains("h1: memory: 1536 MiB free of 1536 MiB, 30000 MiB needed"),
             "{e}"
         );
         assert_eq!(e.placed, 0);
-        let e = place_group(&hosts, &req(7, 256, PlacementPolicy::Spread), &Ratios::default())
-            .expect_err("7th does not fit");
+        let e = place_group(
+            &hosts,
+            &req(7, 256, PlacementPolicy::Spread),
+            &Ratios::default(),
+        )
+        .expect_err("7th does not fit");
         assert_eq!(e.placed, 6);
     }
 
@@ -313,8 +330,12 @@ mod tests {
     fn cpu_overcommit_and_cached_image_tie_break() {
         let mut hosts = vec![host("h1", 8192), host("h2", 8192)];
         hosts[1].cached_images = vec!["abc".into()];
-        let p =
-            place_group(&hosts, &req(1, 256, PlacementPolicy::Spread), &Ratios::default()).expect("fits");
+        let p = place_group(
+            &hosts,
+            &req(1, 256, PlacementPolicy::Spread),
+            &Ratios::default(),
+        )
+        .expect("fits");
         assert_eq!(p[0].host_id, "h2");
         assert!(p[0].reason.contains("image cached"));
         let mut r = req(1, 256, PlacementPolicy::Spread);
@@ -325,8 +346,12 @@ mod tests {
 
     #[test]
     fn no_hosts_says_so() {
-        let e =
-            place_group(&[], &req(1, 256, PlacementPolicy::Spread), &Ratios::default()).expect_err("none");
+        let e = place_group(
+            &[],
+            &req(1, 256, PlacementPolicy::Spread),
+            &Ratios::default(),
+        )
+        .expect_err("none");
         assert!(e.to_string().contains("no hosts"));
     }
 }

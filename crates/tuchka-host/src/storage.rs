@@ -186,10 +186,21 @@ impl DirStorage {
 
     /// Point an overlay made on another host at this host's copy of its image (the same bytes:
     /// the file name is the image's identity). An unsafe rebase only rewrites the header.
-    fn fix_backing(&self, root: &Path, image: &Path, sha256: &str, obj: &str) -> Result<(), HostError> {
+    fn fix_backing(
+        &self,
+        root: &Path,
+        image: &Path,
+        sha256: &str,
+        obj: &str,
+    ) -> Result<(), HostError> {
         let backing = match qcow2::read_header(root) {
             Ok(Some(h)) => h.backing_file,
-            Ok(None) => return Err(HostError::invalid(obj, format!("{} is not a qcow2 file", root.display()))),
+            Ok(None) => {
+                return Err(HostError::invalid(
+                    obj,
+                    format!("{} is not a qcow2 file", root.display()),
+                ))
+            }
             Err(e) => return Err(HostError::io(obj, "read", root, e)),
         };
         let Some(backing) = backing else {
@@ -219,11 +230,13 @@ impl DirStorage {
             image.as_os_str().to_owned(),
             root.as_os_str().to_owned(),
         ];
-        cmd::run("qemu-img", &args, None).map(drop).map_err(|source| HostError::Tool {
-            object: obj.to_string(),
-            action: "qemu-img rebase",
-            source,
-        })
+        cmd::run("qemu-img", &args, None)
+            .map(drop)
+            .map_err(|source| HostError::Tool {
+                object: obj.to_string(),
+                action: "qemu-img rebase",
+                source,
+            })
     }
 
     /// Which VM disk (if any) uses `image` as its backing file.

@@ -101,7 +101,9 @@ fn host_row(r: &Row) -> rusqlite::Result<(HostRow, String, String, String)> {
     ))
 }
 
-fn finish_host((mut h, facts, cached, orphans): (HostRow, String, String, String)) -> Result<HostRow> {
+fn finish_host(
+    (mut h, facts, cached, orphans): (HostRow, String, String, String),
+) -> Result<HostRow> {
     h.facts = json("hosts.facts", &facts)?;
     h.cached_images = json("hosts.cached_images", &cached)?;
     h.orphans = json("hosts.orphans", &orphans)?;
@@ -185,7 +187,10 @@ pub fn touch_host(
 
 /// Rename host `id`; false if there is no such host.
 pub fn rename_host(c: &Connection, id: &str, name: &str) -> Result<bool> {
-    Ok(c.execute("UPDATE hosts SET name = ?2 WHERE id = ?1", params![id, name])? > 0)
+    Ok(c.execute(
+        "UPDATE hosts SET name = ?2 WHERE id = ?1",
+        params![id, name],
+    )? > 0)
 }
 
 // ---------------------------------------------------------------- images
@@ -597,25 +602,28 @@ pub struct VmRow {
 const VM_COLS: &str = "id, name, group_name, idx, host_id, placement_reason, desired, observed, error, reboot_seq, reboot_done, force_stop, stop_timeout_s, deleting, created_at, error_chain, cpu_usage";
 
 fn vm_row(r: &Row) -> rusqlite::Result<(VmRow, String)> {
-    Ok((VmRow {
-        id: r.get(0)?,
-        name: r.get(1)?,
-        group: r.get(2)?,
-        idx: r.get(3)?,
-        host_id: r.get(4)?,
-        placement_reason: r.get(5)?,
-        desired: r.get::<_, Wire<PowerState>>(6)?.0,
-        observed: r.get::<_, Wire<VmState>>(7)?.0,
-        error: r.get(8)?,
-        reboot_seq: r.get::<_, i64>(9)? as u64,
-        reboot_done: r.get::<_, i64>(10)? as u64,
-        force_stop: r.get(11)?,
-        stop_timeout_s: r.get(12)?,
-        deleting: r.get(13)?,
-        created_at: r.get(14)?,
-        error_chain: vec![],
-        cpu_usage: r.get(16)?,
-    }, r.get(15)?))
+    Ok((
+        VmRow {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            group: r.get(2)?,
+            idx: r.get(3)?,
+            host_id: r.get(4)?,
+            placement_reason: r.get(5)?,
+            desired: r.get::<_, Wire<PowerState>>(6)?.0,
+            observed: r.get::<_, Wire<VmState>>(7)?.0,
+            error: r.get(8)?,
+            reboot_seq: r.get::<_, i64>(9)? as u64,
+            reboot_done: r.get::<_, i64>(10)? as u64,
+            force_stop: r.get(11)?,
+            stop_timeout_s: r.get(12)?,
+            deleting: r.get(13)?,
+            created_at: r.get(14)?,
+            error_chain: vec![],
+            cpu_usage: r.get(16)?,
+        },
+        r.get(15)?,
+    ))
 }
 
 fn vms_where(c: &Connection, clause: &str, p: impl rusqlite::Params) -> Result<Vec<VmRow>> {
@@ -1147,7 +1155,9 @@ pub fn active_migrations(c: &Connection) -> Result<Vec<MigrationRow>> {
 
 /// One migration.
 pub fn migration(c: &Connection, id: &str) -> Result<Option<MigrationRow>> {
-    Ok(migrations_where(c, "WHERE id = ?1", [id])?.into_iter().next())
+    Ok(migrations_where(c, "WHERE id = ?1", [id])?
+        .into_iter()
+        .next())
 }
 
 /// The latest finished migration of a VM.
@@ -1434,7 +1444,10 @@ mod tests {
         save_migration(c, &m).expect("update");
         assert!(active_migrations(c).expect("q").is_empty());
         save_migration(c, &migration_row("m2", MigrationPhase::Preparing)).expect("now allowed");
-        assert_eq!(last_migration(c, "v1").expect("q").map(|m| m.id), Some("m1".into()));
+        assert_eq!(
+            last_migration(c, "v1").expect("q").map(|m| m.id),
+            Some("m1".into())
+        );
 
         let r = RemovalRow {
             vm_id: "v1".into(),

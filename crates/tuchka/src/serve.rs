@@ -177,7 +177,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         loop {
             every.tick().await;
             let c = ticker.clone();
-            let _ = tokio::task::spawn_blocking(move || tuchka_controller::progress::progress(&c)).await;
+            let _ = tokio::task::spawn_blocking(move || tuchka_controller::progress::progress(&c))
+                .await;
         }
     });
     if args.balance == tuchka_api::BalanceMode::Auto {
@@ -190,7 +191,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             loop {
                 every.tick().await;
                 let c = balancer.clone();
-                let r = tokio::task::spawn_blocking(move || tuchka_controller::balance::auto_round(&c)).await;
+                let r =
+                    tokio::task::spawn_blocking(move || tuchka_controller::balance::auto_round(&c))
+                        .await;
                 if let Ok(Err(e)) = r {
                     tracing::warn!(error = %e, "balancer round failed");
                 }

@@ -1,0 +1,437 @@
+//! The migration protocol between the controller and two agents, on fakes: the real controller
+//! (its SQLite file, operations engine, desired states) and the real agent reconcile passes,
+//! with fake libvirt, storage, dataplane and mover — so every phase can be made to fail, and
+//! each test runs in milliseconds. What moves the VMs for real is tested in `migration.rs`.
+//!
+//! Checked as a user would: `vm migrate` ends `succeeded` with the VM on the target, its
+//! phases done and its downtime shown, nothing left on the source; a failure in any phase ends
+//! `failed` with the host's reason, the VM running on the source as before and nothing left on
+//! the target; a VM cannot be stopped or removed while it moves.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tuchka_agent::mover::{FakeMover, Mover};
+use tuchka_agent::reconcile::{domain_spec, reconcile, HostParts, Memory};
+use tuchka_api::agent::{HostFacts, HostRegister, MigrationStatus};
+use tuchka_api::{
+    GroupCreate, MigrationPhase, OperationState, PhaseState, VmMigrate, VmState, VmStop,
+};
+use tuchka_controller::{Controller, ControllerConfig};
+use tuchka_host::fake::{FakeDataplane, FakeHypervisor, FakeStorage};
+use tuchka_host::{Accel, Hypervisor, Storage};
+use tuchka_store::ImageRow;
+
+const IMG: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+struct FakeHost {
+    id: String,
+    name: String,
+    hv: Arc<FakeHypervisor>,
+    st: Arc<FakeStorage>,
+    mover: Arc<FakeMover>,
+    parts: HostParts,
+    mem: Memory,
+    up: bool,
+    _dir: tempfile::TempDir,
+}
+
+struct Cloud {
+    ctl: Controller,
+    hosts: Vec<FakeHost>,
+    _dir: tempfile::TempDir,
+}
+
+fn facts(i: usize) -> HostFacts {
+    HostFacts {
+        cpus: 4,
+        memory_mib: 8192,
+        disk_mib: 100_000,
+        disk_free_mib: 90_000,
+        accel: "tcg".into(),
+        address: format!("10.250.0.{}", 10 + i),
+        channel_port: 7481,
+        pool: format!("/pools/h{i}"),
+        ..Default::default()
+    }
+}
+
+fn cloud() -> Cloud {
+    cloud_with(std::time::Duration::from_secs(15))
+}
+
+/// A cloud whose hosts are down after `down_after` without a report.
+fn cloud_with(down_after: std::time::Duration) -> Cloud {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut config = ControllerConfig::new(dir.path().to_path_buf());
+    config.down_after = down_after;
+    let ctl = Controller::open(config).expect("open");
+    let mut hosts = vec![];
+    for i in 1..=2 {
+        let name = format!("h{i}");
+        let reg = tuchka_controller::agents::register(
+            &ctl,
+            HostRegister {
+                name: name.clone(),
+                join_token: String::new(),
+                facts: facts(i),
+                identity: None,
+                csr_pem: None,
+            },
+            true,
+        )
+        .expect("register");
+        let hdir = tempfile::tempdir().expect("tmp");
+        let hv = Arc::new(FakeHypervisor::new(ctl.cloud_id()));
+        let st = Arc::new(FakeStorage::new(hdir.path()).expect("storage"));
+        st.add_image(IMG, 64);
+        let mover = Arc::new(FakeMover::default());
+        let parts = HostParts {
+            hypervisor: hv.clone(),
+            storage: st.clone(),
+            dataplane: Arc::new(FakeDataplane::new()),
+            mover: mover.clone(),
+            accel: Accel::Tcg,
+            cloud_id: ctl.cloud_id().to_string(),
+            channel_port: Some(7481),
+        };
+        hosts.push(FakeHost {
+            id: reg.host_id,
+            name,
+            hv,
+            st,
+            mover,
+            parts,
+            mem: Memory::default(),
+            up: true,
+            _dir: hdir,
+        });
+    }
+    ctl.db()
+        .atomic(|c| {
+            tuchka_store::insert_image(
+                c,
+                &ImageRow {
+                    name: "tiny".into(),
+                    sha256: IMG.into(),
+                    file_sha256: IMG.into(),
+                    source_format: "qcow2".into(),
+                    virtual_size: 64 << 20,
+                    stored_size: 1 << 20,
+                    created_at: tuchka_store::now(),
+                },
+            )
+        })
+        .expect("image");
+    Cloud {
+        ctl,
+        hosts,
+        _dir: dir,
+    }
+}
+
+impl Cloud {
+    /// One pass of every agent that is up: desired → reconcile → report → engine.
+    fn pass(&mut self) {
+        for (i, h) in self.hosts.iter_mut().enumerate() {
+            if !h.up {
+                continue;
+            }
+            let d = tuchka_controller::desired::desired_for(&self.ctl, &h.id, 0).expect("desired");
+            let r = reconcile(&h.parts, &d, &mut h.mem, &HashMap::new(), &HashMap::new());
+            let mut report = r.report;
+            report.facts = facts(i + 1);
+            tuchka_controller::agents::apply_report(&self.ctl, &h.id, report).expect("report");
+            tuchka_controller::progress::progress(&self.ctl);
+        }
+    }
+
+    fn host(&self, name: &str) -> &FakeHost {
+        self.hosts.iter().find(|h| h.name == name).expect("host")
+    }
+
+    fn vm_host(&self, vm: &str) -> String {
+        tuchka_controller::vms::get(&self.ctl, vm).expect("vm").host
+    }
+
+    fn op(&self, id: &str) -> tuchka_api::Operation {
+        tuchka_controller::operations::get(&self.ctl, id).expect("op")
+    }
+
+    /// Launch web-0 and run it.
+    fn launch(&mut self, stopped: bool) -> (String, String) {
+        tuchka_controller::groups::create(
+            &self.ctl,
+            GroupCreate {
+                name: "web".into(),
+                image: "tiny".into(),
+                count: 1,
+                cpus: 1,
+                memory_mib: 256,
+                disk_mib: 1024,
+                networks: vec![],
+                user_data: None,
+                ssh_keys: vec![],
+                placement: None,
+                anti_affinity: false,
+            },
+        )
+        .expect("group");
+        for _ in 0..3 {
+            self.pass();
+        }
+        if stopped {
+            tuchka_controller::vms::action(
+                &self.ctl,
+                "web-0",
+                tuchka_controller::vms::VmAction::Stop,
+                VmStop {
+                    force: true,
+                    timeout_s: None,
+                },
+            )
+            .expect("stop");
+            for _ in 0..3 {
+                self.pass();
+            }
+        }
+        let vm = tuchka_controller::vms::get(&self.ctl, "web-0").expect("vm");
+        assert_eq!(
+            vm.state,
+            if stopped {
+                VmState::Stopped
+            } else {
+                VmState::Running
+            }
+        );
+        let other = if vm.host == "h1" { "h2" } else { "h1" };
+        (vm.host, other.to_string())
+    }
+
+    /// What libvirt does when a live copy finishes: the domain leaves the source for the target.
+    fn libvirt_moves(&self, from: &str, to: &str, migration: &str) {
+        let src = self.host(from);
+        let dst = self.host(to);
+        let job = src.mover.job(migration).expect("job begun");
+        let spec = domain_spec(
+            &dst.parts,
+            &job.vm,
+            dst.st.root_disk_path(&job.vm.id),
+            dst.st.root_disk_path(&job.vm.id).with_file_name("seed.iso"),
+            &HashMap::new(),
+        );
+        src.hv.undefine(&job.vm.domain).expect("source undefine");
+        dst.hv.define(&spec).expect("target define");
+        dst.hv.start(&job.vm.domain).expect("target start");
+        src.mover.finish(migration, 120);
+    }
+}
+
+fn migrate(c: &Cloud, to: &str) -> String {
+    tuchka_controller::migrations::start(
+        &c.ctl,
+        "web-0",
+        VmMigrate {
+            to: Some(to.into()),
+        },
+    )
+    .expect("migrate")
+    .id
+}
+
+#[test]
+fn a_live_migration_moves_the_vm_and_cleans_the_source() {
+    let mut c = cloud();
+    let (from, to) = c.launch(false);
+    let id = migrate(&c, &to);
+    c.pass();
+    // The target prepared (disk, seed) without defining anything; the source was told to go.
+    assert!(c.host(&to).st.vm(&vm_id(&c)).is_some());
+    assert!(c.host(&to).hv.domain(&domain(&c)).is_none());
+    c.pass();
+    assert_eq!(c.host(&from).mover.calls(), vec![format!("begin {id}")]);
+    let op = c.op(&id);
+    assert_eq!(
+        op.migration.as_ref().map(|m| m.phase),
+        Some(MigrationPhase::Copying)
+    );
+    // A VM is in one migration at a time; it is not stopped or removed under the copy.
+    let again = tuchka_controller::migrations::start(&c.ctl, "web-0", VmMigrate::default())
+        .expect_err("second migration");
+    assert!(again.to_string().contains("already migrating"), "{again}");
+    let stop = tuchka_controller::vms::action(
+        &c.ctl,
+        "web-0",
+        tuchka_controller::vms::VmAction::Stop,
+        VmStop::default(),
+    )
+    .expect_err("stop while migrating");
+    assert!(stop.to_string().contains("is migrating"), "{stop}");
+    assert!(tuchka_controller::vms::delete(&c.ctl, "web-0").is_err());
+
+    c.libvirt_moves(&from, &to, &id);
+    for _ in 0..3 {
+        c.pass();
+    }
+    let op = c.op(&id);
+    assert_eq!(op.state, OperationState::Succeeded, "{op:?}");
+    assert!(
+        op.phases.iter().all(|p| p.state == PhaseState::Done),
+        "{:?}",
+        op.phases
+    );
+    let m = op.migration.expect("migration");
+    assert_eq!(
+        (m.from.as_str(), m.to.as_str()),
+        (from.as_str(), to.as_str())
+    );
+    assert_eq!(m.downtime_ms, Some(120));
+    assert_eq!(c.vm_host("web-0"), to);
+    let vm = tuchka_controller::vms::get(&c.ctl, "web-0").expect("vm");
+    assert_eq!(vm.state, VmState::Running);
+    assert!(vm.migration.is_none());
+    assert_eq!(
+        vm.last_migration.map(|m| m.phase),
+        Some(MigrationPhase::Done)
+    );
+    // Nothing of it is left on the source; the target runs it.
+    assert!(c.host(&from).st.vm(&vm_id(&c)).is_none());
+    assert!(c.host(&from).hv.domain(&domain(&c)).is_none());
+    assert!(c.host(&to).hv.domain(&domain(&c)).is_some());
+    // And it moves back.
+    let back = migrate(&c, &from);
+    c.pass();
+    c.pass();
+    c.libvirt_moves(&to, &from, &back);
+    for _ in 0..3 {
+        c.pass();
+    }
+    assert_eq!(c.op(&back).state, OperationState::Succeeded);
+    assert_eq!(c.vm_host("web-0"), from);
+}
+
+fn vm_id(c: &Cloud) -> String {
+    tuchka_controller::vms::get(&c.ctl, "web-0").expect("vm").id
+}
+
+fn domain(c: &Cloud) -> String {
+    tuchka_controller::vms::get(&c.ctl, "web-0")
+        .expect("vm")
+        .domain
+}
+
+/// After a failed migration: the op failed with `reason`, the VM runs on `from` as before, and
+/// the target has nothing of it.
+fn assert_failed_cleanly(c: &mut Cloud, id: &str, from: &str, to: &str, reason: &str) {
+    for _ in 0..4 {
+        c.pass();
+    }
+    let op = c.op(id);
+    assert_eq!(op.state, OperationState::Failed, "{op:?}");
+    let e = op.error.expect("error");
+    let text = format!("{} {}", e.message, e.chain.join(" "));
+    assert!(text.contains(reason), "{text}");
+    assert_eq!(c.vm_host("web-0"), from);
+    let vm = tuchka_controller::vms::get(&c.ctl, "web-0").expect("vm");
+    assert!(
+        matches!(vm.state, VmState::Running | VmState::Stopped),
+        "{vm:?}"
+    );
+    assert!(c.host(from).hv.domain(&domain(c)).is_some());
+    assert!(
+        c.host(to).st.vm(&vm_id(c)).is_none(),
+        "nothing left on the target"
+    );
+    assert!(c.host(to).hv.domain(&domain(c)).is_none());
+    assert_eq!(
+        vm.last_migration.map(|m| m.phase),
+        Some(MigrationPhase::Failed)
+    );
+}
+
+#[test]
+fn a_target_that_cannot_prepare_fails_the_migration_and_keeps_the_vm() {
+    let mut c = cloud();
+    let (from, to) = c.launch(false);
+    c.host(&to).st.fail("ensure_root_disk");
+    let id = migrate(&c, &to);
+    assert_failed_cleanly(&mut c, &id, &from, &to, "could not prepare");
+    assert!(
+        c.host(&from).mover.calls().is_empty(),
+        "the copy never started"
+    );
+}
+
+#[test]
+fn a_copy_that_fails_is_aborted_and_the_target_cleaned() {
+    let mut c = cloud();
+    let (from, to) = c.launch(false);
+    let id = migrate(&c, &to);
+    c.pass();
+    c.pass();
+    c.host(&from)
+        .mover
+        .fail(&id, "libvirt: connection reset by peer");
+    assert_failed_cleanly(&mut c, &id, &from, &to, "connection reset by peer");
+}
+
+#[test]
+fn an_abort_cuts_a_running_copy_before_the_target_is_cleaned() {
+    let mut c = cloud_with(std::time::Duration::from_secs(1));
+    let (from, to) = c.launch(false);
+    let id = migrate(&c, &to);
+    c.pass();
+    c.pass();
+    // The target's agent dies mid-copy: the host goes silent; the controller aborts.
+    c.hosts.iter_mut().find(|h| h.name == to).expect("to").up = false;
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    for _ in 0..3 {
+        c.pass();
+    }
+    assert!(
+        c.host(&from).mover.calls().contains(&format!("abort {id}")),
+        "{:?}",
+        c.host(&from).mover.calls()
+    );
+    assert_eq!(
+        c.host(&from).mover.status(&id).map(|m| m.status),
+        None,
+        "forgotten once aborted"
+    );
+    // The target comes back; it removes what it prepared.
+    c.hosts.iter_mut().find(|h| h.name == to).expect("to").up = true;
+    assert_failed_cleanly(&mut c, &id, &from, &to, "target host stopped reporting");
+}
+
+#[test]
+fn a_stopped_vm_moves_cold_and_stays_stopped() {
+    let mut c = cloud();
+    let (from, to) = c.launch(true);
+    let id = migrate(&c, &to);
+    let op = c.op(&id);
+    assert_eq!(
+        op.migration.as_ref().map(|m| m.mode),
+        Some(tuchka_api::MigrationMode::Cold)
+    );
+    c.pass();
+    c.pass();
+    assert_eq!(
+        c.host(&from).mover.status(&id).map(|m| m.status),
+        Some(MigrationStatus::Running)
+    );
+    // The disk arrived and was verified (the fake mover says so); the target defines it stopped.
+    c.host(&from).mover.finish(&id, 0);
+    for _ in 0..4 {
+        c.pass();
+    }
+    let op = c.op(&id);
+    assert_eq!(op.state, OperationState::Succeeded, "{op:?}");
+    let vm = tuchka_controller::vms::get(&c.ctl, "web-0").expect("vm");
+    assert_eq!(
+        (vm.host.as_str(), vm.state),
+        (to.as_str(), VmState::Stopped)
+    );
+    assert!(c.host(&to).hv.domain(&domain(&c)).is_some());
+    assert!(c.host(&from).hv.domain(&domain(&c)).is_none());
+    assert!(c.host(&from).st.vm(&vm_id(&c)).is_none());
+}
