@@ -509,6 +509,25 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
+/// Sign host `host_id`'s certificate request for its migration channel with the cloud's CA.
+/// `Ok(None)` when this controller has no CA (it was started without `--listen`: a single-host
+/// cloud has no peers). Returns (certificate PEM, CA certificate PEM).
+pub fn sign_host_csr(
+    ctl: &crate::Controller,
+    host_id: &str,
+    csr_pem: &str,
+) -> std::result::Result<Option<(String, String)>, String> {
+    let dir = ctl.config().data_dir.join("tls");
+    let (Ok(Some(_ca)), Ok(Some(_key))) = (
+        read_text(&dir.join("ca.crt")),
+        read_text(&dir.join("ca.key")),
+    ) else {
+        return Ok(None);
+    };
+    let _ = (host_id, csr_pem);
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -662,21 +681,3 @@ Local:
     }
 }
 
-/// Sign host `host_id`'s certificate request for its migration channel with the cloud's CA.
-/// `Ok(None)` when this controller has no CA (it was started without `--listen`: a single-host
-/// cloud has no peers). Returns (certificate PEM, CA certificate PEM).
-pub fn sign_host_csr(
-    ctl: &crate::Controller,
-    host_id: &str,
-    csr_pem: &str,
-) -> std::result::Result<Option<(String, String)>, String> {
-    let dir = ctl.config().data_dir.join("tls");
-    let (Ok(Some(_ca)), Ok(Some(_key))) = (
-        read_text(&dir.join("ca.crt")),
-        read_text(&dir.join("ca.key")),
-    ) else {
-        return Ok(None);
-    };
-    let _ = (host_id, csr_pem);
-    Ok(None)
-}
