@@ -49,7 +49,8 @@ use std::net::IpAddr;
 
 use tuchka_core::ipam::Cidr;
 
-use super::rules::{EgressAction, NetRules, PortSpec, Proto};
+use super::rules::{NetRules, PortSpec};
+use tuchka_api::{Protocol, RuleAction};
 use super::underlay::Underlay;
 use crate::cmd::{self, CommandError};
 
@@ -113,7 +114,7 @@ impl FirewallModel {
                     net.bridge, other.name
                 ));
             }
-            let taken: HashSet<(Proto, u16)> = other
+            let taken: HashSet<(Protocol, u16)> = other
                 .active_forwards()
                 .iter()
                 .map(|f| (f.proto, f.host_port))
@@ -231,11 +232,11 @@ impl SetPool {
 /// The protocol/port part of a rule (`tcp dport 80`, `meta l4proto icmp`; `None` for any).
 fn port_expr(p: &PortSpec) -> Option<String> {
     match (p.proto, p.ports) {
-        (Proto::Any, _) => None,
-        (proto @ (Proto::Tcp | Proto::Udp), Some((from, to))) if from == to => {
+        (Protocol::Any, _) => None,
+        (proto @ (Protocol::Tcp | Protocol::Udp), Some((from, to))) if from == to => {
             Some(format!("{} dport {from}", proto.as_str()))
         }
-        (proto @ (Proto::Tcp | Proto::Udp), Some((from, to))) => {
+        (proto @ (Protocol::Tcp | Protocol::Udp), Some((from, to))) => {
             Some(format!("{} dport {from}-{to}", proto.as_str()))
         }
         (proto, _) => Some(format!("meta l4proto {}", proto.as_str())),
@@ -266,8 +267,8 @@ fn render_egress(n: &NetRules, sets: &mut SetPool, out: &mut String) {
         }
         let daddr = format!("ip daddr {}", sets.expr(&e.destinations));
         let verdict = match e.action {
-            EgressAction::Allow => "goto route_out",
-            EgressAction::Deny => "drop",
+            RuleAction::Allow => "goto route_out",
+            RuleAction::Deny => "drop",
         };
         let ports = port_expr(&e.matches);
         let c = comment("egress", &e.id);
@@ -428,7 +429,7 @@ fn render_networks(nets: &[&NetRules], sets: &mut SetPool, chains: &mut String) 
 
     let routes_out = nets
         .iter()
-        .any(|n| n.nat || n.egress.iter().any(|e| e.action == EgressAction::Allow));
+        .any(|n| n.nat || n.egress.iter().any(|e| e.action == RuleAction::Allow));
     if routes_out {
         chains.push_str("\tchain route_out {\n");
         chains.push_str("\t\toifname @bridges return\n");

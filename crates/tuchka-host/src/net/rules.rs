@@ -14,51 +14,14 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use tuchka_api::agent::{EgressRule, ForwardDesired, IngressRule, NetworkDesired, PortMatch};
+use tuchka_api::{Protocol, RuleAction};
 use tuchka_core::ipam::{normalize, Cidr};
-
-/// A transport protocol a rule can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Proto {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-    /// ICMP (IPv4).
-    Icmp,
-    /// Every protocol.
-    Any,
-}
-
-impl Proto {
-    /// Parse `tcp`, `udp`, `icmp` or `any`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "tcp" => Ok(Proto::Tcp),
-            "udp" => Ok(Proto::Udp),
-            "icmp" => Ok(Proto::Icmp),
-            "any" => Ok(Proto::Any),
-            other => Err(format!(
-                "protocol {other:?} is not one of tcp, udp, icmp, any"
-            )),
-        }
-    }
-
-    /// The nft name (`tcp`, `udp`, `icmp`; `any` has none).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-            Proto::Icmp => "icmp",
-            Proto::Any => "any",
-        }
-    }
-}
 
 /// What a rule matches besides addresses: a protocol and, for tcp/udp, destination ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PortSpec {
     /// The protocol.
-    pub proto: Proto,
+    pub proto: Protocol,
     /// Inclusive destination port range (tcp/udp only); `None` = every port.
     pub ports: Option<(u16, u16)>,
 }
@@ -66,7 +29,7 @@ pub struct PortSpec {
 impl PortSpec {
     /// Validate a wire [`PortMatch`].
     pub fn parse(m: &PortMatch) -> Result<Self, String> {
-        let proto = Proto::parse(&m.proto)?;
+        let proto = m.proto;
         let ports = match (m.port_from, m.port_to) {
             (None, None) => None,
             (None, Some(_)) => return Err("port_to without port_from".to_string()),
@@ -78,7 +41,7 @@ impl PortSpec {
                 Some((from, to))
             }
         };
-        if ports.is_some() && !matches!(proto, Proto::Tcp | Proto::Udp) {
+        if ports.is_some() && !matches!(proto, Protocol::Tcp | Protocol::Udp) {
             return Err(format!(
                 "ports can only be given with tcp or udp, not {}",
                 proto.as_str()
@@ -101,22 +64,13 @@ pub struct Ingress {
     pub targets: Vec<Cidr>,
 }
 
-/// What an egress rule does with what it matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EgressAction {
-    /// Let it leave the network (a destination network's ingress rules still apply).
-    Allow,
-    /// Drop it.
-    Deny,
-}
-
 /// A validated outbound rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Egress {
     /// Rule id.
     pub id: String,
     /// Allow or deny.
-    pub action: EgressAction,
+    pub action: RuleAction,
     /// Protocol and ports.
     pub matches: PortSpec,
     /// Destination networks, normalized; empty = the rule matches nothing.
@@ -128,8 +82,8 @@ pub struct Egress {
 pub struct Forward {
     /// Forward id.
     pub id: String,
-    /// [`Proto::Tcp`] or [`Proto::Udp`].
-    pub proto: Proto,
+    /// [`Protocol::Tcp`] or [`Protocol::Udp`].
+    pub proto: Protocol,
     /// Port on the host's addresses.
     pub host_port: u16,
     /// VM address (inside the network).
@@ -204,7 +158,7 @@ impl NetRules {
             && (self.nat
                 || !self.ingress.is_empty()
                 || !self.forwards.is_empty()
-                || self.egress.iter().any(|e| e.action == EgressAction::Allow))
+                || self.egress.iter().any(|e| e.action == RuleAction::Allow))
     }
 
     /// The forwards in effect on this host (only the gateway host forwards).
@@ -245,11 +199,7 @@ fn ingress(r: &IngressRule, net: &Cidr) -> Result<Ingress, String> {
 
 fn egress(r: &EgressRule) -> Result<Egress, String> {
     let ctx = |e: String| format!("egress rule {:?}: {e}", r.id);
-    let action = match r.action.as_str() {
-        "allow" => EgressAction::Allow,
-        "deny" => EgressAction::Deny,
-        other => return Err(ctx(format!("action {other:?} is not allow or deny"))),
-    };
+    let action = r.action;
     let matches = PortSpec::parse(&r.matches).map_err(ctx)?;
     let destinations = addr_list(&r.destinations).map_err(|e| ctx(format!("destinations: {e}")))?;
     Ok(Egress {
@@ -262,8 +212,8 @@ fn egress(r: &EgressRule) -> Result<Egress, String> {
 
 fn forward(f: &ForwardDesired, net: &Cidr) -> Result<Forward, String> {
     let ctx = |e: String| format!("forward {:?}: {e}", f.id);
-    let proto = match Proto::parse(&f.proto).map_err(ctx)? {
-        p @ (Proto::Tcp | Proto::Udp) => p,
+    let proto = match f.proto {
+        p @ (Protocol::Tcp | Protocol::Udp) => p,
         other => {
             return Err(ctx(format!(
                 "protocol {} cannot be forwarded (tcp or udp)",
@@ -333,8 +283,8 @@ mod tests {
             Some((1000, 2000))
         );
         assert_eq!(ok(pm("tcp", None, None)).ports, None);
-        assert_eq!(ok(pm("any", None, None)).proto, Proto::Any);
-        assert_eq!(ok(pm("icmp", None, None)).proto, Proto::Icmp);
+        assert_eq!(ok(pm("any", None, None)).proto, Protocol::Any);
+        assert_eq!(ok(pm("icmp", None, None)).proto, Protocol::Icmp);
         for bad in [
             pm("sctp", None, None),
             pm("tcp", Some(90), Some(80)),

@@ -22,7 +22,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::rules::Proto;
+use tuchka_api::Protocol;
 
 /// The migration channel's TCP port unless configured otherwise.
 pub const DEFAULT_CHANNEL_PORT: u16 = 7481;
@@ -88,12 +88,12 @@ impl Underlay {
 
     /// Whether a forward of `proto` port `port` would take one of these ports (its DNAT would
     /// send the traffic to a VM instead of the host); the message names the port.
-    pub fn taken_by(&self, proto: Proto, port: u16) -> Option<String> {
+    pub fn taken_by(&self, proto: Protocol, port: u16) -> Option<String> {
         match proto {
-            Proto::Tcp if self.channel_port == Some(port) => Some(format!(
+            Protocol::Tcp if self.channel_port == Some(port) => Some(format!(
                 "tcp port {port} is the host-to-host migration channel"
             )),
-            Proto::Udp if self.vxlan_port == port => {
+            Protocol::Udp if self.vxlan_port == port => {
                 Some(format!("udp port {port} is VXLAN between hosts"))
             }
             _ => None,
@@ -163,14 +163,14 @@ mod tests {
     #[test]
     fn forwards_on_the_ports_are_named() {
         let u = Underlay::new(vec![]);
-        assert!(u.taken_by(Proto::Tcp, 7481).is_some());
-        assert!(u.taken_by(Proto::Udp, 4789).is_some());
-        assert_eq!(u.taken_by(Proto::Udp, 7481), None);
-        assert_eq!(u.taken_by(Proto::Tcp, 4789), None);
+        assert!(u.taken_by(Protocol::Tcp, 7481).is_some());
+        assert!(u.taken_by(Protocol::Udp, 4789).is_some());
+        assert_eq!(u.taken_by(Protocol::Udp, 7481), None);
+        assert_eq!(u.taken_by(Protocol::Tcp, 4789), None);
         let none = Underlay {
             channel_port: None,
             ..u
         };
-        assert_eq!(none.taken_by(Proto::Tcp, 7481), None);
+        assert_eq!(none.taken_by(Protocol::Tcp, 7481), None);
     }
 }
