@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::{MigrationMode, PowerState};
+use crate::{MigrationMode, PowerState, Protocol, RuleAction};
 
 /// First contact of an agent.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -287,7 +287,7 @@ pub struct VxlanDesired {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortMatch {
     /// `tcp`, `udp`, `icmp` or `any`.
-    pub proto: String,
+    pub proto: Protocol,
     /// First destination port (tcp/udp; None = every port).
     pub port_from: Option<u16>,
     /// Last destination port (inclusive).
@@ -313,7 +313,7 @@ pub struct EgressRule {
     /// Rule id.
     pub id: String,
     /// `allow` or `deny`.
-    pub action: String,
+    pub action: RuleAction,
     /// What it matches.
     pub matches: PortMatch,
     /// Destination CIDRs.
@@ -326,7 +326,7 @@ pub struct ForwardDesired {
     /// Forward id.
     pub id: String,
     /// `tcp` or `udp`.
-    pub proto: String,
+    pub proto: Protocol,
     /// Port on the host's addresses.
     pub host_port: u16,
     /// VM address.

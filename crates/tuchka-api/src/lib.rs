@@ -202,6 +202,20 @@ wire_enum! {
 }
 
 wire_enum! {
+    /// A protocol a rule or a forward names.
+    pub enum Protocol {
+        /// TCP.
+        Tcp = "tcp",
+        /// UDP.
+        Udp = "udp",
+        /// ICMP (IPv4).
+        Icmp = "icmp",
+        /// Every protocol.
+        Any = "any",
+    }
+}
+
+wire_enum! {
     /// Where the scheduler puts the VMs of a group.
     pub enum PlacementPolicy {
         /// On the hosts with the most free memory, few of the group per host.
@@ -406,7 +420,7 @@ pub struct Forward {
     /// Network of the VM.
     pub network: String,
     /// `tcp` or `udp`.
-    pub proto: String,
+    pub proto: Protocol,
     /// Port on the gateway host's addresses.
     pub host_port: u16,
     /// Target VM.
@@ -431,7 +445,7 @@ pub struct ForwardCreate {
     pub to: String,
     /// `tcp` (default) or `udp`.
     #[serde(default)]
-    pub proto: Option<String>,
+    pub proto: Option<Protocol>,
 }
 
 /// One address of a VM on a network.

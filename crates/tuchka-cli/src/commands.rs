@@ -537,7 +537,11 @@ async fn forward(ctx: &mut Ctx<'_>, cmd: ForwardCmd) -> anyhow::Result<i32> {
             let body = ForwardCreate {
                 host_port,
                 to,
-                proto: Some(if udp { "udp" } else { "tcp" }.into()),
+                proto: Some(if udp {
+                    tuchka_api::Protocol::Udp
+                } else {
+                    tuchka_api::Protocol::Tcp
+                }),
             };
             let f: Forward = ctx
                 .client

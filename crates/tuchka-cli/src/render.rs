@@ -258,7 +258,7 @@ pub fn forward_table(forwards: &[Forward]) -> String {
         .map(|f| {
             vec![
                 f.id.clone(),
-                f.proto.clone(),
+                f.proto.to_string(),
                 format!("{}:{}", or_none(f.host.as_deref()), f.host_port),
                 format!("{}:{} ({})", f.vm, f.vm_port, f.vm_ip),
             ]

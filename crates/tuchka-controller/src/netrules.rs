@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use rusqlite::Connection;
 use tuchka_api::agent::{EgressRule, ForwardDesired, IngressRule};
-use tuchka_api::{Direction, Forward, ForwardCreate, Rule, RuleAction, RuleCreate};
+use tuchka_api::{Direction, Forward, ForwardCreate, Protocol, Rule, RuleAction, RuleCreate};
 use tuchka_core::ipam::Cidr;
 use tuchka_core::rules::{format_spec, parse_spec, parse_target, reserved_port};
 use tuchka_store::{self as db, ForwardRow, RuleRow};
@@ -235,8 +235,8 @@ pub fn list_rules(ctl: &Controller, network: &str) -> Result<Vec<Rule>> {
 
 /// `net forward add`.
 pub fn add_forward(ctl: &Controller, network: &str, req: ForwardCreate) -> Result<Forward> {
-    let proto = req.proto.clone().unwrap_or_else(|| "tcp".into());
-    if proto != "tcp" && proto != "udp" {
+    let proto = req.proto.unwrap_or(Protocol::Tcp);
+    if !matches!(proto, Protocol::Tcp | Protocol::Udp) {
         return Err(Error::invalid(
             "InvalidForward",
             format!("protocol {proto:?}: use tcp or udp"),
@@ -287,7 +287,7 @@ pub fn add_forward(ctl: &Controller, network: &str, req: ForwardCreate) -> Resul
         let row = ForwardRow {
             id: short_id(),
             network: network.into(),
-            proto: proto.clone(),
+            proto,
             host_port: req.host_port,
             vm_id: vm.id.clone(),
             vm_port,
@@ -376,7 +376,7 @@ pub fn resolve(
         if r.direction == Direction::Out {
             egress.push(EgressRule {
                 id: r.id.clone(),
-                action: r.action.as_str().to_string(),
+                action: r.action,
                 matches,
                 destinations: vec![r.to_cidr.clone().unwrap_or_else(|| "0.0.0.0/0".into())],
             });
@@ -426,7 +426,7 @@ pub fn resolve(
                 .clone();
             Some(ForwardDesired {
                 id: f.id.clone(),
-                proto: f.proto.clone(),
+                proto: f.proto,
                 host_port: f.host_port,
                 vm_ip: ip,
                 vm_port: f.vm_port,
@@ -539,7 +539,7 @@ mod tests {
         let f = ForwardRow {
             id: "f".into(),
             network: "app".into(),
-            proto: "tcp".into(),
+            proto: Protocol::Tcp,
             host_port: 8080,
             vm_id: "1".into(),
             vm_port: 80,

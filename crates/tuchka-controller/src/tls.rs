@@ -680,4 +680,3 @@ Local:
         assert!(err.to_string().contains("ca.key is missing"), "{err}");
     }
 }
-

@@ -3,6 +3,7 @@
 
 use thiserror::Error;
 use tuchka_api::agent::PortMatch;
+use tuchka_api::Protocol;
 
 /// A rule or forward that cannot be accepted.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -35,18 +36,14 @@ pub fn parse_spec(spec: &str) -> Result<PortMatch, RuleError> {
         Some((p, ports)) => (p, Some(ports)),
         None => (spec, None),
     };
+    let proto: Protocol = proto.parse().map_err(|_| bad())?;
     match (proto, ports) {
-        ("icmp" | "any", None) => Ok(PortMatch {
-            proto: proto.into(),
+        (_, None) => Ok(PortMatch {
+            proto,
             port_from: None,
             port_to: None,
         }),
-        ("tcp" | "udp", None) => Ok(PortMatch {
-            proto: proto.into(),
-            port_from: None,
-            port_to: None,
-        }),
-        ("tcp" | "udp", Some(ports)) => {
+        (Protocol::Tcp | Protocol::Udp, Some(ports)) => {
             let (a, b) = match ports.split_once('-') {
                 Some((a, b)) => (port(a, ports)?, port(b, ports)?),
                 None => {
@@ -58,7 +55,7 @@ pub fn parse_spec(spec: &str) -> Result<PortMatch, RuleError> {
                 return Err(RuleError::Range(ports.to_string()));
             }
             Ok(PortMatch {
-                proto: proto.into(),
+                proto,
                 port_from: Some(a),
                 port_to: Some(b),
             })
@@ -72,7 +69,7 @@ pub fn format_spec(m: &PortMatch) -> String {
     match (m.port_from, m.port_to) {
         (Some(a), Some(b)) if a == b => format!("{}:{a}", m.proto),
         (Some(a), Some(b)) => format!("{}:{a}-{b}", m.proto),
-        _ => m.proto.clone(),
+        _ => m.proto.to_string(),
     }
 }
 
@@ -117,7 +114,7 @@ mod tests {
         assert_eq!(format_spec(&m), "udp:5000-5100");
         assert_eq!(format_spec(&parse_spec("icmp").expect("ok")), "icmp");
         assert_eq!(format_spec(&parse_spec("tcp:22").expect("ok")), "tcp:22");
-        assert_eq!(parse_spec("any").expect("ok").proto, "any");
+        assert_eq!(parse_spec("any").expect("ok").proto, Protocol::Any);
     }
 
     #[test]

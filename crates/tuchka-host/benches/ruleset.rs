@@ -41,7 +41,7 @@ fn group(net: u8, vms: std::ops::Range<u8>) -> Vec<String> {
 
 fn pm(proto: &str, from: Option<u16>, to: Option<u16>) -> PortMatch {
     PortMatch {
-        proto: proto.into(),
+        proto: proto.parse().expect("proto"),
         port_from: from,
         port_to: to,
     }
@@ -85,19 +85,19 @@ fn network(n: u8) -> NetworkDesired {
     let egress = vec![
         EgressRule {
             id: format!("n{n}-no-smtp"),
-            action: "deny".into(),
+            action: "deny".parse().expect("action"),
             matches: pm("tcp", Some(25), None),
             destinations: vec!["0.0.0.0/0".into()],
         },
         EgressRule {
             id: format!("n{n}-dns"),
-            action: "allow".into(),
+            action: "allow".parse().expect("action"),
             matches: pm("udp", Some(53), None),
             destinations: vec!["192.0.2.53".into()],
         },
         EgressRule {
             id: format!("n{n}-partners"),
-            action: "allow".into(),
+            action: "allow".parse().expect("action"),
             matches: pm("any", None, None),
             destinations: vec!["203.0.113.0/24".into(), "198.51.100.0/24".into()],
         },
@@ -105,7 +105,7 @@ fn network(n: u8) -> NetworkDesired {
     let forwards = (0..2)
         .map(|f| ForwardDesired {
             id: format!("n{n}-f{f}"),
-            proto: "tcp".into(),
+            proto: "tcp".parse().expect("proto"),
             host_port: 20000 + u16::from(n) * 10 + f,
             vm_ip: vm_ip(n, f as u8),
             vm_port: 80,

@@ -19,7 +19,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use sha2::{Digest, Sha256};
 use tuchka_api::agent::NetworkDesired;
 
 use crate::domain_xml::{validate_spec, DomainSpec};
@@ -450,7 +449,7 @@ impl Storage for FakeStorage {
         std::fs::File::open(&partial)
             .and_then(|mut f| f.read_to_end(&mut data))
             .map_err(|e| HostError::io(&obj, "read", &partial, e))?;
-        let actual = hex::encode(Sha256::digest(&data));
+        let actual = tuchka_core::digest::sha256_hex(&data);
         let expected = file_sha256.to_ascii_lowercase();
         if actual != expected {
             let _ = std::fs::remove_file(&partial);
@@ -743,7 +742,7 @@ mod tests {
         st.remove_image(&sha).expect("remove image");
 
         let data = b"image bytes";
-        let file_sha = hex::encode(Sha256::digest(data));
+        let file_sha = tuchka_core::digest::sha256_hex(data);
         let sha2 = "b".repeat(64);
         std::fs::write(st.image_partial_path(&sha2), data).expect("write partial");
         assert!(matches!(

@@ -16,11 +16,9 @@
 //! rename), so a crash never leaves a half-written disk or seed under its final name.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-
-use sha2::{Digest, Sha256};
 
 use crate::cmd;
 use crate::qcow2;
@@ -287,20 +285,6 @@ fn tmp_name(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
 fn remove_if_exists(path: &Path, obj: &str) -> Result<(), HostError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -350,7 +334,8 @@ impl Storage for DirStorage {
             ));
         }
         let partial = self.image_partial_path(sha256);
-        let actual = sha256_file(&partial).map_err(|e| HostError::io(&obj, "hash", &partial, e))?;
+        let actual = tuchka_core::digest::sha256_file(&partial)
+            .map_err(|e| HostError::io(&obj, "hash", &partial, e))?;
         if actual != expected {
             remove_if_exists(&partial, &obj)?;
             return Err(HostError::Corrupt {

@@ -385,7 +385,7 @@ fn network(env: &Env, tag: &str, third: u8) -> NetworkDesired {
 
 fn tcp(port: u16) -> PortMatch {
     PortMatch {
-        proto: "tcp".into(),
+        proto: "tcp".parse().expect("proto"),
         port_from: Some(port),
         port_to: None,
     }
@@ -403,7 +403,7 @@ fn allow_in(id: &str, port: u16, sources: &[&str], targets: &[&str]) -> IngressR
 fn egress(id: &str, action: &str, matches: PortMatch, to: &[&str]) -> EgressRule {
     EgressRule {
         id: id.into(),
-        action: action.into(),
+        action: action.parse().expect("action"),
         matches,
         destinations: to.iter().map(|s| s.to_string()).collect(),
     }
@@ -498,7 +498,7 @@ fn outside_access_body(env: &Env) {
     // A forward host:8080 → a1:80, from outside and from the host itself; no masquerade.
     net.forwards = vec![ForwardDesired {
         id: "web".into(),
-        proto: "tcp".into(),
+        proto: "tcp".parse().expect("proto"),
         host_port: 8080,
         vm_ip: a1_ip.into(),
         vm_port: 80,
@@ -538,7 +538,7 @@ fn outside_access_body(env: &Env) {
             "nothing-else",
             "deny",
             PortMatch {
-                proto: "any".into(),
+                proto: "any".parse().expect("proto"),
                 port_from: None,
                 port_to: None,
             },
@@ -1063,7 +1063,7 @@ fn underlay_body(env: &Env) {
     // A forward may not take the channel port, nor an underlay a forwarded port.
     net.forwards = vec![ForwardDesired {
         id: "steal".into(),
-        proto: "tcp".into(),
+        proto: "tcp".parse().expect("proto"),
         host_port: CHANNEL,
         vm_ip: "10.77.1.5".into(),
         vm_port: 80,

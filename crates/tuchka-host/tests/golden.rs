@@ -161,7 +161,7 @@ fn model(nets: &[NetworkDesired]) -> FirewallModel {
 
 fn pm(proto: &str, from: Option<u16>, to: Option<u16>) -> PortMatch {
     PortMatch {
-        proto: proto.into(),
+        proto: proto.parse().expect("proto"),
         port_from: from,
         port_to: to,
     }
@@ -233,13 +233,13 @@ fn nft_golden_rules_nat_and_forwards() {
     blue.egress = vec![
         EgressRule {
             id: "no-smtp".into(),
-            action: "deny".into(),
+            action: "deny".parse().expect("action"),
             matches: pm("tcp", Some(25), None),
             destinations: vec!["0.0.0.0/0".into()],
         },
         EgressRule {
             id: "dns".into(),
-            action: "allow".into(),
+            action: "allow".parse().expect("action"),
             matches: pm("udp", Some(53), None),
             destinations: vec!["192.0.2.53".into()],
         },
@@ -247,14 +247,14 @@ fn nft_golden_rules_nat_and_forwards() {
     blue.forwards = vec![
         ForwardDesired {
             id: "web".into(),
-            proto: "tcp".into(),
+            proto: "tcp".parse().expect("proto"),
             host_port: 8080,
             vm_ip: "10.10.0.5".into(),
             vm_port: 80,
         },
         ForwardDesired {
             id: "dns".into(),
-            proto: "udp".into(),
+            proto: "udp".parse().expect("proto"),
             host_port: 5353,
             vm_ip: "10.10.0.6".into(),
             vm_port: 53,
@@ -272,7 +272,7 @@ fn nft_golden_rules_nat_and_forwards() {
     }];
     red.egress = vec![EgressRule {
         id: "to-partner".into(),
-        action: "allow".into(),
+        action: "allow".parse().expect("action"),
         matches: pm("any", None, None),
         destinations: vec!["198.51.100.0/24".into()],
     }];
@@ -282,7 +282,7 @@ fn nft_golden_rules_nat_and_forwards() {
     green.nat = true;
     green.forwards = vec![ForwardDesired {
         id: "elsewhere".into(),
-        proto: "tcp".into(),
+        proto: "tcp".parse().expect("proto"),
         host_port: 8080,
         vm_ip: "10.30.0.5".into(),
         vm_port: 80,
@@ -349,7 +349,7 @@ fn nft_model_refuses_forwards_of_the_ports_between_hosts() {
     let mut blue = net("blue", "tk100", "10.10.0.0/24", "10.10.0.1");
     blue.forwards = vec![ForwardDesired {
         id: "sneaky".into(),
-        proto: "tcp".into(),
+        proto: "tcp".parse().expect("proto"),
         host_port: 7481,
         vm_ip: "10.10.0.5".into(),
         vm_port: 80,
@@ -378,7 +378,7 @@ fn nft_model_refuses_forwards_of_the_ports_between_hosts() {
     assert_eq!(m.underlay, None, "refused: nothing set");
 
     // A forward of the same port number over the other protocol is fine.
-    blue.forwards[0].proto = "udp".into();
+    blue.forwards[0].proto = tuchka_api::Protocol::Udp;
     let mut m = FirewallModel::new("0f2a6c1e");
     m.set_underlay(&underlay(&[])).expect("underlay");
     m.add(rules(&blue)).expect("udp 7481 is not the channel");

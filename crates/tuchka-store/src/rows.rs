@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use tuchka_api::agent::{HostFacts, Orphan};
 use tuchka_api::{
     ApiError, Direction, MigrationMode, MigrationPhase, NetworkState, OperationKind,
-    OperationState, PlacementPolicy, PowerState, RuleAction, VmState,
+    OperationState, PlacementPolicy, PowerState, Protocol, RuleAction, VmState,
 };
 use tuchka_core::migration::Side;
 use tuchka_core::ops::OpRecord;
@@ -870,7 +870,7 @@ pub struct ForwardRow {
     /// Network of the VM.
     pub network: String,
     /// tcp / udp.
-    pub proto: String,
+    pub proto: Protocol,
     /// Host port.
     pub host_port: u16,
     /// Target VM id.
@@ -891,7 +891,7 @@ pub fn forwards(c: &Connection) -> Result<Vec<ForwardRow>> {
             Ok(ForwardRow {
                 id: r.get(0)?,
                 network: r.get(1)?,
-                proto: r.get(2)?,
+                proto: r.get::<_, Wire<Protocol>>(2)?.0,
                 host_port: r.get(3)?,
                 vm_id: r.get(4)?,
                 vm_port: r.get(5)?,
@@ -905,7 +905,7 @@ pub fn forwards(c: &Connection) -> Result<Vec<ForwardRow>> {
 pub fn insert_forward(c: &Connection, f: &ForwardRow) -> Result<()> {
     c.execute(
         "INSERT INTO forwards (id, network, proto, host_port, vm_id, vm_port, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![f.id, f.network, f.proto, f.host_port, f.vm_id, f.vm_port, f.created_at],
+        params![f.id, f.network, f.proto.as_str(), f.host_port, f.vm_id, f.vm_port, f.created_at],
     )?;
     Ok(())
 }

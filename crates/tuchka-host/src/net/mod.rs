@@ -683,7 +683,7 @@ mod tests {
         assert!(bad(|d| d.forwards.push(
             tuchka_api::agent::ForwardDesired {
                 id: "f".into(),
-                proto: "tcp".into(),
+                proto: "tcp".parse().expect("proto"),
                 host_port: 8080,
                 vm_ip: "10.99.0.5".into(),
                 vm_port: 80,

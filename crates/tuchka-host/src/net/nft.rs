@@ -50,9 +50,9 @@ use std::net::IpAddr;
 use tuchka_core::ipam::Cidr;
 
 use super::rules::{NetRules, PortSpec};
-use tuchka_api::{Protocol, RuleAction};
 use super::underlay::Underlay;
 use crate::cmd::{self, CommandError};
+use tuchka_api::{Protocol, RuleAction};
 
 /// Name of the marker chain of a table whose networks need `net.ipv4.ip_forward=1`.
 pub const FORWARDING_MARKER: &str = "needs_ip_forward";

@@ -246,7 +246,7 @@ mod tests {
 
     fn pm(proto: &str, from: Option<u16>, to: Option<u16>) -> PortMatch {
         PortMatch {
-            proto: proto.into(),
+            proto: proto.parse().expect("proto"),
             port_from: from,
             port_to: to,
         }
@@ -286,7 +286,7 @@ mod tests {
         assert_eq!(ok(pm("any", None, None)).proto, Protocol::Any);
         assert_eq!(ok(pm("icmp", None, None)).proto, Protocol::Icmp);
         for bad in [
-            pm("sctp", None, None),
+            // An unknown protocol such as "sctp" cannot even be expressed: the wire type refuses it.
             pm("tcp", Some(90), Some(80)),
             pm("tcp", None, Some(80)),
             pm("icmp", Some(8), None),
@@ -340,16 +340,16 @@ mod tests {
             &|d| {
                 d.egress.push(EgressRule {
                     id: "e1".into(),
-                    action: "reject".into(),
+                    action: RuleAction::Deny,
                     matches: pm("any", None, None),
-                    destinations: vec![],
+                    destinations: vec!["300.0.0.0/8".into()],
                 })
             },
             "egress rule \"e1\"",
         );
         let fwd = |id: &str, port: u16, ip: &str| ForwardDesired {
             id: id.into(),
-            proto: "tcp".into(),
+            proto: "tcp".parse().expect("proto"),
             host_port: port,
             vm_ip: ip.into(),
             vm_port: 80,
@@ -369,7 +369,7 @@ mod tests {
         bad(
             &|d| {
                 d.forwards.push(ForwardDesired {
-                    proto: "icmp".into(),
+                    proto: "icmp".parse().expect("proto"),
                     ..fwd("f1", 8080, "10.10.0.5")
                 })
             },
@@ -388,7 +388,7 @@ mod tests {
         let mut d = desired();
         d.egress.push(EgressRule {
             id: "e".into(),
-            action: "deny".into(),
+            action: "deny".parse().expect("action"),
             matches: pm("any", None, None),
             destinations: vec!["0.0.0.0/0".into()],
         });
@@ -398,7 +398,7 @@ mod tests {
         );
         d.forwards.push(ForwardDesired {
             id: "f".into(),
-            proto: "udp".into(),
+            proto: "udp".parse().expect("proto"),
             host_port: 5353,
             vm_ip: "10.10.0.5".into(),
             vm_port: 53,
