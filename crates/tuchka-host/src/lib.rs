@@ -18,6 +18,7 @@
 //! pure functions (golden-tested); the adapters only push the bytes.
 
 pub mod accel;
+pub mod channel;
 pub mod checks;
 pub mod cmd;
 pub mod domain_xml;
