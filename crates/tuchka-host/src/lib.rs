@@ -39,7 +39,10 @@ pub use checks::{host_facts, run_checks};
 pub use domain_xml::{render_domain_xml, DomainSpec, NicSpec};
 pub use error::HostError;
 pub use libvirt::{DomainInfo, DomainState, Hypervisor, Libvirt};
-pub use migrate::{retarget_domain_xml, LiveMigration, MigrationOutcome, MigrationProgress};
+pub use migrate::{
+    migrate_through, retarget_domain_xml, LiveMigration, MigrationFailed, MigrationOutcome,
+    MigrationProgress,
+};
 pub use net::{Dataplane, LinuxDataplane};
 pub use storage::{DirStorage, Storage};
 

@@ -21,7 +21,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::channel::MigrationPaths;
+use crate::channel::{MigrationPaths, Tunnel};
+use crate::{HostError, Hypervisor};
 
 /// The disk a tuchka VM's overlay is attached as.
 pub const ROOT_DISK_TARGET: &str = "vda";
@@ -178,6 +179,58 @@ impl MigrationOutcome {
             },
         }
     }
+}
+
+/// A live migration through the channel that failed, with what the channel saw (a cut, a
+/// refusal by the target) — libvirt's own message rarely names the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("migration {migration} of domain {domain} to host {target} failed{}", channel_note(.channel))]
+pub struct MigrationFailed {
+    /// Migration id.
+    pub migration: String,
+    /// The domain (still on this host, in the state it had).
+    pub domain: String,
+    /// The target host id.
+    pub target: String,
+    /// The channel's problems, oldest first.
+    pub channel: Vec<String>,
+    /// What libvirt (or the checks before it) said.
+    #[source]
+    pub source: HostError,
+}
+
+impl MigrationFailed {
+    /// The message and every cause, joined by ": ".
+    pub fn chain(&self) -> String {
+        format!("{self}: {}", self.source.chain())
+    }
+}
+
+fn channel_note(problems: &[String]) -> String {
+    if problems.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", problems.join("; "))
+    }
+}
+
+/// Live-migrate through `tunnel` (open, to the target): [`Hypervisor::migrate_live`], with the
+/// channel's problems in the error when it fails. Blocks; call it from a blocking thread, not
+/// from the runtime the tunnel runs on if that runtime has a single thread.
+pub fn migrate_through(
+    hv: &dyn Hypervisor,
+    tunnel: &Tunnel,
+    m: &LiveMigration,
+    progress: &mut dyn FnMut(&MigrationProgress),
+) -> Result<MigrationOutcome, MigrationFailed> {
+    hv.migrate_live(m, progress)
+        .map_err(|source| MigrationFailed {
+            migration: tunnel.migration_id().to_string(),
+            domain: m.domain.clone(),
+            target: tunnel.target().host_id.clone(),
+            channel: tunnel.stats().problems(),
+            source,
+        })
 }
 
 /// The completed-job statistics libvirt keeps after a migration.

@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::proto::{Answer, ChannelRequest, MAX_ANSWER};
 use super::server::{refuse, ServerStats};
-use super::tunnel::open_stream;
+use super::tunnel::connect;
 use super::{read_line, ChannelError, Peer, FILE_IDLE_TIMEOUT};
 
 const CHUNK: usize = 256 * 1024;
@@ -56,7 +56,7 @@ pub async fn send_file(
         size,
         sha256: sha256.clone(),
     };
-    let mut stream = open_stream(tls, peer, &req).await?;
+    let mut stream = connect(tls, peer, &req).await?;
     let lost = |what: &str| {
         let (peer, what) = (peer.clone(), format!("{what} of {req}"));
         move |source| ChannelError::Lost { peer, what, source }
@@ -169,7 +169,6 @@ pub(crate) async fn receive<S>(
 where
     S: AsyncBufRead + AsyncWrite + Unpin,
 {
-    let fail = |reason: String| reason;
     let Some(tmp) = partial_path(dest) else {
         let reason = format!("destination {} has no file name", dest.display());
         refuse(stream, &reason).await;
@@ -199,7 +198,7 @@ where
         .is_err()
         || stream.flush().await.is_err()
     {
-        return Err(fail("the sender went away".to_string()));
+        return Err("the sender went away".to_string());
     }
     let result = copy_exact(stream, file, size, stats).await;
     let outcome = match result {

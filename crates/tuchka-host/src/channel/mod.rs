@@ -48,7 +48,9 @@ pub use paths::{qemu_gid, MigrationPaths, Side, DEFAULT_RUN_DIR};
 pub use proto::{ChannelRequest, StreamKind};
 pub use server::{Admission, ChannelServer, Route, ServerStats};
 pub use tls::{anonymous_client_config, client_config, server_config, ALPN};
-pub use tunnel::{StreamStats, Tunnel, TunnelConfig, TunnelHandle, TunnelStats};
+pub use tunnel::{
+    connect, ChannelStream, StreamStats, Tunnel, TunnelConfig, TunnelHandle, TunnelStats,
+};
 
 /// Longest time for a TCP connect to a peer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -293,7 +293,7 @@ async fn carry(
         return;
     };
     counters.connections.fetch_add(1, Ordering::Relaxed);
-    let mut remote = match open_stream(tls, &config.target, &req).await {
+    let mut remote = match connect(tls, &config.target, &req).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e.chain(), "migration tunnel: cannot carry a stream");
@@ -311,13 +311,17 @@ async fn carry(
     }
 }
 
-/// Open a channel connection to `peer` for `req`: TCP, TLS naming the peer's host, the header,
-/// and the peer's `OK`. Bytes after that belong to the stream.
-pub(crate) async fn open_stream(
+/// A stream through the channel, after the peer's `OK`.
+pub type ChannelStream = BufReader<TlsStream<TcpStream>>;
+
+/// Open a channel connection to `peer` for `req`: TCP, TLS naming the peer's host (its
+/// certificate must name `h-<host-id>.tuchka`), the header, and the peer's `OK`. Bytes after
+/// that belong to the stream. The [`Tunnel`] and [`super::send_file`] are built on it.
+pub async fn connect(
     tls: &Arc<rustls::ClientConfig>,
     peer: &Peer,
     req: &ChannelRequest,
-) -> Result<BufReader<TlsStream<TcpStream>>, ChannelError> {
+) -> Result<ChannelStream, ChannelError> {
     req.validate()
         .map_err(|e| ChannelError::invalid(req.to_string(), e.to_string()))?;
     if !tuchka_pki::is_host_id(&peer.host_id) {
