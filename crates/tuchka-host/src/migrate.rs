@@ -196,7 +196,7 @@ pub struct MigrationFailed {
     pub channel: Vec<String>,
     /// What libvirt (or the checks before it) said.
     #[source]
-    pub source: HostError,
+    pub source: Box<HostError>,
 }
 
 impl MigrationFailed {
@@ -229,7 +229,7 @@ pub fn migrate_through(
             domain: m.domain.clone(),
             target: tunnel.target().host_id.clone(),
             channel: tunnel.stats().problems(),
-            source,
+            source: Box::new(source),
         })
 }
 
