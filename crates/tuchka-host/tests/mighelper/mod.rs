@@ -17,6 +17,8 @@
 
 #![allow(dead_code)]
 
+pub mod rig;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
