@@ -19,7 +19,6 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
-use sha2::{Digest, Sha256};
 
 /// What to tell a user whose `--fingerprint` does not match.
 const PIN_HINT: &str =
@@ -35,10 +34,8 @@ pub struct FingerprintMismatch {
     pub got: String,
 }
 
-/// A certificate's sha256, lowercase hex.
-pub fn fingerprint(der: &[u8]) -> String {
-    hex::encode(Sha256::digest(der))
-}
+/// A certificate's sha256, lowercase hex (one definition for the whole workspace).
+pub use tuchka_pki::fingerprint;
 
 /// `sha` as 64 lowercase hex digits. Accepts upper case, `:` separators (as `openssl x509
 /// -fingerprint` prints them) and a `sha256:` prefix.

@@ -28,7 +28,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 use time::OffsetDateTime;
 use tokio::net::{TcpListener, TcpStream};
@@ -132,10 +131,8 @@ struct ServerMeta {
     not_after_unix: i64,
 }
 
-/// sha256 of a certificate's DER, lowercase hex.
-pub fn fingerprint(der: &[u8]) -> String {
-    hex::encode(Sha256::digest(der))
-}
+/// sha256 of a certificate's DER, lowercase hex (one definition for the whole workspace).
+pub use tuchka_pki::fingerprint;
 
 /// The local IPv4 addresses in the text of `/proc/net/fib_trie` (entries marked `host LOCAL`),
 /// without loopback ones, in order of appearance, each once.
@@ -673,6 +670,22 @@ Local:
         let leaf3 = CertificateDer::from_pem_file(dir.join("server.crt")).expect("leaf");
         assert_ne!(leaf1, leaf3);
         verify(&ca, &leaf3, "10.1.2.3").expect("re-issued by the same CA");
+
+        // The CA signs host certificates (tuchka-pki) that verify against it.
+        let ca_pem = std::fs::read_to_string(dir.join("ca.crt")).expect("ca.crt");
+        let ca_key = std::fs::read_to_string(dir.join("ca.key")).expect("ca.key");
+        let host = tuchka_pki::create_host_key("h1").expect("host key");
+        let cert = tuchka_pki::sign_host_csr(
+            &ca_pem,
+            &ca_key,
+            "h1",
+            &host.csr_pem,
+            std::time::SystemTime::now(),
+        )
+        .expect("the controller's CA signs a host CSR");
+        let leaf = CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).expect("leaf");
+        verify(&ca, &leaf, &tuchka_pki::host_dns_name("h1")).expect("host cert verifies");
+        assert_eq!(tuchka_pki::peer_host_id(&leaf).as_deref(), Some("h1"));
 
         // Half a CA is an error, not a silent new CA.
         std::fs::remove_file(dir.join("ca.key")).expect("rm");

@@ -1,5 +1,6 @@
 //! Hand-written fakes of [`Hypervisor`], [`Storage`] and [`Dataplane`] for unit tests of the
-//! code that drives them (the agent's reconcile loop).
+//! code that drives them (the agent's reconcile loop and its migrations: see
+//! [`FakeHypervisor::add_migration_peer`]).
 //!
 //! Each fake keeps an in-memory state that follows the same rules as the real implementation
 //! (idempotent stops, `NoDomain` for unknown domains, refusal of foreign domains, validation of
@@ -17,12 +18,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tuchka_api::agent::NetworkDesired;
 
-use crate::domain_xml::{validate_spec, DomainSpec};
+use crate::domain_xml::{render_domain_xml, validate_spec, DomainSpec};
 use crate::libvirt::{DomainInfo, DomainState, Hypervisor};
+use crate::migrate::{LiveMigration, MigrationOutcome, MigrationProgress};
 use crate::net::{Dataplane, NetPlan, Underlay};
 use crate::storage::{is_sha256, is_vm_id, Storage};
 use crate::HostError;
@@ -55,6 +58,12 @@ impl Recorder {
         } else {
             format!("{op} {arg}")
         });
+        self.injected(op, arg)
+    }
+
+    /// The injected failure for `op arg`, if a rule matches, without recording a call (for
+    /// failure points inside an operation, e.g. `migrate_live.copy`).
+    fn injected(&self, op: &str, arg: &str) -> Result<(), HostError> {
         let mut rules = lock(&self.rules);
         let hit = rules.iter_mut().find(|r| {
             r.op == op && r.arg.as_deref().is_none_or(|a| a == arg) && r.remaining != Some(0)
@@ -144,6 +153,10 @@ struct HvState {
     /// Domains of other clouds (name → their cloud id).
     foreign: BTreeMap<String, String>,
     ignore_acpi: bool,
+    /// Migration destinations by destination URI.
+    peers: BTreeMap<String, Arc<FakeHypervisor>>,
+    /// The destination XML each domain that migrated here arrived with.
+    received_xml: BTreeMap<String, String>,
 }
 
 /// In-memory [`Hypervisor`] of one cloud.
@@ -182,6 +195,18 @@ impl FakeHypervisor {
     /// "wait, then destroy" path can be tested. Default `false`: shutdown powers off at once.
     pub fn set_ignore_acpi(&self, ignore: bool) {
         lock(&self.state).ignore_acpi = ignore;
+    }
+
+    /// Make `peer` the host that live migrations to `dest_uri` arrive at: a successful
+    /// [`Hypervisor::migrate_live`] moves the domain there, in the state it had. Without a
+    /// peer the domain just leaves this host.
+    pub fn add_migration_peer(&self, dest_uri: &str, peer: Arc<FakeHypervisor>) {
+        lock(&self.state).peers.insert(dest_uri.to_string(), peer);
+    }
+
+    /// The destination XML domain `name` arrived with, if it migrated here.
+    pub fn received_xml(&self, name: &str) -> Option<String> {
+        lock(&self.state).received_xml.get(name).cloned()
     }
 
     /// Pretend a domain `name` of another cloud exists on the host.
@@ -333,6 +358,92 @@ impl Hypervisor for FakeHypervisor {
         self.check_foreign(&st, name)?;
         st.domains.remove(name);
         Ok(())
+    }
+
+    fn migratable_xml(&self, name: &str) -> Result<String, HostError> {
+        self.with_domain("migratable_xml", name, |d, _| {
+            Ok(render_domain_xml(&d.spec))
+        })
+    }
+
+    /// Reports three progress steps (a third of the VM's memory each), then moves the domain
+    /// to the peer registered for `m.dest_uri`. Failure points: `migrate_live` (before
+    /// anything happens) and `migrate_live.copy` (after the progress reports, as when the
+    /// channel is cut mid-copy); either way the domain stays here unchanged.
+    fn migrate_live(
+        &self,
+        m: &LiveMigration,
+        progress: &mut dyn FnMut(&MigrationProgress),
+    ) -> Result<MigrationOutcome, HostError> {
+        self.rec.call("migrate_live", &m.domain)?;
+        m.validate()
+            .map_err(|msg| HostError::invalid(format!("migration of domain {}", m.domain), msg))?;
+        let memory = {
+            let st = lock(&self.state);
+            self.check_foreign(&st, &m.domain)?;
+            let d = st
+                .domains
+                .get(&m.domain)
+                .ok_or_else(|| HostError::NoDomain {
+                    name: m.domain.clone(),
+                })?;
+            if !d.state.is_active() {
+                return Err(bad_state(&m.domain, "live-migrate", &d.state));
+            }
+            d.spec.memory_mib * 1024 * 1024
+        };
+        // The lock is not held while the caller's callback runs.
+        let mut last = MigrationProgress::default();
+        for step in 1..=3u64 {
+            last = MigrationProgress {
+                elapsed: Duration::from_millis(100 * step),
+                data_total: memory,
+                data_processed: memory * step / 3,
+                data_remaining: memory - memory * step / 3,
+                mem_processed: memory * step / 3,
+                mem_remaining: memory - memory * step / 3,
+                disk_processed: 0,
+                disk_remaining: 0,
+            };
+            progress(&last);
+        }
+        self.rec.injected("migrate_live.copy", &m.domain)?;
+        let (dom, peer) = {
+            let mut st = lock(&self.state);
+            let dom = st
+                .domains
+                .remove(&m.domain)
+                .ok_or_else(|| HostError::NoDomain {
+                    name: m.domain.clone(),
+                })?;
+            (dom, st.peers.get(&m.dest_uri).cloned())
+        };
+        if let Some(peer) = peer {
+            let mut pst = lock(&peer.state);
+            pst.received_xml
+                .insert(m.domain.clone(), m.dest_xml.clone());
+            pst.domains.insert(
+                m.domain.clone(),
+                FakeDomain {
+                    starts: 0,
+                    reboots: 0,
+                    ..dom
+                },
+            );
+        }
+        let completed = crate::migrate::CompletedStats {
+            time_elapsed: Some(last.elapsed),
+            downtime: Some(Duration::from_millis(30)),
+            downtime_net: Some(Duration::from_millis(25)),
+            data_processed: Some(memory),
+            memory_bps: None,
+            memory_iteration: Some(2),
+        };
+        Ok(MigrationOutcome::new(
+            last.elapsed,
+            Some(&completed),
+            Some(&last),
+        ))
     }
 }
 
@@ -664,6 +775,53 @@ mod tests {
             console_log: "/p/vms/vm-1/console.log".into(),
             nics: vec![],
         }
+    }
+
+    #[test]
+    fn live_migration_moves_the_domain_and_failures_leave_it() {
+        let src = FakeHypervisor::new(CLOUD);
+        let dst = Arc::new(FakeHypervisor::new(CLOUD));
+        let paths = crate::channel::MigrationPaths::new(Path::new("/run/tuchka"), CLOUD, "m1")
+            .expect("paths");
+        src.add_migration_peer(&paths.dest_uri(), dst.clone());
+        src.define(&spec("a")).expect("define");
+        let xml = src.migratable_xml("a").expect("xml");
+        let dest_xml = crate::migrate::retarget_domain_xml(&xml, Path::new("/p"), Path::new("/q"))
+            .expect("retarget");
+        let m = LiveMigration::through(&paths, "a", dest_xml.clone());
+        let mut seen = Vec::new();
+        assert!(
+            matches!(
+                src.migrate_live(&m, &mut |p| seen.push(p.data_processed)),
+                Err(HostError::BadState { .. })
+            ),
+            "a stopped domain is not live-migrated"
+        );
+        src.start("a").expect("start");
+        src.suspend("a").expect("pause");
+
+        src.fail_once("migrate_live.copy");
+        assert!(src
+            .migrate_live(&m, &mut |p| seen.push(p.data_processed))
+            .is_err());
+        assert_eq!(src.domain("a").map(|d| d.state), Some(DomainState::Paused));
+        assert!(dst.domain("a").is_none());
+
+        seen.clear();
+        let out = src
+            .migrate_live(&m, &mut |p| seen.push(p.data_processed))
+            .expect("migrate");
+        assert_eq!(seen.len(), 3);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+        assert_eq!(out.bytes, 128 << 20);
+        assert!(out.downtime.is_some());
+        assert!(src.domain("a").is_none(), "gone from the source");
+        assert_eq!(dst.domain("a").map(|d| d.state), Some(DomainState::Paused));
+        assert_eq!(dst.received_xml("a"), Some(dest_xml));
+        assert!(dst
+            .received_xml("a")
+            .is_some_and(|x| x.contains("/q/vms/vm-1/root.qcow2")));
+        assert_eq!(src.count("migrate_live"), 3);
     }
 
     #[test]

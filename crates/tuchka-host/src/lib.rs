@@ -6,6 +6,9 @@
 //!   NoCloud seeds.
 //! - [`Dataplane`] ([`LinuxDataplane`]): bridges, VXLAN ports to the other hosts of a
 //!   network, gateway address + dnsmasq, and the cloud's isolation firewall (nftables).
+//! - [`channel`] and [`migrate`]: moving VMs between hosts — the mTLS host-to-host channel
+//!   that carries libvirt's connection, the memory and the disk streams of a live migration
+//!   (and a stopped VM's disk), and [`Hypervisor::migrate_live`] through it.
 //! - [`probe_accel`], [`run_checks`], [`host_facts`]: what this host can do.
 //! - [`metrics`]: the load an agent reports for the balancer (host CPU and memory, VM CPU).
 //! - [`fake`]: hand-written fakes of the three traits for tests of the code that drives them.
@@ -19,6 +22,7 @@
 //! pure functions (golden-tested); the adapters only push the bytes.
 
 pub mod accel;
+pub mod channel;
 pub mod checks;
 pub mod cmd;
 pub mod domain_xml;
@@ -26,6 +30,7 @@ mod error;
 pub mod fake;
 pub mod libvirt;
 pub mod metrics;
+pub mod migrate;
 pub mod net;
 pub mod qcow2;
 pub mod seed;
@@ -36,6 +41,10 @@ pub use checks::{host_facts, run_checks};
 pub use domain_xml::{render_domain_xml, DomainSpec, NicSpec};
 pub use error::HostError;
 pub use libvirt::{DomainInfo, DomainState, Hypervisor, Libvirt};
+pub use migrate::{
+    migrate_through, retarget_domain_xml, LiveMigration, MigrationFailed, MigrationOutcome,
+    MigrationProgress,
+};
 pub use net::{Dataplane, LinuxDataplane};
 pub use storage::{DirStorage, Storage};
 

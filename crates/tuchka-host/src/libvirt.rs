@@ -16,6 +16,9 @@ use virt::sys;
 use crate::domain_xml::{
     parse_vm_metadata, render_domain_xml, validate_spec, DomainSpec, METADATA_NS,
 };
+use crate::migrate::{
+    parse_completed_stats, CompletedStats, LiveMigration, MigrationOutcome, MigrationProgress,
+};
 use crate::HostError;
 
 /// Observed power state of a domain.
@@ -100,6 +103,20 @@ pub trait Hypervisor: Send + Sync {
     fn reboot(&self, name: &str) -> Result<(), HostError>;
     /// Destroy if running, then remove the definition; Ok if absent.
     fn undefine(&self, name: &str) -> Result<(), HostError>;
+    /// The domain's XML as a migration destination should get it (libvirt's migratable form
+    /// of the live definition when it runs); retarget its pool paths with
+    /// [`crate::migrate::retarget_domain_xml`] before migrating.
+    fn migratable_xml(&self, name: &str) -> Result<String, HostError>;
+    /// Live-migrate a running or paused domain as `m` says (see [`crate::migrate`]) and block
+    /// until libvirt is done, calling `progress` from this thread every
+    /// [`LiveMigration::poll_interval`] while the job runs. On success the domain runs (or
+    /// stays paused) on the destination and is gone from here; on failure it is still here, in
+    /// the state it had, and the destination has nothing of it.
+    fn migrate_live(
+        &self,
+        m: &LiveMigration,
+        progress: &mut dyn FnMut(&MigrationProgress),
+    ) -> Result<MigrationOutcome, HostError>;
 }
 
 /// An open libvirt connection, closed when the last user drops it (`virt::Connect` has no Drop).
@@ -474,5 +491,148 @@ impl Hypervisor for Libvirt {
                 }),
             }
         })
+    }
+
+    fn migratable_xml(&self, name: &str) -> Result<String, HostError> {
+        self.with_conn(|conn| {
+            let dom = self.require_own(conn, name)?;
+            dom.get_xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE)
+                .map_err(|source| HostError::Domain {
+                    name: name.to_string(),
+                    action: "read the migratable XML of",
+                    source,
+                })
+        })
+    }
+
+    fn migrate_live(
+        &self,
+        m: &LiveMigration,
+        progress: &mut dyn FnMut(&MigrationProgress),
+    ) -> Result<MigrationOutcome, HostError> {
+        m.validate()
+            .map_err(|msg| HostError::invalid(format!("migration of domain {}", m.domain), msg))?;
+        // Not retried on a lost connection: a migration is not idempotent.
+        let conn = self.current()?;
+        let dom = self.require_own(&conn.0, &m.domain)?;
+        let state = state_of(&dom, &m.domain)?;
+        if !state.is_active() {
+            return Err(HostError::BadState {
+                name: m.domain.clone(),
+                action: "live-migrate (a stopped VM moves by copying its disk)",
+                state: state.to_string(),
+            });
+        }
+        // A second handle to poll the job while the first one is busy migrating.
+        let watcher = self.require_own(&conn.0, &m.domain)?;
+        let params = virt::domain::MigrateParameters {
+            uri: Some(m.memory_uri.clone()),
+            disks_uri: Some(m.disks_uri.clone()),
+            dest_xml: Some(m.dest_xml.clone()),
+            migrate_disks: m.disks.clone(),
+            bandwidth: m.bandwidth_mib_s,
+            ..Default::default()
+        };
+        let flags = m.flags();
+        let dest_uri = m.dest_uri.clone();
+        tracing::info!(domain = %m.domain, dest = %m.dest_uri, "live migration starts");
+        let started = std::time::Instant::now();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (result, last) = std::thread::scope(|scope| {
+            scope.spawn(move || {
+                let r = dom.migrate_to_uri3(Some(&dest_uri), params, flags);
+                let _ = tx.send(r);
+            });
+            let mut downtime_pending = m.max_downtime;
+            let mut last: Option<MigrationProgress> = None;
+            loop {
+                match rx.recv_timeout(m.poll_interval) {
+                    Ok(r) => return (Some(r), last),
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return (None, last),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        let Some(p) = job_progress(&watcher) else {
+                            continue;
+                        };
+                        // Set while the job runs: libvirt hands it to qemu's migration at once.
+                        if let Some(limit) = downtime_pending {
+                            let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+                            match watcher.migrate_set_max_downtime(ms, 0) {
+                                Ok(_) => downtime_pending = None,
+                                Err(e) => {
+                                    tracing::debug!(domain = %m.domain, error = %e, "cannot set the downtime limit yet")
+                                }
+                            }
+                        }
+                        progress(&p);
+                        last = Some(p);
+                    }
+                }
+            }
+        });
+        let total = started.elapsed();
+        match result {
+            Some(Ok(())) => {
+                let completed = completed_stats(&m.dest_uri, &m.domain);
+                let outcome = MigrationOutcome::new(total, completed.as_ref(), last.as_ref());
+                tracing::info!(domain = %m.domain, total_ms = total.as_millis(), downtime_ms = ?outcome.downtime.map(|d| d.as_millis()), bytes = outcome.bytes, "live migration done");
+                Ok(outcome)
+            }
+            Some(Err(source)) => Err(HostError::Domain {
+                name: m.domain.clone(),
+                action: "live-migrate",
+                source,
+            }),
+            None => Err(HostError::invalid(
+                format!("domain {}", m.domain),
+                "the migration thread ended without an answer",
+            )),
+        }
+    }
+}
+
+/// The running job's progress (`None` when there is no job). Uses `virDomainGetJobInfo`, not
+/// the `virt` crate's `get_job_stats`, which aborts when libvirt answers with no statistics
+/// (see [`parse_completed_stats`]).
+fn job_progress(dom: &Domain) -> Option<MigrationProgress> {
+    let info = dom.get_job_info().ok()?;
+    if info.r#type == sys::VIR_DOMAIN_JOB_NONE as i32 {
+        return None;
+    }
+    Some(MigrationProgress {
+        elapsed: std::time::Duration::from_millis(info.time_elapsed.unwrap_or(0)),
+        data_total: info.data_total.unwrap_or(0),
+        data_processed: info.data_processed.unwrap_or(0),
+        data_remaining: info.data_remaining.unwrap_or(0),
+        mem_processed: info.mem_processed.unwrap_or(0),
+        mem_remaining: info.mem_remaining.unwrap_or(0),
+        disk_processed: info.disk_processed.unwrap_or(0),
+        disk_remaining: info.disk_remaining.unwrap_or(0),
+    })
+}
+
+/// The completed-job statistics of `domain` at `uri` (the destination, through the channel),
+/// kept for later readers; `None` (with a warning) when they cannot be read.
+fn completed_stats(uri: &str, domain: &str) -> Option<CompletedStats> {
+    let args = [
+        "-c",
+        uri,
+        "domjobinfo",
+        "--completed",
+        "--keep-completed",
+        "--rawstats",
+        domain,
+    ];
+    match crate::cmd::run("virsh", &args, None) {
+        Ok(text) => {
+            let stats = parse_completed_stats(&text);
+            if stats.downtime.is_none() {
+                tracing::warn!(%domain, "the destination kept no completed migration statistics");
+            }
+            Some(stats)
+        }
+        Err(e) => {
+            tracing::warn!(%domain, error = %e, "cannot read the completed migration statistics");
+            None
+        }
     }
 }

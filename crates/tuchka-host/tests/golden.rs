@@ -440,3 +440,24 @@ fn meta_data_golden_with_awkward_values() {
         "instance-id: \"id\"\nlocal-hostname: \"name: \\\"x\\\"\\n- y\"\n"
     );
 }
+
+#[test]
+fn migratable_xml_is_retargeted_to_the_destination_pool() {
+    // A migratable XML as libvirt 9 gives it for a tuchka VM (plus a data disk outside the
+    // pool and a NIC): only the pool's paths move; everything else stays byte for byte.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let input = std::fs::read_to_string(dir.join("migratable-h1.xml")).expect("input");
+    let out = tuchka_host::retarget_domain_xml(
+        &input,
+        Path::new("/var/lib/tuchka/h1/pool"),
+        Path::new("/srv/tuchka/h2/pool"),
+    )
+    .expect("retarget");
+    golden("migratable-h1-to-h2.xml", &out);
+    assert_eq!(
+        out.matches("/srv/tuchka/h2/pool/").count(),
+        4,
+        "disk, seed, serial, console"
+    );
+    assert!(out.contains("/var/lib/tuchka/h1/pool-old/volumes/data.raw"));
+}
