@@ -25,8 +25,27 @@ pub struct OutgoingJob {
     pub vm: VmDesired,
 }
 
-/// Moves VMs off this host.
+/// A VM this host receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingJob {
+    /// Migration id.
+    pub id: String,
+    /// Live or cold.
+    pub mode: MigrationMode,
+    /// The only host allowed to send it.
+    pub source_host_id: String,
+    /// The VM.
+    pub vm_id: String,
+    /// Cold: where its disk goes.
+    pub disk_path: Option<std::path::PathBuf>,
+}
+
+/// Moves VMs between this host and the others: off it (jobs), onto it (admission).
 pub trait Mover: Send + Sync {
+    /// Admit the streams (live) or the disk (cold) of `job` from its source; idempotent.
+    fn expect_incoming(&self, job: &IncomingJob) -> Result<(), String>;
+    /// Stop admitting every incoming migration but `ids`.
+    fn keep_incoming(&self, ids: &[String]);
     /// Start job `job` (once per migration id, until [`Mover::forget`]).
     fn begin(&self, job: &OutgoingJob) -> Result<(), String>;
     /// How migration `id` stands; None when this agent never began it (or forgot it).
@@ -46,8 +65,14 @@ pub struct NoMover {
 }
 
 impl Mover for NoMover {
+    fn expect_incoming(&self, _job: &IncomingJob) -> Result<(), String> {
+        Err(NO_CHANNEL.to_string())
+    }
+
+    fn keep_incoming(&self, _ids: &[String]) {}
+
     fn begin(&self, job: &OutgoingJob) -> Result<(), String> {
-        let error = "this host has no migration channel (the controller gave it no certificate: is it a single-host cloud without --listen?)".to_string();
+        let error = NO_CHANNEL.to_string();
         lock(&self.failed).insert(job.id.clone(), failed(&job.id, &error));
         Err(error)
     }
@@ -66,6 +91,8 @@ impl Mover for NoMover {
         lock(&self.failed).keys().cloned().collect()
     }
 }
+
+const NO_CHANNEL: &str = "this host has no migration channel (the controller gave it no certificate, or it has no underlay address: is it a single-host cloud without --listen?)";
 
 /// A failed status with `error`.
 pub fn failed(id: &str, error: &str) -> MigrationObserved {
@@ -92,6 +119,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug, Default)]
 pub struct FakeMover {
     jobs: Mutex<HashMap<String, (OutgoingJob, MigrationObserved)>>,
+    incoming: Mutex<HashMap<String, IncomingJob>>,
     calls: Mutex<Vec<String>>,
     refuse: Mutex<Option<String>>,
 }
@@ -130,7 +158,27 @@ impl FakeMover {
     }
 }
 
+impl FakeMover {
+    /// The incoming migrations admitted now.
+    pub fn incoming(&self) -> Vec<IncomingJob> {
+        lock(&self.incoming).values().cloned().collect()
+    }
+}
+
 impl Mover for FakeMover {
+    fn expect_incoming(&self, job: &IncomingJob) -> Result<(), String> {
+        let mut m = lock(&self.incoming);
+        if !m.contains_key(&job.id) {
+            lock(&self.calls).push(format!("expect {}", job.id));
+            m.insert(job.id.clone(), job.clone());
+        }
+        Ok(())
+    }
+
+    fn keep_incoming(&self, ids: &[String]) {
+        lock(&self.incoming).retain(|id, _| ids.contains(id));
+    }
+
     fn begin(&self, job: &OutgoingJob) -> Result<(), String> {
         lock(&self.calls).push(format!("begin {}", job.id));
         if let Some(e) = lock(&self.refuse).take() {

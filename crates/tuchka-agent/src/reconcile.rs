@@ -30,7 +30,7 @@ use tuchka_host::{
     Accel, Dataplane, DomainInfo, DomainSpec, HostError, Hypervisor, NicSpec, Storage,
 };
 
-use crate::mover::{Mover, OutgoingJob};
+use crate::mover::{IncomingJob, Mover, OutgoingJob};
 use crate::plan::{next_action, observed_state, outgoing_action, Action, OutgoingAction, VmMemory};
 
 /// The side-effect adapters of one host.
@@ -204,9 +204,15 @@ pub fn reconcile(
     let mut report_vms: Vec<VmObserved> = parallel_map(&desired.vms, |want| {
         let domain = domains.get(&want.id);
         let mut o = match &want.migration {
-            Some(VmMigrationDesired::Incoming { id, mode, .. }) => {
-                incoming(parts, want, id, *mode, domain, image_errors)
-            }
+            Some(VmMigrationDesired::Incoming { id, mode, source }) => incoming(
+                parts,
+                want,
+                id,
+                *mode,
+                &source.host_id,
+                domain,
+                image_errors,
+            ),
             Some(VmMigrationDesired::Outgoing {
                 id,
                 mode,
@@ -278,6 +284,15 @@ pub fn reconcile(
             parts.mover.forget(&id);
         }
     }
+    let incoming_ids: Vec<String> = desired
+        .vms
+        .iter()
+        .filter_map(|v| match &v.migration {
+            Some(VmMigrationDesired::Incoming { id, .. }) => Some(id.clone()),
+            _ => None,
+        })
+        .collect();
+    parts.mover.keep_incoming(&incoming_ids);
 
     // The removals the controller named: domains (matched by VM id, never by name alone), then
     // directories.
@@ -446,6 +461,7 @@ fn incoming(
     want: &VmDesired,
     id: &str,
     mode: MigrationMode,
+    source_host_id: &str,
     domain: Option<&DomainInfo>,
     image_errors: &HashMap<String, String>,
 ) -> VmObserved {
@@ -486,7 +502,20 @@ fn incoming(
             }
             Ok(())
         })()
-        .map_err(Failure::from),
+        .map_err(Failure::from)
+        .and_then(|()| {
+            parts
+                .mover
+                .expect_incoming(&IncomingJob {
+                    id: id.to_string(),
+                    mode,
+                    source_host_id: source_host_id.to_string(),
+                    vm_id: want.id.clone(),
+                    disk_path: (mode == MigrationMode::Cold)
+                        .then(|| parts.storage.root_disk_path(&want.id)),
+                })
+                .map_err(|e| Failure::text(format!("cannot admit the migration: {e}")))
+        }),
     };
     let state = match domain {
         Some(d) => observed_state(want, Some(&d.state)),
@@ -1065,6 +1094,10 @@ mod tests {
         assert_eq!(st.disk_mib, Some(1024), "an overlay of the same size");
         assert!(st.seed.is_some());
         assert_eq!(h.hv.count("define"), 0, "libvirt brings the domain");
+        assert_eq!(h.mover.incoming().len(), 1, "its streams are admitted");
+        // Once the migration is over, nothing more is admitted.
+        pass(&h, &desired(vec![vm(PowerState::Running)]), &mut mem);
+        assert!(h.mover.incoming().is_empty());
         assert!(h.dp.network("lan").is_some());
         // Preparing fails (e.g. the disk cannot be made): reported with the cause.
         let h = host();

@@ -14,8 +14,13 @@ use std::time::Duration;
 use thiserror::Error;
 use tuchka_api::agent::{HostDesired, HostRegister, HostRegistered, HostReport};
 use tuchka_client::{Client, ClientError};
+use tuchka_host::channel::{ChannelServer, MigrationAdmission};
+use tuchka_host::metrics::{LoadSample, LoadSampler, VmCpuTime};
 use tuchka_host::{AccelChoice, DirStorage, Libvirt, LinuxDataplane, Storage};
 
+use crate::channel::{ChannelMover, ChannelMoverConfig};
+use crate::identity::Identity;
+use crate::mover::{Mover, NoMover};
 use crate::reconcile::{reconcile, HostParts, Memory};
 
 /// How an agent is set up.
@@ -31,8 +36,13 @@ pub struct AgentConfig {
     pub accel: AccelChoice,
     /// Join token (empty for the local agent on the unix socket).
     pub join_token: String,
-    /// Underlay address other hosts reach this one on (VXLAN); empty for a single-host cloud.
+    /// Underlay address other hosts reach this one on (VXLAN, migrations); empty for a
+    /// single-host cloud.
     pub address: String,
+    /// TCP port of the migration channel (on `address`; 0: none).
+    pub channel_port: u16,
+    /// Where the migration channel's unix sockets live (the same path on every host).
+    pub run_dir: PathBuf,
 }
 
 /// Setup failures; everything after setup is retried instead.
@@ -41,6 +51,9 @@ pub enum AgentError {
     /// The host adapters could not be opened.
     #[error("agent setup failed")]
     Host(#[from] tuchka_host::HostError),
+    /// The host's identity could not be read or kept.
+    #[error("agent identity")]
+    Identity(#[from] crate::identity::IdentityError),
     /// A worker thread died.
     #[error("agent worker failed: {0}")]
     Join(String),
@@ -103,24 +116,54 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         tracing::info!("guests use KVM: {accel_reason}");
     }
     let storage = DirStorage::open(&config.pool)?;
-    let facts = |s: &dyn Storage| tuchka_api::agent::HostFacts {
+    let identity_dir = config.pool.join("identity");
+    let channel_port =
+        (!config.address.is_empty() && config.channel_port > 0).then_some(config.channel_port);
+    let pool_text = config.pool.display().to_string();
+    let facts = |s: &dyn Storage, load: Option<&LoadSample>| tuchka_api::agent::HostFacts {
         address: config.address.clone(),
+        channel_port: channel_port.unwrap_or(0),
+        pool: pool_text.clone(),
+        cpu_usage: load.and_then(|l| l.cpu_usage).unwrap_or(0.0),
         ..tuchka_host::host_facts(s, accel, &accel_reason).unwrap_or_default()
     };
-    let reg = register(&client, &config, facts(&storage)).await?;
+    let mut identity = Identity::load(&identity_dir)?;
+    let reg = join(
+        &client,
+        &config,
+        facts(&storage, None),
+        &mut identity,
+        &identity_dir,
+        channel_port.is_some(),
+    )
+    .await?;
     tracing::info!(host = %config.name, id = %reg.host_id, "agent registered");
+    let hypervisor: Arc<dyn tuchka_host::Hypervisor> =
+        Arc::new(Libvirt::connect(&config.libvirt_uri, &reg.cloud_id)?);
+    let storage: Arc<dyn Storage> = Arc::new(storage);
+    let (mover, _channel_server, channel_port) = channel(
+        &config,
+        identity.as_ref(),
+        channel_port,
+        &reg.cloud_id,
+        &hypervisor,
+        &storage,
+    )
+    .await;
     let parts = Arc::new(HostParts {
-        hypervisor: Arc::new(Libvirt::connect(&config.libvirt_uri, &reg.cloud_id)?),
-        storage: Arc::new(storage),
+        hypervisor,
+        storage,
         dataplane: Arc::new(LinuxDataplane::new(&config.pool, &reg.cloud_id)),
-        mover: Arc::new(crate::mover::NoMover::default()),
+        mover,
         accel,
         cloud_id: reg.cloud_id.clone(),
-        channel_port: None,
+        channel_port,
     });
-    let client = client.with_token(Some(reg.credential.clone()));
+    let mut client = client.clone().with_token(Some(reg.credential.clone()));
     let mut host_id = reg.host_id.clone();
     let memory = Arc::new(Mutex::new(Memory::default()));
+    let sampler = Arc::new(Mutex::new(LoadSampler::new()));
+    let started = std::time::Instant::now();
     let mut after = 0u64;
     let mut backoff = Duration::from_millis(250);
     loop {
@@ -133,8 +176,17 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
                 let e = refused(e, false)?;
                 tracing::warn!(error = %e, "cannot fetch desired state; retrying");
                 if e.status() == Some(404) || e.status() == Some(401) {
-                    let reg = register(&client, &config, facts(parts.storage.as_ref())).await?;
+                    let reg = join(
+                        &client,
+                        &config,
+                        facts(parts.storage.as_ref(), None),
+                        &mut identity,
+                        &identity_dir,
+                        false,
+                    )
+                    .await?;
                     host_id = reg.host_id;
+                    client = client.with_token(Some(reg.credential));
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -143,15 +195,28 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         };
         backoff = Duration::from_millis(250);
         let image_errors = fetch_images(&client, &parts, &desired).await;
-        let (p, m, d) = (parts.clone(), memory.clone(), desired.clone());
-        let pass = tokio::task::spawn_blocking(move || {
+        let (p, m, d, sm) = (
+            parts.clone(),
+            memory.clone(),
+            desired.clone(),
+            sampler.clone(),
+        );
+        let (pass, load) = tokio::task::spawn_blocking(move || {
+            let load = sample_load(&p, &sm, started.elapsed());
+            let cpu: HashMap<String, f64> = load
+                .as_ref()
+                .map(|l| l.vm_cores.clone().into_iter().collect())
+                .unwrap_or_default();
             let mut mem = m.lock().unwrap_or_else(|p| p.into_inner());
-            reconcile(&p, &d, &mut mem, &image_errors, &HashMap::new())
+            (reconcile(&p, &d, &mut mem, &image_errors, &cpu), load)
         })
         .await
         .map_err(|e| AgentError::Join(e.to_string()))?;
         let mut report: HostReport = pass.report;
-        report.facts = facts(parts.storage.as_ref());
+        report.facts = facts(parts.storage.as_ref(), load.as_ref());
+        if let Some(l) = &load {
+            report.facts.memory_in_use_mib = l.memory_in_use_mib;
+        }
         if let Err(e) = client
             .post_empty(&format!("/v1/agent/hosts/{host_id}/report"), &report)
             .await
@@ -168,18 +233,165 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
     }
 }
 
+/// The host's load now (CPU and memory, each VM's CPU), from /proc and libvirt; None on the
+/// first sample or when they cannot be read.
+fn sample_load(
+    parts: &HostParts,
+    sampler: &Mutex<LoadSampler>,
+    at: Duration,
+) -> Option<LoadSample> {
+    let host = tuchka_host::metrics::read_host_counters().ok()?;
+    let vms: Vec<VmCpuTime> = parts
+        .hypervisor
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| VmCpuTime {
+            vm_id: d.vm_id,
+            cpu_time_ns: d.cpu_time_ns,
+        })
+        .collect();
+    Some(
+        sampler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sample(at, &host, &vms),
+    )
+}
+
+/// Register with the identity this host keeps (or, the first time, with the join token) and
+/// keep what the controller answers; with `want_certificate`, also get (once) the migration
+/// channel's certificate for a key made here.
+async fn join(
+    client: &Client,
+    config: &AgentConfig,
+    facts: tuchka_api::agent::HostFacts,
+    identity: &mut Option<Identity>,
+    dir: &std::path::Path,
+    want_certificate: bool,
+) -> Result<HostRegistered, AgentError> {
+    let mut reg = register(client, config, facts.clone(), identity.as_ref(), None).await?;
+    let same = identity
+        .as_ref()
+        .is_some_and(|i| i.host_id == reg.host_id && i.credential == reg.credential);
+    if !same {
+        // A first join, or the controller no longer knew us: a new identity, no certificate.
+        *identity = Some(Identity::new(&reg.host_id, &reg.credential));
+    }
+    let Some(id) = identity.as_mut() else {
+        return Ok(reg);
+    };
+    if want_certificate && id.channel().is_none() {
+        match tuchka_pki::create_host_key(&reg.host_id) {
+            Ok(key) => {
+                let r = register(client, config, facts, Some(id), Some(key.csr_pem)).await?;
+                if let (Some(cert), Some(ca)) = (r.certificate_pem.clone(), r.ca_pem.clone()) {
+                    id.key_pem = Some(key.key_pem);
+                    id.cert_pem = Some(cert);
+                    id.ca_pem = Some(ca);
+                    tracing::info!("got the migration channel's certificate");
+                } else {
+                    tracing::warn!("the controller issued no channel certificate (is it started without --listen?): this host cannot take part in migrations");
+                }
+                reg = r;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot make the migration channel's key"),
+        }
+    }
+    id.save(dir)?;
+    Ok(reg)
+}
+
+/// The migration channel of this host: its server on the underlay address, the mover that
+/// sends VMs through the other hosts' channels. Without a certificate, or without an underlay
+/// address, the host has none (and says why when a migration needs it).
+async fn channel(
+    config: &AgentConfig,
+    identity: Option<&Identity>,
+    port: Option<u16>,
+    cloud_id: &str,
+    hypervisor: &Arc<dyn tuchka_host::Hypervisor>,
+    storage: &Arc<dyn Storage>,
+) -> (Arc<dyn Mover>, Option<ChannelServer>, Option<u16>) {
+    let none = || -> (Arc<dyn Mover>, Option<ChannelServer>, Option<u16>) {
+        (Arc::new(NoMover::default()), None, None)
+    };
+    let (Some(port), Some((ca, cert, key))) = (port, identity.and_then(Identity::channel)) else {
+        return none();
+    };
+    let Ok(ip) = config.address.parse::<std::net::IpAddr>() else {
+        tracing::warn!(address = %config.address, "the underlay address is not an IP address: no migration channel");
+        return none();
+    };
+    let configs = tuchka_host::channel::server_config(ca, cert, key)
+        .and_then(|s| Ok((s, tuchka_host::channel::client_config(ca, cert, key)?)));
+    let (server_tls, client_tls) = match configs {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e.chain(), "the migration channel's certificate is unusable: no channel");
+            return none();
+        }
+    };
+    let admission = MigrationAdmission::new(
+        &config.run_dir,
+        cloud_id,
+        &libvirt_socket(&config.libvirt_uri),
+    );
+    let server = match ChannelServer::bind(
+        std::net::SocketAddr::new(ip, port),
+        server_tls,
+        Arc::new(admission.clone()),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e.chain(), "cannot listen for the migration channel: this host cannot take part in migrations");
+            return none();
+        }
+    };
+    let mover = ChannelMover::new(ChannelMoverConfig {
+        rt: tokio::runtime::Handle::current(),
+        tls: client_tls,
+        hypervisor: hypervisor.clone(),
+        storage: storage.clone(),
+        pool: config.pool.clone(),
+        run_dir: config.run_dir.clone(),
+        cloud_id: cloud_id.to_string(),
+        admission,
+    });
+    (Arc::new(mover), Some(server), Some(port))
+}
+
+/// The local libvirtd's socket for libvirt URI `uri` (its `socket=` parameter, else the
+/// system socket).
+pub fn libvirt_socket(uri: &str) -> std::path::PathBuf {
+    uri.split_once('?')
+        .and_then(|(_, q)| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("socket="))
+                .map(std::path::PathBuf::from)
+        })
+        .unwrap_or_else(|| std::path::PathBuf::from(tuchka_host::channel::LIBVIRT_SOCKET))
+}
+
 /// Register until the controller answers; stops at once when it refuses (see [`fatal`]).
 async fn register(
     client: &Client,
     config: &AgentConfig,
     facts: tuchka_api::agent::HostFacts,
+    identity: Option<&Identity>,
+    csr_pem: Option<String>,
 ) -> Result<HostRegistered, AgentError> {
     let req = HostRegister {
         name: config.name.clone(),
         join_token: config.join_token.clone(),
         facts,
-        identity: None,
-        csr_pem: None,
+        identity: identity.map(|i| tuchka_api::agent::HostIdentity {
+            host_id: i.host_id.clone(),
+            credential: i.credential.clone(),
+        }),
+        csr_pem,
     };
     let mut wait = Duration::from_millis(200);
     loop {

@@ -515,14 +515,21 @@ pub fn sign_host_csr(
     csr_pem: &str,
 ) -> std::result::Result<Option<(String, String)>, String> {
     let dir = ctl.config().data_dir.join("tls");
-    let (Ok(Some(_ca)), Ok(Some(_key))) = (
-        read_text(&dir.join("ca.crt")),
-        read_text(&dir.join("ca.key")),
-    ) else {
+    let read = |f: &str| read_text(&dir.join(f)).map_err(|e| e.to_string());
+    let (Some(ca), Some(key)) = (read("ca.crt")?, read("ca.key")?) else {
         return Ok(None);
     };
-    let _ = (host_id, csr_pem);
-    Ok(None)
+    let cert = tuchka_pki::sign_host_csr(&ca, &key, host_id, csr_pem, std::time::SystemTime::now())
+        .map_err(|e| {
+            let mut text = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                text += &format!(": {c}");
+                cur = c.source();
+            }
+            text
+        })?;
+    Ok(Some((cert.cert_pem, ca)))
 }
 
 #[cfg(test)]

@@ -267,6 +267,7 @@ impl Hypervisor for FakeHypervisor {
                 name: name.clone(),
                 vm_id: d.spec.vm_id.clone(),
                 state: d.state.clone(),
+                cpu_time_ns: 0,
             })
             .collect())
     }

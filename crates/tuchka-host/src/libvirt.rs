@@ -80,6 +80,8 @@ pub struct DomainInfo {
     pub vm_id: String,
     /// Power state.
     pub state: DomainState,
+    /// CPU time the guest used so far, ns (0 when not running).
+    pub cpu_time_ns: u64,
 }
 
 /// Domains of one cloud on one host. Synchronous: call from a blocking thread.
@@ -338,6 +340,7 @@ impl Hypervisor for Libvirt {
                     name,
                     vm_id,
                     state: DomainState::from_libvirt(state),
+                    cpu_time_ns: dom.get_info().map(|i| i.cpu_time).unwrap_or(0),
                 });
             }
             out.sort_by(|a, b| a.name.cmp(&b.name));

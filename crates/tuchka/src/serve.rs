@@ -215,6 +215,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .filter(|ip| !ip.is_unspecified())
                 .map(|ip| ip.to_string())
                 .unwrap_or_default(),
+            channel_port: args.channel_port,
+            run_dir: PathBuf::from(tuchka_host::channel::DEFAULT_RUN_DIR),
         };
         let client = Client::new(Endpoint::Unix(sock.clone()));
         tokio::spawn(async move {
@@ -247,6 +249,8 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             Some(a) => a.to_string(),
             None => local_address_towards(&args.controller).unwrap_or_default(),
         },
+        channel_port: args.channel_port,
+        run_dir: absolute(&args.run_dir)?,
     };
     let client = Client::new(Endpoint::Http {
         url: args.controller.clone(),
