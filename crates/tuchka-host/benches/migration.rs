@@ -13,7 +13,6 @@
 //! hosts as the agents' migration helper (tests/mighelper).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 #[path = "../tests/mighelper/mod.rs"]
 mod mighelper;
