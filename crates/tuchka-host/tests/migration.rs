@@ -61,6 +61,11 @@ fn live_migration_through_the_channel_keeps_the_guest_running_and_paused_stays_p
     let r = rig.migrate(0, 1, "0a1b2c3d-live-1", &vm, None, None);
     assert!(r.ok, "migration failed: {r:?}");
     assert!(r.progress_reports >= 1, "{r:?}");
+    assert_eq!(
+        r.downtime_limit_ms,
+        Some(mighelper::rig::DOWNTIME_LIMIT_MS),
+        "the downtime limit reached the job: {r:?}"
+    );
     assert!(
         r.dir_removed,
         "the tunnel's socket directory is left: {r:?}"
