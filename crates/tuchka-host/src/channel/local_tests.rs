@@ -103,10 +103,10 @@ async fn a_tunnel_relays_streams_and_a_cut_closes_them() {
     .await
     .expect("bind");
 
+    let src_paths = MigrationPaths::new(&src_run, CLOUD, "m1").expect("paths");
     let tunnel = Tunnel::open(
         TunnelConfig {
-            run_dir: src_run.clone(),
-            cloud_id: CLOUD.into(),
+            paths: src_paths.clone(),
             migration_id: "m1".into(),
             target: Peer {
                 host_id: "dst".into(),
@@ -118,11 +118,6 @@ async fn a_tunnel_relays_streams_and_a_cut_closes_them() {
     )
     .await
     .expect("tunnel");
-    let src_paths = tunnel.paths().clone();
-    assert_eq!(
-        src_paths,
-        MigrationPaths::new(&src_run, CLOUD, "m1").expect("paths")
-    );
 
     assert_eq!(
         round_trip(&src_paths.libvirt, b"hello libvirt")

@@ -10,7 +10,6 @@
 //! failed. [`Tunnel::cut`] (or dropping the tunnel) stops listening, closes every connection
 //! and removes the directory: that is how a migration is aborted.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -34,11 +33,8 @@ const MAX_PROBLEMS: usize = 16;
 /// What a tunnel needs.
 #[derive(Debug, Clone)]
 pub struct TunnelConfig {
-    /// The agent's run directory ([`super::DEFAULT_RUN_DIR`]); the sockets go under it
-    /// ([`MigrationPaths`], the same paths as on the target).
-    pub run_dir: PathBuf,
-    /// The cloud id.
-    pub cloud_id: String,
+    /// The migration's sockets (same paths as on the target).
+    pub paths: MigrationPaths,
     /// The migration id (sent in every header).
     pub migration_id: String,
     /// The target host.
@@ -154,7 +150,6 @@ impl TunnelHandle {
 #[derive(Debug)]
 pub struct Tunnel {
     config: TunnelConfig,
-    paths: MigrationPaths,
     handle: TunnelHandle,
 }
 
@@ -166,8 +161,13 @@ impl Tunnel {
         config: TunnelConfig,
         tls: Arc<rustls::ClientConfig>,
     ) -> Result<Tunnel, ChannelError> {
-        let paths = MigrationPaths::new(&config.run_dir, &config.cloud_id, &config.migration_id)?;
-        paths::prepare_dir(&paths, Side::Source, config.qemu_gid)?;
+        if !super::proto::is_channel_id(&config.migration_id) {
+            return Err(ChannelError::invalid(
+                format!("migration {:?}", config.migration_id),
+                "not a valid migration id",
+            ));
+        }
+        paths::prepare_dir(&config.paths, Side::Source, config.qemu_gid)?;
         let stop = CancellationToken::new();
         let stats = Arc::new(TunnelStats::default());
         let handle = TunnelHandle {
@@ -176,12 +176,11 @@ impl Tunnel {
         };
         let tunnel = Tunnel {
             config: config.clone(),
-            paths: paths.clone(),
             handle,
         };
         // From here on, an error drops `tunnel`, which removes what was made.
         for kind in [StreamKind::Libvirt, StreamKind::Memory, StreamKind::Disk] {
-            let Some(path) = paths.socket(kind) else {
+            let Some(path) = config.paths.socket(kind) else {
                 continue;
             };
             let listener = UnixListener::bind(path).map_err(|source| ChannelError::Io {
@@ -202,15 +201,15 @@ impl Tunnel {
         tracing::info!(
             migration = %config.migration_id,
             target = %config.target,
-            dir = %paths.dir.display(),
+            dir = %config.paths.dir.display(),
             "migration tunnel open"
         );
         Ok(tunnel)
     }
 
-    /// The migration's sockets (for [`crate::LiveMigration::through`]).
+    /// The migration's sockets.
     pub fn paths(&self) -> &MigrationPaths {
-        &self.paths
+        &self.config.paths
     }
 
     /// The target host.
@@ -242,7 +241,7 @@ impl Tunnel {
 impl Drop for Tunnel {
     fn drop(&mut self) {
         self.handle.stop.cancel();
-        if let Err(e) = paths::remove_dir(&self.paths) {
+        if let Err(e) = paths::remove_dir(&self.config.paths) {
             tracing::warn!(error = %e, "cannot clean up the migration tunnel");
         }
     }

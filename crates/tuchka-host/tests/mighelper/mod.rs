@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tuchka_host::channel::{
-    self, ChannelRequest, ChannelServer, Incoming, MigrationAdmission, Peer, Tunnel, TunnelConfig,
-    LIBVIRT_SOCKET,
+    self, ChannelRequest, ChannelServer, Incoming, MigrationAdmission, MigrationPaths, Peer,
+    Tunnel, TunnelConfig, LIBVIRT_SOCKET,
 };
 use tuchka_host::{migrate_through, retarget_domain_xml, Hypervisor, Libvirt, LiveMigration};
 
@@ -311,11 +311,11 @@ fn migrate(rt: &tokio::runtime::Runtime, role: Role) {
         return;
     };
     let mut result = MigrateResult::default();
+    let paths = MigrationPaths::new(&run_dir, &cloud_id, &migration_id).expect("paths");
     let tunnel = rt
         .block_on(Tunnel::open(
             TunnelConfig {
-                run_dir: run_dir.clone(),
-                cloud_id: cloud_id.clone(),
+                paths: paths.clone(),
                 migration_id: migration_id.clone(),
                 target: target.peer(),
                 qemu_gid: channel::qemu_gid(),
@@ -323,7 +323,6 @@ fn migrate(rt: &tokio::runtime::Runtime, role: Role) {
             identity.client(),
         ))
         .expect("open the tunnel");
-    let paths = tunnel.paths().clone();
     let hv = Libvirt::connect("qemu:///system", &cloud_id).expect("libvirt of this host");
     let xml = hv.migratable_xml(&domain).expect("migratable xml");
     let dest_xml = retarget_domain_xml(&xml, &from_pool, &to_pool).expect("retarget");
