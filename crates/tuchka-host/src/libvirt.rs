@@ -532,6 +532,7 @@ impl Hypervisor for Libvirt {
             uri: Some(m.memory_uri.clone()),
             disks_uri: Some(m.disks_uri.clone()),
             dest_xml: Some(m.dest_xml.clone()),
+            persist_xml: Some(m.persist_xml.clone().unwrap_or_else(|| m.dest_xml.clone())),
             migrate_disks: m.disks.clone(),
             bandwidth: m.bandwidth_mib_s,
             ..Default::default()

@@ -42,6 +42,10 @@ pub struct LiveMigration {
     pub disks_uri: String,
     /// The domain XML for the destination ([`retarget_domain_xml`] of the migratable XML).
     pub dest_xml: String,
+    /// The persistent definition the destination keeps (`PERSIST_DEST`); `None`: the same as
+    /// `dest_xml`. Without it libvirt would persist the *source's* definition, with the
+    /// source's paths (measured), which breaks the next boot wherever the pools differ.
+    pub persist_xml: Option<String>,
     /// The disks to copy (their targets, e.g. `vda`).
     pub disks: Vec<String>,
     /// Longest pause allowed at the switch-over (QEMU's default, 300 ms, when `None`).
@@ -64,6 +68,7 @@ impl LiveMigration {
             memory_uri: paths.memory_uri(),
             disks_uri: paths.disks_uri(),
             dest_xml,
+            persist_xml: None,
             disks: vec![ROOT_DISK_TARGET.to_string()],
             max_downtime: None,
             auto_converge: true,
@@ -102,6 +107,13 @@ impl LiveMigration {
             if v.contains('\0') {
                 return Err(format!("{what} contains a NUL byte"));
             }
+        }
+        if self
+            .persist_xml
+            .as_deref()
+            .is_some_and(|x| x.is_empty() || x.contains('\0'))
+        {
+            return Err("persistent XML is empty or contains a NUL byte".to_string());
         }
         if self.disks.is_empty() {
             return Err("no disk to copy (a tuchka VM copies vda)".to_string());

@@ -61,12 +61,28 @@ fn live_migration_through_the_channel_keeps_the_guest_running_and_paused_stays_p
     let r = rig.migrate(0, 1, "0a1b2c3d-live-1", &vm, None, None);
     assert!(r.ok, "migration failed: {r:?}");
     assert!(r.progress_reports >= 1, "{r:?}");
+    assert_eq!(
+        r.downtime_limit_ms,
+        Some(mighelper::rig::DOWNTIME_LIMIT_MS),
+        "the downtime limit reached the job: {r:?}"
+    );
     assert!(
         r.dir_removed,
         "the tunnel's socket directory is left: {r:?}"
     );
     assert_eq!(rig.state(1, &vm), Some(DomainState::Running), "runs on h2");
     assert_eq!(rig.state(0, &vm), None, "gone from h1 (UNDEFINE_SOURCE)");
+    // PERSIST_DEST: defined on h2 with h2's paths, so it also boots there later.
+    let inactive = rig
+        .mh
+        .run("h2", &["virsh", "dumpxml", "--inactive", &vm.domain])
+        .expect("persistent definition on h2");
+    let (p1, p2) = (pool(&rig.mh, 0), pool(&rig.mh, 1));
+    assert!(
+        inactive.contains(&p2.display().to_string())
+            && !inactive.contains(&p1.display().to_string()),
+        "the persistent definition on h2 names the wrong pool:\n{inactive}"
+    );
     let downtime = r
         .downtime_ms
         .expect("downtime from the completed job statistics");

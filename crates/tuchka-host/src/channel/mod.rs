@@ -26,6 +26,8 @@
 
 mod admission;
 mod file;
+#[cfg(test)]
+mod local_tests;
 pub mod paths;
 pub mod proto;
 mod server;

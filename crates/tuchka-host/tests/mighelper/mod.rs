@@ -168,6 +168,8 @@ pub struct MigrateResult {
     pub problems: Vec<String>,
     /// Whether the tunnel's directory was gone after the tunnel was dropped.
     pub dir_removed: bool,
+    /// The downtime limit libvirt reported while the job ran (`virsh migrate-getmaxdowntime`).
+    pub downtime_limit_ms: Option<u64>,
 }
 
 /// What the `send` role reports.
@@ -330,14 +332,25 @@ fn migrate(rt: &tokio::runtime::Runtime, role: Role) {
     m.poll_interval = Duration::from_millis(250);
     let handle = tunnel.handle();
     let mut reports = 0u32;
+    let mut limit = None;
     let outcome = migrate_through(&hv, &tunnel, &m, &mut |p| {
         reports += 1;
         say(&format!("PROGRESS {}", p.data_processed));
+        if limit.is_none() {
+            limit = tuchka_host::cmd::run(
+                "virsh",
+                &["-c", "qemu:///system", "migrate-getmaxdowntime", &domain],
+                None,
+            )
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok());
+        }
         if cut_at_bytes.is_some_and(|at| p.data_processed >= at) {
             handle.cut("the test cut the channel mid-copy");
         }
     });
     result.progress_reports = reports;
+    result.downtime_limit_ms = limit;
     result.cut = handle.is_cut();
     let stats = tunnel.stats().clone();
     match outcome {

@@ -17,6 +17,8 @@ pub const PORT: u16 = 7443;
 pub const GUEST_MIB: u64 = 256;
 /// The guest prints `TICK <n>` on its console every second (user-data).
 pub const TICKER: &str = "#!/bin/sh\n( i=0; while true; do i=$((i+1)); echo \"TICK $i\"; sleep 1; done ) </dev/null >/dev/console 2>&1 &\n";
+/// The downtime limit the rig asks for (QEMU's default is 300 ms).
+pub const DOWNTIME_LIMIT_MS: u64 = 250;
 pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// The project's test image, built once when missing.
@@ -224,7 +226,7 @@ impl Rig {
             from_pool: pool(&self.mh, from),
             to_pool: pool(&self.mh, to),
             bandwidth_mib_s,
-            max_downtime_ms: Some(300),
+            max_downtime_ms: Some(DOWNTIME_LIMIT_MS),
             cut_at_bytes,
         };
         let file = self.role_file("migrate");
