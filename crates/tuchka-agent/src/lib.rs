@@ -13,4 +13,4 @@ pub mod plan;
 pub mod reconcile;
 pub mod run;
 
-pub use run::{run, AgentConfig};
+pub use run::{run, AgentConfig, LoadSource};

@@ -177,11 +177,30 @@ pub fn reconcile(
         Err(e) => {
             tracing::warn!(error = %e.chain(), "cannot list domains");
             let f = Failure::of(&e);
-            let vms = desired
+            // Every VM says why; a migration this host plays a part in fails with it (the
+            // controller aborts it), and every removal is still to do.
+            let mut vms: Vec<VmObserved> = desired
                 .vms
                 .iter()
-                .map(|v| observed(&v.id, VmState::Error, Some(f.clone())))
+                .map(|v| {
+                    let mut o = observed(&v.id, VmState::Error, Some(f.clone()));
+                    o.migration = match &v.migration {
+                        Some(VmMigrationDesired::Incoming { id, .. }) => {
+                            let mut m = crate::mover::failed(id, &f.message);
+                            m.error_chain = f.chain.clone();
+                            Some(m)
+                        }
+                        Some(VmMigrationDesired::Outgoing { id, .. }) => parts.mover.status(id),
+                        None => None,
+                    };
+                    o
+                })
                 .collect();
+            vms.extend(desired.removals.iter().map(|r| {
+                let mut o = observed(&r.id, VmState::Stopping, Some(f.clone()));
+                o.domain = true;
+                o
+            }));
             return PassResult {
                 report: HostReport {
                     generation: desired.generation,

@@ -43,6 +43,19 @@ pub struct AgentConfig {
     pub channel_port: u16,
     /// Where the migration channel's unix sockets live (the same path on every host).
     pub run_dir: PathBuf,
+    /// Where the host's load figures come from.
+    pub load_source: LoadSource,
+}
+
+/// Where an agent reads the host load it reports for the balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadSource {
+    /// The kernel's: CPU from `/proc/stat`, memory from `/proc/meminfo` (real hosts).
+    #[default]
+    Proc,
+    /// The VMs': CPU is what this host's domains used (libvirt), memory what they were given —
+    /// for simulated hosts that share one kernel, whose `/proc` shows the whole machine.
+    Vms,
 }
 
 /// Setup failures; everything after setup is retried instead.
@@ -216,6 +229,16 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         report.facts = facts(parts.storage.as_ref(), load.as_ref());
         if let Some(l) = &load {
             report.facts.memory_in_use_mib = l.memory_in_use_mib;
+            if config.load_source == LoadSource::Vms {
+                let cpus = f64::from(report.facts.cpus.max(1));
+                report.facts.cpu_usage = (l.vm_cores.values().sum::<f64>() / cpus).min(1.0);
+                report.facts.memory_in_use_mib = desired
+                    .vms
+                    .iter()
+                    .filter(|v| v.power != tuchka_api::PowerState::Stopped)
+                    .map(|v| v.memory_mib)
+                    .sum();
+            }
         }
         if let Err(e) = client
             .post_empty(&format!("/v1/agent/hosts/{host_id}/report"), &report)

@@ -129,6 +129,28 @@ pub struct AgentArgs {
     /// Where the migration channel's unix sockets live (must be the same path on every host).
     #[arg(long, default_value = "/run/tuchka", value_name = "DIR")]
     pub run_dir: PathBuf,
+    /// Where the host load reported for the balancer comes from: `proc` (/proc/stat and
+    /// /proc/meminfo) or `vms` (what this host's VMs use: for simulated hosts sharing a kernel).
+    #[arg(long, value_enum, default_value_t = LoadSourceArg::Proc)]
+    pub load_source: LoadSourceArg,
+}
+
+/// `--load-source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoadSourceArg {
+    /// /proc/stat and /proc/meminfo.
+    Proc,
+    /// This host's VMs (libvirt).
+    Vms,
+}
+
+impl From<LoadSourceArg> for tuchka_agent::LoadSource {
+    fn from(a: LoadSourceArg) -> Self {
+        match a {
+            LoadSourceArg::Proc => tuchka_agent::LoadSource::Proc,
+            LoadSourceArg::Vms => tuchka_agent::LoadSource::Vms,
+        }
+    }
 }
 
 fn main() {

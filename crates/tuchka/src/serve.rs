@@ -217,6 +217,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .unwrap_or_default(),
             channel_port: args.channel_port,
             run_dir: PathBuf::from(tuchka_host::channel::DEFAULT_RUN_DIR),
+            load_source: tuchka_agent::LoadSource::Proc,
         };
         let client = Client::new(Endpoint::Unix(sock.clone()));
         tokio::spawn(async move {
@@ -251,6 +252,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         },
         channel_port: args.channel_port,
         run_dir: absolute(&args.run_dir)?,
+        load_source: args.load_source.into(),
     };
     let client = Client::new(Endpoint::Http {
         url: args.controller.clone(),

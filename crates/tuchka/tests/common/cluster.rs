@@ -98,6 +98,11 @@ impl Cluster {
 
     /// See the module docs.
     pub fn start_agent(&mut self, host: &str) {
+        self.start_agent_named(host, host);
+    }
+
+    /// Start the agent of simulated host `host` under the cloud name `name`.
+    pub fn start_agent_named(&mut self, host: &str, name: &str) {
         let mh = self.mh.as_ref().expect("harness");
         let h = mh.host(host).expect("host");
         let pool = mh.dir().join(host).join("tuchka-pool");
@@ -118,9 +123,12 @@ impl Cluster {
         ])
         .args([
             "--host-name",
-            host,
+            name,
             "--accel",
             "tcg",
+            // The simulated hosts share one kernel: their /proc shows the whole machine.
+            "--load-source",
+            "vms",
             "--address",
             &h.fabric_ip.to_string(),
             "--pool",
@@ -184,11 +192,15 @@ impl Cluster {
             "agent-h2.log",
             "agent-h3.log",
         ] {
+            let lines_wanted = std::env::var("TUCHKA_LOG_LINES")
+                .ok()
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(15);
             let text = std::fs::read_to_string(self.mh().dir().join(f)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             s += &format!(
                 "--- {f} (tail) ---\n{}\n",
-                lines[lines.len().saturating_sub(15)..].join("\n")
+                lines[lines.len().saturating_sub(lines_wanted)..].join("\n")
             );
         }
         s
