@@ -320,13 +320,7 @@ pub fn advance(ctl: &Controller, c: &Connection, limits: &Limits) -> Result<bool
             target: target.clone(),
             size_mib,
         };
-        let step = if m.phase == MigrationPhase::Aborting && m.target_cleanup {
-            machine::target_clean(&target, in_phase, limits).unwrap_or(MStep::Wait {
-                message: "the target removes its copy".into(),
-            })
-        } else {
-            machine::decide(&input, limits)
-        };
+        let step = machine::decide(&input, limits);
         let from = s.host_name(&m.source_host);
         let to = s.host_name(&m.target_host);
         let mut message = None;
@@ -411,7 +405,8 @@ pub fn advance(ctl: &Controller, c: &Connection, limits: &Limits) -> Result<bool
                     },
                 )?;
                 m.target_cleanup = true;
-                m.phase_since_unix_ms = now_ms;
+                set_phase(&mut m, MigrationPhase::Failed);
+                m.finished_at = Some(db::now());
                 message = Some(format!("the VM stays on {from}; {to} removes its copy"));
                 changed = true;
             }

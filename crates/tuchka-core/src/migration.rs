@@ -5,14 +5,16 @@
 //! ```text
 //!  preparing ──target prepared──▶ copying ──source completed──▶ (switch over) ─▶ cleaning-up ─▶ done
 //!      │                             │                                              ▲
-//!      └─failure/timeout/host down──┴──▶ aborting ──source still has it, target clean──▶ failed
+//!      └─failure/timeout/host down──┴──▶ aborting ──source still has it──▶ failed (target cleaned)
 //!                                            └──source completed after all──▶ (switch over)
 //! ```
 //!
 //! Safety rules (peers lose data exactly here, see the migration notes): the source's copy of
 //! the VM is never named for removal before the VM runs on the target (live) or its verified disk
 //! is there (cold); the target's copy is named for removal only once the source has reported
-//! that it still holds the VM and no copy is running. A host that stops reporting holds a step
+//! that it still holds the VM and no copy is running. The removal outlives the migration: a
+//! target that cannot act now (its libvirtd down, its agent dead) removes its copy when it can,
+//! and no new migration of the VM goes there before it has. A host that stops reporting holds a step
 //! until it is back; after [`Limits::give_up`] an abort ends as failed without touching the
 //! silent host (what it left is reported as an orphan when it returns).
 
@@ -139,7 +141,9 @@ pub enum Step {
     },
     /// Something failed: tell the source to stop (phase `aborting`).
     Abort(Failure),
-    /// The source confirmed it keeps the VM and no copy runs: name the target's copy for removal.
+    /// The source confirmed it keeps the VM and no copy runs: name the target's copy for
+    /// removal; the migration failed (the target removes its copy whenever it can: at once, or
+    /// when its libvirtd or agent is back).
     CleanTarget,
     /// The abort is complete (or ends anyway): the migration failed.
     Failed {
@@ -156,9 +160,16 @@ fn down(which: &str) -> String {
 fn completed(i: &MigrationInput) -> bool {
     let source_done = i.source.status() == Some(MigrationStatus::Completed);
     match i.mode {
-        // The domain moved: the source lost it and the target has it.
+        // The domain moved: the source lost it and the target has it — once the source's
+        // job is over (libvirt undefines the source before the job returns its statistics), or
+        // when the source has no job any more (its agent restarted after the copy).
         MigrationMode::Live => {
-            source_done || (i.source.up && i.source.reported && !i.source.domain && i.target.domain)
+            source_done
+                || (i.source.up
+                    && i.source.reported
+                    && !i.source.domain
+                    && i.target.domain
+                    && i.source.status() != Some(MigrationStatus::Running))
         }
         // The receiver verified the disk, then the source said so.
         MigrationMode::Cold => source_done,
@@ -289,21 +300,6 @@ pub fn decide(i: &MigrationInput, limits: &Limits) -> Step {
     }
 }
 
-/// After [`Step::CleanTarget`]: the target no longer has the VM, so the abort is complete.
-pub fn target_clean(target: &Side, in_phase: Duration, limits: &Limits) -> Option<Step> {
-    if target.up && !target.reported {
-        return Some(Step::Failed { note: None });
-    }
-    if !target.up && in_phase > limits.give_up {
-        return Some(Step::Failed {
-            note: Some(
-                "the target host is silent: it removes its copy when it is back".to_string(),
-            ),
-        });
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,6 +374,19 @@ mod tests {
         gone.reported = false;
         let i = input(CleaningUp, gone, side(true, None));
         assert_eq!(decide(&i, &L), Step::Done { note: None });
+    }
+
+    #[test]
+    fn a_running_job_is_waited_for_even_once_the_domain_left() {
+        let i = input(
+            MigrationPhase::Copying,
+            side(false, Some(MigrationStatus::Running)),
+            side(true, None),
+        );
+        assert!(
+            matches!(decide(&i, &L), Step::Wait { .. }),
+            "its statistics are still to come"
+        );
     }
 
     #[test]
@@ -462,17 +471,6 @@ mod tests {
             side(false, Some(S::Prepared)),
         );
         assert_eq!(decide(&i, &L), Step::CleanTarget);
-        // the target has removed it: failed
-        let mut t = side(false, None);
-        t.reported = false;
-        assert_eq!(
-            target_clean(&t, Duration::from_secs(1), &L),
-            Some(Step::Failed { note: None })
-        );
-        assert_eq!(
-            target_clean(&side(false, None), Duration::from_secs(1), &L),
-            None
-        );
         // the copy finished before the abort reached the source: it is a success after all
         let i = input(Aborting, side(false, Some(S::Completed)), side(true, None));
         assert_eq!(decide(&i, &L), Step::SwitchOver);
