@@ -156,12 +156,15 @@ pub fn reconcile(
     cpu: &HashMap<String, f64>,
 ) -> PassResult {
     let mut settled = true;
-    if let Err(e) = parts
-        .dataplane
-        .ensure_underlay(&underlay(desired, parts.channel_port))
-    {
-        tracing::warn!(error = %e.chain(), "host firewall for the channel and VXLAN not converged");
-        settled = false;
+    // A host of a single-host cloud (no channel, no peers) leaves its host firewall alone.
+    if parts.channel_port.is_some() || !desired.peers.is_empty() {
+        if let Err(e) = parts
+            .dataplane
+            .ensure_underlay(&underlay(desired, parts.channel_port))
+        {
+            tracing::warn!(error = %e.chain(), "host firewall for the channel and VXLAN not converged");
+            settled = false;
+        }
     }
     let mut net_errors: HashMap<String, Failure> = HashMap::new();
     for n in &desired.networks {

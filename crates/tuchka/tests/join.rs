@@ -229,6 +229,8 @@ impl Drop for Site {
             stop(a);
         }
         self.stop_serve();
+        // The agent ran on this machine's namespace: its host firewall table goes too.
+        common::remove_cloud_table(&self.dir);
         if std::env::var_os("TUCHKA_KEEP_TEST_DIR").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -409,6 +411,8 @@ fn hosts_join_over_tls_with_a_join_token_and_a_pinned_fingerprint() {
         site.join_parts().1,
         rotated["token"].as_str().expect("token")
     );
+    // A host with its identity needs no token; a new machine with the old token is refused.
+    std::fs::remove_dir_all(site.dir.join("pool/identity")).expect("a new machine");
     let old = site.spawn_agent(&name, &token, &fingerprint);
     assert!(!site.agent_exit(old, Duration::from_secs(60)).success());
     assert!(

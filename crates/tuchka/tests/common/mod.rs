@@ -348,7 +348,10 @@ impl Drop for Cloud {
         for b in self.bridges.borrow().iter() {
             let _ = Command::new("ip").args(["link", "del", b]).output();
         }
-        // The cloud's firewall table (inet tk_<cloud8>) if it still names one of our bridges.
+        // The cloud's firewall table (inet tk_<cloud8>): ours by the cloud id in our database
+        // (it also holds the host's underlay chain, with or without networks), or because it
+        // still names one of our bridges.
+        remove_cloud_table(&self.dir);
         let tables = Command::new("nft")
             .args(["list", "tables"])
             .output()
@@ -576,6 +579,20 @@ impl Drop for Outside {
 
 /// user-data: every 2 s, probe each target (`tcp:ADDR[:PORT]` → HTTP GET, `icmp:ADDR` → ping)
 /// and print the results on the serial console.
+/// Delete the firewall table (`inet tk_<cloud8>`) of the cloud whose controller data directory
+/// is `data_dir`, if it exists in this network namespace.
+pub fn remove_cloud_table(data_dir: &Path) {
+    let Ok(id) =
+        tuchka_store::Store::open(&data_dir.join("state.db")).and_then(|mut s| s.cloud_id())
+    else {
+        return;
+    };
+    let table = format!("tk_{}", tuchka_core::names::cloud8(&id));
+    let _ = Command::new("nft")
+        .args(["delete", "table", "inet", &table])
+        .output();
+}
+
 pub fn probe_script(targets: &[String]) -> String {
     format!(
         r#"#!/bin/sh
