@@ -72,10 +72,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn running(id: &str) -> MigrationObserved {
-    let mut o = failed(id, "");
-    o.status = MigrationStatus::Running;
-    o.error = None;
-    o
+    MigrationObserved::new(id, MigrationStatus::Running)
 }
 
 fn failure(id: &str, f: Failure) -> MigrationObserved {

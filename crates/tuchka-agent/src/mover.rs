@@ -97,16 +97,8 @@ const NO_CHANNEL: &str = "this host has no migration channel (the controller gav
 /// A failed status with `error`.
 pub fn failed(id: &str, error: &str) -> MigrationObserved {
     MigrationObserved {
-        id: id.to_string(),
-        status: MigrationStatus::Failed,
-        copied_bytes: 0,
-        remaining_bytes: 0,
-        mib_per_s: 0.0,
-        total_ms: None,
-        downtime_ms: None,
-        bytes: None,
         error: Some(error.to_string()),
-        error_chain: vec![],
+        ..MigrationObserved::new(id, MigrationStatus::Failed)
     }
 }
 
@@ -185,9 +177,7 @@ impl Mover for FakeMover {
             lock(&self.jobs).insert(job.id.clone(), (job.clone(), failed(&job.id, &e)));
             return Err(e);
         }
-        let mut o = failed(&job.id, "");
-        o.status = MigrationStatus::Running;
-        o.error = None;
+        let o = MigrationObserved::new(&job.id, MigrationStatus::Running);
         lock(&self.jobs).insert(job.id.clone(), (job.clone(), o));
         Ok(())
     }

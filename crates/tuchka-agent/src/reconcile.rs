@@ -488,16 +488,9 @@ fn incoming(
     image_errors: &HashMap<String, String>,
 ) -> VmObserved {
     let status = |status: MigrationStatus, error: Option<Failure>| MigrationObserved {
-        id: id.to_string(),
-        status,
-        copied_bytes: 0,
-        remaining_bytes: 0,
-        mib_per_s: 0.0,
-        total_ms: None,
-        downtime_ms: None,
-        bytes: None,
         error_chain: error.as_ref().map(|f| f.chain.clone()).unwrap_or_default(),
         error: error.map(|f| f.message),
+        ..MigrationObserved::new(id, status)
     };
     let prepared = match image_errors.get(&want.image_sha256) {
         Some(why) => Err(Failure::text(format!(
@@ -589,18 +582,12 @@ fn outgoing(
     };
     let mut o = observed(&want.id, state, None);
     o.domain = domain.is_some();
-    o.migration = Some(parts.mover.status(&job.id).unwrap_or(MigrationObserved {
-        id: job.id.clone(),
-        status: MigrationStatus::Idle,
-        copied_bytes: 0,
-        remaining_bytes: 0,
-        mib_per_s: 0.0,
-        total_ms: None,
-        downtime_ms: None,
-        bytes: None,
-        error: None,
-        error_chain: vec![],
-    }));
+    o.migration = Some(
+        parts
+            .mover
+            .status(&job.id)
+            .unwrap_or_else(|| MigrationObserved::new(&job.id, MigrationStatus::Idle)),
+    );
     o
 }
 

@@ -462,6 +462,24 @@ pub struct MigrationObserved {
     pub error_chain: Vec<String>,
 }
 
+impl MigrationObserved {
+    /// Migration `id` in `status`, with no figures yet.
+    pub fn new(id: &str, status: MigrationStatus) -> Self {
+        MigrationObserved {
+            id: id.to_string(),
+            status,
+            copied_bytes: 0,
+            remaining_bytes: 0,
+            mib_per_s: 0.0,
+            total_ms: None,
+            downtime_ms: None,
+            bytes: None,
+            error: None,
+            error_chain: vec![],
+        }
+    }
+}
+
 /// Observed state of one network on a host.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct NetworkObserved {

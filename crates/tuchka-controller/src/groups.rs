@@ -247,7 +247,7 @@ fn add_vms(
 
 /// `group create`: all VMs placed and addressed in one transaction, or nothing.
 pub fn create(ctl: &Controller, req: GroupCreate) -> Result<Operation> {
-    let op = ctl.db().atomic(|c| {
+    operations::start(ctl, |c| {
         let (img, disk_mib, policy) = check(c, &req)?;
         if db::group(c, &req.name)?.is_some() {
             return Err(Error::conflict(
@@ -284,11 +284,8 @@ pub fn create(ctl: &Controller, req: GroupCreate) -> Result<Operation> {
             req.count,
             &format!("starting {} VMs", req.count),
         );
-        operations::record(c, &op)?;
-        Ok::<_, Error>(op)
-    })?;
-    operations::announce(ctl, &op.op);
-    Ok(op.op)
+        Ok(op)
+    })
 }
 
 /// `group scale`: up adds the next indexes; down removes the highest.
@@ -299,7 +296,7 @@ pub fn scale(ctl: &Controller, name: &str, req: GroupScale) -> Result<Operation>
             format!("count {} is out of range: use 0 to {MAX_COUNT}", req.count),
         ));
     }
-    let op = ctl.db().atomic(|c| {
+    operations::start(ctl, |c| {
         let g = db::group(c, name)?.ok_or_else(|| Error::not_found("group", "group", name))?;
         if g.deleting {
             return Err(Error::conflict(
@@ -352,16 +349,13 @@ pub fn scale(ctl: &Controller, name: &str, req: GroupScale) -> Result<Operation>
             total,
             &format!("scaling from {} to {}", live.len(), req.count),
         );
-        operations::record(c, &op)?;
-        Ok::<_, Error>(op)
-    })?;
-    operations::announce(ctl, &op.op);
-    Ok(op.op)
+        Ok(op)
+    })
 }
 
 /// `group rm`: every VM, disk, seed and address goes.
 pub fn delete(ctl: &Controller, name: &str) -> Result<Operation> {
-    let op = ctl.db().atomic(|c| {
+    operations::start(ctl, |c| {
         let g = db::group(c, name)?.ok_or_else(|| Error::not_found("group", "group", name))?;
         let vms = db::group_vms(c, name)?;
         crate::vms::refuse_while_migrating(c, &vms, "remove the group")?;
@@ -378,11 +372,8 @@ pub fn delete(ctl: &Controller, name: &str) -> Result<Operation> {
             vms.len() as u32,
             "removing VMs",
         );
-        operations::record(c, &op)?;
-        Ok::<_, Error>(op)
-    })?;
-    operations::announce(ctl, &op.op);
-    Ok(op.op)
+        Ok(op)
+    })
 }
 
 /// The failure of a VM its host reported, with its causes.

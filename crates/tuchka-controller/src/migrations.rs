@@ -55,7 +55,7 @@ fn refuse(code: &'static str, message: impl Into<String>) -> Refusal {
 /// `vm migrate`: move VM `name` (live if it runs or is paused, cold if it is stopped) to
 /// `req.to` or where the scheduler puts it.
 pub fn start(ctl: &Controller, name: &str, req: VmMigrate) -> Result<Operation> {
-    let op = ctl.db().atomic(|c| {
+    operations::start(ctl, |c| {
         let s = ctl.snapshot(c)?;
         let v = s
             .vms
@@ -73,11 +73,16 @@ pub fn start(ctl: &Controller, name: &str, req: VmMigrate) -> Result<Operation> 
             ),
             None => None,
         };
-        let op = start_in(ctl, c, &s, v, target.as_deref(), None, "asked for")?;
-        Ok::<_, Error>(op)
-    })?;
-    operations::announce(ctl, &op.op);
-    Ok(op.op)
+        Ok(start_in(
+            ctl,
+            c,
+            &s,
+            v,
+            target.as_deref(),
+            None,
+            "asked for",
+        )?)
+    })
 }
 
 /// Record a migration of `v` inside the caller's transaction (`target` None: the scheduler

@@ -86,7 +86,7 @@ pub fn create(ctl: &Controller, req: NetworkCreate) -> Result<Operation> {
         .as_deref()
         .map(|g| check_gateway(&cidr, g))
         .transpose()?;
-    let op = ctl.db().atomic(|c| {
+    operations::start(ctl, |c| {
         if db::network(c, &req.name)?.is_some() {
             return Err(Error::conflict(
                 "NetworkExists",
@@ -129,11 +129,8 @@ pub fn create(ctl: &Controller, req: NetworkCreate) -> Result<Operation> {
             1,
             "creating bridge and DHCP",
         );
-        operations::record(c, &op)?;
-        Ok::<_, Error>(op)
-    })?;
-    operations::announce(ctl, &op.op);
-    Ok(op.op)
+        Ok(op)
+    })
 }
 
 /// A gateway given by the user must be a usable address of the network that VMs do not get.
@@ -180,7 +177,7 @@ fn pick_gateway_host(s: &Snapshot) -> Result<String> {
 
 /// `net rm`: refused while VMs use it.
 pub fn delete(ctl: &Controller, name: &str) -> Result<Operation> {
-    let op = ctl.db().atomic(|c| {
+    operations::start(ctl, |c| {
         let mut n =
             db::network(c, name)?.ok_or_else(|| Error::not_found("network", "net", name))?;
         let s = ctl.snapshot(c)?;
@@ -215,11 +212,8 @@ pub fn delete(ctl: &Controller, name: &str) -> Result<Operation> {
             1,
             "removing bridge and DHCP",
         );
-        operations::record(c, &op)?;
-        Ok::<_, Error>(op)
-    })?;
-    operations::announce(ctl, &op.op);
-    Ok(op.op)
+        Ok(op)
+    })
 }
 
 /// How a `net.create` / `net.delete` operation stands.

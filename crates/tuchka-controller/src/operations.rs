@@ -63,6 +63,19 @@ pub fn new_op(kind: OpKind, target: &str, total: u32, message: &str) -> OpRow {
     }
 }
 
+/// Start an operation: `f` checks, changes what it must and returns the operation, all in one
+/// transaction with the operation's record; once committed, the agents wake and the start is
+/// published. Nothing is changed when `f` fails.
+pub fn start(ctl: &Controller, f: impl FnOnce(&Connection) -> Result<OpRow>) -> Result<Operation> {
+    let op = ctl.db().atomic(|c| {
+        let op = f(c)?;
+        record(c, &op)?;
+        Ok::<_, Error>(op)
+    })?;
+    announce(ctl, &op.op);
+    Ok(op.op)
+}
+
 /// Store a new operation; wake the agents and tell the world once the caller's transaction is
 /// committed (see [`announce`]).
 pub fn record(c: &Connection, op: &OpRow) -> Result<()> {

@@ -131,7 +131,7 @@ impl VmAction {
 
 /// Ask a VM to change power state.
 pub fn action(ctl: &Controller, name: &str, action: VmAction, stop: VmStop) -> Result<Operation> {
-    let op = ctl.db().atomic(|c| {
+    operations::start(ctl, |c| {
         let mut v = db::vm(c, name)?.ok_or_else(|| Error::not_found("vm", "vm", name))?;
         if v.deleting {
             return Err(Error::conflict(
@@ -204,16 +204,13 @@ pub fn action(ctl: &Controller, name: &str, action: VmAction, stop: VmStop) -> R
         v.error = None;
         v.error_chain.clear();
         db::update_vm(c, &v)?;
-        operations::record(c, &op)?;
-        Ok::<_, Error>(op)
-    })?;
-    operations::announce(ctl, &op.op);
-    Ok(op.op)
+        Ok(op)
+    })
 }
 
 /// `vm rm`: removes one VM; its group shrinks by one.
 pub fn delete(ctl: &Controller, name: &str) -> Result<Operation> {
-    let op = ctl.db().atomic(|c| {
+    operations::start(ctl, |c| {
         let mut v = db::vm(c, name)?.ok_or_else(|| Error::not_found("vm", "vm", name))?;
         refuse_while_migrating(c, std::slice::from_ref(&v), "remove it")?;
         v.deleting = true;
@@ -230,11 +227,8 @@ pub fn delete(ctl: &Controller, name: &str) -> Result<Operation> {
             1,
             "removing",
         );
-        operations::record(c, &op)?;
-        Ok::<_, Error>(op)
-    })?;
-    operations::announce(ctl, &op.op);
-    Ok(op.op)
+        Ok(op)
+    })
 }
 
 /// The serial console log of a VM on the local host.

@@ -306,20 +306,13 @@ mod tests {
 
     fn obs(status: MigrationStatus) -> Option<MigrationObserved> {
         Some(MigrationObserved {
-            id: "m".into(),
-            status,
-            copied_bytes: 0,
-            remaining_bytes: 0,
-            mib_per_s: 0.0,
-            total_ms: None,
-            downtime_ms: None,
-            bytes: None,
             error: (status == MigrationStatus::Failed).then(|| "boom".to_string()),
             error_chain: if status == MigrationStatus::Failed {
                 vec!["libvirt: connection reset".into()]
             } else {
                 vec![]
             },
+            ..MigrationObserved::new("m", status)
         })
     }
 
