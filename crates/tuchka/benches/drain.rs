@@ -59,7 +59,19 @@ fn main() {
     c.ok(&["host", "undrain", "h3"]);
     assert_eq!(c.per_host("d").get("h1").copied(), Some(n as usize));
     // Let the guests finish booting: a drain of booting guests measures the boot.
-    std::thread::sleep(Duration::from_secs(15));
+    let ids: Vec<String> = c
+        .vms()
+        .iter()
+        .filter(|v| v["group"] == "d")
+        .filter_map(|v| v["id"].as_str().map(String::from))
+        .collect();
+    c.wait_for("every guest booted", Duration::from_secs(300), || {
+        ids.iter().all(|id| {
+            std::fs::read_to_string(c.mh().dir().join("h1/tuchka-pool/vms").join(id).join("console.log"))
+                .is_ok_and(|l| l.contains("TESTIMG-READY"))
+        })
+    });
+    std::thread::sleep(Duration::from_secs(5));
     let t = Instant::now();
     c.ok(&["host", "drain", "h1", "--parallel", &parallel, "--wait"]);
     let total = t.elapsed();
