@@ -67,8 +67,14 @@ fn main() {
         .collect();
     c.wait_for("every guest booted", Duration::from_secs(300), || {
         ids.iter().all(|id| {
-            std::fs::read_to_string(c.mh().dir().join("h1/tuchka-pool/vms").join(id).join("console.log"))
-                .is_ok_and(|l| l.contains("TESTIMG-READY"))
+            std::fs::read_to_string(
+                c.mh()
+                    .dir()
+                    .join("h1/tuchka-pool/vms")
+                    .join(id)
+                    .join("console.log"),
+            )
+            .is_ok_and(|l| l.contains("TESTIMG-READY"))
         })
     });
     std::thread::sleep(Duration::from_secs(5));
