@@ -39,6 +39,10 @@ struct FakeHost {
 struct Cloud {
     ctl: Controller,
     hosts: Vec<FakeHost>,
+    /// CPU in use each host reports (0..1), by host name (default 0).
+    load: HashMap<String, f64>,
+    /// Cores each VM uses, by VM id (default 0).
+    cores: HashMap<String, f64>,
     _dir: tempfile::TempDir,
 }
 
@@ -65,6 +69,7 @@ fn cloud_with(down_after: std::time::Duration) -> Cloud {
     let dir = tempfile::tempdir().expect("tmp");
     let mut config = ControllerConfig::new(dir.path().to_path_buf());
     config.down_after = down_after;
+    config.balance.mode = tuchka_api::BalanceMode::Auto;
     let ctl = Controller::open(config).expect("open");
     let mut hosts = vec![];
     for i in 1..=2 {
@@ -126,6 +131,8 @@ fn cloud_with(down_after: std::time::Duration) -> Cloud {
     Cloud {
         ctl,
         hosts,
+        load: HashMap::new(),
+        cores: HashMap::new(),
         _dir: dir,
     }
 }
@@ -138,9 +145,10 @@ impl Cloud {
                 continue;
             }
             let d = tuchka_controller::desired::desired_for(&self.ctl, &h.id, 0).expect("desired");
-            let r = reconcile(&h.parts, &d, &mut h.mem, &HashMap::new(), &HashMap::new());
+            let r = reconcile(&h.parts, &d, &mut h.mem, &HashMap::new(), &self.cores);
             let mut report = r.report;
             report.facts = facts(i + 1);
+            report.facts.cpu_usage = self.load.get(&h.name).copied().unwrap_or(0.0);
             tuchka_controller::agents::apply_report(&self.ctl, &h.id, report).expect("report");
             tuchka_controller::progress::progress(&self.ctl);
         }
@@ -434,4 +442,124 @@ fn a_stopped_vm_moves_cold_and_stays_stopped() {
     assert!(c.host(&to).hv.domain(&domain(&c)).is_some());
     assert!(c.host(&from).hv.domain(&domain(&c)).is_none());
     assert!(c.host(&from).st.vm(&vm_id(&c)).is_none());
+}
+
+/// Every running child migration of `op` whose copy runs: libvirt finishes it.
+fn finish_children(c: &Cloud, op: &str) {
+    for child in c.op(op).children {
+        let Some(m) = c.op(&child).migration else {
+            continue;
+        };
+        let src = c.host(&m.from);
+        if src.mover.status(&child).map(|s| s.status) == Some(MigrationStatus::Running) {
+            c.libvirt_moves(&m.from, &m.to, &child);
+        }
+    }
+}
+
+#[test]
+fn the_automatic_balancer_holds_then_moves_then_leaves_the_vms_alone() {
+    let mut c = cloud();
+    tuchka_controller::groups::create(
+        &c.ctl,
+        GroupCreate {
+            name: "burn".into(),
+            image: "tiny".into(),
+            count: 4,
+            cpus: 1,
+            memory_mib: 256,
+            disk_mib: 1024,
+            networks: vec![],
+            user_data: None,
+            ssh_keys: vec![],
+            placement: Some(tuchka_api::PlacementPolicy::Pack),
+            anti_affinity: false,
+        },
+    )
+    .expect("group");
+    for _ in 0..3 {
+        c.pass();
+    }
+    let packed = c.vm_host("burn-0");
+    for i in 0..4 {
+        assert_eq!(c.vm_host(&format!("burn-{i}")), packed, "packed");
+        let id = tuchka_controller::vms::get(&c.ctl, &format!("burn-{i}"))
+            .expect("vm")
+            .id;
+        c.cores.insert(id, 0.9);
+    }
+    c.load.insert(packed.clone(), 0.9);
+    c.pass();
+    let round = |c: &Cloud| {
+        tuchka_controller::balance::auto_round(&c.ctl).expect("round");
+        tuchka_controller::balance::status(&c.ctl).expect("status")
+    };
+    // Above the threshold, but held for 3 rounds: nothing moves in the first two.
+    for n in 1..=2 {
+        let s = round(&c);
+        assert!(s.imbalance > s.threshold, "{s:?}");
+        assert_eq!(s.rounds_above, n, "{s:?}");
+        assert!(s.decisions[0].operation.is_none(), "{:?}", s.decisions[0]);
+        assert!(
+            s.decisions[0].summary.contains("nothing moved"),
+            "{:?}",
+            s.decisions[0]
+        );
+    }
+    let s = round(&c);
+    let d = &s.decisions[0];
+    assert!(d.operation.is_some(), "the third round moves: {d:?}");
+    // From then on: each apply is carried out, the loads follow the VMs, and the rounds go on
+    // until the cloud is even; no VM ever goes back to the host it left.
+    let hosts_of =
+        |c: &Cloud| -> Vec<String> { (0..4).map(|i| c.vm_host(&format!("burn-{i}"))).collect() };
+    let mut left: HashMap<String, String> = HashMap::new();
+    let mut quiet = 0;
+    let mut decision = d.clone();
+    for _ in 0..20 {
+        if let Some(op) = &decision.operation {
+            quiet = 0;
+            let before = hosts_of(&c);
+            assert!(
+                decision
+                    .moves
+                    .iter()
+                    .all(|m| !m.reason.is_empty() && m.imbalance_after < m.imbalance_before),
+                "{decision:?}"
+            );
+            for _ in 0..6 {
+                c.pass();
+                finish_children(&c, op);
+            }
+            c.pass();
+            let o = c.op(op);
+            assert_eq!(o.state, OperationState::Succeeded, "{o:?}");
+            assert_eq!(o.children.len(), decision.moves.len());
+            let after = hosts_of(&c);
+            for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+                if b != a {
+                    let vm = format!("burn-{i}");
+                    assert_ne!(left.get(&vm), Some(a), "{vm} went back to {a}: ping-pong");
+                    left.insert(vm, b.clone());
+                }
+            }
+            c.load.clear();
+            for h in &after {
+                *c.load.entry(h.clone()).or_default() += 0.9 / 4.0;
+            }
+            c.pass();
+        } else {
+            quiet += 1;
+            if quiet == 4 {
+                break;
+            }
+        }
+        let s = round(&c);
+        decision = s.decisions[0].clone();
+    }
+    assert_eq!(quiet, 4, "the balancer came to rest: {decision:?}");
+    let used: std::collections::HashSet<String> = hosts_of(&c).into_iter().collect();
+    assert_eq!(used.len(), 2, "the load is spread: {used:?}");
+    let s = tuchka_controller::balance::status(&c.ctl).expect("status");
+    assert!(s.imbalance <= s.threshold, "{s:?}");
 }
