@@ -32,7 +32,8 @@ pub enum Action {
     Reboot,
 }
 
-/// What the agent remembers between passes about one VM.
+/// What the agent knows of one VM besides its domain's state: what it remembers between
+/// passes, and why libvirt has the domain where it is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmMemory {
     /// How long ago the first shutdown request of the current stop was sent.
@@ -41,6 +42,12 @@ pub struct VmMemory {
     pub shutdown_last: Option<Duration>,
     /// Highest reboot request carried out.
     pub reboot_done: u64,
+    /// Highest resume request carried out (of a VM its host paused).
+    pub resume_done: u64,
+    /// qemu paused it because a write failed (the pool is full).
+    pub paused_on_io_error: bool,
+    /// It is off because the guest powered itself off.
+    pub powered_off_by_guest: bool,
 }
 
 /// The next action for `want` given the domain's observed `state` (None: not defined).
@@ -50,7 +57,20 @@ pub fn next_action(want: &VmDesired, state: Option<&DomainState>, mem: &VmMemory
     };
     match (want.power, state) {
         (_, DomainState::Crashed) => Action::Destroy,
+        // A VM that runs once (an image builder) stays off once its guest powered off.
+        (PowerState::Running, DomainState::ShutOff)
+            if want.run_once && mem.powered_off_by_guest =>
+        {
+            Action::None
+        }
         (PowerState::Running, DomainState::ShutOff) => Action::Start,
+        // Paused by its host on a full pool: only a resume request continues it (the user
+        // frees space first), never the loop on its own.
+        (PowerState::Running, DomainState::Paused)
+            if mem.paused_on_io_error && want.resume_seq <= mem.resume_done =>
+        {
+            Action::None
+        }
         (PowerState::Running, DomainState::Paused) => Action::Resume,
         (PowerState::Running, DomainState::Running) if want.reboot_seq > mem.reboot_done => {
             Action::Reboot
@@ -142,7 +162,42 @@ mod tests {
             force_stop: false,
             stop_timeout_s: 60,
             migration: None,
+            max_cpus: 1,
+            volumes: vec![],
+            resume_seq: 0,
+            run_once: false,
         }
+    }
+
+    #[test]
+    fn a_vm_its_host_paused_waits_for_a_resume_request() {
+        let mut w = vm(PowerState::Running);
+        let mut m = VmMemory {
+            paused_on_io_error: true,
+            ..Default::default()
+        };
+        let paused = Some(&DomainState::Paused);
+        assert_eq!(next_action(&w, paused, &m), Action::None);
+        w.resume_seq = 1;
+        assert_eq!(next_action(&w, paused, &m), Action::Resume);
+        m.resume_done = 1;
+        assert_eq!(next_action(&w, paused, &m), Action::None);
+        assert_eq!(observed_state(&w, paused), VmState::Paused);
+    }
+
+    #[test]
+    fn a_run_once_vm_stays_off_after_its_guest_powered_off() {
+        let mut w = vm(PowerState::Running);
+        w.run_once = true;
+        let off = Some(&DomainState::ShutOff);
+        assert_eq!(next_action(&w, off, &VmMemory::default()), Action::Start);
+        let m = VmMemory {
+            powered_off_by_guest: true,
+            ..Default::default()
+        };
+        assert_eq!(next_action(&w, off, &m), Action::None);
+        w.run_once = false;
+        assert_eq!(next_action(&w, off, &m), Action::Start);
     }
 
     #[test]

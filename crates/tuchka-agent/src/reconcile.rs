@@ -22,12 +22,12 @@ use std::time::Instant;
 
 use tuchka_api::agent::{
     HostDesired, HostReport, MigrationObserved, MigrationStatus, NetworkObserved, Orphan,
-    OrphanKind, VmDesired, VmMigrationDesired, VmObserved,
+    OrphanKind, VmDesired, VmMigrationDesired, VmObserved, VolumeObserved,
 };
 use tuchka_api::{MigrationMode, VmState};
 use tuchka_host::net::Underlay;
 use tuchka_host::{
-    Accel, Dataplane, DomainInfo, DomainSpec, HostError, Hypervisor, NicSpec, Storage,
+    Accel, Dataplane, DomainInfo, DomainSpec, HostError, Hypervisor, NicSpec, Storage, VolumeSpec,
 };
 
 use crate::mover::{IncomingJob, Mover, OutgoingJob};
@@ -57,14 +57,18 @@ pub struct Memory {
     shutdown_since: HashMap<String, Instant>,
     shutdown_last: HashMap<String, Instant>,
     reboot_done: HashMap<String, u64>,
+    resume_done: HashMap<String, u64>,
 }
 
 impl Memory {
-    fn vm(&self, id: &str) -> VmMemory {
+    fn vm(&self, id: &str, domain: Option<&DomainInfo>) -> VmMemory {
         VmMemory {
             shutdown_since: self.shutdown_since.get(id).map(Instant::elapsed),
             shutdown_last: self.shutdown_last.get(id).map(Instant::elapsed),
             reboot_done: self.reboot_done.get(id).copied().unwrap_or(0),
+            resume_done: self.resume_done.get(id).copied().unwrap_or(0),
+            paused_on_io_error: domain.is_some_and(|d| d.paused_on_io_error),
+            powered_off_by_guest: domain.is_some_and(|d| d.powered_off_by_guest),
         }
     }
 }
@@ -130,6 +134,12 @@ fn observed(id: &str, state: VmState, error: Option<Failure>) -> VmObserved {
         domain: false,
         migration: None,
         cpu_usage: 0.0,
+        pause_reason: None,
+        resume_seq: 0,
+        running_with: None,
+        powered_off: false,
+        console_tail: None,
+        resize_error: None,
     }
 }
 
@@ -220,6 +230,16 @@ pub fn reconcile(
         .iter()
         .map(|n| (n.name.as_str(), n.mtu))
         .collect();
+    // Volume files first: a new VM's definition plugs its volumes in.
+    let mut volume_errors: HashMap<String, Failure> = HashMap::new();
+    for v in &desired.volumes {
+        if let Err(e) = parts.storage.ensure_volume(&v.id, v.size_mib) {
+            tracing::warn!(volume = %v.name, error = %e.chain(), "cannot make the volume");
+            volume_errors.insert(v.id.clone(), e.into());
+            settled = false;
+        }
+    }
+    let volume_errors = Mutex::new(volume_errors);
     // VMs converge independently, a few at a time: starting or destroying a domain takes
     // libvirt hundreds of milliseconds, mostly waiting on qemu.
     let shared = Mutex::new(std::mem::take(mem));
@@ -252,17 +272,27 @@ pub fn reconcile(
                 };
                 outgoing(parts, want, &job, *go, *abort, domain)
             }
-            None => converge_one(parts, want, domain, &shared, &mtus, image_errors),
+            None => converge_one(
+                parts,
+                want,
+                domain,
+                &shared,
+                &mtus,
+                image_errors,
+                &volume_errors,
+            ),
         };
-        o.reboot_seq = lock(&shared)
-            .reboot_done
-            .get(&want.id)
-            .copied()
-            .unwrap_or(0);
+        let m = lock(&shared);
+        o.reboot_seq = m.reboot_done.get(&want.id).copied().unwrap_or(0);
+        o.resume_seq = m.resume_done.get(&want.id).copied().unwrap_or(0);
+        drop(m);
         o.cpu_usage = cpu.get(&want.id).copied().unwrap_or(0.0);
         o
     });
     *mem = shared.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut volume_errors = volume_errors
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
     if report_vms.iter().any(|o| {
         !matches!(
             o.state,
@@ -350,6 +380,11 @@ pub fn reconcile(
     }
     for f in failed_removals.into_iter().flatten() {
         report_vms.push(f);
+        settled = false;
+    }
+
+    let volumes = converge_volumes(parts, desired, &mut volume_errors);
+    if volumes.iter().any(|v| v.error.is_some()) {
         settled = false;
     }
 
@@ -442,9 +477,98 @@ pub fn reconcile(
             networks,
             cached_images: cached,
             orphans,
+            volumes,
+            captures: vec![],
         },
         settled,
     }
+}
+
+/// Grow the volumes that must be larger (through the running guest when one has it plugged
+/// in), remove those the controller named (unplugging them first), and say what is here.
+fn converge_volumes(
+    parts: &HostParts,
+    desired: &HostDesired,
+    errors: &mut HashMap<String, Failure>,
+) -> Vec<VolumeObserved> {
+    let files = match parts.storage.volumes() {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e.chain(), "cannot list volumes");
+            return vec![];
+        }
+    };
+    if files.is_empty() {
+        return vec![];
+    }
+    // Where each volume is plugged in: (vm id, domain, its disk, domain running).
+    let mut plugged: HashMap<String, (String, String, VolumeSpec, bool)> = HashMap::new();
+    for d in parts.hypervisor.list().unwrap_or_default() {
+        for v in parts.hypervisor.volumes(&d.name).unwrap_or_default() {
+            plugged.insert(
+                v.id.clone(),
+                (d.vm_id.clone(), d.name.clone(), v, d.state.is_active()),
+            );
+        }
+    }
+    let sizes: HashMap<&str, u64> = files.iter().map(|(id, s, _)| (id.as_str(), *s)).collect();
+    for v in &desired.volumes {
+        let Some(&have) = sizes.get(v.id.as_str()) else {
+            continue;
+        };
+        if have >= v.size_mib {
+            continue;
+        }
+        let grown = match plugged.get(&v.id) {
+            Some((_, domain, disk, true)) => {
+                parts.hypervisor.grow_disk(domain, &disk.target, v.size_mib)
+            }
+            _ => parts.storage.grow_volume(&v.id, v.size_mib),
+        };
+        if let Err(e) = grown {
+            tracing::warn!(volume = %v.name, error = %e.chain(), "cannot grow the volume");
+            errors.insert(v.id.clone(), e.into());
+        }
+    }
+    let mut gone: HashSet<&str> = HashSet::new();
+    for id in &desired.volume_removals {
+        if !sizes.contains_key(id.as_str()) {
+            continue;
+        }
+        let removed = match plugged.get(id) {
+            Some((_, domain, disk, _)) => parts.hypervisor.detach_volume(domain, disk),
+            None => parts.storage.remove_volume(id).map(|()| {
+                gone.insert(id.as_str());
+            }),
+        };
+        if let Err(e) = removed {
+            tracing::warn!(volume = %id, error = %e.chain(), "cannot remove the volume");
+            errors.insert(id.clone(), e.into());
+        }
+    }
+    let after: HashMap<String, (u64, u64)> = parts
+        .storage
+        .volumes()
+        .unwrap_or(files)
+        .into_iter()
+        .map(|(id, size, alloc)| (id, (size, alloc)))
+        .collect();
+    let mut out: Vec<VolumeObserved> = after
+        .into_iter()
+        .filter(|(id, _)| !gone.contains(id.as_str()))
+        .map(|(id, (size_mib, allocated_mib))| {
+            let error = errors.remove(&id);
+            VolumeObserved {
+                attached_to: plugged.get(&id).map(|p| p.0.clone()),
+                size_mib,
+                allocated_mib,
+                error: error.map(|f| f.message),
+                id,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
 }
 
 /// The usual convergence of one VM, and what to report.
@@ -455,17 +579,25 @@ fn converge_one(
     mem: &Mutex<Memory>,
     mtus: &HashMap<&str, u32>,
     image_errors: &HashMap<String, String>,
+    volume_errors: &Mutex<HashMap<String, Failure>>,
 ) -> VmObserved {
     let result = match image_errors.get(&want.image_sha256) {
         Some(why) => Err(Failure::text(format!(
             "image not available on this host: {why}"
         ))),
-        None => converge_vm(parts, want, domain.map(|d| &d.state), mem, mtus),
+        None => converge_vm(parts, want, domain.cloned(), mem, mtus),
     };
     match result {
-        Ok(state_now) => {
-            let mut o = observed(&want.id, observed_state(want, state_now.as_ref()), None);
-            o.domain = state_now.is_some();
+        Ok(now) => {
+            let state_now = now.as_ref().map(|d| &d.state);
+            let mut o = observed(&want.id, observed_state(want, state_now), None);
+            o.domain = now.is_some();
+            if let Some(d) = &now {
+                let (vol, resize) = converge_shape(parts, want, d, mtus);
+                lock(volume_errors).extend(vol);
+                o.resize_error = resize.map(|f| f.message);
+                describe(parts, want, d, &mut o);
+            }
             o
         }
         Err(f) => {
@@ -475,6 +607,159 @@ fn converge_one(
             o
         }
     }
+}
+
+/// What the report says of a VM beyond its state: what it runs with, why its host paused it,
+/// whether a run-once guest is done (with its console's end).
+fn describe(parts: &HostParts, want: &VmDesired, d: &DomainInfo, o: &mut VmObserved) {
+    if d.state.is_active() {
+        o.running_with = Some((
+            d.vcpus,
+            d.memory_mib,
+            parts.storage.root_disk_mib(&want.id).unwrap_or(0),
+        ));
+    }
+    if d.paused_on_io_error {
+        o.pause_reason = Some(match parts.storage.capacity() {
+            Ok((total, free)) if total > 0 => format!(
+                "pool {} % used ({free} MiB free of {total} MiB)",
+                (total - free.min(total)) * 100 / total
+            ),
+            _ => "a disk write failed".to_string(),
+        });
+    }
+    if want.run_once {
+        o.powered_off = d.powered_off_by_guest;
+        if o.powered_off {
+            o.state = VmState::Stopped;
+        }
+        o.console_tail = console_tail(&parts.storage.console_log_path(&want.id), 20);
+    }
+}
+
+/// The last `lines` lines of a console log (None: no log yet).
+fn console_tail(path: &std::path::Path, lines: usize) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(8192))).ok()?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).replace('\r', "");
+    let all: Vec<&str> = text.lines().collect();
+    Some(all[all.len().saturating_sub(lines)..].join("\n"))
+}
+
+/// Bring an existing domain's shape to what is wanted: volumes plugged in and out, the root
+/// disk grown, vCPUs hot-plugged while it runs; a stopped domain is redefined with its new
+/// size (applied at its next start). Returns the volumes that failed, and a resize that failed.
+fn converge_shape(
+    parts: &HostParts,
+    want: &VmDesired,
+    d: &DomainInfo,
+    mtus: &HashMap<&str, u32>,
+) -> (Vec<(String, Failure)>, Option<Failure>) {
+    let hv = &parts.hypervisor;
+    let mut vol_errors = vec![];
+    let mut resize = None;
+    let active = d.state.is_active();
+    let current = match hv.volumes(&want.domain) {
+        Ok(v) => v,
+        Err(e) => return (vec![], Some(e.into())),
+    };
+    for c in current
+        .iter()
+        .filter(|c| !want.volumes.iter().any(|w| w.id == c.id))
+    {
+        if let Err(e) = hv.detach_volume(&want.domain, c) {
+            tracing::warn!(vm = %want.name, volume = %c.id, error = %e.chain(), "cannot unplug the volume");
+            vol_errors.push((c.id.clone(), e.into()));
+        }
+    }
+    let specs = volume_specs(parts, want, &current);
+    for spec in specs
+        .iter()
+        .filter(|s| !current.iter().any(|c| c.id == s.id))
+    {
+        if let Err(e) = hv.attach_volume(&want.domain, spec) {
+            tracing::warn!(vm = %want.name, volume = %spec.id, error = %e.chain(), "cannot plug the volume in");
+            vol_errors.push((spec.id.clone(), e.into()));
+        }
+    }
+    let disk_now = parts.storage.root_disk_mib(&want.id).unwrap_or(0);
+    if disk_now > 0 && want.disk_mib > disk_now {
+        let grown = if active {
+            hv.grow_disk(&want.domain, "vda", want.disk_mib)
+        } else {
+            parts.storage.grow_root_disk(&want.id, want.disk_mib)
+        };
+        if let Err(e) = grown {
+            tracing::warn!(vm = %want.name, error = %e.chain(), "cannot grow the root disk");
+            resize = Some(e.into());
+        }
+    }
+    if active {
+        if want.cpus > d.vcpus && want.cpus <= want.max_cpus.max(want.cpus) {
+            // Beyond the domain's maximum libvirt refuses: it applies at the next start.
+            if let Err(e) = hv.set_vcpus(&want.domain, want.cpus) {
+                tracing::info!(vm = %want.name, error = %e.chain(), "vCPUs apply at the next start");
+            }
+        }
+    } else if d.vcpus != want.cpus || d.memory_mib != want.memory_mib {
+        let spec = DomainSpec {
+            volumes: specs,
+            ..domain_spec(
+                parts,
+                want,
+                parts.storage.root_disk_path(&want.id),
+                seed_path(parts, &want.id),
+                mtus,
+            )
+        };
+        if let Err(e) = hv.define(&spec) {
+            tracing::warn!(vm = %want.name, error = %e.chain(), "cannot apply the new size");
+            resize = Some(e.into());
+        }
+    }
+    (vol_errors, resize)
+}
+
+/// The seed ISO's path of a VM (next to its root disk).
+fn seed_path(parts: &HostParts, vm_id: &str) -> std::path::PathBuf {
+    parts
+        .storage
+        .root_disk_path(vm_id)
+        .with_file_name("seed.iso")
+}
+
+/// The disks of `want`'s volumes whose files exist: those plugged in keep their device, the
+/// others get the first free one (`vdb`…).
+fn volume_specs(parts: &HostParts, want: &VmDesired, current: &[VolumeSpec]) -> Vec<VolumeSpec> {
+    let mut taken: HashSet<String> = current.iter().map(|c| c.target.clone()).collect();
+    let mut out = vec![];
+    for w in &want.volumes {
+        if let Some(c) = current.iter().find(|c| c.id == w.id) {
+            out.push(c.clone());
+            continue;
+        }
+        let path = parts.storage.volume_path(&w.id);
+        if !path.exists() {
+            continue;
+        }
+        let Some(target) = (0..24)
+            .filter_map(tuchka_host::volume_target)
+            .find(|t| !taken.contains(t))
+        else {
+            continue;
+        };
+        taken.insert(target.clone());
+        out.push(VolumeSpec {
+            id: w.id.clone(),
+            path,
+            target,
+        });
+    }
+    out
 }
 
 /// The target's part: prepare, never define or start.
@@ -595,40 +880,41 @@ fn forget(mem: &mut Memory, id: &str) {
     mem.shutdown_since.remove(id);
     mem.shutdown_last.remove(id);
     mem.reboot_done.remove(id);
+    mem.resume_done.remove(id);
 }
 
 /// Take the next action for one VM (several in a row while they are quick: create → start →
-/// suspend). Returns the domain's state afterwards.
+/// suspend). Returns the domain afterwards.
 fn converge_vm(
     parts: &HostParts,
     want: &VmDesired,
-    state: Option<&tuchka_host::DomainState>,
+    domain: Option<DomainInfo>,
     mem: &Mutex<Memory>,
     mtus: &HashMap<&str, u32>,
-) -> Result<Option<tuchka_host::DomainState>, Failure> {
+) -> Result<Option<DomainInfo>, Failure> {
     if want.power != tuchka_api::PowerState::Stopped {
         let mut m = lock(mem);
         m.shutdown_since.remove(&want.id);
         m.shutdown_last.remove(&want.id);
     }
-    let mut state = state.cloned();
+    let mut domain = domain;
     for _ in 0..4 {
-        let action = next_action(want, state.as_ref(), &lock(mem).vm(&want.id));
+        let known = lock(mem).vm(&want.id, domain.as_ref());
+        let action = next_action(want, domain.as_ref().map(|d| &d.state), &known);
         if action == Action::None {
             break;
         }
         apply(parts, want, action, mem, mtus)?;
-        state = parts
+        domain = parts
             .hypervisor
             .list()?
             .into_iter()
-            .find(|d| d.vm_id == want.id)
-            .map(|d| d.state);
+            .find(|d| d.vm_id == want.id);
         if matches!(action, Action::Shutdown | Action::Reboot) {
             break; // the guest acts on its own time
         }
     }
-    Ok(state)
+    Ok(domain)
 }
 
 /// Workers per reconcile pass.
@@ -677,7 +963,13 @@ fn apply(
         Action::Create => create(parts, want, mtus),
         Action::Start => hv.start(&want.domain),
         Action::Suspend => hv.suspend(&want.domain),
-        Action::Resume => hv.resume(&want.domain),
+        Action::Resume => {
+            hv.resume(&want.domain)?;
+            lock(mem)
+                .resume_done
+                .insert(want.id.clone(), want.resume_seq);
+            Ok(())
+        }
         Action::Destroy => {
             hv.destroy(&want.domain)?;
             let mut m = lock(mem);
@@ -717,6 +1009,7 @@ pub fn domain_spec(
         cloud_id: parts.cloud_id.clone(),
         accel: parts.accel,
         vcpus: want.cpus,
+        max_vcpus: want.max_cpus.max(want.cpus),
         memory_mib: want.memory_mib,
         root_disk,
         seed_iso,
@@ -731,6 +1024,7 @@ pub fn domain_spec(
                 mtu: mtus.get(n.network.as_str()).copied().unwrap_or(1500),
             })
             .collect(),
+        volumes: volume_specs(parts, want, &[]),
     }
 }
 
@@ -850,6 +1144,10 @@ mod tests {
             force_stop: false,
             stop_timeout_s: 60,
             migration: None,
+            max_cpus: 1,
+            volumes: vec![],
+            resume_seq: 0,
+            run_once: false,
         }
     }
 
@@ -862,6 +1160,9 @@ mod tests {
             images: vec![IMG.into()],
             removals: vec![],
             peers: vec![peer()],
+            volumes: vec![],
+            volume_removals: vec![],
+            captures: vec![],
         }
     }
 

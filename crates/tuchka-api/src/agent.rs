@@ -101,6 +101,15 @@ pub struct HostFacts {
     /// The storage pool directory (a migration target's disks live under it).
     #[serde(default)]
     pub pool: String,
+    /// Space VM overlays and volumes take in the pool, MiB.
+    #[serde(default)]
+    pub disk_allocated_mib: u64,
+    /// Their virtual sizes, MiB.
+    #[serde(default)]
+    pub disk_provisioned_mib: u64,
+    /// The image cache, MiB.
+    #[serde(default)]
+    pub image_cache_mib: u64,
 }
 
 /// Everything one host must converge to.
@@ -114,7 +123,8 @@ pub struct HostDesired {
     pub vms: Vec<VmDesired>,
     /// Networks that must exist on this host.
     pub networks: Vec<NetworkDesired>,
-    /// Images (sha256) that still exist in the cloud; cached images not listed here are removed.
+    /// Cached images to keep (sha256): those used here and those used lately (within the image
+    /// cache TTL). A cached image not listed is removed unless a disk here still uses it.
     pub images: Vec<String>,
     /// VMs this host must remove (domain and directory). A host removes a VM only when it is
     /// named here; anything of the cloud it finds and does not know it reports as an orphan.
@@ -124,6 +134,15 @@ pub struct HostDesired {
     /// firewall admits to its channel port and to VXLAN.
     #[serde(default)]
     pub peers: Vec<PeerHost>,
+    /// Every volume this host must keep (attached or not).
+    #[serde(default)]
+    pub volumes: Vec<VolumeDesired>,
+    /// Volumes this host must remove (by id). Nothing else is removed.
+    #[serde(default)]
+    pub volume_removals: Vec<String>,
+    /// Captures to make of VMs on this host.
+    #[serde(default)]
+    pub captures: Vec<CaptureDesired>,
 }
 
 /// A VM a host must remove.
@@ -217,6 +236,43 @@ pub struct VmDesired {
     /// Its part in a migration under way, if any.
     #[serde(default)]
     pub migration: Option<VmMigrationDesired>,
+    /// Most vCPUs it may be given while it runs (hot-plug up to this; at least `cpus`).
+    #[serde(default)]
+    pub max_cpus: u32,
+    /// Data volumes attached to it, in order (its disks after the root disk).
+    #[serde(default)]
+    pub volumes: Vec<VolumeDesired>,
+    /// Resume requests: resume a VM that its host paused (a full pool) when this is above the
+    /// last resume the host did.
+    #[serde(default)]
+    pub resume_seq: u64,
+    /// Power on once only: a guest that powered itself off stays off (an image builder).
+    #[serde(default)]
+    pub run_once: bool,
+}
+
+/// A volume as a host must keep it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct VolumeDesired {
+    /// Volume id (its file `volumes/<id>.qcow2`, the disk's serial).
+    pub id: String,
+    /// Volume name (for messages).
+    pub name: String,
+    /// Size (virtual), MiB; a volume only grows.
+    pub size_mib: u64,
+}
+
+/// A capture of a VM's root disk as an image.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct CaptureDesired {
+    /// Capture id (its operation's id).
+    pub id: String,
+    /// Name of the image to make.
+    pub image: String,
+    /// The VM.
+    pub vm_id: String,
+    /// Its domain on this host.
+    pub domain: String,
 }
 
 /// One NIC of a VM.
@@ -362,6 +418,64 @@ pub struct HostReport {
     /// What the host has of this cloud and was not told about (left alone).
     #[serde(default)]
     pub orphans: Vec<Orphan>,
+    /// Every volume of this cloud on the host.
+    #[serde(default)]
+    pub volumes: Vec<VolumeObserved>,
+    /// The captures it was asked for.
+    #[serde(default)]
+    pub captures: Vec<CaptureObserved>,
+}
+
+/// A volume as its host sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct VolumeObserved {
+    /// Volume id.
+    pub id: String,
+    /// Size (virtual), MiB.
+    pub size_mib: u64,
+    /// Space it takes, MiB.
+    pub allocated_mib: u64,
+    /// The VM it is plugged into now (its id), if any.
+    #[serde(default)]
+    pub attached_to: Option<String>,
+    /// Why it could not be made, changed or removed.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+crate::wire_enum! {
+    /// Where a capture is on its host.
+    pub enum CaptureStatus {
+        /// Copying the disk (a backup job of the running VM, or a copy of a stopped one).
+        Copying = "copying",
+        /// Sending it to the controller.
+        Uploading = "uploading",
+        /// The controller has the image.
+        Done = "done",
+        /// It failed; see `error`.
+        Failed = "failed",
+    }
+}
+
+/// A capture as its host sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct CaptureObserved {
+    /// Capture id.
+    pub id: String,
+    /// Where it is.
+    pub status: CaptureStatus,
+    /// Bytes copied or sent so far.
+    #[serde(default)]
+    pub bytes: u64,
+    /// How long the guest was paused for it, ms (0: not at all).
+    #[serde(default)]
+    pub paused_ms: u64,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The causes.
+    #[serde(default)]
+    pub error_chain: Vec<String>,
 }
 
 crate::wire_enum! {
@@ -409,6 +523,24 @@ pub struct VmObserved {
     /// CPU it used lately, in cores.
     #[serde(default)]
     pub cpu_usage: f64,
+    /// Why its host paused it (a full pool), when it did.
+    #[serde(default)]
+    pub pause_reason: Option<String>,
+    /// Highest resume request carried out.
+    #[serde(default)]
+    pub resume_seq: u64,
+    /// What it runs with now (vCPUs, memory MiB, root disk MiB), when its domain exists.
+    #[serde(default)]
+    pub running_with: Option<(u32, u64, u64)>,
+    /// It powered itself off after running (a `run_once` VM).
+    #[serde(default)]
+    pub powered_off: bool,
+    /// The end of its serial console (`run_once` VMs only: an image builder's failure shows it).
+    #[serde(default)]
+    pub console_tail: Option<String>,
+    /// Why its new size could not be applied.
+    #[serde(default)]
+    pub resize_error: Option<String>,
 }
 
 crate::wire_enum! {

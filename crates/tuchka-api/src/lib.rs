@@ -256,6 +256,18 @@ wire_enum! {
         HostDrain = "host.drain",
         /// `balance apply`: carry out a balance plan.
         BalanceApply = "balance.apply",
+        /// `image create --from-vm`: capture a VM's disk as an image.
+        ImageCapture = "image.capture",
+        /// `image build`: a builder VM runs a script; its disk becomes an image.
+        ImageBuild = "image.build",
+        /// `vm resize`.
+        VmResize = "vm.resize",
+        /// `volume attach`.
+        VolumeAttach = "volume.attach",
+        /// `volume detach`.
+        VolumeDetach = "volume.detach",
+        /// `volume resize`.
+        VolumeResize = "volume.resize",
     }
 }
 
@@ -305,6 +317,203 @@ pub struct Image {
     /// VMs whose root disk is backed by this image.
     #[serde(default)]
     pub used_by: Vec<String>,
+    /// Where it came from: `upload`, `vm web-0` (captured from a VM), `build from tiny`.
+    #[serde(default)]
+    pub made_from: String,
+}
+
+/// Capture an image from a VM (`POST /v1/images/capture`): running, it keeps running.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageCapture {
+    /// Name of the new image.
+    pub name: String,
+    /// The VM whose root disk becomes the image.
+    pub vm: String,
+}
+
+/// Build an image (`POST /v1/images/build`): a builder VM from `from` runs `user_data` and
+/// powers itself off; its disk becomes the image; the builder and its network are removed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageBuild {
+    /// Name of the new image.
+    pub name: String,
+    /// The image to start from.
+    pub from: String,
+    /// The script the builder runs (NoCloud user-data); it must power the guest off.
+    pub user_data: String,
+    /// Seconds the builder may take before the build fails (default 600).
+    #[serde(default)]
+    pub timeout_s: Option<u32>,
+    /// Memory of the builder, MiB (default 256).
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Root disk of the builder (and so of the image), MiB (default: the image's size).
+    #[serde(default)]
+    pub disk_mib: Option<u64>,
+}
+
+/// A cached image on a host (`GET /v1/images/cache`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct CachedImage {
+    /// Host name.
+    pub host: String,
+    /// Image identity.
+    pub sha256: String,
+    /// Names of the images with this identity (empty: the cloud no longer has it).
+    pub images: Vec<String>,
+    /// What keeps it: VMs whose disks it backs, migrations, captures (empty: unused).
+    pub used_by: Vec<String>,
+}
+
+/// What `POST /v1/images/cache/prune` removed (the hosts drop them on their next pass).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct CachePrune {
+    /// The cached images dropped, as `host: sha256`.
+    pub pruned: Vec<String>,
+}
+
+/// Change a VM's size (`POST /v1/vms/{name}/resize`); absent fields stay as they are.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmResize {
+    /// vCPUs.
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    /// Memory, MiB.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Root disk, MiB (grow only).
+    #[serde(default)]
+    pub disk_mib: Option<u64>,
+}
+
+wire_enum! {
+    /// Where a volume is.
+    pub enum VolumeState {
+        /// Recorded, not yet made on its host.
+        Pending = "pending",
+        /// On its host, not attached.
+        Available = "available",
+        /// Being hot-plugged into its VM.
+        Attaching = "attaching",
+        /// Attached to its VM.
+        Attached = "attached",
+        /// Being unplugged.
+        Detaching = "detaching",
+        /// Being removed.
+        Deleting = "deleting",
+        /// Its host failed to make or change it; see `error`.
+        Error = "error",
+    }
+}
+
+/// A data volume: a thin qcow2 disk on one host, attachable to a VM there.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Volume {
+    /// Unique name.
+    pub name: String,
+    /// Id (the guest sees the disk as `/dev/disk/by-id/virtio-<first 20 chars of the id>`).
+    pub id: String,
+    /// Host it lives on.
+    pub host: String,
+    /// Size (virtual), MiB.
+    pub size_mib: u64,
+    /// Space it takes on its host, MiB.
+    pub allocated_mib: u64,
+    /// The VM it is attached to (or being attached to).
+    pub vm: Option<String>,
+    /// Where it is.
+    pub state: VolumeState,
+    /// Removed with its VM (made by `group create --volume-size` without `--keep-volumes`).
+    #[serde(default)]
+    pub with_vm: bool,
+    /// The last error its host reported.
+    pub error: Option<String>,
+    /// When it was made.
+    pub created_at: String,
+}
+
+/// Make a volume (`POST /v1/volumes`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreate {
+    /// Name: `^[a-z][a-z0-9-]{0,62}$`.
+    pub name: String,
+    /// Size, MiB (1 MiB to 64 TiB).
+    pub size_mib: u64,
+    /// On the host of this VM.
+    #[serde(default)]
+    pub near: Option<String>,
+    /// On this host (default: the scheduler picks by free space).
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// Attach a volume (`POST /v1/volumes/{name}/attach`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeAttach {
+    /// The VM (on the volume's host).
+    pub vm: String,
+}
+
+/// Grow a volume (`POST /v1/volumes/{name}/resize`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeResize {
+    /// New size, MiB (grow only).
+    pub size_mib: u64,
+}
+
+/// Disk space of one host (`GET /v1/storage`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct HostStorage {
+    /// Host name.
+    pub host: String,
+    /// Pool file system size, MiB.
+    pub pool_mib: u64,
+    /// Used on it, MiB.
+    pub used_mib: u64,
+    /// Free on it, MiB.
+    pub free_mib: u64,
+    /// Kept free (never placed on), MiB (`serve --disk-reserve`).
+    pub reserve_mib: u64,
+    /// What the VMs' overlays and volumes take on it, MiB.
+    pub allocated_mib: u64,
+    /// Their virtual sizes, MiB (what they may grow to).
+    pub provisioned_mib: u64,
+    /// Provisioned allowed by the overcommit ratio, MiB.
+    pub provision_limit_mib: u64,
+    /// The image cache, MiB.
+    pub image_cache_mib: u64,
+    /// Cached images.
+    pub cached_images: u32,
+}
+
+/// The controller's image store.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct StoreStorage {
+    /// Its directory.
+    pub path: String,
+    /// File system size, MiB.
+    pub size_mib: u64,
+    /// Free, MiB.
+    pub free_mib: u64,
+    /// What the images take, MiB.
+    pub images_mib: u64,
+    /// Images.
+    pub images: u32,
+}
+
+/// Disk space of the cloud (`GET /v1/storage`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Storage {
+    /// Per host.
+    pub hosts: Vec<HostStorage>,
+    /// The controller's image store.
+    pub store: StoreStorage,
 }
 
 /// A virtual network.
@@ -522,6 +731,15 @@ pub struct GroupCreate {
     /// Never place two VMs of the group on one host (refused if there are not enough hosts).
     #[serde(default)]
     pub anti_affinity: bool,
+    /// Give every VM a data volume of this size, MiB (attached as its second disk).
+    #[serde(default)]
+    pub volume_size_mib: Option<u64>,
+    /// Keep those volumes when their VMs are removed.
+    #[serde(default)]
+    pub keep_volumes: bool,
+    /// Most vCPUs a VM may be given while it runs (`vm resize --cpus`); default max(cpus, 4).
+    #[serde(default)]
+    pub max_cpus: Option<u32>,
 }
 
 fn default_cpus() -> u32 {
@@ -586,6 +804,15 @@ pub struct Vm {
     /// CPU the guest used lately, in cores (from libvirt's cpu time), as its host reports it.
     #[serde(default)]
     pub cpu_usage: f64,
+    /// Volumes attached (or being attached).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
+    /// Size changes waiting for the next start, in words (e.g. `cpus 2, memory 512 MiB`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_resize: Option<String>,
+    /// Why its host paused it (e.g. `disk full on host h1: pool 100 % used`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<String>,
 }
 
 /// Options of `POST /v1/vms/{name}/stop`.

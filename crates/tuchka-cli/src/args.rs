@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tuchka_api::PlacementPolicy;
 
-use crate::size::parse_size_arg;
+use crate::size::{parse_duration_arg, parse_size_arg};
 
 /// Help heading of the options every subcommand accepts.
 const GLOBAL: &str = "Global options";
@@ -113,6 +113,11 @@ pub enum Command {
     /// Even out the load across hosts: see the plan, carry it out, see what the balancer did.
     #[command(subcommand)]
     Balance(BalanceCmd),
+    /// Data volumes: thin disks on one host, attached to a VM there.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Disk space: every host's pool and the controller's image store.
+    Storage,
     /// Check that this machine can run tuchka (CPU flags, /dev/kvm, libvirt, tools).
     Check,
 }
@@ -140,6 +145,116 @@ pub enum ImageCmd {
     #[command(visible_alias = "delete")]
     Rm {
         /// Image name.
+        name: String,
+    },
+    /// Make an image of a VM's root disk; a running VM keeps running (a point-in-time copy).
+    Create {
+        /// Name of the new image.
+        name: String,
+        /// The VM whose disk becomes the image.
+        #[arg(long, value_name = "VM")]
+        from_vm: String,
+        /// Follow the operation until it finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Build an image: a builder VM from --from runs the script, powers itself off, and its
+    /// disk becomes the image; the builder and its network are removed whatever happens.
+    Build {
+        /// Name of the new image.
+        name: String,
+        /// The image to start from.
+        #[arg(long, value_name = "IMAGE")]
+        from: String,
+        /// The script (NoCloud user-data) the builder runs; it must end by powering off.
+        #[arg(long, value_name = "FILE")]
+        user_data: PathBuf,
+        /// How long the builder may take, e.g. 90s, 10m [default: 10m].
+        #[arg(long, value_parser = parse_duration_arg, value_name = "DURATION")]
+        timeout: Option<u32>,
+        /// Memory of the builder [default: 256M].
+        #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
+        memory: Option<u64>,
+        /// Root disk of the builder, and so the image's size [default: the image's].
+        #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
+        disk: Option<u64>,
+        /// Follow the operation until it finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The images cached on hosts.
+    #[command(subcommand)]
+    Cache(ImageCacheCmd),
+}
+
+/// `tuchka image cache …`
+#[derive(Debug, Clone, Subcommand)]
+pub enum ImageCacheCmd {
+    /// What is cached where, and what uses it.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Drop every cached image nothing uses now (the hosts remove them on their next pass).
+    Prune,
+}
+
+/// `tuchka volume …`
+#[derive(Debug, Clone, Subcommand)]
+pub enum VolumeCmd {
+    /// Make a thin data volume on one host.
+    Create {
+        /// Volume name.
+        name: String,
+        /// Size, e.g. 10G.
+        #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
+        size: u64,
+        /// On the host of this VM.
+        #[arg(long, value_name = "VM")]
+        near: Option<String>,
+        /// On this host [default: the one with the most free space].
+        #[arg(long, value_name = "HOST")]
+        host: Option<String>,
+    },
+    /// Attach a volume to a VM on its host (hot-plugged when the VM runs).
+    Attach {
+        /// Volume name.
+        name: String,
+        /// VM name.
+        vm: String,
+        /// Follow the operation until it finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Detach a volume from its VM.
+    Detach {
+        /// Volume name.
+        name: String,
+        /// Follow the operation until it finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Grow a volume (online when attached).
+    Resize {
+        /// Volume name.
+        name: String,
+        /// New size, e.g. 20G.
+        #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
+        size: u64,
+        /// Follow the operation until it finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List volumes: host, size, allocated, attached to.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one volume.
+    Show {
+        /// Volume name.
+        name: String,
+    },
+    /// Remove a volume (refused while attached).
+    #[command(visible_alias = "delete")]
+    Rm {
+        /// Volume name.
         name: String,
     },
 }
@@ -315,6 +430,15 @@ pub struct GroupCreateArgs {
     /// Never put two VMs of the group on one host.
     #[arg(long)]
     pub anti_affinity: bool,
+    /// Give every VM a data volume of this size (its second disk, named VM-data).
+    #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
+    pub volume_size: Option<u64>,
+    /// Keep those volumes when their VMs are removed.
+    #[arg(long, requires = "volume_size")]
+    pub keep_volumes: bool,
+    /// Most vCPUs a VM may be given while it runs (vm resize --cpus) [default: max(cpus, 4)].
+    #[arg(long, value_name = "N")]
+    pub max_cpus: Option<u32>,
     /// Follow the operation until it finishes.
     #[arg(long)]
     pub wait: bool,
@@ -411,6 +535,24 @@ pub enum VmCmd {
         #[arg(long, value_name = "HOST")]
         to: Option<String>,
         /// Follow the migration until it finishes; prints total time, downtime and bytes moved.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Change a VM's size: the disk grows at once, vCPUs go up at once up to the VM's
+    /// maximum; the rest applies at its next start (the output says which).
+    Resize {
+        /// VM name.
+        name: String,
+        /// vCPUs.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory, e.g. 512M.
+        #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
+        memory: Option<u64>,
+        /// Root disk, e.g. 4G (grow only).
+        #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
+        disk: Option<u64>,
+        /// Follow the operation until it finishes.
         #[arg(long)]
         wait: bool,
     },

@@ -15,14 +15,18 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tuchka_api::{BalancePlan, BalanceStatus, Drain, HostDrain, VmMigrate};
 use tuchka_api::{
+    CachePrune, CachedImage, ImageBuild, ImageCapture, Storage, VmResize, Volume, VolumeAttach,
+    VolumeCreate, VolumeResize,
+};
+use tuchka_api::{
     CheckItem, Forward, ForwardCreate, Group, GroupCreate, GroupScale, Host, Image, JoinToken,
     Network, NetworkCreate, Operation, OperationState, Rule, RuleCreate, Vm, VmStop,
 };
 use tuchka_client::{segment, Client, Endpoint, DEFAULT_SOCKET};
 
 use crate::args::{
-    BalanceCmd, Command, ForwardCmd, GlobalOpts, GroupCmd, GroupCreateArgs, HostCmd, ImageCmd,
-    NetCmd, OpCmd, Output, RuleCmd, VmCmd,
+    BalanceCmd, Command, ForwardCmd, GlobalOpts, GroupCmd, GroupCreateArgs, HostCmd, ImageCacheCmd,
+    ImageCmd, NetCmd, OpCmd, Output, RuleCmd, VmCmd, VolumeCmd,
 };
 use crate::render;
 use crate::report::{format_lines, operation_failure_lines};
@@ -110,6 +114,12 @@ pub async fn execute(ctx: &mut Ctx<'_>, cmd: Command) -> anyhow::Result<i32> {
         Command::Host(c) => host(ctx, c).await,
         Command::Op(c) => op(ctx, c).await,
         Command::Balance(c) => balance(ctx, c).await,
+        Command::Volume(c) => volume(ctx, c).await,
+        Command::Storage => {
+            let st: Storage = ctx.client.get("/v1/storage").await?;
+            ctx.show(&st, render::storage_view)?;
+            Ok(0)
+        }
         Command::Check => check(ctx).await,
     }
 }
@@ -136,6 +146,100 @@ async fn image(ctx: &mut Ctx<'_>, cmd: ImageCmd) -> anyhow::Result<i32> {
             ctx.client.delete_empty(&object("images", &name)).await?;
             if ctx.output == Output::Table {
                 ctx.print(&format!("image {name:?} removed\n"))?;
+            }
+        }
+        ImageCmd::Create {
+            name,
+            from_vm,
+            wait,
+        } => {
+            let body = ImageCapture { name, vm: from_vm };
+            let op: Operation = ctx.client.post("/v1/images/capture", &body).await?;
+            return follow(ctx, op, wait).await;
+        }
+        ImageCmd::Build {
+            name,
+            from,
+            user_data,
+            timeout,
+            memory,
+            disk,
+            wait,
+        } => {
+            let script = std::fs::read_to_string(&user_data).with_context(|| {
+                format!(
+                    "cannot read --user-data file {:?}",
+                    user_data.display().to_string()
+                )
+            })?;
+            let body = ImageBuild {
+                name,
+                from,
+                user_data: script,
+                timeout_s: timeout,
+                memory_mib: memory,
+                disk_mib: disk,
+            };
+            let op: Operation = ctx.client.post("/v1/images/build", &body).await?;
+            return follow(ctx, op, wait).await;
+        }
+        ImageCmd::Cache(ImageCacheCmd::List) => {
+            let cached: Vec<CachedImage> = ctx.client.get("/v1/images/cache").await?;
+            ctx.show(&cached, |c| render::cache_table(c))?;
+        }
+        ImageCmd::Cache(ImageCacheCmd::Prune) => {
+            let pruned: CachePrune = ctx.client.post_no_body("/v1/images/cache/prune").await?;
+            ctx.show(&pruned, render::prune_view)?;
+        }
+    }
+    Ok(0)
+}
+
+async fn volume(ctx: &mut Ctx<'_>, cmd: VolumeCmd) -> anyhow::Result<i32> {
+    match cmd {
+        VolumeCmd::Create {
+            name,
+            size,
+            near,
+            host,
+        } => {
+            let body = VolumeCreate {
+                name,
+                size_mib: size,
+                near,
+                host,
+            };
+            let v: Volume = ctx.client.post("/v1/volumes", &body).await?;
+            ctx.show(&v, render::volume_detail)?;
+        }
+        VolumeCmd::Attach { name, vm, wait } => {
+            let path = format!("{}/attach", object("volumes", &name));
+            let op: Operation = ctx.client.post(&path, &VolumeAttach { vm }).await?;
+            return follow(ctx, op, wait).await;
+        }
+        VolumeCmd::Detach { name, wait } => {
+            let path = format!("{}/detach", object("volumes", &name));
+            let op: Operation = ctx.client.post_no_body(&path).await?;
+            return follow(ctx, op, wait).await;
+        }
+        VolumeCmd::Resize { name, size, wait } => {
+            let path = format!("{}/resize", object("volumes", &name));
+            let body = VolumeResize { size_mib: size };
+            let op: Operation = ctx.client.post(&path, &body).await?;
+            return follow(ctx, op, wait).await;
+        }
+        VolumeCmd::List => {
+            let v: Vec<Volume> = ctx.client.get("/v1/volumes").await?;
+            ctx.show(&v, |v| render::volume_table(v))?;
+        }
+        VolumeCmd::Show { name } => {
+            let v: Volume = ctx.client.get(&object("volumes", &name)).await?;
+            ctx.show(&v, render::volume_detail)?;
+        }
+        VolumeCmd::Rm { name } => {
+            ctx.client.delete_empty(&object("volumes", &name)).await?;
+            if ctx.output == Output::Table {
+                ctx.print(&format!("volume {name:?} removed\n"))?;
             }
         }
     }
@@ -283,6 +387,9 @@ fn group_create_body(args: &GroupCreateArgs) -> anyhow::Result<GroupCreate> {
         ssh_keys,
         placement: Some(args.placement),
         anti_affinity: args.anti_affinity,
+        volume_size_mib: args.volume_size,
+        keep_volumes: args.keep_volumes,
+        max_cpus: args.max_cpus,
     })
 }
 
@@ -344,6 +451,22 @@ async fn vm(ctx: &mut Ctx<'_>, cmd: VmCmd) -> anyhow::Result<i32> {
         VmCmd::Rm(a) => {
             let op: Operation = ctx.client.delete(&object("vms", &a.name)).await?;
             return follow(ctx, op, a.wait).await;
+        }
+        VmCmd::Resize {
+            name,
+            cpus,
+            memory,
+            disk,
+            wait,
+        } => {
+            let path = format!("{}/resize", object("vms", &name));
+            let body = VmResize {
+                cpus,
+                memory_mib: memory,
+                disk_mib: disk,
+            };
+            let op: Operation = ctx.client.post(&path, &body).await?;
+            return follow(ctx, op, wait).await;
         }
         VmCmd::Migrate { name, to, wait } => {
             let path = format!("{}/migrate", object("vms", &name));
@@ -729,6 +852,9 @@ mod tests {
             ssh_keys: vec![],
             placement: tuchka_api::PlacementPolicy::Spread,
             anti_affinity: false,
+            volume_size: None,
+            keep_volumes: false,
+            max_cpus: None,
             wait: false,
         };
         let err = group_create_body(&args).expect_err("missing");
@@ -767,6 +893,9 @@ mod tests {
             ssh_keys: vec![key],
             placement: tuchka_api::PlacementPolicy::Pack,
             anti_affinity: false,
+            volume_size: None,
+            keep_volumes: false,
+            max_cpus: None,
             wait: true,
         };
         let body = group_create_body(&args).expect("body");
@@ -784,6 +913,9 @@ mod tests {
                 ssh_keys: vec!["ssh-ed25519 AAAA me".into()],
                 placement: Some(tuchka_api::PlacementPolicy::Pack),
                 anti_affinity: false,
+                volume_size_mib: None,
+                keep_volumes: false,
+                max_cpus: None,
             }
         );
     }

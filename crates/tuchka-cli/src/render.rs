@@ -5,7 +5,8 @@
 //! with no trailing whitespace.
 
 use tuchka_api::{
-    CheckItem, Forward, Group, Host, Image, JoinToken, Network, Operation, Rule, Vm, VmAddress,
+    CachePrune, CachedImage, CheckItem, Forward, Group, Host, Image, JoinToken, Network, Operation,
+    Rule, Storage, Vm, VmAddress, Volume,
 };
 
 use crate::size::{format_bytes, format_mib};
@@ -138,9 +139,134 @@ pub fn image_detail(i: &Image) -> String {
                 i.stored_size
             ),
         ),
+        ("made from", or_none(Some(&i.made_from))),
         ("created", i.created_at.clone()),
         ("used by", list_or_none(&i.used_by)),
     ])
+}
+
+/// `image cache list`: HOST IMAGE SHA256 USED BY.
+pub fn cache_table(items: &[CachedImage]) -> String {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|c| {
+            vec![
+                c.host.clone(),
+                list_or_none(&c.images),
+                short_sha(&c.sha256),
+                if c.used_by.is_empty() {
+                    "unused".to_string()
+                } else {
+                    c.used_by.join(", ")
+                },
+            ]
+        })
+        .collect();
+    table(&["HOST", "IMAGE", "SHA256", "USED BY"], &rows)
+}
+
+/// `image cache prune`.
+pub fn prune_view(p: &CachePrune) -> String {
+    if p.pruned.is_empty() {
+        return "nothing to prune: every cached image is in use\n".into();
+    }
+    let mut out = format!("pruned {} cached image(s):\n", p.pruned.len());
+    for x in &p.pruned {
+        out.push_str(&format!("  {x}\n"));
+    }
+    out
+}
+
+/// `volume list`: NAME HOST SIZE ALLOCATED STATE VM.
+pub fn volume_table(vols: &[Volume]) -> String {
+    let rows: Vec<Vec<String>> = vols
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.host.clone(),
+                format_mib(v.size_mib),
+                format_mib(v.allocated_mib),
+                v.state.to_string(),
+                or_none(v.vm.as_deref()),
+            ]
+        })
+        .collect();
+    table(&["NAME", "HOST", "SIZE", "ALLOCATED", "STATE", "VM"], &rows)
+}
+
+/// `volume show`.
+pub fn volume_detail(v: &Volume) -> String {
+    fields(&[
+        ("name", v.name.clone()),
+        ("id", v.id.clone()),
+        ("host", v.host.clone()),
+        ("size", format_mib(v.size_mib)),
+        ("allocated", format_mib(v.allocated_mib)),
+        ("state", v.state.to_string()),
+        ("attached to", or_none(v.vm.as_deref())),
+        (
+            "guest device",
+            format!("/dev/disk/by-id/virtio-{}", volume_serial(&v.id)),
+        ),
+        (
+            "removed with its vm",
+            if v.with_vm { "yes" } else { "no" }.to_string(),
+        ),
+        ("error", or_none(v.error.as_deref())),
+        ("created", v.created_at.clone()),
+    ])
+}
+
+/// The serial a guest sees for volume `id`: the id without dashes, 20 characters.
+fn volume_serial(id: &str) -> String {
+    id.chars().filter(|c| *c != '-').take(20).collect()
+}
+
+/// `storage`: per host, then the controller's store.
+pub fn storage_view(s: &Storage) -> String {
+    let rows: Vec<Vec<String>> = s
+        .hosts
+        .iter()
+        .map(|h| {
+            let pct = (h.used_mib * 100).checked_div(h.pool_mib).unwrap_or(0);
+            vec![
+                h.host.clone(),
+                format_mib(h.pool_mib),
+                format!("{} ({pct} %)", format_mib(h.used_mib)),
+                format_mib(h.free_mib),
+                format_mib(h.reserve_mib),
+                format!(
+                    "{} / {} (limit {})",
+                    format_mib(h.allocated_mib),
+                    format_mib(h.provisioned_mib),
+                    format_mib(h.provision_limit_mib)
+                ),
+                format!("{} ({})", format_mib(h.image_cache_mib), h.cached_images),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "HOST",
+            "POOL",
+            "USED",
+            "FREE",
+            "RESERVE",
+            "ALLOCATED / PROVISIONED",
+            "IMAGE CACHE",
+        ],
+        &rows,
+    );
+    out.push_str(&format!(
+        "\nimage store {}: {} free of {}, {} image(s) take {}\n",
+        s.store.path,
+        format_mib(s.store.free_mib),
+        format_mib(s.store.size_mib),
+        s.store.images,
+        format_mib(s.store.images_mib)
+    ));
+    out
 }
 
 /// `net list`.
@@ -367,12 +493,19 @@ pub fn vm_detail(vm: &Vm) -> String {
         ("cpus", vm.cpus.to_string()),
         ("memory", format_mib(vm.memory_mib)),
         ("disk", format_mib(vm.disk_mib)),
+        ("volumes", list_or_none(&vm.volumes)),
         ("domain", vm.domain.clone()),
         ("error", or_none(vm.error.as_deref())),
         ("created", vm.created_at.clone()),
     ];
     for cause in &vm.error_chain {
         pairs.push(("caused by", cause.clone()));
+    }
+    if let Some(why) = &vm.pause_reason {
+        pairs.push(("paused because", why.clone()));
+    }
+    if let Some(p) = &vm.pending_resize {
+        pairs.push(("at next start", p.clone()));
     }
     if let Some(m) = &vm.migration {
         pairs.push(("migrating", migration_line(m)));
@@ -785,6 +918,9 @@ mod tests {
             migration: None,
             last_migration: None,
             cpu_usage: 0.0,
+            volumes: vec![],
+            pending_resize: None,
+            pause_reason: None,
         }
     }
 
@@ -873,6 +1009,7 @@ mod tests {
             stored_size: 3 * 1024 * 1024 + 512 * 1024,
             created_at: "2026-01-01T00:00:00Z".into(),
             used_by: vec!["web-0".into(), "web-1".into()],
+            made_from: "upload".into(),
         };
         let out = image_table(std::slice::from_ref(&img));
         assert_eq!(

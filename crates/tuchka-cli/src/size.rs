@@ -64,6 +64,23 @@ pub fn parse_size_arg(input: &str) -> Result<u64, String> {
     parse_size_mib(input).map_err(|e| e.to_string())
 }
 
+/// A duration in whole seconds: `90`, `90s`, `10m`, `1h` (for clap's `value_parser`).
+pub fn parse_duration_arg(input: &str) -> Result<u32, String> {
+    let t = input.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        _ => (t, 1),
+    };
+    let bad = || format!("{input:?} is not a duration: use e.g. 90s, 10m or 1h");
+    let n: u32 = num.parse().map_err(|_| bad())?;
+    match n.checked_mul(mult) {
+        Some(0) | None => Err(bad()),
+        Some(s) => Ok(s),
+    }
+}
+
 /// A byte count for people: `512B`, `3K`, `1.5G`, `350.2M`.
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "K", "M", "G", "T", "P"];
@@ -169,5 +186,16 @@ mod tests {
         assert_eq!(format_mib(1024), "1G");
         assert_eq!(format_mib(1000), "1000M");
         assert_eq!(format_mib(8000), "7.8G");
+    }
+
+    #[test]
+    fn durations_in_seconds() {
+        assert_eq!(parse_duration_arg("90"), Ok(90));
+        assert_eq!(parse_duration_arg("90s"), Ok(90));
+        assert_eq!(parse_duration_arg("10m"), Ok(600));
+        assert_eq!(parse_duration_arg("1h"), Ok(3600));
+        for bad in ["", "0", "m", "1.5m", "-1s", "10d"] {
+            assert!(parse_duration_arg(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -54,6 +54,9 @@ fn vms() -> Vec<Vm> {
             migration: None,
             last_migration: None,
             cpu_usage: 0.0,
+            volumes: vec![],
+            pending_resize: None,
+            pause_reason: None,
         })
         .collect()
 }
@@ -187,6 +190,7 @@ async fn upload(State(f): State<Fake>, Query(q): Query<NameQuery>, body: Body) -
         stored_size: 196_608,
         created_at: "2026-01-01T00:00:00Z".into(),
         used_by: vec![],
+        made_from: "upload".into(),
     };
     (StatusCode::CREATED, Json(img)).into_response()
 }

@@ -78,6 +78,7 @@ fn image(name: &str, size: u64) -> Image {
         stored_size: size,
         created_at: "2026-01-01T00:00:00Z".to_string(),
         used_by: vec![],
+        made_from: "upload".into(),
     }
 }
 

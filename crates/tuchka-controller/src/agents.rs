@@ -203,7 +203,9 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
     let mut changes: Vec<(String, String)> = vec![];
     let mut deleted_any = false;
     ctl.db().atomic(|c| {
-        db::host(c, host_id)?.ok_or_else(|| Error::not_found("host", "host", host_id))?;
+        let host_name = db::host(c, host_id)?
+            .ok_or_else(|| Error::not_found("host", "host", host_id))?
+            .name;
         db::touch_host(
             c,
             host_id,
@@ -218,6 +220,7 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
             let migrating = migrations.iter().any(|m| m.vm_id == v.id);
             match seen.get(v.id.as_str()) {
                 None if v.deleting => {
+                    crate::volumes::release_vm(c, &v.id)?;
                     db::delete_vm(c, &v.id)?;
                     changes.push((v.name.clone(), "removed".into()));
                     deleted_any = true;
@@ -237,7 +240,22 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
                     }
                     v.reboot_done = v.reboot_done.max(o.reboot_seq);
                     v.cpu_usage = o.cpu_usage;
-                    if before != (v.observed, v.error.clone()) {
+                    let paused_before = v.extra.pause_reason.clone();
+                    let x = &mut v.extra;
+                    x.resume_done = x.resume_done.max(o.resume_seq);
+                    x.pause_reason = o
+                        .pause_reason
+                        .as_ref()
+                        .map(|why| format!("disk full on host {host_name}: {why}"));
+                    x.running_with = o.running_with;
+                    x.powered_off |= o.powered_off;
+                    if o.console_tail.is_some() {
+                        x.console_tail = o.console_tail.clone();
+                    }
+                    x.resize_error = o.resize_error.clone();
+                    if let (None, Some(why)) = (&paused_before, &v.extra.pause_reason) {
+                        changes.push((v.name.clone(), format!("paused: {why}")));
+                    } else if before != (v.observed, v.error.clone()) {
                         changes.push((v.name.clone(), v.observed.as_str().to_string()));
                     }
                     db::update_vm(c, &v)?;
@@ -271,6 +289,28 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
                 db::save_migration(c, &m)?;
             }
         }
+        changes.extend(crate::volumes::apply_observed(c, host_id, &report.volumes)?);
+        crate::captures::apply_observed(c, host_id, &report.captures)?;
+        // Images in use here: those of its VMs and of VMs on their way to it.
+        let mut here: Vec<String> = db::host_vms(c, host_id)?
+            .into_iter()
+            .map(|v| v.group)
+            .collect();
+        for m in db::active_migrations(c)?
+            .iter()
+            .filter(|m| m.target_host == host_id)
+        {
+            if let Some(v) = db::vm_by_id(c, &m.vm_id)? {
+                here.push(v.group);
+            }
+        }
+        let mut in_use = std::collections::HashSet::new();
+        for g in here {
+            if let Some(g) = db::group(c, &g)? {
+                in_use.insert(g.image_sha256);
+            }
+        }
+        db::touch_image_cache(c, host_id, &report.cached_images, &in_use, db::now_unix())?;
         let rows: Vec<HostNetworkRow> = report
             .networks
             .iter()

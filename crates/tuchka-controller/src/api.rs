@@ -32,7 +32,15 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
                 .post(upload_image)
                 .layer(DefaultBodyLimit::disable()),
         )
+        .route("/v1/images/cache", get(image_cache))
+        .route("/v1/images/cache/prune", post(prune_image_cache))
         .route("/v1/images/{name}", get(get_image).delete(delete_image))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route("/v1/volumes/{name}/attach", post(attach_volume))
+        .route("/v1/volumes/{name}/detach", post(detach_volume))
+        .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/storage", get(storage))
         .route("/v1/networks", get(list_networks).post(create_network))
         .route(
             "/v1/networks/{name}",
@@ -58,6 +66,7 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
         .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
         .route("/v1/vms/{name}/console", get(vm_console))
         .route("/v1/vms/{name}/migrate", post(migrate_vm))
+        .route("/v1/vms/{name}/resize", post(resize_vm))
         .route("/v1/vms/{name}/{action}", post(vm_action))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{name}", get(get_host))

@@ -44,7 +44,7 @@ pub fn inputs(
         .iter()
         .filter(|h| !h.revoked)
         .map(|h| HostLoad {
-            capacity: crate::scheduler::capacity(s, h),
+            capacity: crate::scheduler::capacity(s, h, ctl.config().disk_reserve),
             cpu_usage: s.is_up(h).then_some(h.facts.cpu_usage),
             memory_in_use_mib: h.facts.memory_in_use_mib,
         })
@@ -56,15 +56,18 @@ pub fn inputs(
         .filter_map(|v| {
             let g = s.groups.get(&v.group)?;
             let moving = s.migration_of(&v.id).is_some();
+            let size = crate::snapshot::size_of(v, g);
             Some(VmLoad {
                 id: v.id.clone(),
                 name: v.name.clone(),
                 group: v.group.clone(),
                 host_id: v.host_id.clone(),
                 running: v.desired == PowerState::Running && v.observed == VmState::Running,
-                vcpus: g.cpus,
-                memory_mib: g.memory_mib,
-                disk_mib: g.disk_mib,
+                vcpus: size.cpus,
+                memory_mib: size.memory_mib,
+                // Its volumes move with it: the target provisions them too.
+                disk_mib: size.disk_mib
+                    + s.vm_volumes(&v.id).iter().map(|x| x.size_mib).sum::<u64>(),
                 image_sha256: g.image_sha256.clone(),
                 cpu_cores: v.cpu_usage,
                 memory_in_use_mib: None,

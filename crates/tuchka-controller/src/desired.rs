@@ -6,13 +6,14 @@
 use std::collections::{HashMap, HashSet};
 
 use tuchka_api::agent::{
-    DhcpHost, HostDesired, NetworkDesired, NicDesired, PeerHost, VmDesired, VmRemoval, VxlanDesired,
+    CaptureDesired, CaptureStatus, DhcpHost, HostDesired, NetworkDesired, NicDesired, PeerHost,
+    VmDesired, VmRemoval, VolumeDesired, VxlanDesired,
 };
 use tuchka_core::names;
 use tuchka_store::{NetworkRow, VmRow};
 
 use crate::error::{Error, Result};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{size_of, Snapshot};
 use crate::state::Controller;
 
 /// MTU of tenant bridges and guest NICs (leaves room for VXLAN on a 1500 fabric).
@@ -31,14 +32,39 @@ pub fn desired_for(ctl: &Controller, host_id: &str, generation: u64) -> Result<H
     }
     let rules = tuchka_store::rules(c)?;
     let forwards = tuchka_store::forwards(c)?;
-    Ok(build(
+    let mut d = build(&s, ctl.cloud_id(), host_id, generation, &rules, &forwards);
+    d.images = keep_images(
         &s,
-        ctl.cloud_id(),
         host_id,
-        generation,
-        &rules,
-        &forwards,
-    ))
+        &d,
+        &tuchka_store::image_cache(c)?,
+        ctl.config().image_cache_ttl.as_secs() as i64,
+    );
+    Ok(d)
+}
+
+/// The cached images host `host_id` keeps: those its VMs use, and those of the cloud used there
+/// within the last `ttl_s` seconds (an expired or pruned entry has time 0).
+pub fn keep_images(
+    s: &Snapshot,
+    host_id: &str,
+    d: &HostDesired,
+    cache: &HashMap<(String, String), i64>,
+    ttl_s: i64,
+) -> Vec<String> {
+    let mut keep: Vec<String> = d.vms.iter().map(|v| v.image_sha256.clone()).collect();
+    for i in &s.images {
+        let last = cache
+            .get(&(host_id.to_string(), i.sha256.clone()))
+            .copied()
+            .unwrap_or(0);
+        if last > 0 && s.now_unix - last < ttl_s {
+            keep.push(i.sha256.clone());
+        }
+    }
+    keep.sort();
+    keep.dedup();
+    keep
 }
 
 fn vm_desired(
@@ -63,14 +89,23 @@ fn vm_desired(
             })
         })
         .collect();
+    let size = size_of(v, g);
     Some(VmDesired {
         id: v.id.clone(),
         name: v.name.clone(),
         domain: names::domain_name(cloud_id, &v.name),
         power: v.desired,
-        cpus: g.cpus,
-        memory_mib: g.memory_mib,
-        disk_mib: g.disk_mib,
+        cpus: size.cpus,
+        memory_mib: size.memory_mib,
+        disk_mib: size.disk_mib,
+        max_cpus: v.extra.max_cpus.max(size.cpus),
+        volumes: s
+            .vm_volumes(&v.id)
+            .into_iter()
+            .map(volume_desired)
+            .collect(),
+        resume_seq: v.extra.resume_seq,
+        run_once: v.extra.run_once,
         image_sha256: img.sha256.clone(),
         image_file_sha256: img.file_sha256.clone(),
         nics,
@@ -86,6 +121,14 @@ fn vm_desired(
         stop_timeout_s: v.stop_timeout_s,
         migration: crate::migrations::desired_role(s, v, host_id),
     })
+}
+
+fn volume_desired(x: &tuchka_store::VolumeRow) -> VolumeDesired {
+    VolumeDesired {
+        id: x.id.clone(),
+        name: x.name.clone(),
+        size_mib: x.size_mib,
+    }
 }
 
 /// The desired state of `host_id` (pure over the snapshot and the rule rows).
@@ -241,6 +284,32 @@ pub fn build(
             channel_port: h.facts.channel_port,
         })
         .collect();
+    let volumes = s
+        .volumes
+        .iter()
+        .filter(|x| x.host_id == host_id && !x.deleting)
+        .map(volume_desired)
+        .collect();
+    let volume_removals = s
+        .volumes
+        .iter()
+        .filter(|x| x.host_id == host_id && x.deleting)
+        .map(|x| x.id.clone())
+        .collect();
+    let captures = s
+        .captures
+        .iter()
+        .filter(|x| {
+            x.host_id == host_id
+                && matches!(x.status, CaptureStatus::Copying | CaptureStatus::Uploading)
+        })
+        .map(|x| CaptureDesired {
+            id: x.id.clone(),
+            image: x.image.clone(),
+            vm_id: x.vm_id.clone(),
+            domain: names::domain_name(cloud_id, &x.vm_name),
+        })
+        .collect();
     HostDesired {
         generation,
         cloud_id: cloud_id.to_string(),
@@ -249,6 +318,9 @@ pub fn build(
         images,
         removals,
         peers,
+        volumes,
+        volume_removals,
+        captures,
     }
 }
 

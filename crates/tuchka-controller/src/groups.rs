@@ -9,7 +9,7 @@ use tuchka_api::{GroupCreate, GroupScale, Operation, PlacementPolicy, PowerState
 use tuchka_core::ipam::{self, Cidr};
 use tuchka_core::names::{self, validate_name};
 use tuchka_core::ops::OpKind;
-use tuchka_store::{self as db, GroupRow, NicRow, VmRow};
+use tuchka_store::{self as db, GroupRow, NicRow, VmExtra, VmRow};
 
 use crate::error::{Error, Result};
 use crate::operations::{self, new_op, Step};
@@ -20,6 +20,8 @@ use crate::state::Controller;
 pub const MAX_COUNT: u32 = 100;
 /// Most vCPUs per VM.
 pub const MAX_CPUS: u32 = 64;
+/// Most vCPUs a VM may get while running, unless `--max-cpus` says otherwise (at least its own).
+pub const DEFAULT_MAX_CPUS: u32 = 4;
 /// Least memory per VM (the test image panics below 96 MiB).
 pub const MIN_MEMORY_MIB: u64 = 64;
 /// Most memory per VM (1 TiB).
@@ -85,17 +87,20 @@ fn check(c: &Connection, req: &GroupCreate) -> Result<(db::ImageRow, u64, Placem
             format!("group name too long for its VM names: {e}"),
         )
     })?;
-    if req.cpus == 0 || req.cpus > MAX_CPUS {
-        return Err(Error::invalid(
-            "InvalidCpus",
-            format!("cpus {} is out of range: use 1 to {MAX_CPUS}", req.cpus),
-        ));
+    check_size(req.cpus, req.memory_mib)?;
+    if let Some(m) = req.max_cpus {
+        if m < req.cpus || m > MAX_CPUS {
+            return Err(Error::invalid(
+                "InvalidCpus",
+                format!(
+                    "max cpus {m} is out of range: use {} to {MAX_CPUS}",
+                    req.cpus
+                ),
+            ));
+        }
     }
-    if req.memory_mib < MIN_MEMORY_MIB || req.memory_mib > MAX_MEMORY_MIB {
-        return Err(Error::invalid(
-            "InvalidMemory",
-            format!("memory {} MiB is out of range: use {MIN_MEMORY_MIB} MiB to {} GiB, e.g. --memory 256M", req.memory_mib, MAX_MEMORY_MIB >> 10),
-        ));
+    if let Some(v) = req.volume_size_mib {
+        crate::volumes::check_size(v)?;
     }
     let policy = req.placement.unwrap_or(PlacementPolicy::Spread);
     if req
@@ -155,6 +160,23 @@ fn check(c: &Connection, req: &GroupCreate) -> Result<(db::ImageRow, u64, Placem
     Ok((img, disk, policy))
 }
 
+/// Refuse vCPUs or memory out of range.
+pub fn check_size(cpus: u32, memory_mib: u64) -> Result<()> {
+    if cpus == 0 || cpus > MAX_CPUS {
+        return Err(Error::invalid(
+            "InvalidCpus",
+            format!("cpus {cpus} is out of range: use 1 to {MAX_CPUS}"),
+        ));
+    }
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        return Err(Error::invalid(
+            "InvalidMemory",
+            format!("memory {memory_mib} MiB is out of range: use {MIN_MEMORY_MIB} MiB to {} GiB, e.g. --memory 256M", MAX_MEMORY_MIB >> 10),
+        ));
+    }
+    Ok(())
+}
+
 /// Place, address and insert VMs `indexes` of group `g`. Returns their ids.
 fn add_vms(
     ctl: &Controller,
@@ -207,7 +229,7 @@ fn add_vms(
                 name,
                 group: g.name.clone(),
                 idx,
-                host_id: p.host_id,
+                host_id: p.host_id.clone(),
                 placement_reason: p.reason,
                 desired: PowerState::Running,
                 observed: VmState::Pending,
@@ -220,8 +242,23 @@ fn add_vms(
                 stop_timeout_s: 60,
                 deleting: false,
                 created_at: db::now(),
+                extra: VmExtra {
+                    max_cpus: g.max_cpus,
+                    ..VmExtra::default()
+                },
             },
         )?;
+        if let Some(size_mib) = g.volume_size_mib {
+            crate::volumes::insert_for_vm(
+                c,
+                &s,
+                &names::vm_name(&g.name, idx),
+                &id,
+                &p.host_id,
+                size_mib,
+                !g.keep_volumes,
+            )?;
+        }
         for (i, net) in g.networks.iter().enumerate() {
             let used = used_ips.entry(net.clone()).or_default();
             let ip = ipam::allocate_ip(net, &nets[net], used)
@@ -273,6 +310,9 @@ pub fn create(ctl: &Controller, req: GroupCreate) -> Result<Operation> {
             anti_affinity: req.anti_affinity,
             deleting: false,
             created_at: db::now(),
+            volume_size_mib: req.volume_size_mib,
+            keep_volumes: req.keep_volumes,
+            max_cpus: req.max_cpus.unwrap_or(req.cpus.max(DEFAULT_MAX_CPUS)),
         };
         db::insert_group(c, &g)?;
         add_vms(ctl, c, &g, 0..req.count)?;

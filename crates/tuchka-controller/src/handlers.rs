@@ -22,6 +22,9 @@ use tuchka_api::{
     GroupScale, Host, HostDrain, Image, JoinToken, Network, NetworkCreate, Operation, Rule,
     RuleCreate, Vm, VmMigrate, VmStop,
 };
+use tuchka_api::{
+    CachePrune, CachedImage, Storage, VmResize, Volume, VolumeAttach, VolumeCreate, VolumeResize,
+};
 
 use crate::error::{Error, Result};
 use crate::state::Controller;
@@ -98,9 +101,15 @@ pub async fn list_images(State(ctl): State<Controller>) -> Result<Json<Vec<Image
 pub async fn upload_image(
     State(ctl): State<Controller>,
     Query(q): Query<UploadQuery>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Image>)> {
-    let img = images::upload(&ctl, &q.name, body.into_data_stream()).await?;
+    let inc = images::Incoming {
+        name: &q.name,
+        made_from: "upload",
+        size: content_length(&headers),
+    };
+    let img = images::upload(&ctl, inc, body.into_data_stream()).await?;
     Ok((StatusCode::CREATED, Json(img)))
 }
 
@@ -619,4 +628,126 @@ pub async fn image_file(
     }
     resp.body(body)
         .map_err(|e| Error::internal("cannot build response", &e))
+}
+
+/// The body length a client announced.
+fn content_length(h: &axum::http::HeaderMap) -> Option<u64> {
+    h.get(axum::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+// ------------------------------------------------------------------ volumes and disk space
+
+/// List volumes.
+#[utoipa::path(get, path = "/v1/volumes", responses((status = 200, body = Vec<Volume>)))]
+pub async fn list_volumes(State(ctl): State<Controller>) -> Result<Json<Vec<Volume>>> {
+    blocking(move || crate::volumes::list(&ctl)).await.map(Json)
+}
+
+/// Make a volume (recorded at once; its host makes the file on its next pass).
+#[utoipa::path(post, path = "/v1/volumes", request_body = VolumeCreate,
+    responses((status = 201, body = Volume), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn create_volume(
+    State(ctl): State<Controller>,
+    JsonBody(req): JsonBody<VolumeCreate>,
+) -> Result<(StatusCode, Json<Volume>)> {
+    let v = blocking(move || crate::volumes::create(&ctl, req)).await?;
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+/// Show a volume.
+#[utoipa::path(get, path = "/v1/volumes/{name}", responses((status = 200, body = Volume), (status = 404, body = ApiError)))]
+pub async fn get_volume(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<Json<Volume>> {
+    blocking(move || crate::volumes::get(&ctl, &name))
+        .await
+        .map(Json)
+}
+
+/// Remove a volume (refused while attached).
+#[utoipa::path(delete, path = "/v1/volumes/{name}", responses((status = 204), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn delete_volume(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<StatusCode> {
+    blocking(move || crate::volumes::delete(&ctl, &name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Attach a volume to a VM on its host.
+#[utoipa::path(post, path = "/v1/volumes/{name}/attach", request_body = VolumeAttach,
+    responses((status = 202, body = Operation), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn attach_volume(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<VolumeAttach>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::volumes::attach(&ctl, &name, req)).await?;
+    accepted(c2, op).await
+}
+
+/// Detach a volume from its VM.
+#[utoipa::path(post, path = "/v1/volumes/{name}/detach",
+    responses((status = 202, body = Operation), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn detach_volume(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::volumes::detach(&ctl, &name)).await?;
+    accepted(c2, op).await
+}
+
+/// Grow a volume.
+#[utoipa::path(post, path = "/v1/volumes/{name}/resize", request_body = VolumeResize,
+    responses((status = 202, body = Operation), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn resize_volume(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<VolumeResize>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::volumes::resize(&ctl, &name, req)).await?;
+    accepted(c2, op).await
+}
+
+/// Change a VM's size; the operation's message says what applies now and what at the next start.
+#[utoipa::path(post, path = "/v1/vms/{name}/resize", request_body = VmResize,
+    responses((status = 202, body = Operation), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn resize_vm(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<VmResize>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::vms::resize(&ctl, &name, req)).await?;
+    accepted(c2, op).await
+}
+
+/// Disk space: every host's pool and the controller's image store.
+#[utoipa::path(get, path = "/v1/storage", responses((status = 200, body = Storage)))]
+pub async fn storage(State(ctl): State<Controller>) -> Result<Json<Storage>> {
+    blocking(move || crate::storage::view(&ctl)).await.map(Json)
+}
+
+/// The images cached on hosts.
+#[utoipa::path(get, path = "/v1/images/cache", responses((status = 200, body = Vec<CachedImage>)))]
+pub async fn image_cache(State(ctl): State<Controller>) -> Result<Json<Vec<CachedImage>>> {
+    blocking(move || crate::storage::cache_list(&ctl))
+        .await
+        .map(Json)
+}
+
+/// Drop every cached image nothing uses.
+#[utoipa::path(post, path = "/v1/images/cache/prune", responses((status = 200, body = CachePrune)))]
+pub async fn prune_image_cache(State(ctl): State<Controller>) -> Result<Json<CachePrune>> {
+    blocking(move || crate::storage::cache_prune(&ctl))
+        .await
+        .map(Json)
 }

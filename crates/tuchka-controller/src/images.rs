@@ -44,13 +44,29 @@ fn bad(message: String) -> Error {
     Error::invalid("InvalidImage", message)
 }
 
-/// Store an upload under `name`. `body` is the raw file.
-pub async fn upload<S, E>(ctl: &Controller, name: &str, body: S) -> Result<Image>
+/// Where an image comes from, and how big the sender says it is.
+#[derive(Debug, Clone)]
+pub struct Incoming<'a> {
+    /// The new image's name.
+    pub name: &'a str,
+    /// `upload`, `vm web-0`, `build from tiny`.
+    pub made_from: &'a str,
+    /// The body's length, when the sender said it (Content-Length).
+    pub size: Option<u64>,
+}
+
+/// Store an incoming image (an upload, or a capture an agent sends). `body` is the raw file.
+pub async fn upload<S, E>(ctl: &Controller, inc: Incoming<'_>, body: S) -> Result<Image>
 where
     S: Stream<Item = std::result::Result<bytes::Bytes, E>> + Unpin,
     E: std::error::Error + Send + Sync + 'static,
 {
-    if let Err(e) = precheck(ctl, name) {
+    let Incoming {
+        name,
+        made_from,
+        size: announced,
+    } = inc;
+    if let Err(e) = precheck(ctl, name).and_then(|()| check_store_space(ctl, name, announced)) {
         // Read the body before answering: a client still sending would otherwise see a broken
         // pipe instead of this error.
         let mut body = body;
@@ -110,6 +126,7 @@ where
         virtual_size: info.virtual_size,
         stored_size,
         created_at: db::now(),
+        made_from: made_from.to_string(),
     };
     let inserted = ctl.db().atomic(|c| {
         if db::image(c, name)?.is_some() {
@@ -147,6 +164,55 @@ fn precheck(ctl: &Controller, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Size and free space of the controller's image store, bytes.
+pub fn store_space(ctl: &Controller) -> Result<(u64, u64)> {
+    let dir = ctl.config().data_dir.join("images");
+    let st = rustix::fs::statvfs(&dir).map_err(|e| {
+        Error::internal(
+            format!("cannot read the free space of {}", dir.display()),
+            &std::io::Error::from(e),
+        )
+    })?;
+    Ok((
+        st.f_blocks.saturating_mul(st.f_frsize),
+        st.f_bavail.saturating_mul(st.f_frsize),
+    ))
+}
+
+/// Refuse up front an image the store has no room for: the upload itself, and (for raw files)
+/// its qcow2 conversion beside it.
+fn check_store_space(ctl: &Controller, name: &str, size: Option<u64>) -> Result<()> {
+    let Some(size) = size else { return Ok(()) };
+    let (_, free) = store_space(ctl)?;
+    let need = size.saturating_add(MARGIN);
+    if need > free {
+        return Err(Error::conflict(
+            "StoreFull",
+            format!(
+                "image {name:?} needs {} MiB but the controller's image store has {} MiB free (free space there, or remove unused images: tuchka image list)",
+                need.div_ceil(MIB),
+                free / MIB
+            ),
+        ));
+    }
+    Ok(())
+}
+
+const MIB: u64 = 1 << 20;
+/// Kept free in the store beyond an incoming image: its database and logs live there too.
+const MARGIN: u64 = 16 * MIB;
+
+fn store_full(e: &std::io::Error) -> Error {
+    if e.raw_os_error() == Some(28) {
+        Error::conflict(
+            "StoreFull",
+            "the controller's image store ran out of space while receiving the image; nothing was kept (free space there and send it again)",
+        )
+    } else {
+        Error::internal("cannot write the incoming image", e)
+    }
+}
+
 async fn receive<S, E>(path: &Path, mut body: S) -> Result<(String, u64)>
 where
     S: Stream<Item = std::result::Result<bytes::Bytes, E>> + Unpin,
@@ -162,16 +228,10 @@ where
             .map_err(|e| Error::invalid("UploadFailed", format!("upload interrupted: {e}")))?;
         hasher.update(&chunk);
         size += chunk.len() as u64;
-        f.write_all(&chunk)
-            .await
-            .map_err(|e| Error::internal("cannot write the upload (is the disk full?)", &e))?;
+        f.write_all(&chunk).await.map_err(|e| store_full(&e))?;
     }
-    f.flush()
-        .await
-        .map_err(|e| Error::internal("cannot write the upload (is the disk full?)", &e))?;
-    f.sync_all()
-        .await
-        .map_err(|e| Error::internal("cannot write the upload (is the disk full?)", &e))?;
+    f.flush().await.map_err(|e| store_full(&e))?;
+    f.sync_all().await.map_err(|e| store_full(&e))?;
     Ok((hex::encode(hasher.finalize()), size))
 }
 
@@ -389,6 +449,7 @@ fn view(c: &Connection, i: ImageRow) -> Result<Image> {
         stored_size: i.stored_size,
         created_at: i.created_at,
         used_by,
+        made_from: i.made_from,
     })
 }
 

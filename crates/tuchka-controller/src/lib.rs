@@ -11,6 +11,8 @@
 pub mod agents;
 pub mod api;
 pub mod balance;
+pub mod builds;
+pub mod captures;
 pub mod desired;
 pub mod drain;
 pub mod error;
@@ -27,8 +29,10 @@ pub mod progress;
 pub mod scheduler;
 pub mod snapshot;
 pub mod state;
+pub mod storage;
 pub mod tls;
 pub mod vms;
+pub mod volumes;
 
 pub use error::{Error, Result};
 pub use state::{Controller, ControllerConfig};

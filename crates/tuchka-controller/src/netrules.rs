@@ -464,6 +464,7 @@ mod tests {
             stop_timeout_s: 60,
             deleting: false,
             created_at: String::new(),
+            extra: Default::default(),
         }
     }
 

@@ -40,7 +40,7 @@ fn try_progress(ctl: &Controller) -> Result<()> {
         bump |= crate::drain::advance(ctl, c)?;
         bump |= crate::balance::advance(ctl, c)?;
         for mut o in db::running_operations(c)? {
-            let step = evaluate(c, &o)?;
+            let step = evaluate(ctl, c, &o)?;
             let step = match step {
                 Step::Running { .. } if has_deadline(&o.record.kind) && age(&o) > OP_TIMEOUT => {
                     Step::Failed {
@@ -74,6 +74,12 @@ fn try_progress(ctl: &Controller) -> Result<()> {
                     db::save_operation(c, &o)?;
                 }
                 Step::Succeeded { message } => {
+                    // An empty message keeps the one it had (e.g. what a resize did when).
+                    let message = if message.is_empty() {
+                        o.op.message.clone()
+                    } else {
+                        message
+                    };
                     operations::finish(&mut o, message, None);
                     db::save_operation(c, &o)?;
                     finished.push(o.op.clone());
@@ -120,7 +126,7 @@ fn has_deadline(k: &OpKind) -> bool {
     )
 }
 
-fn evaluate(c: &Connection, o: &OpRow) -> Result<Step> {
+fn evaluate(ctl: &Controller, c: &Connection, o: &OpRow) -> Result<Step> {
     let rollback = o.record.rollback_error.as_deref();
     match &o.record.kind {
         k @ (OpKind::GroupCreate { .. }
@@ -140,6 +146,12 @@ fn evaluate(c: &Connection, o: &OpRow) -> Result<Step> {
         }
         OpKind::HostDrain { .. } => crate::drain::evaluate(c, o),
         OpKind::BalanceApply { .. } => crate::balance::evaluate(c, o),
+        k @ (OpKind::VolumeAttach { .. }
+        | OpKind::VolumeDetach { .. }
+        | OpKind::VolumeResize { .. }) => crate::volumes::evaluate(c, k),
+        k @ OpKind::VmResize { .. } => crate::vms::evaluate(c, k),
+        OpKind::ImageCapture { .. } => crate::captures::evaluate(c, o),
+        OpKind::ImageBuild { .. } => crate::builds::evaluate(ctl, c, o),
     }
 }
 

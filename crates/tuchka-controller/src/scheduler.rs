@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 use crate::snapshot::Snapshot;
 use crate::state::Controller;
 
-/// What the scheduler knows of host `h`.
-pub fn capacity(s: &Snapshot, h: &HostRow) -> HostCapacity {
+/// What the scheduler knows of host `h`; `reserve`: the share of its pool kept free.
+pub fn capacity(s: &Snapshot, h: &HostRow, reserve: f64) -> HostCapacity {
     let u = s.usage(&h.id);
     HostCapacity {
         id: h.id.clone(),
@@ -24,13 +24,20 @@ pub fn capacity(s: &Snapshot, h: &HostRow) -> HostCapacity {
         memory_used_mib: u.memory_mib,
         disk_mib: h.facts.disk_mib,
         disk_provisioned_mib: u.disk_mib,
+        disk_free_mib: (h.facts.disk_mib > 0).then_some(h.facts.disk_free_mib),
+        disk_reserve_mib: reserve_mib(h.facts.disk_mib, reserve),
         cached_images: h.cached_images.clone(),
     }
 }
 
+/// The part of a pool of `pool_mib` kept free, MiB.
+pub fn reserve_mib(pool_mib: u64, reserve: f64) -> u64 {
+    (pool_mib as f64 * reserve.clamp(0.0, 1.0)).ceil() as u64
+}
+
 /// Every host's capacity.
-pub fn capacities(s: &Snapshot) -> Vec<HostCapacity> {
-    s.hosts.iter().map(|h| capacity(s, h)).collect()
+pub fn capacities(s: &Snapshot, reserve: f64) -> Vec<HostCapacity> {
+    s.hosts.iter().map(|h| capacity(s, h, reserve)).collect()
 }
 
 /// The request for `count` more VMs of group `g`, given where its live VMs are (`except`: a VM
@@ -59,6 +66,13 @@ pub fn request(s: &Snapshot, g: &GroupRow, count: u32, except: Option<&str>) -> 
         memory_mib: g.memory_mib,
         disk_mib: g.disk_mib,
         image_sha256: g.image_sha256.clone(),
+        image_mib: s
+            .images
+            .iter()
+            .find(|i| i.sha256 == g.image_sha256)
+            .map(|i| i.stored_size.div_ceil(1 << 20))
+            .unwrap_or(0),
+        volume_mib: g.volume_size_mib.unwrap_or(0),
         anti_affinity: g.anti_affinity,
         existing,
         policy: g.placement,
@@ -68,7 +82,7 @@ pub fn request(s: &Snapshot, g: &GroupRow, count: u32, except: Option<&str>) -> 
 /// Place `count` new VMs of group `g`, all or none.
 pub fn place(ctl: &Controller, s: &Snapshot, g: &GroupRow, count: u32) -> Result<Vec<Placement>> {
     placement::place_group(
-        &capacities(s),
+        &capacities(s, ctl.config().disk_reserve),
         &request(s, g, count, None),
         &ctl.config().ratios,
     )
@@ -99,13 +113,20 @@ pub fn migration_target(
             reasons.push(format!("{}: no migration channel (agent too old?)", h.name));
             continue;
         }
-        candidates.push(capacity(s, h));
+        candidates.push(capacity(s, h, ctl.config().disk_reserve));
     }
     if candidates.is_empty() && reasons.is_empty() {
         return Err("there is no other host".into());
     }
     let mut req = request(s, g, 1, Some(vm_id));
-    req.group = g.name.clone();
+    // The VM as it is: resized, and with the volumes that move with it.
+    if let Some(v) = s.vms.iter().find(|v| v.id == vm_id) {
+        let size = crate::snapshot::size_of(v, g);
+        req.cpus = size.cpus;
+        req.memory_mib = size.memory_mib;
+        req.disk_mib = size.disk_mib;
+        req.volume_mib = s.vm_volumes(vm_id).iter().map(|x| x.size_mib).sum();
+    }
     match placement::place_group(&candidates, &req, &ctl.config().ratios) {
         Ok(mut p) => p.pop().ok_or_else(|| "no placement".to_string()),
         Err(e) => {

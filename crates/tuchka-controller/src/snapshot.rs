@@ -7,31 +7,53 @@ use std::collections::HashMap;
 use rusqlite::Connection;
 use tuchka_api::HostState;
 use tuchka_store::{
-    self as db, GroupRow, HostRow, ImageRow, MigrationRow, NetworkRow, NicRow, RemovalRow, VmRow,
+    self as db, CaptureRow, GroupRow, HostRow, ImageRow, MigrationRow, NetworkRow, NicRow,
+    RemovalRow, VmRow, VolumeRow,
 };
 
 use crate::error::Result;
 
 /// What is promised on a host: vCPUs, memory and root disk of the VMs placed there, plus those
-/// migrating onto it (they hold their place on both hosts until the move ends).
+/// migrating onto it (they hold their place on both hosts until the move ends), and the
+/// volumes that live there.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     /// vCPUs.
     pub cpus: u32,
     /// Memory, MiB.
     pub memory_mib: u64,
-    /// Root disks, MiB.
+    /// Root disks and volumes (virtual sizes), MiB.
     pub disk_mib: u64,
     /// VMs.
     pub vms: u32,
 }
 
 impl Usage {
-    fn add(&mut self, g: &GroupRow) {
-        self.cpus += g.cpus;
-        self.memory_mib += g.memory_mib;
-        self.disk_mib += g.disk_mib;
+    fn add(&mut self, size: Size) {
+        self.cpus += size.cpus;
+        self.memory_mib += size.memory_mib;
+        self.disk_mib += size.disk_mib;
         self.vms += 1;
+    }
+}
+
+/// The size of one VM: its group's, or what `vm resize` gave it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Size {
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// Root disk, MiB.
+    pub disk_mib: u64,
+}
+
+/// The size VM `v` of group `g` must have.
+pub fn size_of(v: &VmRow, g: &GroupRow) -> Size {
+    Size {
+        cpus: v.extra.cpus.unwrap_or(g.cpus),
+        memory_mib: v.extra.memory_mib.unwrap_or(g.memory_mib),
+        disk_mib: v.extra.disk_mib.unwrap_or(g.disk_mib),
     }
 }
 
@@ -58,6 +80,10 @@ pub struct Snapshot {
     pub migrations: Vec<MigrationRow>,
     /// Removals the hosts have not done yet.
     pub removals: Vec<RemovalRow>,
+    /// Volumes by name.
+    pub volumes: Vec<VolumeRow>,
+    /// Captures asked for, oldest first.
+    pub captures: Vec<CaptureRow>,
     host_index: HashMap<String, usize>,
     nics_of: HashMap<String, Vec<usize>>,
     usage: HashMap<String, Usage>,
@@ -88,14 +114,37 @@ impl Snapshot {
             .iter()
             .map(|v| (v.id.as_str(), v.group.as_str()))
             .collect();
+        let vm_index: HashMap<&str, &VmRow> = vms.iter().map(|v| (v.id.as_str(), v)).collect();
         for v in &vms {
             if let Some(g) = groups.get(&v.group) {
-                usage.entry(v.host_id.clone()).or_default().add(g);
+                usage
+                    .entry(v.host_id.clone())
+                    .or_default()
+                    .add(size_of(v, g));
             }
         }
         for m in &migrations {
-            if let Some(g) = vm_group.get(m.vm_id.as_str()).and_then(|g| groups.get(*g)) {
-                usage.entry(m.target_host.clone()).or_default().add(g);
+            let vm = vm_index.get(m.vm_id.as_str());
+            if let (Some(v), Some(g)) = (
+                vm,
+                vm_group.get(m.vm_id.as_str()).and_then(|g| groups.get(*g)),
+            ) {
+                usage
+                    .entry(m.target_host.clone())
+                    .or_default()
+                    .add(size_of(v, g));
+            }
+        }
+        let volumes = db::volumes(c)?;
+        for v in &volumes {
+            usage.entry(v.host_id.clone()).or_default().disk_mib += v.size_mib;
+            // A volume moving with its VM holds its place on the target too.
+            if let Some(m) = v
+                .vm_id
+                .as_deref()
+                .and_then(|id| migrations.iter().find(|m| m.vm_id == id))
+            {
+                usage.entry(m.target_host.clone()).or_default().disk_mib += v.size_mib;
             }
         }
         Ok(Snapshot {
@@ -109,6 +158,8 @@ impl Snapshot {
             images: db::images(c)?,
             migrations,
             removals: db::removals(c)?,
+            volumes,
+            captures: db::captures(c)?,
             host_index,
             nics_of,
             usage,
@@ -154,6 +205,17 @@ impl Snapshot {
             .into_iter()
             .flatten()
             .map(|&i| &self.nics[i])
+    }
+
+    /// The volumes attached (or to be attached) to VM `id`, oldest first.
+    pub fn vm_volumes(&self, id: &str) -> Vec<&VolumeRow> {
+        let mut out: Vec<&VolumeRow> = self
+            .volumes
+            .iter()
+            .filter(|x| x.vm_id.as_deref() == Some(id) && !x.deleting)
+            .collect();
+        out.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+        out
     }
 
     /// The migration under way of VM `id`.

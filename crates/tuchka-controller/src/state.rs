@@ -40,6 +40,11 @@ pub struct ControllerConfig {
     pub migration_limits: tuchka_core::migration::Limits,
     /// Whether the controller balances load by itself, and how often.
     pub balance: BalanceConfig,
+    /// A cached image nothing on a host uses is removed there after this long
+    /// (`serve --image-cache-ttl`).
+    pub image_cache_ttl: Duration,
+    /// Share of each host's pool (0..1) never placed on (`serve --disk-reserve`).
+    pub disk_reserve: f64,
 }
 
 /// How the balancer runs (`serve --balance`, `--balance-interval`).
@@ -81,6 +86,8 @@ impl ControllerConfig {
             join: None,
             migration_limits: Default::default(),
             balance: BalanceConfig::default(),
+            image_cache_ttl: Duration::from_secs(24 * 3600),
+            disk_reserve: 0.10,
         }
     }
 }

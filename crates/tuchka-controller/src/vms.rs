@@ -4,14 +4,14 @@
 use std::collections::HashMap;
 
 use rusqlite::Connection;
-use tuchka_api::{Operation, PowerState, Vm, VmAddress, VmState, VmStop};
+use tuchka_api::{Operation, PowerState, Vm, VmAddress, VmResize, VmState, VmStop};
 use tuchka_core::names;
 use tuchka_core::ops::OpKind;
 use tuchka_store::{self as db, MigrationRow, VmRow};
 
 use crate::error::{Error, Result};
 use crate::operations::{self, migration_view, new_op, Step};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{size_of, Size, Snapshot};
 use crate::state::Controller;
 
 fn view(ctl: &Controller, s: &Snapshot, v: &VmRow, last: Option<&MigrationRow>) -> Result<Vm> {
@@ -20,6 +20,7 @@ fn view(ctl: &Controller, s: &Snapshot, v: &VmRow, last: Option<&MigrationRow>) 
         .get(&v.group)
         .ok_or_else(|| Error::not_found("group", "group", &v.group))?;
     let up = s.id_is_up(&v.host_id);
+    let size = size_of(v, g);
     let host_name = |id: &str| s.host_name(id);
     Ok(Vm {
         name: v.name.clone(),
@@ -35,9 +36,9 @@ fn view(ctl: &Controller, s: &Snapshot, v: &VmRow, last: Option<&MigrationRow>) 
         host: s.host_name(&v.host_id),
         placement_reason: v.placement_reason.clone(),
         image: g.image.clone(),
-        cpus: g.cpus,
-        memory_mib: g.memory_mib,
-        disk_mib: g.disk_mib,
+        cpus: size.cpus,
+        memory_mib: size.memory_mib,
+        disk_mib: size.disk_mib,
         addresses: s
             .vm_nics(&v.id)
             .map(|n| VmAddress {
@@ -54,7 +55,25 @@ fn view(ctl: &Controller, s: &Snapshot, v: &VmRow, last: Option<&MigrationRow>) 
         migration: s.migration_of(&v.id).map(|m| migration_view(m, host_name)),
         last_migration: last.map(|m| migration_view(m, host_name)),
         cpu_usage: v.cpu_usage,
+        volumes: s.vm_volumes(&v.id).iter().map(|x| x.name.clone()).collect(),
+        pending_resize: pending_resize(size, v.extra.running_with),
+        pause_reason: (v.observed == VmState::Paused)
+            .then(|| v.extra.pause_reason.clone())
+            .flatten(),
     })
+}
+
+/// What of `want` a running VM does not have yet (it gets it at its next start), in words.
+fn pending_resize(want: Size, now: Option<(u32, u64, u64)>) -> Option<String> {
+    let (cpus, memory_mib, _) = now?;
+    let mut parts = vec![];
+    if cpus != want.cpus {
+        parts.push(format!("cpus {}", want.cpus));
+    }
+    if memory_mib != want.memory_mib {
+        parts.push(format!("memory {} MiB", want.memory_mib));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 /// All VMs.
@@ -171,6 +190,25 @@ pub fn action(ctl: &Controller, name: &str, action: VmAction, stop: VmStop) -> R
                 )
             }
             _ => {
+                if action == VmAction::Resume
+                    && v.desired == PowerState::Running
+                    && v.observed == VmState::Paused
+                    && v.extra.pause_reason.is_some()
+                {
+                    // Its host paused it (a full pool): resume once, now that there is room.
+                    v.extra.resume_seq = v.extra.resume_seq.max(v.extra.resume_done) + 1;
+                    v.error = None;
+                    v.error_chain.clear();
+                    db::update_vm(c, &v)?;
+                    return Ok(new_op(
+                        OpKind::VmResume {
+                            vm: name.to_string(),
+                        },
+                        &target,
+                        1,
+                        "resuming (it was paused by its host)",
+                    ));
+                }
                 if action == VmAction::Resume && v.desired != PowerState::Paused {
                     return Err(Error::conflict(
                         "VmNotPaused",
@@ -325,9 +363,190 @@ pub fn evaluate(c: &Connection, kind: &OpKind) -> Result<Step> {
                 }
             }
         }
+        OpKind::VmResize { vm, vm_id, now } => {
+            let Some(v) = db::vm_by_id(c, vm_id)? else {
+                return Ok(removed(vm));
+            };
+            if let Some(e) = &v.extra.resize_error {
+                return Ok(Step::Failed {
+                    error: format!("vm {vm}: the new size could not be applied: {e}"),
+                    chain: vec![],
+                });
+            }
+            let seen = v.extra.running_with;
+            let reached = match (now, seen) {
+                ((None, None, None), _) => true,
+                (_, None) => false,
+                ((cpus, memory, disk), Some((c_now, m_now, d_now))) => {
+                    cpus.is_none_or(|x| x == c_now)
+                        && memory.is_none_or(|x| x == m_now)
+                        && disk.is_none_or(|x| d_now >= x)
+                }
+            };
+            if reached {
+                Step::Succeeded {
+                    message: String::new(),
+                }
+            } else {
+                Step::Running {
+                    done: 0,
+                    message: "waiting for the host to apply the new size".into(),
+                }
+            }
+        }
         _ => Step::Failed {
             error: "not a VM operation".into(),
             chain: vec![],
         },
+    })
+}
+
+/// `vm resize`: the root disk grows at once (the running guest sees it); vCPUs go up at once
+/// while running, up to the VM's maximum; the rest waits for the next start. The operation's
+/// message says which is which. The scheduler counts the new size from now on.
+pub fn resize(ctl: &Controller, name: &str, req: VmResize) -> Result<Operation> {
+    if req.cpus.is_none() && req.memory_mib.is_none() && req.disk_mib.is_none() {
+        return Err(Error::invalid(
+            "InvalidResize",
+            "say what to change: --cpus, --memory and/or --disk",
+        ));
+    }
+    operations::start(ctl, |c| {
+        let mut v = db::vm(c, name)?.ok_or_else(|| Error::not_found("vm", "vm", name))?;
+        if v.deleting {
+            return Err(Error::conflict(
+                "VmDeleting",
+                format!("vm {name:?} is being removed"),
+            ));
+        }
+        refuse_while_migrating(c, std::slice::from_ref(&v), "resize it")?;
+        let g =
+            db::group(c, &v.group)?.ok_or_else(|| Error::not_found("group", "group", &v.group))?;
+        let have = size_of(&v, &g);
+        let want = Size {
+            cpus: req.cpus.unwrap_or(have.cpus),
+            memory_mib: req.memory_mib.unwrap_or(have.memory_mib),
+            disk_mib: req.disk_mib.unwrap_or(have.disk_mib),
+        };
+        crate::groups::check_size(want.cpus, want.memory_mib)?;
+        if want.disk_mib < have.disk_mib {
+            return Err(Error::invalid(
+                "ShrinkRefused",
+                format!(
+                    "vm {name:?} has a {} MiB disk: a disk only grows (shrinking would cut its file system)",
+                    have.disk_mib
+                ),
+            ));
+        }
+        if want.disk_mib > crate::groups::MAX_DISK_MIB {
+            return Err(Error::invalid(
+                "InvalidDisk",
+                format!(
+                    "disk {} MiB is larger than {} TiB",
+                    want.disk_mib,
+                    crate::groups::MAX_DISK_MIB >> 20
+                ),
+            ));
+        }
+        let s = ctl.snapshot(c)?;
+        if let Some(h) = s.host(&v.host_id) {
+            let cap = crate::scheduler::capacity(&s, h, ctl.config().disk_reserve);
+            let more = tuchka_core::placement::GroupRequest {
+                group: g.name.clone(),
+                count: 1,
+                cpus: want.cpus.saturating_sub(have.cpus),
+                memory_mib: want.memory_mib.saturating_sub(have.memory_mib),
+                disk_mib: want.disk_mib - have.disk_mib,
+                image_sha256: String::new(),
+                image_mib: 0,
+                volume_mib: 0,
+                anti_affinity: false,
+                existing: Default::default(),
+                policy: g.placement,
+            };
+            let cap = tuchka_core::placement::HostCapacity {
+                draining: false,
+                cached_images: vec![String::new()],
+                ..cap
+            };
+            if let Some(why) =
+                tuchka_core::placement::refuse_reason(&cap, &more, &ctl.config().ratios, 0)
+            {
+                return Err(Error::conflict(
+                    "PlacementFailed",
+                    format!("vm {name:?} cannot grow on host {}: {why}", h.name),
+                ));
+            }
+        }
+        let running = v.desired != PowerState::Stopped && v.observed != VmState::Stopped;
+        let max_cpus = v.extra.max_cpus.max(have.cpus);
+        let cpus_now =
+            running && want.cpus != have.cpus && want.cpus > have.cpus && want.cpus <= max_cpus;
+        let disk_now = running && want.disk_mib != have.disk_mib;
+        let mut now_words = vec![];
+        let mut later_words = vec![];
+        if want.disk_mib != have.disk_mib {
+            if running {
+                now_words.push(format!("disk {} MiB", want.disk_mib));
+            } else {
+                later_words.push(format!("disk {} MiB", want.disk_mib));
+            }
+        }
+        if want.cpus != have.cpus {
+            let w = format!("cpus {}", want.cpus);
+            if cpus_now {
+                now_words.push(w);
+            } else {
+                later_words.push(if running && want.cpus > max_cpus {
+                    format!("{w} (above its maximum of {max_cpus} while running)")
+                } else {
+                    w
+                });
+            }
+        }
+        if want.memory_mib != have.memory_mib {
+            later_words.push(format!("memory {} MiB", want.memory_mib));
+        }
+        let mut message = String::new();
+        if !now_words.is_empty() {
+            message.push_str(&format!("now: {}", now_words.join(", ")));
+        }
+        if !later_words.is_empty() {
+            if !message.is_empty() {
+                message.push_str("; ");
+            }
+            message.push_str(&format!(
+                "at the next start: {}{}",
+                later_words.join(", "),
+                if running {
+                    format!(" (tuchka vm stop {name} --wait && tuchka vm start {name})")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        if message.is_empty() {
+            message = "nothing to change".into();
+        }
+        v.extra.cpus = Some(want.cpus);
+        v.extra.memory_mib = Some(want.memory_mib);
+        v.extra.disk_mib = Some(want.disk_mib);
+        v.extra.resize_error = None;
+        db::update_vm(c, &v)?;
+        let now = (
+            cpus_now.then_some(want.cpus),
+            None,
+            disk_now.then_some(want.disk_mib),
+        );
+        Ok(new_op(
+            OpKind::VmResize {
+                vm: name.to_string(),
+                vm_id: v.id.clone(),
+                now,
+            },
+            &format!("vm/{name}"),
+            1,
+            &message,
+        ))
     })
 }

@@ -43,6 +43,8 @@ fn cloud(rng: &mut StdRng) -> (Vec<HostLoad>, Vec<VmLoad>, Constraints) {
                     memory_used_mib: 0,
                     disk_mib: 4_000_000,
                     disk_provisioned_mib: 0,
+                    disk_free_mib: None,
+                    disk_reserve_mib: 0,
                     cached_images: if i % 3 == 0 {
                         vec!["img".into()]
                     } else {

@@ -22,6 +22,8 @@ fn hosts(n: usize) -> Vec<HostCapacity> {
             memory_used_mib: 0,
             disk_mib: 2_000_000,
             disk_provisioned_mib: 0,
+            disk_free_mib: None,
+            disk_reserve_mib: 0,
             cached_images: if i % 3 == 0 {
                 vec!["img".into()]
             } else {
@@ -45,6 +47,8 @@ fn run(policy: tuchka_api::PlacementPolicy, anti_affinity: bool) {
             memory_mib: 2048,
             disk_mib: 10_240,
             image_sha256: "img".into(),
+            image_mib: 0,
+            volume_mib: 0,
             anti_affinity,
             existing: BTreeMap::new(),
             policy,

@@ -125,6 +125,74 @@ pub enum OpKind {
         #[serde(default)]
         skipped: Vec<(String, String)>,
     },
+    /// Capture a VM's root disk as a new image (the VM keeps running).
+    #[serde(rename = "image.capture")]
+    ImageCapture {
+        /// Name of the new image.
+        image: String,
+        /// VM name.
+        vm: String,
+        /// VM id.
+        vm_id: String,
+        /// Host it is captured on.
+        host_id: String,
+    },
+    /// Build an image: a builder VM runs a script and powers off; its disk becomes the image.
+    #[serde(rename = "image.build")]
+    ImageBuild {
+        /// Name of the new image.
+        image: String,
+        /// The image it starts from.
+        from: String,
+        /// The builder's group (and its VM's name prefix) and network.
+        builder: String,
+        /// When the builder must have powered off, Unix seconds.
+        deadline_unix: i64,
+        /// The capture of the builder's disk, once it powered off (its operation id).
+        #[serde(default)]
+        capture: Option<String>,
+    },
+    /// Change a VM's vCPUs, memory or root disk.
+    #[serde(rename = "vm.resize")]
+    VmResize {
+        /// VM name.
+        vm: String,
+        /// VM id.
+        vm_id: String,
+        /// What must be seen running now: (vCPUs, memory MiB, disk MiB); None: left for later.
+        #[serde(default)]
+        now: (Option<u32>, Option<u64>, Option<u64>),
+    },
+    /// Hot-plug a volume into a VM.
+    #[serde(rename = "volume.attach")]
+    VolumeAttach {
+        /// Volume name.
+        volume: String,
+        /// Volume id.
+        volume_id: String,
+        /// VM name.
+        vm: String,
+        /// VM id.
+        vm_id: String,
+    },
+    /// Unplug a volume.
+    #[serde(rename = "volume.detach")]
+    VolumeDetach {
+        /// Volume name.
+        volume: String,
+        /// Volume id.
+        volume_id: String,
+    },
+    /// Grow a volume.
+    #[serde(rename = "volume.resize")]
+    VolumeResize {
+        /// Volume name.
+        volume: String,
+        /// Volume id.
+        volume_id: String,
+        /// New size, MiB.
+        size_mib: u64,
+    },
 }
 
 impl OpKind {
@@ -145,6 +213,12 @@ impl OpKind {
             OpKind::NetDelete { .. } => OperationKind::NetDelete,
             OpKind::HostDrain { .. } => OperationKind::HostDrain,
             OpKind::BalanceApply { .. } => OperationKind::BalanceApply,
+            OpKind::ImageCapture { .. } => OperationKind::ImageCapture,
+            OpKind::ImageBuild { .. } => OperationKind::ImageBuild,
+            OpKind::VmResize { .. } => OperationKind::VmResize,
+            OpKind::VolumeAttach { .. } => OperationKind::VolumeAttach,
+            OpKind::VolumeDetach { .. } => OperationKind::VolumeDetach,
+            OpKind::VolumeResize { .. } => OperationKind::VolumeResize,
         }
     }
 

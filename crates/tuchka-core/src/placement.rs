@@ -1,7 +1,10 @@
 //! The scheduler: place a whole group of identical VMs on hosts, or explain why not.
 //!
 //! Filters (a host must pass all): it is up and not draining; it has free vCPU, memory and disk
-//! for the VM under the overcommit ratios; with anti-affinity it holds no other VM of the group.
+//! for the VM under the overcommit ratios (disk: the virtual sizes of root disks and volumes
+//! within the provisioning ratio of the pool); its pool has the real space the VM takes at once
+//! (the image when the host does not cache it yet) beyond the reserve kept free; with
+//! anti-affinity it holds no other VM of the group.
 //! Weights pick among the hosts that pass: `spread` prefers the host with the most free memory
 //! (then fewest VMs of the group), `pack` the one with the least; a host that already caches the
 //! image wins ties. VMs are placed one at a time on an updated copy of the capacities, so a
@@ -34,8 +37,12 @@ pub struct HostCapacity {
     pub memory_used_mib: u64,
     /// Storage pool size, MiB.
     pub disk_mib: u64,
-    /// Root disk sizes already provisioned, MiB.
+    /// Root disk and volume sizes already provisioned, MiB.
     pub disk_provisioned_mib: u64,
+    /// Free space its pool reports, MiB (None: not known; no real-space check).
+    pub disk_free_mib: Option<u64>,
+    /// Space of its pool never placed on, MiB (`serve --disk-reserve`).
+    pub disk_reserve_mib: u64,
     /// Images in the host's cache (sha256).
     pub cached_images: Vec<String>,
 }
@@ -79,6 +86,10 @@ pub struct GroupRequest {
     pub disk_mib: u64,
     /// Image sha256 (cached-image weight).
     pub image_sha256: String,
+    /// The image's stored size, MiB: what a host that does not cache it must fetch.
+    pub image_mib: u64,
+    /// A data volume per VM (virtual size), MiB; 0: none.
+    pub volume_mib: u64,
     /// Never two VMs of the group on one host.
     pub anti_affinity: bool,
     /// Host ids that already hold VMs of this group (scale up), with how many.
@@ -142,11 +153,22 @@ pub fn refuse_reason(
     }
     let disk_cap = (host.disk_mib as f64 * ratios.disk) as u64;
     let disk_free = disk_cap.saturating_sub(host.disk_provisioned_mib);
-    if req.disk_mib > disk_free {
+    let provision = req.disk_mib + req.volume_mib;
+    if provision > disk_free {
         return Some(format!(
-            "disk: {disk_free} MiB free to provision of {disk_cap} MiB, {} MiB needed",
-            req.disk_mib
+            "disk: {disk_free} MiB free to provision of {disk_cap} MiB ({} MiB pool x {} overcommit, {} MiB provisioned), {provision} MiB needed",
+            host.disk_mib, ratios.disk, host.disk_provisioned_mib
         ));
+    }
+    if let Some(free) = host.disk_free_mib {
+        let usable = free.saturating_sub(host.disk_reserve_mib);
+        let now = space_now(host, req);
+        if now > usable {
+            return Some(format!(
+                "disk space: {free} MiB free of {} MiB, {} MiB kept in reserve, {now} MiB needed now",
+                host.disk_mib, host.disk_reserve_mib
+            ));
+        }
     }
     if req.anti_affinity && in_group > 0 {
         return Some(format!(
@@ -156,6 +178,20 @@ pub fn refuse_reason(
     }
     None
 }
+
+/// Real space a new VM takes on `host` at once, MiB: the image when the host does not cache
+/// it, plus its overlay, seed and volume's metadata (a thin disk grows later).
+pub fn space_now(host: &HostCapacity, req: &GroupRequest) -> u64 {
+    let image = if host.cached_images.contains(&req.image_sha256) {
+        0
+    } else {
+        req.image_mib
+    };
+    image + NEW_VM_MIB
+}
+
+/// What a new VM's overlay, seed and volume headers take at first, MiB.
+pub const NEW_VM_MIB: u64 = 2;
 
 /// Place all `req.count` VMs, or none.
 pub fn place_group(
@@ -213,9 +249,14 @@ pub fn place_group(
             h.memory_mib.saturating_sub(h.memory_used_mib),
             if h.cached_images.contains(&req.image_sha256) { ", image cached" } else { "" },
         );
+        let now = space_now(h, req);
         h.cpus_used += req.cpus;
         h.memory_used_mib += req.memory_mib;
-        h.disk_provisioned_mib += req.disk_mib;
+        h.disk_provisioned_mib += req.disk_mib + req.volume_mib;
+        h.disk_free_mib = h.disk_free_mib.map(|f| f.saturating_sub(now));
+        if !h.cached_images.contains(&req.image_sha256) {
+            h.cached_images.push(req.image_sha256.clone());
+        }
         in_group[i] += 1;
         out.push(Placement {
             host_id: h.id.clone(),
@@ -223,6 +264,74 @@ pub fn place_group(
         });
     }
     Ok(out)
+}
+
+/// Why `host` cannot take a new volume of `size_mib`, or None if it can: it must be up and
+/// not draining, within the provisioning ratio, and have the real space for its header.
+pub fn volume_refusal(host: &HostCapacity, size_mib: u64, ratios: &Ratios) -> Option<String> {
+    if !host.up {
+        return Some("host is down".into());
+    }
+    if host.draining {
+        return Some("host is draining".into());
+    }
+    let disk_cap = (host.disk_mib as f64 * ratios.disk) as u64;
+    let disk_free = disk_cap.saturating_sub(host.disk_provisioned_mib);
+    if size_mib > disk_free {
+        return Some(format!(
+            "disk: {disk_free} MiB free to provision of {disk_cap} MiB ({} MiB pool x {} overcommit, {} MiB provisioned), {size_mib} MiB needed",
+            host.disk_mib, ratios.disk, host.disk_provisioned_mib
+        ));
+    }
+    if let Some(free) = host.disk_free_mib {
+        if NEW_VM_MIB > free.saturating_sub(host.disk_reserve_mib) {
+            return Some(format!(
+                "disk space: {free} MiB free of {} MiB, {} MiB kept in reserve, {NEW_VM_MIB} MiB needed now",
+                host.disk_mib, host.disk_reserve_mib
+            ));
+        }
+    }
+    None
+}
+
+/// The host for a new volume of `size_mib` among `hosts`: the one with the most real free
+/// space above its reserve. The error lists every host with its reason.
+pub fn place_volume(
+    hosts: &[HostCapacity],
+    size_mib: u64,
+    ratios: &Ratios,
+) -> Result<Placement, String> {
+    let mut detail = String::new();
+    let mut best: Option<(&HostCapacity, u64)> = None;
+    for h in hosts {
+        match volume_refusal(h, size_mib, ratios) {
+            Some(why) => {
+                let _ = write!(
+                    detail,
+                    "{}{}: {why}",
+                    if detail.is_empty() { "" } else { "; " },
+                    h.name
+                );
+            }
+            None => {
+                let room = h
+                    .disk_free_mib
+                    .unwrap_or(h.disk_mib)
+                    .saturating_sub(h.disk_reserve_mib);
+                if best.is_none_or(|(b, r)| room > r || (room == r && h.name < b.name)) {
+                    best = Some((h, room));
+                }
+            }
+        }
+    }
+    match best {
+        Some((h, room)) => Ok(Placement {
+            host_id: h.id.clone(),
+            reason: format!("most free space ({room} MiB above the reserve)"),
+        }),
+        None if hosts.is_empty() => Err("no hosts".into()),
+        None => Err(detail),
+    }
 }
 
 #[cfg(test)]
@@ -241,6 +350,8 @@ mod tests {
             memory_used_mib: 0,
             disk_mib: 100_000,
             disk_provisioned_mib: 0,
+            disk_free_mib: None,
+            disk_reserve_mib: 0,
             cached_images: vec![],
         }
     }
@@ -253,6 +364,8 @@ mod tests {
             memory_mib: mem,
             disk_mib: 1024,
             image_sha256: "abc".into(),
+            image_mib: 0,
+            volume_mib: 0,
             anti_affinity: false,
             existing: BTreeMap::new(),
             policy,
@@ -353,5 +466,49 @@ mod tests {
         )
         .expect_err("none");
         assert!(e.to_string().contains("no hosts"));
+    }
+
+    #[test]
+    fn real_free_space_above_the_reserve_decides_and_refusals_give_the_figures() {
+        let ratios = Ratios {
+            cpu: 4.0,
+            memory: 1.0,
+            disk: 2.0,
+            memory_reserved_mib: 0,
+        };
+        let mut small = host("h1", 4096);
+        small.disk_mib = 100;
+        small.disk_free_mib = Some(40);
+        small.disk_reserve_mib = 10;
+        let mut r = req(1, 128, PlacementPolicy::Spread);
+        r.disk_mib = 50;
+        r.image_mib = 35;
+        // Not cached: 35 MiB image + 2 MiB > 40 - 10.
+        let why = refuse_reason(&small, &r, &ratios, 0).expect("refused");
+        assert_eq!(
+            why,
+            "disk space: 40 MiB free of 100 MiB, 10 MiB kept in reserve, 37 MiB needed now"
+        );
+        // Cached: only the overlay is needed now.
+        small.cached_images = vec!["abc".into()];
+        assert_eq!(refuse_reason(&small, &r, &ratios, 0), None);
+        // Volumes count against the provisioning ratio: 100 MiB x 2 = 200.
+        r.volume_mib = 151;
+        let why = refuse_reason(&small, &r, &ratios, 0).expect("refused");
+        assert!(why.starts_with("disk: 200 MiB free to provision"), "{why}");
+
+        let mut big = host("h2", 4096);
+        big.disk_mib = 1000;
+        big.disk_free_mib = Some(900);
+        big.disk_reserve_mib = 100;
+        let p = place_volume(&[small.clone(), big.clone()], 100, &ratios).expect("placed");
+        assert_eq!(p.host_id, "h2");
+        assert_eq!(p.reason, "most free space (800 MiB above the reserve)");
+        let err = place_volume(&[small, big], 5000, &ratios).expect_err("too big");
+        assert!(err.contains("h1: disk: 200 MiB free to provision"), "{err}");
+        assert!(
+            err.contains("h2: disk: 2000 MiB free to provision"),
+            "{err}"
+        );
     }
 }

@@ -243,6 +243,7 @@ pub fn host_facts(
     let memory_mib = mem_total_mib(&meminfo)
         .ok_or_else(|| HostError::invalid("host", "/proc/meminfo has no MemTotal line"))?;
     let (disk_mib, disk_free_mib) = storage.capacity()?;
+    let usage = storage.usage().unwrap_or_default();
     Ok(HostFacts {
         cpus,
         memory_mib,
@@ -266,6 +267,9 @@ pub fn host_facts(
         cpu_usage: 0.0,
         channel_port: 0,
         pool: String::new(),
+        disk_allocated_mib: usage.allocated_mib,
+        disk_provisioned_mib: usage.provisioned_mib,
+        image_cache_mib: usage.image_cache_mib,
     })
 }
 

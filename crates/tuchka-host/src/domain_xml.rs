@@ -27,6 +27,8 @@ pub struct DomainSpec {
     pub accel: Accel,
     /// vCPUs.
     pub vcpus: u32,
+    /// Most vCPUs it may be given while it runs (hot-plug up to this; at least `vcpus`).
+    pub max_vcpus: u32,
     /// Memory in MiB.
     pub memory_mib: u64,
     /// qcow2 root disk (virtio).
@@ -37,6 +39,58 @@ pub struct DomainSpec {
     pub console_log: PathBuf,
     /// NICs in guest order.
     pub nics: Vec<NicSpec>,
+    /// Data volumes, after the root disk (`vdb`, `vdc`, …).
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// One data volume: a qcow2 file attached as a virtio disk whose serial is the volume id (the
+/// guest sees `/dev/disk/by-id/virtio-<serial>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    /// Volume id (the serial; virtio keeps its first 20 characters).
+    pub id: String,
+    /// The qcow2 file.
+    pub path: PathBuf,
+    /// Guest device (`vdb`…).
+    pub target: String,
+}
+
+/// The serial a volume's disk carries: its id without dashes, cut to the 20 characters virtio
+/// passes to the guest.
+pub fn volume_serial(id: &str) -> String {
+    id.chars().filter(|c| *c != '-').take(20).collect()
+}
+
+/// The `<disk>` element of a data volume (for the domain and for hot-plug).
+pub fn render_volume_xml(v: &VolumeSpec) -> String {
+    let mut x = String::new();
+    let _ = writeln!(x, "    <disk type='file' device='disk'>");
+    let _ = writeln!(
+        x,
+        "      <driver name='qemu' type='qcow2' error_policy='enospace'/>"
+    );
+    let _ = writeln!(
+        x,
+        "      <source file='{}'/>",
+        xml_escape(&v.path.to_string_lossy())
+    );
+    let _ = writeln!(
+        x,
+        "      <target dev='{}' bus='virtio'/>",
+        xml_escape(&v.target)
+    );
+    let _ = writeln!(
+        x,
+        "      <serial>{}</serial>",
+        xml_escape(&volume_serial(&v.id))
+    );
+    let _ = writeln!(x, "    </disk>");
+    x
+}
+
+/// The guest device of the `n`-th data volume (0: `vdb`), up to `vdz`.
+pub fn volume_target(n: usize) -> Option<String> {
+    (n < 24).then(|| format!("vd{}", (b'b' + n as u8) as char))
 }
 
 /// One virtio NIC plugged into a bridge.
@@ -134,7 +188,16 @@ pub fn render_domain_xml(spec: &DomainSpec) -> String {
         "  <currentMemory unit='MiB'>{}</currentMemory>",
         spec.memory_mib
     );
-    let _ = writeln!(x, "  <vcpu placement='static'>{}</vcpu>", spec.vcpus);
+    let max = spec.max_vcpus.max(spec.vcpus);
+    if max > spec.vcpus {
+        let _ = writeln!(
+            x,
+            "  <vcpu placement='static' current='{}'>{max}</vcpu>",
+            spec.vcpus
+        );
+    } else {
+        let _ = writeln!(x, "  <vcpu placement='static'>{}</vcpu>", spec.vcpus);
+    }
     let _ = writeln!(x, "  <os>");
     let _ = writeln!(x, "    <type arch='x86_64' machine='pc'>hvm</type>");
     let _ = writeln!(x, "    <boot dev='hd'/>");
@@ -149,10 +212,17 @@ pub fn render_domain_xml(spec: &DomainSpec) -> String {
     let _ = writeln!(x, "  <on_crash>destroy</on_crash>");
     let _ = writeln!(x, "  <devices>");
     let _ = writeln!(x, "    <disk type='file' device='disk'>");
-    let _ = writeln!(x, "      <driver name='qemu' type='qcow2'/>");
+    // A write that finds the pool full pauses the guest (libvirt says why) instead of failing.
+    let _ = writeln!(
+        x,
+        "      <driver name='qemu' type='qcow2' error_policy='enospace'/>"
+    );
     let _ = writeln!(x, "      <source file='{}'/>", path(&spec.root_disk));
     let _ = writeln!(x, "      <target dev='vda' bus='virtio'/>");
     let _ = writeln!(x, "    </disk>");
+    for v in &spec.volumes {
+        x.push_str(&render_volume_xml(v));
+    }
     let _ = writeln!(x, "    <disk type='file' device='cdrom'>");
     let _ = writeln!(x, "      <driver name='qemu' type='raw'/>");
     let _ = writeln!(x, "      <source file='{}'/>", path(&spec.seed_iso));
@@ -227,6 +297,20 @@ pub fn validate_spec(spec: &DomainSpec) -> Result<(), String> {
     }
     if spec.vcpus == 0 {
         return Err("vcpus must be at least 1".to_string());
+    }
+    for v in &spec.volumes {
+        if !v.path.is_absolute() {
+            return Err(format!("volume path {} is not absolute", v.path.display()));
+        }
+        if v.id.is_empty() || !v.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(format!(
+                "volume id {:?} is not of letters, digits and '-'",
+                v.id
+            ));
+        }
+        if !(v.target.len() == 3 && v.target.starts_with("vd") && v.target != "vda") {
+            return Err(format!("volume target {:?} is not vdb..vdz", v.target));
+        }
     }
     if spec.memory_mib < 16 {
         return Err(format!(

@@ -145,6 +145,14 @@ pub struct FakeDomain {
     pub reboots: u32,
     /// Starts carried out.
     pub starts: u32,
+    /// vCPUs it runs with (set at start from the spec, changed by `set_vcpus`).
+    pub live_vcpus: u32,
+    /// Disk sizes the running guest sees, by target (after `grow_disk`).
+    pub grown: BTreeMap<String, u64>,
+    /// Paused by a failed write (a full pool), see [`FakeHypervisor::pause_on_io_error`].
+    pub io_error: bool,
+    /// The guest powered itself off, see [`FakeHypervisor::guest_power_off`].
+    pub guest_off: bool,
 }
 
 #[derive(Debug, Default)]
@@ -188,6 +196,22 @@ impl FakeHypervisor {
     pub fn set_state(&self, name: &str, state: DomainState) {
         if let Some(d) = lock(&self.state).domains.get_mut(name) {
             d.state = state;
+        }
+    }
+
+    /// The guest's write hit a full pool: qemu paused it.
+    pub fn pause_on_io_error(&self, name: &str) {
+        if let Some(d) = lock(&self.state).domains.get_mut(name) {
+            d.state = DomainState::Paused;
+            d.io_error = true;
+        }
+    }
+
+    /// The guest powered itself off (`poweroff` inside it).
+    pub fn guest_power_off(&self, name: &str) {
+        if let Some(d) = lock(&self.state).domains.get_mut(name) {
+            d.state = DomainState::ShutOff;
+            d.guest_off = true;
         }
     }
 
@@ -268,6 +292,14 @@ impl Hypervisor for FakeHypervisor {
                 vm_id: d.spec.vm_id.clone(),
                 state: d.state.clone(),
                 cpu_time_ns: 0,
+                paused_on_io_error: d.io_error && d.state == DomainState::Paused,
+                powered_off_by_guest: d.guest_off && d.state == DomainState::ShutOff,
+                vcpus: if d.state.is_active() && d.live_vcpus > 0 {
+                    d.live_vcpus
+                } else {
+                    d.spec.vcpus
+                },
+                memory_mib: d.spec.memory_mib,
             })
             .collect())
     }
@@ -291,6 +323,10 @@ impl Hypervisor for FakeHypervisor {
                 state: DomainState::ShutOff,
                 reboots: 0,
                 starts: 0,
+                live_vcpus: 0,
+                grown: BTreeMap::new(),
+                io_error: false,
+                guest_off: false,
             });
         Ok(())
     }
@@ -300,6 +336,9 @@ impl Hypervisor for FakeHypervisor {
             if !d.state.is_active() {
                 d.state = DomainState::Running;
                 d.starts += 1;
+                d.live_vcpus = d.spec.vcpus;
+                d.grown.clear();
+                d.guest_off = false;
             }
             Ok(())
         })
@@ -337,6 +376,7 @@ impl Hypervisor for FakeHypervisor {
             DomainState::Running => Ok(()),
             DomainState::Paused => {
                 d.state = DomainState::Running;
+                d.io_error = false;
                 Ok(())
             }
             ref other => Err(bad_state(name, "resume", other)),
@@ -446,6 +486,58 @@ impl Hypervisor for FakeHypervisor {
             Some(&last),
         ))
     }
+
+    fn volumes(&self, name: &str) -> Result<Vec<crate::VolumeSpec>, HostError> {
+        self.with_domain("volumes", name, |d, _| Ok(d.spec.volumes.clone()))
+    }
+
+    fn attach_volume(&self, name: &str, v: &crate::VolumeSpec) -> Result<(), HostError> {
+        self.rec
+            .call("attach_volume", &format!("{name} {}", v.id))?;
+        self.with_domain("attach_volume.domain", name, |d, _| {
+            if d.spec.volumes.iter().any(|x| x.target == v.target) {
+                return Err(HostError::invalid(
+                    format!("domain {name}"),
+                    format!("target {} is taken", v.target),
+                ));
+            }
+            d.spec.volumes.push(v.clone());
+            Ok(())
+        })
+    }
+
+    fn detach_volume(&self, name: &str, v: &crate::VolumeSpec) -> Result<(), HostError> {
+        self.rec
+            .call("detach_volume", &format!("{name} {}", v.id))?;
+        self.with_domain("detach_volume.domain", name, |d, _| {
+            d.spec.volumes.retain(|x| x.target != v.target);
+            Ok(())
+        })
+    }
+
+    fn grow_disk(&self, name: &str, target: &str, size_mib: u64) -> Result<(), HostError> {
+        self.with_domain("grow_disk", name, |d, _| {
+            if !d.state.is_active() {
+                return Err(bad_state(name, "grow a disk of", &d.state));
+            }
+            d.grown.insert(target.to_string(), size_mib);
+            Ok(())
+        })
+    }
+
+    fn set_vcpus(&self, name: &str, vcpus: u32) -> Result<(), HostError> {
+        self.with_domain("set_vcpus", name, |d, _| {
+            if vcpus > d.spec.max_vcpus.max(d.spec.vcpus) {
+                return Err(HostError::invalid(
+                    format!("domain {name}"),
+                    format!("{vcpus} vCPUs is more than its maximum"),
+                ));
+            }
+            d.live_vcpus = vcpus;
+            d.spec.vcpus = vcpus;
+            Ok(())
+        })
+    }
 }
 
 /// A VM's storage as the fake holds it.
@@ -467,6 +559,8 @@ struct StoreState {
     images: BTreeMap<String, u64>,
     vms: BTreeMap<String, FakeVm>,
     capacity: (u64, u64),
+    /// volume id → size MiB.
+    volumes: BTreeMap<String, u64>,
 }
 
 /// [`Storage`] whose VMs live in memory. Image downloads are real files under `root` (the agent
@@ -491,6 +585,7 @@ impl FakeStorage {
                 images: BTreeMap::new(),
                 vms: BTreeMap::new(),
                 capacity: (100_000, 90_000),
+                volumes: BTreeMap::new(),
             }),
         })
     }
@@ -512,6 +607,11 @@ impl FakeStorage {
     /// The storage of VM `vm_id`, if it has any.
     pub fn vm(&self, vm_id: &str) -> Option<FakeVm> {
         lock(&self.state).vms.get(vm_id).cloned()
+    }
+
+    /// The volumes: id → size MiB.
+    pub fn volume_sizes(&self) -> BTreeMap<String, u64> {
+        lock(&self.state).volumes.clone()
     }
 
     /// Set what [`Storage::capacity`] reports.
@@ -681,6 +781,73 @@ impl Storage for FakeStorage {
         Ok(())
     }
 
+    fn usage(&self) -> Result<crate::storage::PoolUsage, HostError> {
+        self.rec.call("usage", "")?;
+        let st = lock(&self.state);
+        let disks: u64 = st.vms.values().filter_map(|v| v.disk_mib).sum();
+        let volumes: u64 = st.volumes.values().sum();
+        Ok(crate::storage::PoolUsage {
+            allocated_mib: 0,
+            provisioned_mib: disks + volumes,
+            image_cache_mib: st.images.values().sum(),
+        })
+    }
+
+    fn volume_path(&self, id: &str) -> PathBuf {
+        self.root.join("volumes").join(format!("{id}.qcow2"))
+    }
+
+    fn ensure_volume(&self, id: &str, size_mib: u64) -> Result<PathBuf, HostError> {
+        self.rec.call("ensure_volume", id)?;
+        Self::check_vm_id(id)?;
+        lock(&self.state)
+            .volumes
+            .entry(id.to_string())
+            .or_insert(size_mib);
+        Ok(self.volume_path(id))
+    }
+
+    fn grow_volume(&self, id: &str, size_mib: u64) -> Result<(), HostError> {
+        self.rec.call("grow_volume", id)?;
+        let mut st = lock(&self.state);
+        let v = st
+            .volumes
+            .get_mut(id)
+            .ok_or_else(|| HostError::invalid(format!("volume {id}"), "not on this host"))?;
+        *v = (*v).max(size_mib);
+        Ok(())
+    }
+
+    fn grow_root_disk(&self, vm_id: &str, size_mib: u64) -> Result<(), HostError> {
+        self.rec.call("grow_root_disk", vm_id)?;
+        let mut st = lock(&self.state);
+        let vm = st
+            .vms
+            .get_mut(vm_id)
+            .ok_or_else(|| HostError::invalid(format!("vm {vm_id}"), "no root disk"))?;
+        vm.disk_mib = Some(vm.disk_mib.unwrap_or(0).max(size_mib));
+        Ok(())
+    }
+
+    fn root_disk_mib(&self, vm_id: &str) -> Option<u64> {
+        lock(&self.state).vms.get(vm_id).and_then(|v| v.disk_mib)
+    }
+
+    fn volumes(&self) -> Result<Vec<(String, u64, u64)>, HostError> {
+        self.rec.call("volumes", "")?;
+        Ok(lock(&self.state)
+            .volumes
+            .iter()
+            .map(|(id, size)| (id.clone(), *size, 0))
+            .collect())
+    }
+
+    fn remove_volume(&self, id: &str) -> Result<(), HostError> {
+        self.rec.call("remove_volume", id)?;
+        lock(&self.state).volumes.remove(id);
+        Ok(())
+    }
+
     fn capacity(&self) -> Result<(u64, u64), HostError> {
         self.rec.call("capacity", "")?;
         Ok(lock(&self.state).capacity)
@@ -770,6 +937,8 @@ mod tests {
             cloud_id: CLOUD.into(),
             accel: Accel::Tcg,
             vcpus: 1,
+            max_vcpus: 1,
+            volumes: vec![],
             memory_mib: 128,
             root_disk: "/p/vms/vm-1/root.qcow2".into(),
             seed_iso: "/p/vms/vm-1/seed.iso".into(),

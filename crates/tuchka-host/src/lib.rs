@@ -38,7 +38,9 @@ pub mod storage;
 
 pub use accel::{probe_accel, Accel, AccelChoice};
 pub use checks::{host_facts, run_checks};
-pub use domain_xml::{render_domain_xml, DomainSpec, NicSpec};
+pub use domain_xml::{
+    render_domain_xml, volume_serial, volume_target, DomainSpec, NicSpec, VolumeSpec,
+};
 pub use error::HostError;
 pub use libvirt::{DomainInfo, DomainState, Hypervisor, Libvirt};
 pub use migrate::{
@@ -46,7 +48,7 @@ pub use migrate::{
     MigrationProgress,
 };
 pub use net::{Dataplane, LinuxDataplane};
-pub use storage::{DirStorage, Storage};
+pub use storage::{DirStorage, PoolUsage, Storage};
 
 /// The short cloud id in host resource names (domains, the nft table): re-exported from
 /// [`tuchka_core::names`], the one definition the controller's domain names also use.

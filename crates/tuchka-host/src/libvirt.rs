@@ -14,7 +14,8 @@ use virt::error::{Error as VirtError, ErrorNumber};
 use virt::sys;
 
 use crate::domain_xml::{
-    parse_vm_metadata, render_domain_xml, validate_spec, DomainSpec, METADATA_NS,
+    parse_vm_metadata, render_domain_xml, render_volume_xml, validate_spec, DomainSpec, VolumeSpec,
+    METADATA_NS,
 };
 use crate::migrate::{
     parse_completed_stats, CompletedStats, LiveMigration, MigrationOutcome, MigrationProgress,
@@ -82,6 +83,15 @@ pub struct DomainInfo {
     pub state: DomainState,
     /// CPU time the guest used so far, ns (0 when not running).
     pub cpu_time_ns: u64,
+    /// Paused by qemu because a disk write failed (with `error_policy='enospace'`: the pool
+    /// is full), not by a user.
+    pub paused_on_io_error: bool,
+    /// Shut off because the guest powered itself off (not destroyed, never started).
+    pub powered_off_by_guest: bool,
+    /// vCPUs it has now.
+    pub vcpus: u32,
+    /// Memory it has now, MiB.
+    pub memory_mib: u64,
 }
 
 /// Domains of one cloud on one host. Synchronous: call from a blocking thread.
@@ -119,6 +129,55 @@ pub trait Hypervisor: Send + Sync {
         m: &LiveMigration,
         progress: &mut dyn FnMut(&MigrationProgress),
     ) -> Result<MigrationOutcome, HostError>;
+    /// The data volumes the domain has now (its live definition when it runs, else the
+    /// persistent one): disks other than `vda` whose file is `…/volumes/<id>.qcow2`.
+    fn volumes(&self, name: &str) -> Result<Vec<VolumeSpec>, HostError>;
+    /// Plug a volume in: into the running guest (hot-plug) and into the persistent definition.
+    fn attach_volume(&self, name: &str, v: &VolumeSpec) -> Result<(), HostError>;
+    /// Unplug a volume (live and persistent); Ok if it is not plugged in.
+    fn detach_volume(&self, name: &str, v: &VolumeSpec) -> Result<(), HostError>;
+    /// Grow disk `target` of a running domain to `size_mib`; the guest sees the new size.
+    fn grow_disk(&self, name: &str, target: &str, size_mib: u64) -> Result<(), HostError>;
+    /// Give a running domain `vcpus` vCPUs (hot-plug, up to its maximum), persistently too.
+    fn set_vcpus(&self, name: &str, vcpus: u32) -> Result<(), HostError>;
+}
+
+/// The data volumes in a domain XML (pure): disks other than `vda` whose source is a
+/// `volumes/<id>.qcow2` file.
+pub fn parse_volumes(xml: &str) -> Vec<VolumeSpec> {
+    let Ok(doc) = roxmltree::Document::parse(xml) else {
+        return vec![];
+    };
+    let mut out = vec![];
+    for disk in doc
+        .descendants()
+        .filter(|n| n.has_tag_name("disk") && n.attribute("device") == Some("disk"))
+    {
+        let child = |tag: &str| disk.children().find(|c| c.has_tag_name(tag));
+        let (Some(target), Some(file)) = (
+            child("target").and_then(|t| t.attribute("dev")),
+            child("source").and_then(|t| t.attribute("file")),
+        ) else {
+            continue;
+        };
+        let path = std::path::PathBuf::from(file);
+        let in_volumes = path
+            .parent()
+            .and_then(|p| p.file_name())
+            .is_some_and(|n| n == "volumes");
+        let id = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".qcow2"));
+        if let (true, Some(id), false) = (in_volumes, id, target == "vda") {
+            out.push(VolumeSpec {
+                id: id.to_string(),
+                path: path.clone(),
+                target: target.to_string(),
+            });
+        }
+    }
+    out
 }
 
 /// An open libvirt connection, closed when the last user drops it (`virt::Connect` has no Drop).
@@ -333,14 +392,21 @@ impl Hypervisor for Libvirt {
                 if cloud != self.cloud_id {
                     continue;
                 }
-                let (Ok(name), Ok((state, _))) = (dom.get_name(), dom.get_state()) else {
+                let (Ok(name), Ok((state, reason))) = (dom.get_name(), dom.get_state()) else {
                     continue;
                 };
+                let info = dom.get_info().ok();
                 out.push(DomainInfo {
                     name,
                     vm_id,
                     state: DomainState::from_libvirt(state),
-                    cpu_time_ns: dom.get_info().map(|i| i.cpu_time).unwrap_or(0),
+                    cpu_time_ns: info.as_ref().map(|i| i.cpu_time).unwrap_or(0),
+                    paused_on_io_error: state == sys::VIR_DOMAIN_PAUSED
+                        && reason == sys::VIR_DOMAIN_PAUSED_IOERROR as i32,
+                    powered_off_by_guest: state == sys::VIR_DOMAIN_SHUTOFF
+                        && reason == sys::VIR_DOMAIN_SHUTOFF_SHUTDOWN as i32,
+                    vcpus: info.as_ref().map(|i| i.nr_virt_cpu).unwrap_or(0),
+                    memory_mib: info.as_ref().map(|i| i.max_mem / 1024).unwrap_or(0),
                 });
             }
             out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -493,6 +559,106 @@ impl Hypervisor for Libvirt {
                     source,
                 }),
             }
+        })
+    }
+
+    fn volumes(&self, name: &str) -> Result<Vec<VolumeSpec>, HostError> {
+        self.with_conn(|conn| {
+            let dom = self.require_own(conn, name)?;
+            let flags = if state_of(&dom, name)?.is_active() {
+                0
+            } else {
+                sys::VIR_DOMAIN_XML_INACTIVE
+            };
+            dom.get_xml_desc(flags)
+                .map(|xml| parse_volumes(&xml))
+                .map_err(|source| HostError::Domain {
+                    name: name.to_string(),
+                    action: "read the disks of",
+                    source,
+                })
+        })
+    }
+
+    fn attach_volume(&self, name: &str, v: &VolumeSpec) -> Result<(), HostError> {
+        self.with_conn(|conn| {
+            let dom = self.require_own(conn, name)?;
+            let mut flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
+            if state_of(&dom, name)?.is_active() {
+                flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+            }
+            dom.attach_device_flags(&render_volume_xml(v), flags)
+                .map(drop)
+                .map_err(|source| HostError::Domain {
+                    name: name.to_string(),
+                    action: "plug a volume into",
+                    source,
+                })
+        })
+    }
+
+    fn detach_volume(&self, name: &str, v: &VolumeSpec) -> Result<(), HostError> {
+        self.with_conn(|conn| {
+            let dom = self.require_own(conn, name)?;
+            let active = state_of(&dom, name)?.is_active();
+            let xml = render_volume_xml(v);
+            // Each definition separately: the volume may be in one and not the other (a detach
+            // the guest has not finished yet).
+            let plugged = |flags: u32, inactive: bool| -> Result<(), HostError> {
+                let def = dom
+                    .get_xml_desc(if inactive {
+                        sys::VIR_DOMAIN_XML_INACTIVE
+                    } else {
+                        0
+                    })
+                    .map_err(|source| HostError::Domain {
+                        name: name.to_string(),
+                        action: "read the disks of",
+                        source,
+                    })?;
+                if !parse_volumes(&def).iter().any(|x| x.target == v.target) {
+                    return Ok(());
+                }
+                ok_if_invalid(
+                    dom.detach_device_flags(&xml, flags).map(drop),
+                    name,
+                    "unplug a volume from",
+                )
+            };
+            plugged(sys::VIR_DOMAIN_AFFECT_CONFIG, true)?;
+            if active {
+                plugged(sys::VIR_DOMAIN_AFFECT_LIVE, false)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn grow_disk(&self, name: &str, target: &str, size_mib: u64) -> Result<(), HostError> {
+        self.with_conn(|conn| {
+            let dom = self.require_own(conn, name)?;
+            dom.block_resize(target, size_mib << 20, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+                .map(drop)
+                .map_err(|source| HostError::Domain {
+                    name: name.to_string(),
+                    action: "grow a disk of",
+                    source,
+                })
+        })
+    }
+
+    fn set_vcpus(&self, name: &str, vcpus: u32) -> Result<(), HostError> {
+        self.with_conn(|conn| {
+            let dom = self.require_own(conn, name)?;
+            dom.set_vcpus_flags(
+                vcpus,
+                sys::VIR_DOMAIN_VCPU_LIVE | sys::VIR_DOMAIN_VCPU_CONFIG,
+            )
+            .map(drop)
+            .map_err(|source| HostError::Domain {
+                name: name.to_string(),
+                action: "set the vCPUs of",
+                source,
+            })
         })
     }
 

@@ -75,6 +75,34 @@ pub trait Storage: Send + Sync {
     /// `(total MiB, free MiB)` of the file system holding the pool (free = available to
     /// unprivileged users).
     fn capacity(&self) -> Result<(u64, u64), HostError>;
+    /// What the VMs' disks and the image cache take in the pool.
+    fn usage(&self) -> Result<PoolUsage, HostError>;
+    /// `volumes/<id>.qcow2`.
+    fn volume_path(&self, id: &str) -> PathBuf;
+    /// Make volume `id` (an empty thin qcow2 of `size_mib`) if it does not exist; Ok if it does.
+    fn ensure_volume(&self, id: &str, size_mib: u64) -> Result<PathBuf, HostError>;
+    /// Grow volume `id` to `size_mib` while no VM uses it (`qemu-img resize`); a larger volume is
+    /// left as it is.
+    fn grow_volume(&self, id: &str, size_mib: u64) -> Result<(), HostError>;
+    /// Grow VM `vm_id`'s root disk to `size_mib` while the VM is off; a larger disk is left.
+    fn grow_root_disk(&self, vm_id: &str, size_mib: u64) -> Result<(), HostError>;
+    /// The virtual size of VM `vm_id`'s root disk, MiB (None: no disk).
+    fn root_disk_mib(&self, vm_id: &str) -> Option<u64>;
+    /// Volumes present: (id, virtual MiB, allocated MiB).
+    fn volumes(&self) -> Result<Vec<(String, u64, u64)>, HostError>;
+    /// Remove volume `id`; Ok if absent.
+    fn remove_volume(&self, id: &str) -> Result<(), HostError>;
+}
+
+/// What the VMs' disks and the image cache take in a pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Space the overlays and volumes take, MiB.
+    pub allocated_mib: u64,
+    /// Their virtual sizes, MiB.
+    pub provisioned_mib: u64,
+    /// The image cache, MiB.
+    pub image_cache_mib: u64,
 }
 
 /// Pure: a sha256 in lowercase hex (64 chars). Anything else could escape the pool as a path.
@@ -174,6 +202,10 @@ impl DirStorage {
         self.pool.join("images")
     }
 
+    fn volumes_dir(&self) -> PathBuf {
+        self.pool.join("volumes")
+    }
+
     fn vms_dir(&self) -> PathBuf {
         self.pool.join("vms")
     }
@@ -245,6 +277,60 @@ impl DirStorage {
             matches!(qcow2::read_header(&root), Ok(Some(h)) if h.backing_file.as_deref().map(Path::new) == Some(image))
         })
     }
+}
+
+/// Bytes a file really takes on disk (its blocks; a thin qcow2 is much smaller than its size).
+fn allocated(meta: &fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.blocks().saturating_mul(512)
+}
+
+impl DirStorage {
+    /// The `*.qcow2` files in `volumes/` (none when the directory does not exist yet).
+    fn volume_files(&self) -> Result<Vec<PathBuf>, HostError> {
+        let dir = self.volumes_dir();
+        match fs::read_dir(&dir) {
+            Ok(rd) => Ok(rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "qcow2"))
+                .collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+            Err(e) => Err(HostError::io(
+                format!("pool {}", self.pool.display()),
+                "list",
+                dir,
+                e,
+            )),
+        }
+    }
+}
+
+/// Grow the qcow2 file `path` to `size_mib` (`qemu-img resize`); a larger one is left as it is.
+fn grow_qcow2(path: &Path, size_mib: u64, obj: &str) -> Result<(), HostError> {
+    let have = match qcow2::read_header(path) {
+        Ok(Some(h)) => h.virtual_size / MIB,
+        Ok(None) => return Err(HostError::invalid(obj, "not a qcow2 file")),
+        Err(e) => return Err(HostError::io(obj, "read", path, e)),
+    };
+    if have >= size_mib {
+        return Ok(());
+    }
+    let args: Vec<std::ffi::OsString> = vec![
+        "resize".into(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        path.as_os_str().to_owned(),
+        format!("{size_mib}M").into(),
+    ];
+    cmd::run("qemu-img", &args, None)
+        .map(drop)
+        .map_err(|source| HostError::Tool {
+            object: obj.to_string(),
+            action: "qemu-img resize",
+            source,
+        })
 }
 
 /// Create `dir` if needed and set its mode.
@@ -527,6 +613,123 @@ impl Storage for DirStorage {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(HostError::io(format!("vm {vm_id}"), "remove", &dir, e)),
         }
+    }
+
+    fn usage(&self) -> Result<PoolUsage, HostError> {
+        let obj = format!("pool {}", self.pool.display());
+        let mut u = PoolUsage::default();
+        let mut disks: Vec<PathBuf> = self
+            .vm_dirs()?
+            .into_iter()
+            .map(|id| self.vm_dir(&id).join("root.qcow2"))
+            .collect();
+        disks.extend(self.volume_files()?);
+        for d in disks {
+            let Ok(meta) = fs::metadata(&d) else {
+                continue; // a VM directory without a disk yet, or one that just went
+            };
+            u.allocated_mib += allocated(&meta) / MIB;
+            if let Ok(Some(h)) = qcow2::read_header(&d) {
+                u.provisioned_mib += h.virtual_size / MIB;
+            }
+        }
+        let images = match fs::read_dir(self.images_dir()) {
+            Ok(rd) => rd,
+            Err(e) => return Err(HostError::io(&obj, "list", self.images_dir(), e)),
+        };
+        for e in images.flatten() {
+            if let Ok(meta) = e.metadata() {
+                u.image_cache_mib += allocated(&meta) / MIB;
+            }
+        }
+        Ok(u)
+    }
+
+    fn volume_path(&self, id: &str) -> PathBuf {
+        self.volumes_dir().join(format!("{id}.qcow2"))
+    }
+
+    fn ensure_volume(&self, id: &str, size_mib: u64) -> Result<PathBuf, HostError> {
+        check_vm_id(id)?;
+        let obj = format!("volume {id}");
+        let path = self.volume_path(id);
+        if path.exists() {
+            return Ok(path);
+        }
+        if size_mib == 0 {
+            return Err(HostError::invalid(&obj, "a volume of 0 MiB"));
+        }
+        make_dir(&self.volumes_dir(), 0o711, &obj)?;
+        let tmp = tmp_name(&path);
+        let args: Vec<std::ffi::OsString> = vec![
+            "create".into(),
+            "-q".into(),
+            "-f".into(),
+            "qcow2".into(),
+            tmp.clone().into_os_string(),
+            format!("{size_mib}M").into(),
+        ];
+        if let Err(source) = cmd::run("qemu-img", &args, None) {
+            let _ = fs::remove_file(&tmp);
+            return Err(HostError::Tool {
+                object: obj,
+                action: "qemu-img create",
+                source,
+            });
+        }
+        fs::rename(&tmp, &path).map_err(|e| HostError::io(&obj, "move into place", &path, e))?;
+        Ok(path)
+    }
+
+    fn grow_volume(&self, id: &str, size_mib: u64) -> Result<(), HostError> {
+        check_vm_id(id)?;
+        grow_qcow2(&self.volume_path(id), size_mib, &format!("volume {id}"))
+    }
+
+    fn grow_root_disk(&self, vm_id: &str, size_mib: u64) -> Result<(), HostError> {
+        check_vm_id(vm_id)?;
+        grow_qcow2(
+            &self.root_disk_path(vm_id),
+            size_mib,
+            &format!("vm {vm_id} root disk"),
+        )
+    }
+
+    fn root_disk_mib(&self, vm_id: &str) -> Option<u64> {
+        qcow2::read_header(&self.root_disk_path(vm_id))
+            .ok()
+            .flatten()
+            .map(|h| h.virtual_size / MIB)
+    }
+
+    fn volumes(&self) -> Result<Vec<(String, u64, u64)>, HostError> {
+        let mut out = vec![];
+        for path in self.volume_files()? {
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".qcow2"))
+                .filter(|id| is_vm_id(id))
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
+            let size = match qcow2::read_header(&path) {
+                Ok(Some(h)) => h.virtual_size / MIB,
+                _ => 0,
+            };
+            out.push((id, size, allocated(&meta) / MIB));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn remove_volume(&self, id: &str) -> Result<(), HostError> {
+        check_vm_id(id)?;
+        remove_if_exists(&self.volume_path(id), &format!("volume {id}"))
     }
 
     fn capacity(&self) -> Result<(u64, u64), HostError> {

@@ -117,6 +117,8 @@ fn test_image_boots_gets_its_address_and_shuts_down() {
         cloud_id: cloud.clone(),
         accel: Accel::Tcg,
         vcpus: 1,
+        max_vcpus: 1,
+        volumes: vec![],
         memory_mib: 256,
         root_disk: root,
         seed_iso: seed,

@@ -17,7 +17,7 @@ use tuchka_host::net::dnsmasq::{
 use tuchka_host::net::nft::{render_firewall, FirewallModel};
 use tuchka_host::net::{NetPlan, Underlay};
 use tuchka_host::seed::render_meta_data;
-use tuchka_host::{render_domain_xml, Accel, DomainSpec, NicSpec};
+use tuchka_host::{render_domain_xml, Accel, DomainSpec, NicSpec, VolumeSpec};
 
 fn golden(name: &str, actual: &str) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -47,6 +47,14 @@ fn spec() -> DomainSpec {
         cloud_id: "0f2a6c1e-0000-4000-8000-000000000001".into(),
         accel: Accel::Tcg,
         vcpus: 2,
+        max_vcpus: 4,
+        volumes: vec![VolumeSpec {
+            id: "9b1c2d3e-4f5a-4b6c-8d7e-0f1a2b3c4d5e".into(),
+            path: PathBuf::from(
+                "/var/lib/tuchka/volumes/9b1c2d3e-4f5a-4b6c-8d7e-0f1a2b3c4d5e.qcow2",
+            ),
+            target: "vdb".into(),
+        }],
         memory_mib: 256,
         root_disk: PathBuf::from(
             "/var/lib/tuchka/vms/6d3f1a9e-5b7c-4e21-9a0b-1c2d3e4f5a6b/root.qcow2",

@@ -123,6 +123,30 @@ CREATE TABLE vm_removals (
   vm_id TEXT NOT NULL, host_id TEXT NOT NULL, name TEXT NOT NULL, domain TEXT NOT NULL,
   reason TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (vm_id, host_id));
 "#,
+    // 4: changing images, volumes, disk space
+    r#"
+ALTER TABLE vms ADD COLUMN extra TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE images ADD COLUMN made_from TEXT NOT NULL DEFAULT 'upload';
+ALTER TABLE groups ADD COLUMN volume_size_mib INTEGER;
+ALTER TABLE groups ADD COLUMN keep_volumes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE groups ADD COLUMN max_cpus INTEGER NOT NULL DEFAULT 4;
+CREATE TABLE volumes (
+  id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, host_id TEXT NOT NULL REFERENCES hosts(id),
+  size_mib INTEGER NOT NULL, vm_id TEXT, with_vm INTEGER NOT NULL DEFAULT 0,
+  deleting INTEGER NOT NULL DEFAULT 0, present INTEGER NOT NULL DEFAULT 0,
+  observed_size_mib INTEGER NOT NULL DEFAULT 0, allocated_mib INTEGER NOT NULL DEFAULT 0,
+  attached_to TEXT, error TEXT, created_at TEXT NOT NULL);
+CREATE INDEX volumes_host ON volumes(host_id);
+CREATE INDEX volumes_vm ON volumes(vm_id);
+CREATE TABLE captures (
+  id TEXT PRIMARY KEY, image TEXT NOT NULL, vm_id TEXT NOT NULL, vm_name TEXT NOT NULL,
+  host_id TEXT NOT NULL, made_from TEXT NOT NULL, status TEXT NOT NULL, bytes INTEGER NOT NULL DEFAULT 0,
+  paused_ms INTEGER NOT NULL DEFAULT 0, error TEXT, error_chain TEXT NOT NULL DEFAULT '[]',
+  created_at TEXT NOT NULL);
+CREATE TABLE image_cache (
+  host_id TEXT NOT NULL, sha256 TEXT NOT NULL, last_used_unix INTEGER NOT NULL,
+  PRIMARY KEY (host_id, sha256));
+"#,
 ];
 
 /// The open database.

@@ -1,6 +1,8 @@
 //! Typed rows and the queries on them. Every function takes a `&Connection` so it can run
 //! inside or outside [`crate::Store::atomic`].
 
+use std::collections::{HashMap, HashSet};
+
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::de::DeserializeOwned;
@@ -212,6 +214,8 @@ pub struct ImageRow {
     pub stored_size: u64,
     /// Upload time.
     pub created_at: String,
+    /// Where it came from: `upload`, `vm NAME`, `build from IMAGE`.
+    pub made_from: String,
 }
 
 fn image_row(r: &Row) -> rusqlite::Result<ImageRow> {
@@ -223,11 +227,12 @@ fn image_row(r: &Row) -> rusqlite::Result<ImageRow> {
         virtual_size: r.get::<_, i64>(4)? as u64,
         stored_size: r.get::<_, i64>(5)? as u64,
         created_at: r.get(6)?,
+        made_from: r.get(7)?,
     })
 }
 
 const IMAGE_COLS: &str =
-    "name, sha256, file_sha256, source_format, virtual_size, stored_size, created_at";
+    "name, sha256, file_sha256, source_format, virtual_size, stored_size, created_at, made_from";
 
 /// All images by name.
 pub fn images(c: &Connection) -> Result<Vec<ImageRow>> {
@@ -262,7 +267,7 @@ pub fn image_by_sha(c: &Connection, sha: &str) -> Result<Option<ImageRow>> {
 /// Insert an image.
 pub fn insert_image(c: &Connection, i: &ImageRow) -> Result<()> {
     c.execute(
-        &format!("INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+        &format!("INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
         params![
             i.name,
             i.sha256,
@@ -270,7 +275,8 @@ pub fn insert_image(c: &Connection, i: &ImageRow) -> Result<()> {
             i.source_format,
             i.virtual_size as i64,
             i.stored_size as i64,
-            i.created_at
+            i.created_at,
+            i.made_from
         ],
     )?;
     Ok(())
@@ -462,10 +468,16 @@ pub struct GroupRow {
     pub deleting: bool,
     /// Creation time.
     pub created_at: String,
+    /// A data volume per VM, MiB.
+    pub volume_size_mib: Option<u64>,
+    /// Keep those volumes when their VMs go.
+    pub keep_volumes: bool,
+    /// Most vCPUs its VMs may get while running.
+    pub max_cpus: u32,
 }
 
 const GROUP_COLS: &str =
-    "name, image, image_sha256, count, cpus, memory_mib, disk_mib, networks, user_data, ssh_keys, placement, anti_affinity, deleting, created_at";
+    "name, image, image_sha256, count, cpus, memory_mib, disk_mib, networks, user_data, ssh_keys, placement, anti_affinity, deleting, created_at, volume_size_mib, keep_volumes, max_cpus";
 
 fn group_row(r: &Row) -> rusqlite::Result<(GroupRow, String, String)> {
     Ok((
@@ -484,6 +496,9 @@ fn group_row(r: &Row) -> rusqlite::Result<(GroupRow, String, String)> {
             anti_affinity: r.get(11)?,
             deleting: r.get(12)?,
             created_at: r.get(13)?,
+            volume_size_mib: r.get::<_, Option<i64>>(14)?.map(|v| v as u64),
+            keep_volumes: r.get(15)?,
+            max_cpus: r.get(16)?,
         },
         r.get(7)?,
         r.get(9)?,
@@ -522,7 +537,7 @@ pub fn group(c: &Connection, name: &str) -> Result<Option<GroupRow>> {
 /// Insert a group.
 pub fn insert_group(c: &Connection, g: &GroupRow) -> Result<()> {
     c.execute(
-        &format!("INSERT INTO groups ({GROUP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+        &format!("INSERT INTO groups ({GROUP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
         params![
             g.name,
             g.image,
@@ -537,7 +552,10 @@ pub fn insert_group(c: &Connection, g: &GroupRow) -> Result<()> {
             g.placement.as_str(),
             g.anti_affinity,
             g.deleting,
-            g.created_at
+            g.created_at,
+            g.volume_size_mib.map(|v| v as i64),
+            g.keep_volumes,
+            g.max_cpus
         ],
     )?;
     Ok(())
@@ -597,11 +615,43 @@ pub struct VmRow {
     pub deleting: bool,
     /// Creation time.
     pub created_at: String,
+    /// Its own size (after `vm resize`) and what its host last said of it beyond the state.
+    pub extra: VmExtra,
 }
 
-const VM_COLS: &str = "id, name, group_name, idx, host_id, placement_reason, desired, observed, error, reboot_seq, reboot_done, force_stop, stop_timeout_s, deleting, created_at, error_chain, cpu_usage";
+/// What a VM has beyond its group's spec and its power state (one JSON column).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct VmExtra {
+    /// vCPUs, when resized (else the group's).
+    pub cpus: Option<u32>,
+    /// Memory, MiB, when resized.
+    pub memory_mib: Option<u64>,
+    /// Root disk, MiB, when resized.
+    pub disk_mib: Option<u64>,
+    /// Most vCPUs it may get while running (0: its vCPUs at creation).
+    pub max_cpus: u32,
+    /// Resume requests (after its host paused it on a full pool).
+    pub resume_seq: u64,
+    /// Resumes carried out.
+    pub resume_done: u64,
+    /// Why its host paused it.
+    pub pause_reason: Option<String>,
+    /// (vCPUs, memory MiB, root disk MiB) it runs with now, as its host reports.
+    pub running_with: Option<(u32, u64, u64)>,
+    /// Power on once only (an image builder).
+    pub run_once: bool,
+    /// It powered itself off after running.
+    pub powered_off: bool,
+    /// The end of its console, as its host last sent it (run-once VMs).
+    pub console_tail: Option<String>,
+    /// Why its new size could not be applied, as its host said.
+    pub resize_error: Option<String>,
+}
 
-fn vm_row(r: &Row) -> rusqlite::Result<(VmRow, String)> {
+const VM_COLS: &str = "id, name, group_name, idx, host_id, placement_reason, desired, observed, error, reboot_seq, reboot_done, force_stop, stop_timeout_s, deleting, created_at, error_chain, cpu_usage, extra";
+
+fn vm_row(r: &Row) -> rusqlite::Result<(VmRow, String, String)> {
     Ok((
         VmRow {
             id: r.get(0)?,
@@ -621,16 +671,19 @@ fn vm_row(r: &Row) -> rusqlite::Result<(VmRow, String)> {
             created_at: r.get(14)?,
             error_chain: vec![],
             cpu_usage: r.get(16)?,
+            extra: VmExtra::default(),
         },
         r.get(15)?,
+        r.get(17)?,
     ))
 }
 
 fn vms_where(c: &Connection, clause: &str, p: impl rusqlite::Params) -> Result<Vec<VmRow>> {
     query_all(c, &format!("SELECT {VM_COLS} FROM vms {clause}"), p, vm_row)?
         .into_iter()
-        .map(|(mut v, chain)| {
+        .map(|(mut v, chain, extra)| {
             v.error_chain = json("vms.error_chain", &chain)?;
+            v.extra = json("vms.extra", &extra)?;
             Ok(v)
         })
         .collect()
@@ -664,7 +717,7 @@ pub fn vm_by_id(c: &Connection, id: &str) -> Result<Option<VmRow>> {
 /// Insert a VM.
 pub fn insert_vm(c: &Connection, v: &VmRow) -> Result<()> {
     c.execute(
-        &format!("INSERT INTO vms ({VM_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
+        &format!("INSERT INTO vms ({VM_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"),
         params![
             v.id,
             v.name,
@@ -682,7 +735,8 @@ pub fn insert_vm(c: &Connection, v: &VmRow) -> Result<()> {
             v.deleting,
             v.created_at,
             to_json(&v.error_chain),
-            v.cpu_usage
+            v.cpu_usage,
+            to_json(&v.extra)
         ],
     )?;
     Ok(())
@@ -691,7 +745,7 @@ pub fn insert_vm(c: &Connection, v: &VmRow) -> Result<()> {
 /// Write the mutable fields of a VM (its host too: a migration moves it).
 pub fn update_vm(c: &Connection, v: &VmRow) -> Result<()> {
     c.execute(
-        "UPDATE vms SET desired = ?2, observed = ?3, error = ?4, reboot_seq = ?5, reboot_done = ?6, force_stop = ?7, stop_timeout_s = ?8, deleting = ?9, host_id = ?10, error_chain = ?11, cpu_usage = ?12 WHERE id = ?1",
+        "UPDATE vms SET desired = ?2, observed = ?3, error = ?4, reboot_seq = ?5, reboot_done = ?6, force_stop = ?7, stop_timeout_s = ?8, deleting = ?9, host_id = ?10, error_chain = ?11, cpu_usage = ?12, extra = ?13 WHERE id = ?1",
         params![
             v.id,
             v.desired.as_str(),
@@ -704,7 +758,8 @@ pub fn update_vm(c: &Connection, v: &VmRow) -> Result<()> {
             v.deleting,
             v.host_id,
             to_json(&v.error_chain),
-            v.cpu_usage
+            v.cpu_usage,
+            to_json(&v.extra)
         ],
     )?;
     Ok(())
@@ -916,6 +971,273 @@ pub fn delete_forward(c: &Connection, network: &str, id: &str) -> Result<bool> {
         "DELETE FROM forwards WHERE network = ?1 AND id = ?2",
         [network, id],
     )? > 0)
+}
+
+// ---------------------------------------------------------------- volumes
+
+/// A data volume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeRow {
+    /// Id.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Host it lives on.
+    pub host_id: String,
+    /// Size wanted (virtual), MiB.
+    pub size_mib: u64,
+    /// The VM it is (to be) attached to.
+    pub vm_id: Option<String>,
+    /// Removed with its VM.
+    pub with_vm: bool,
+    /// Being removed.
+    pub deleting: bool,
+    /// Its host has it.
+    pub present: bool,
+    /// Size its host reports, MiB.
+    pub observed_size_mib: u64,
+    /// Space it takes there, MiB.
+    pub allocated_mib: u64,
+    /// The VM its host has it plugged into.
+    pub attached_to: Option<String>,
+    /// The last error its host reported.
+    pub error: Option<String>,
+    /// Creation time.
+    pub created_at: String,
+}
+
+const VOLUME_COLS: &str = "id, name, host_id, size_mib, vm_id, with_vm, deleting, present, observed_size_mib, allocated_mib, attached_to, error, created_at";
+
+fn volume_row(r: &Row) -> rusqlite::Result<VolumeRow> {
+    Ok(VolumeRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        host_id: r.get(2)?,
+        size_mib: r.get::<_, i64>(3)? as u64,
+        vm_id: r.get(4)?,
+        with_vm: r.get(5)?,
+        deleting: r.get(6)?,
+        present: r.get(7)?,
+        observed_size_mib: r.get::<_, i64>(8)? as u64,
+        allocated_mib: r.get::<_, i64>(9)? as u64,
+        attached_to: r.get(10)?,
+        error: r.get(11)?,
+        created_at: r.get(12)?,
+    })
+}
+
+/// Every volume, by name.
+pub fn volumes(c: &Connection) -> Result<Vec<VolumeRow>> {
+    query_all(
+        c,
+        &format!("SELECT {VOLUME_COLS} FROM volumes ORDER BY name"),
+        [],
+        volume_row,
+    )
+}
+
+/// One volume by name or id.
+pub fn volume(c: &Connection, name: &str) -> Result<Option<VolumeRow>> {
+    Ok(c.query_row(
+        &format!("SELECT {VOLUME_COLS} FROM volumes WHERE name = ?1 OR id = ?1"),
+        [name],
+        volume_row,
+    )
+    .optional()?)
+}
+
+/// Insert or update a volume.
+pub fn save_volume(c: &Connection, v: &VolumeRow) -> Result<()> {
+    c.execute(
+        &format!(
+            "INSERT INTO volumes ({VOLUME_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             ON CONFLICT(id) DO UPDATE SET host_id = excluded.host_id, size_mib = excluded.size_mib, vm_id = excluded.vm_id,
+               with_vm = excluded.with_vm, deleting = excluded.deleting, present = excluded.present,
+               observed_size_mib = excluded.observed_size_mib, allocated_mib = excluded.allocated_mib,
+               attached_to = excluded.attached_to, error = excluded.error"
+        ),
+        params![
+            v.id,
+            v.name,
+            v.host_id,
+            v.size_mib as i64,
+            v.vm_id,
+            v.with_vm,
+            v.deleting,
+            v.present,
+            v.observed_size_mib as i64,
+            v.allocated_mib as i64,
+            v.attached_to,
+            v.error,
+            v.created_at
+        ],
+    )?;
+    Ok(())
+}
+
+/// Delete a volume row.
+pub fn delete_volume(c: &Connection, id: &str) -> Result<()> {
+    c.execute("DELETE FROM volumes WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- captures
+
+/// A capture of a VM's root disk as an image, as its host reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaptureRow {
+    /// Id (its operation's, or a build's capture id).
+    pub id: String,
+    /// Name of the image to make.
+    pub image: String,
+    /// The VM.
+    pub vm_id: String,
+    /// Its name.
+    pub vm_name: String,
+    /// Its host.
+    pub host_id: String,
+    /// What the image will say it was made from.
+    pub made_from: String,
+    /// Where it is.
+    pub status: tuchka_api::agent::CaptureStatus,
+    /// Bytes copied or sent so far.
+    pub bytes: u64,
+    /// How long the guest was paused for it, ms.
+    pub paused_ms: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The causes.
+    pub error_chain: Vec<String>,
+    /// When it was asked for.
+    pub created_at: String,
+}
+
+const CAPTURE_COLS: &str = "id, image, vm_id, vm_name, host_id, made_from, status, bytes, paused_ms, error, error_chain, created_at";
+
+fn capture_row(r: &Row) -> rusqlite::Result<(CaptureRow, String)> {
+    Ok((
+        CaptureRow {
+            id: r.get(0)?,
+            image: r.get(1)?,
+            vm_id: r.get(2)?,
+            vm_name: r.get(3)?,
+            host_id: r.get(4)?,
+            made_from: r.get(5)?,
+            status: r.get::<_, Wire<tuchka_api::agent::CaptureStatus>>(6)?.0,
+            bytes: r.get::<_, i64>(7)? as u64,
+            paused_ms: r.get::<_, i64>(8)? as u64,
+            error: r.get(9)?,
+            error_chain: vec![],
+            created_at: r.get(11)?,
+        },
+        r.get(10)?,
+    ))
+}
+
+/// Every capture, oldest first.
+pub fn captures(c: &Connection) -> Result<Vec<CaptureRow>> {
+    query_all(
+        c,
+        &format!("SELECT {CAPTURE_COLS} FROM captures ORDER BY created_at"),
+        [],
+        capture_row,
+    )?
+    .into_iter()
+    .map(|(mut row, chain)| {
+        row.error_chain = json("captures.error_chain", &chain)?;
+        Ok(row)
+    })
+    .collect()
+}
+
+/// One capture.
+pub fn capture(c: &Connection, id: &str) -> Result<Option<CaptureRow>> {
+    Ok(captures(c)?.into_iter().find(|x| x.id == id))
+}
+
+/// Insert or update a capture.
+pub fn save_capture(c: &Connection, x: &CaptureRow) -> Result<()> {
+    c.execute(
+        &format!(
+            "INSERT INTO captures ({CAPTURE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT(id) DO UPDATE SET status = excluded.status, bytes = excluded.bytes,
+               paused_ms = excluded.paused_ms, error = excluded.error, error_chain = excluded.error_chain"
+        ),
+        params![
+            x.id,
+            x.image,
+            x.vm_id,
+            x.vm_name,
+            x.host_id,
+            x.made_from,
+            x.status.as_str(),
+            x.bytes as i64,
+            x.paused_ms as i64,
+            x.error,
+            to_json(&x.error_chain),
+            x.created_at
+        ],
+    )?;
+    Ok(())
+}
+
+/// Delete a capture row.
+pub fn delete_capture(c: &Connection, id: &str) -> Result<()> {
+    c.execute("DELETE FROM captures WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- image cache
+
+/// When each cached image was last used on each host: (host id, sha256) → Unix seconds.
+pub fn image_cache(c: &Connection) -> Result<HashMap<(String, String), i64>> {
+    Ok(query_all(
+        c,
+        "SELECT host_id, sha256, last_used_unix FROM image_cache",
+        [],
+        |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)),
+    )?
+    .into_iter()
+    .collect())
+}
+
+/// Record host `host_id`'s cache: `used` images are used now; others keep their time (new
+/// ones start now); images no longer cached are forgotten.
+pub fn touch_image_cache(
+    c: &Connection,
+    host_id: &str,
+    cached: &[String],
+    used: &HashSet<String>,
+    now_unix: i64,
+) -> Result<()> {
+    c.execute(
+        "DELETE FROM image_cache WHERE host_id = ?1 AND sha256 NOT IN (SELECT value FROM json_each(?2))",
+        params![host_id, to_json(&cached)],
+    )?;
+    for sha in cached {
+        if used.contains(sha) {
+            c.execute(
+                "INSERT INTO image_cache (host_id, sha256, last_used_unix) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(host_id, sha256) DO UPDATE SET last_used_unix = excluded.last_used_unix",
+                params![host_id, sha, now_unix],
+            )?;
+        } else {
+            c.execute(
+                "INSERT OR IGNORE INTO image_cache (host_id, sha256, last_used_unix) VALUES (?1, ?2, ?3)",
+                params![host_id, sha, now_unix],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Mark a cached image as unused for long (`image cache prune`).
+pub fn expire_cached_image(c: &Connection, host_id: &str, sha256: &str) -> Result<()> {
+    c.execute(
+        "UPDATE image_cache SET last_used_unix = 0 WHERE host_id = ?1 AND sha256 = ?2",
+        params![host_id, sha256],
+    )?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------- operations
@@ -1342,6 +1664,9 @@ mod tests {
                     anti_affinity: false,
                     deleting: false,
                     created_at: crate::now(),
+                    volume_size_mib: Some(512),
+                    keep_volumes: true,
+                    max_cpus: 4,
                 },
             )?;
             let v = VmRow {
@@ -1362,6 +1687,12 @@ mod tests {
                 stop_timeout_s: 60,
                 deleting: false,
                 created_at: crate::now(),
+                extra: VmExtra {
+                    cpus: Some(2),
+                    pause_reason: Some("disk full".into()),
+                    running_with: Some((1, 256, 1024)),
+                    ..VmExtra::default()
+                },
             };
             insert_vm(c, &v)?;
             insert_nic(

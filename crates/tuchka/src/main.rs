@@ -5,6 +5,7 @@ mod serve;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// tuchka: a small cloud for your own hardware, on libvirt.
 #[derive(Debug, Parser)]
@@ -89,6 +90,14 @@ pub struct ServeArgs {
     /// Seconds between two rounds of the automatic balancer.
     #[arg(long, default_value_t = 30, value_name = "S")]
     pub balance_interval: u64,
+    /// Share of every host's pool the scheduler never places on, in percent (new VMs, volumes
+    /// and grown disks must fit in the real free space above it).
+    #[arg(long, default_value_t = 10.0, value_name = "PERCENT")]
+    pub disk_reserve: f64,
+    /// How long a cached image nothing uses stays on a host, e.g. 24h, 30m, 0s (`image cache
+    /// prune` drops them at once).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub image_cache_ttl: Duration,
     /// TCP port of the local agent's migration channel (with --listen: on the listen address).
     #[arg(long, default_value_t = tuchka_host::net::underlay::DEFAULT_CHANNEL_PORT, value_name = "PORT")]
     pub channel_port: u16,

@@ -113,6 +113,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.balance_interval
         );
     }
+    if !(0.0..=90.0).contains(&args.disk_reserve) {
+        bail!(
+            "--disk-reserve {} is out of range: use 0 to 90 (percent of each pool)",
+            args.disk_reserve
+        );
+    }
+    config.disk_reserve = args.disk_reserve / 100.0;
+    config.image_cache_ttl = args.image_cache_ttl;
     config.balance = tuchka_controller::state::BalanceConfig {
         mode: args.balance,
         interval: Duration::from_secs(args.balance_interval),

@@ -124,6 +124,7 @@ fn cloud_with(down_after: std::time::Duration) -> Cloud {
                     virtual_size: 64 << 20,
                     stored_size: 1 << 20,
                     created_at: tuchka_store::now(),
+                    made_from: "upload".into(),
                 },
             )
         })
@@ -182,6 +183,9 @@ impl Cloud {
                 ssh_keys: vec![],
                 placement: None,
                 anti_affinity: false,
+                volume_size_mib: None,
+                keep_volumes: false,
+                max_cpus: None,
             },
         )
         .expect("group");
@@ -474,6 +478,9 @@ fn the_automatic_balancer_holds_then_moves_then_leaves_the_vms_alone() {
             ssh_keys: vec![],
             placement: Some(tuchka_api::PlacementPolicy::Pack),
             anti_affinity: false,
+            volume_size_mib: None,
+            keep_volumes: false,
+            max_cpus: None,
         },
     )
     .expect("group");

@@ -166,6 +166,8 @@ impl Rig {
             cloud_id: self.cloud.clone(),
             accel: Accel::Tcg,
             vcpus: 1,
+            max_vcpus: 1,
+            volumes: vec![],
             memory_mib: GUEST_MIB,
             root_disk: root,
             seed_iso: seed,
