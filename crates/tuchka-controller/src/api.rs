@@ -32,6 +32,8 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
                 .post(upload_image)
                 .layer(DefaultBodyLimit::disable()),
         )
+        .route("/v1/images/capture", post(capture_image))
+        .route("/v1/images/build", post(build_image))
         .route("/v1/images/cache", get(image_cache))
         .route("/v1/images/cache/prune", post(prune_image_cache))
         .route("/v1/images/{name}", get(get_image).delete(delete_image))
@@ -84,6 +86,10 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
         .route("/v1/agent/register", post(register))
         .route("/v1/agent/hosts/{id}/desired", get(host_desired))
         .route("/v1/agent/hosts/{id}/report", post(host_report))
+        .route(
+            "/v1/agent/hosts/{id}/captures/{capture}",
+            axum::routing::put(receive_capture).layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/agent/images/{sha256}", get(image_file))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(ctl.clone(), auth))

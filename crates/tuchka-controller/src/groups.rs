@@ -285,37 +285,7 @@ fn add_vms(
 /// `group create`: all VMs placed and addressed in one transaction, or nothing.
 pub fn create(ctl: &Controller, req: GroupCreate) -> Result<Operation> {
     operations::start(ctl, |c| {
-        let (img, disk_mib, policy) = check(c, &req)?;
-        if db::group(c, &req.name)?.is_some() {
-            return Err(Error::conflict(
-                "GroupExists",
-                format!(
-                    "group {:?} already exists (see: tuchka group show {})",
-                    req.name, req.name
-                ),
-            ));
-        }
-        let g = GroupRow {
-            name: req.name.clone(),
-            image: img.name.clone(),
-            image_sha256: img.sha256.clone(),
-            count: req.count,
-            cpus: req.cpus,
-            memory_mib: req.memory_mib,
-            disk_mib,
-            networks: req.networks.clone(),
-            user_data: req.user_data.clone(),
-            ssh_keys: req.ssh_keys.iter().map(|k| k.trim().to_string()).collect(),
-            placement: policy,
-            anti_affinity: req.anti_affinity,
-            deleting: false,
-            created_at: db::now(),
-            volume_size_mib: req.volume_size_mib,
-            keep_volumes: req.keep_volumes,
-            max_cpus: req.max_cpus.unwrap_or(req.cpus.max(DEFAULT_MAX_CPUS)),
-        };
-        db::insert_group(c, &g)?;
-        add_vms(ctl, c, &g, 0..req.count)?;
+        insert(ctl, c, &req, false)?;
         let op = new_op(
             OpKind::GroupCreate {
                 group: req.name.clone(),
@@ -326,6 +296,70 @@ pub fn create(ctl: &Controller, req: GroupCreate) -> Result<Operation> {
         );
         Ok(op)
     })
+}
+
+/// Check, record and place group `req` inside the caller's transaction; `run_once`: its VMs
+/// power on once and stay off when their guest powers off (image builders).
+pub fn insert(
+    ctl: &Controller,
+    c: &Connection,
+    req: &GroupCreate,
+    run_once: bool,
+) -> Result<Vec<String>> {
+    let (img, disk_mib, policy) = check(c, req)?;
+    if db::group(c, &req.name)?.is_some() {
+        return Err(Error::conflict(
+            "GroupExists",
+            format!(
+                "group {:?} already exists (see: tuchka group show {})",
+                req.name, req.name
+            ),
+        ));
+    }
+    let g = GroupRow {
+        name: req.name.clone(),
+        image: img.name.clone(),
+        image_sha256: img.sha256.clone(),
+        count: req.count,
+        cpus: req.cpus,
+        memory_mib: req.memory_mib,
+        disk_mib,
+        networks: req.networks.clone(),
+        user_data: req.user_data.clone(),
+        ssh_keys: req.ssh_keys.iter().map(|k| k.trim().to_string()).collect(),
+        placement: policy,
+        anti_affinity: req.anti_affinity,
+        deleting: false,
+        created_at: db::now(),
+        volume_size_mib: req.volume_size_mib,
+        keep_volumes: req.keep_volumes,
+        max_cpus: req.max_cpus.unwrap_or(req.cpus.max(DEFAULT_MAX_CPUS)),
+    };
+    db::insert_group(c, &g)?;
+    let ids = add_vms(ctl, c, &g, 0..req.count)?;
+    if run_once {
+        for id in &ids {
+            if let Some(mut v) = db::vm_by_id(c, id)? {
+                v.extra.run_once = true;
+                db::update_vm(c, &v)?;
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Mark group `name` and all its VMs for removal (the hosts remove them; the group row goes
+/// with its last VM). Returns how many VMs it had.
+pub fn mark_deleting(c: &Connection, name: &str) -> Result<u32> {
+    let g = db::group(c, name)?.ok_or_else(|| Error::not_found("group", "group", name))?;
+    let vms = db::group_vms(c, name)?;
+    crate::vms::refuse_while_migrating(c, &vms, "remove the group")?;
+    for mut v in vms.clone() {
+        v.deleting = true;
+        db::update_vm(c, &v)?;
+    }
+    db::update_group(c, name, g.count, true)?;
+    Ok(vms.len() as u32)
 }
 
 /// `group scale`: up adds the next indexes; down removes the highest.
@@ -396,20 +430,13 @@ pub fn scale(ctl: &Controller, name: &str, req: GroupScale) -> Result<Operation>
 /// `group rm`: every VM, disk, seed and address goes.
 pub fn delete(ctl: &Controller, name: &str) -> Result<Operation> {
     operations::start(ctl, |c| {
-        let g = db::group(c, name)?.ok_or_else(|| Error::not_found("group", "group", name))?;
-        let vms = db::group_vms(c, name)?;
-        crate::vms::refuse_while_migrating(c, &vms, "remove the group")?;
-        for mut v in vms.clone() {
-            v.deleting = true;
-            db::update_vm(c, &v)?;
-        }
-        db::update_group(c, name, g.count, true)?;
+        let n = mark_deleting(c, name)?;
         let op = new_op(
             OpKind::GroupDelete {
                 group: name.to_string(),
             },
             &format!("group/{name}"),
-            vms.len() as u32,
+            n,
             "removing VMs",
         );
         Ok(op)

@@ -23,7 +23,8 @@ use tuchka_api::{
     RuleCreate, Vm, VmMigrate, VmStop,
 };
 use tuchka_api::{
-    CachePrune, CachedImage, Storage, VmResize, Volume, VolumeAttach, VolumeCreate, VolumeResize,
+    CachePrune, CachedImage, ImageBuild, ImageCapture, Storage, VmResize, Volume, VolumeAttach,
+    VolumeCreate, VolumeResize,
 };
 
 use crate::error::{Error, Result};
@@ -750,4 +751,76 @@ pub async fn prune_image_cache(State(ctl): State<Controller>) -> Result<Json<Cac
     blocking(move || crate::storage::cache_prune(&ctl))
         .await
         .map(Json)
+}
+
+// ------------------------------------------------------------------ images from VMs
+
+/// Make an image of a VM's root disk (a running VM keeps running).
+#[utoipa::path(post, path = "/v1/images/capture", request_body = ImageCapture,
+    responses((status = 202, body = Operation), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn capture_image(
+    State(ctl): State<Controller>,
+    JsonBody(req): JsonBody<ImageCapture>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::captures::start(&ctl, req)).await?;
+    accepted(c2, op).await
+}
+
+/// Build an image with a builder VM that runs a script and powers itself off.
+#[utoipa::path(post, path = "/v1/images/build", request_body = ImageBuild,
+    responses((status = 202, body = Operation), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn build_image(
+    State(ctl): State<Controller>,
+    JsonBody(req): JsonBody<ImageBuild>,
+) -> Result<(StatusCode, Json<Operation>)> {
+    let c2 = ctl.clone();
+    let op = blocking(move || crate::builds::start(&ctl, req)).await?;
+    accepted(c2, op).await
+}
+
+/// A host sends the image it captured (agents): stored through the checks of an upload.
+#[utoipa::path(put, path = "/v1/agent/hosts/{id}/captures/{capture}", request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = Image), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn receive_capture(
+    State(ctl): State<Controller>,
+    Path((host, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Image>)> {
+    let c2 = ctl.clone();
+    let x = match blocking(move || crate::captures::expected(&c2, &host, &id)).await {
+        Ok(x) => x,
+        Err(e) => {
+            // Read the body before answering (see images::upload).
+            let mut s = body.into_data_stream();
+            while s.next().await.is_some() {}
+            return Err(e);
+        }
+    };
+    let inc = images::Incoming {
+        name: &x.image,
+        made_from: &x.made_from,
+        size: content_length(&headers),
+    };
+    let outcome = images::upload(&ctl, inc, body.into_data_stream()).await;
+    let (c2, x2) = (ctl.clone(), x.clone());
+    let recorded = {
+        let outcome = match &outcome {
+            Ok(i) => Ok(i.clone()),
+            Err(e) => Err(Error::Conflict {
+                code: "CaptureRefused",
+                message: e.to_string(),
+            }),
+        };
+        blocking(move || {
+            crate::captures::received(&c2, &x2, &outcome)?;
+            crate::progress::progress(&c2);
+            Ok(())
+        })
+        .await
+    };
+    let img = outcome?;
+    recorded?;
+    Ok((StatusCode::CREATED, Json(img)))
 }

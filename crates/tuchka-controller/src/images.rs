@@ -153,7 +153,8 @@ where
     get(ctl, name)
 }
 
-fn precheck(ctl: &Controller, name: &str) -> Result<()> {
+/// Refuse a bad or taken image name before anything is received.
+pub fn precheck(ctl: &Controller, name: &str) -> Result<()> {
     tuchka_core::names::validate_name("image", name).map_err(|_| Error::bad_name("image", name))?;
     if db::image(ctl.db().conn(), name)?.is_some() {
         return Err(Error::conflict(

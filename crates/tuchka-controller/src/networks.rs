@@ -96,31 +96,7 @@ pub fn create(ctl: &Controller, req: NetworkCreate) -> Result<Operation> {
                 ),
             ));
         }
-        let nets = db::networks(c)?;
-        ipam::check_overlap(
-            &cidr,
-            nets.iter().map(|n| (n.name.as_str(), n.cidr.as_str())),
-        )
-        .map_err(|e| Error::invalid("CidrOverlap", e.to_string()))?;
-        let s = ctl.snapshot(c)?;
-        let gateway_host = pick_gateway_host(&s)?;
-        let used: HashSet<u32> = nets.iter().map(|n| n.vni).collect();
-        let vni = ipam::allocate_vni(&mut rand::thread_rng(), &used);
-        db::insert_network(
-            c,
-            &NetworkRow {
-                name: req.name.clone(),
-                cidr: cidr.to_string(),
-                vni,
-                gateway_host: Some(gateway_host),
-                state: NetworkState::Creating,
-                error: None,
-                deleting: false,
-                created_at: db::now(),
-                nat: req.nat,
-                gateway: gateway.clone(),
-            },
-        )?;
+        insert(ctl, c, &req.name, &cidr, req.nat, gateway.clone())?;
         let op = new_op(
             OpKind::NetCreate {
                 network: req.name.clone(),
@@ -131,6 +107,78 @@ pub fn create(ctl: &Controller, req: NetworkCreate) -> Result<Operation> {
         );
         Ok(op)
     })
+}
+
+/// Record network `name` on `cidr` (refused when it overlaps another), in the caller's
+/// transaction; the gateway host's agent builds it.
+fn insert(
+    ctl: &Controller,
+    c: &Connection,
+    name: &str,
+    cidr: &Cidr,
+    nat: bool,
+    gateway: Option<String>,
+) -> Result<()> {
+    let nets = db::networks(c)?;
+    ipam::check_overlap(
+        cidr,
+        nets.iter().map(|n| (n.name.as_str(), n.cidr.as_str())),
+    )
+    .map_err(|e| Error::invalid("CidrOverlap", e.to_string()))?;
+    let s = ctl.snapshot(c)?;
+    let gateway_host = pick_gateway_host(&s)?;
+    let used: HashSet<u32> = nets.iter().map(|n| n.vni).collect();
+    let vni = ipam::allocate_vni(&mut rand::thread_rng(), &used);
+    db::insert_network(
+        c,
+        &NetworkRow {
+            name: name.to_string(),
+            cidr: cidr.to_string(),
+            vni,
+            gateway_host: Some(gateway_host),
+            state: NetworkState::Creating,
+            error: None,
+            deleting: false,
+            created_at: db::now(),
+            nat,
+            gateway,
+        },
+    )?;
+    Ok(())
+}
+
+/// A network of its own for an image builder: the first free /24 of 10.254.0.0/16, no NAT.
+pub fn insert_private(ctl: &Controller, c: &Connection, name: &str) -> Result<String> {
+    let nets = db::networks(c)?;
+    for i in 0..=255u32 {
+        let Ok(cidr) = Cidr::parse_network(&format!("10.254.{i}.0/24")) else {
+            continue;
+        };
+        if ipam::check_overlap(
+            &cidr,
+            nets.iter().map(|n| (n.name.as_str(), n.cidr.as_str())),
+        )
+        .is_ok()
+        {
+            insert(ctl, c, name, &cidr, false, None)?;
+            return Ok(cidr.to_string());
+        }
+    }
+    Err(Error::conflict(
+        "AddressesExhausted",
+        "no free /24 in 10.254.0.0/16 for a builder network",
+    ))
+}
+
+/// Mark network `name` for removal (its hosts take it down; the row goes when they have).
+pub fn mark_deleting(c: &Connection, name: &str) -> Result<()> {
+    if let Some(mut n) = db::network(c, name)? {
+        if !n.deleting {
+            n.deleting = true;
+            db::update_network(c, &n)?;
+        }
+    }
+    Ok(())
 }
 
 /// A gateway given by the user must be a usable address of the network that VMs do not get.

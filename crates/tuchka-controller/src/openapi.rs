@@ -67,6 +67,9 @@ use crate::handlers as api;
         api::storage,
         api::image_cache,
         api::prune_image_cache,
+        api::capture_image,
+        api::build_image,
+        api::receive_capture,
     ),
     components(schemas(
         tuchka_api::ApiError,

@@ -117,12 +117,15 @@ fn age(o: &OpRow) -> Duration {
         .unwrap_or_default()
 }
 
-/// Migrations carry their own time limits per phase; drains and balance rounds last as long as
-/// their moves.
+/// Migrations carry their own time limits per phase, builds their `--timeout`; drains and
+/// balance rounds last as long as their moves.
 fn has_deadline(k: &OpKind) -> bool {
     !matches!(
         k,
-        OpKind::VmMigrate { .. } | OpKind::HostDrain { .. } | OpKind::BalanceApply { .. }
+        OpKind::VmMigrate { .. }
+            | OpKind::HostDrain { .. }
+            | OpKind::BalanceApply { .. }
+            | OpKind::ImageBuild { .. }
     )
 }
 

@@ -148,9 +148,6 @@ pub enum OpKind {
         builder: String,
         /// When the builder must have powered off, Unix seconds.
         deadline_unix: i64,
-        /// The capture of the builder's disk, once it powered off (its operation id).
-        #[serde(default)]
-        capture: Option<String>,
     },
     /// Change a VM's vCPUs, memory or root disk.
     #[serde(rename = "vm.resize")]
