@@ -104,3 +104,91 @@ pub fn run<S: AsRef<OsStr>>(
         })
     }
 }
+
+/// Run `program args…` like [`run`], handing each piece of its standard output that ends in
+/// `\r` or `\n` (a progress line such as qemu-img's `    (12.50/100%)\r`) to `on_line` as it
+/// arrives (and what is left when it ends). Standard error is kept for the error message.
+pub fn run_streaming<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+    on_line: &mut dyn FnMut(&str),
+) -> Result<(), CommandError> {
+    use std::io::Read;
+    let mut child = Command::new(tool(program))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| CommandError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+    // Drain stderr on its own thread so a chatty tool never blocks on a full pipe.
+    let stderr = child.stderr.take().map(|mut pipe| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    });
+    if let Some(mut pipe) = child.stdout.take() {
+        let mut pending = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // A read error ends the stream; the exit status below tells whether the tool worked.
+        while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+            pending.extend_from_slice(&chunk[..n]);
+            while let Some(end) = pending.iter().position(|b| *b == b'\r' || *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line[..end]);
+                if !line.trim().is_empty() {
+                    on_line(&line);
+                }
+            }
+        }
+        let rest = String::from_utf8_lossy(&pending);
+        if !rest.trim().is_empty() {
+            on_line(&rest);
+        }
+    }
+    let status = child.wait().map_err(|source| CommandError::Spawn {
+        program: program.to_string(),
+        source,
+    })?;
+    let stderr = stderr
+        .and_then(|t| t.join().ok())
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    if status.success() {
+        Ok(())
+    } else {
+        Err(CommandError::Failed {
+            command: display(program, args),
+            status: status.to_string(),
+            stderr,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streaming_splits_at_carriage_returns_and_keeps_stderr() {
+        let mut lines = Vec::new();
+        run_streaming(
+            "sh",
+            &[
+                "-c",
+                "printf '  (0.00/100%%)\\r  (50.00/100%%)\\r\\n'; printf done",
+            ],
+            &mut |l| lines.push(l.to_string()),
+        )
+        .expect("sh runs");
+        assert_eq!(lines, vec!["  (0.00/100%)", "  (50.00/100%)", "done"]);
+        let err =
+            run_streaming("sh", &["-c", "echo oops >&2; exit 3"], &mut |_| {}).expect_err("exit 3");
+        assert!(err.to_string().contains("oops"), "{err}");
+    }
+}

@@ -67,6 +67,30 @@ pub enum HostError {
         /// The state it is in.
         state: String,
     },
+    /// A libvirt job (a backup, …) ended without success; `message` is libvirt's.
+    #[error("domain {name}: {job} job failed: {message}")]
+    JobFailed {
+        /// Domain name.
+        name: String,
+        /// The job ("backup", …).
+        job: &'static str,
+        /// Why, as libvirt reported it.
+        message: String,
+    },
+    /// Capturing a disk of a domain into an image failed; nothing of it was left behind (no
+    /// copy in the work directory, no output file).
+    #[error("domain {name}: cannot capture disk {disk} into {}", out.display())]
+    Capture {
+        /// Domain name.
+        name: String,
+        /// The disk as the caller named it (target or source file).
+        disk: String,
+        /// The image file that was to be written.
+        out: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<HostError>,
+    },
     /// A file system operation failed.
     #[error("{object}: cannot {action} {path}")]
     Io {

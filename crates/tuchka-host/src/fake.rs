@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use tuchka_api::agent::NetworkDesired;
 
+use crate::capture::{CaptureOutcome, CapturePhase, CaptureProgress, CaptureRequest};
 use crate::domain_xml::{render_domain_xml, validate_spec, DomainSpec};
 use crate::libvirt::{DomainInfo, DomainState, Hypervisor};
 use crate::migrate::{LiveMigration, MigrationOutcome, MigrationProgress};
@@ -538,7 +539,98 @@ impl Hypervisor for FakeHypervisor {
             Ok(())
         })
     }
+
+    /// Checks the request as the real one does (the domain is defined here, `target` is `vda`
+    /// or its root disk's path, `out` does not exist); a running or paused domain reports two
+    /// copying steps; then it reports converting at 0 and at the end and writes an empty qcow2
+    /// ([`crate::qcow2::empty_image`]) to `out`, of the root disk's virtual size when that file
+    /// is a qcow2, else of [`FAKE_CAPTURE_SIZE`]. It touches nothing else (`work_dir` is
+    /// unused). Failure points: `capture_disk` (before anything) and `capture_disk.convert`
+    /// (after the copy); `out` is not created then. Errors are wrapped in
+    /// [`HostError::Capture`] like the real ones.
+    fn capture_disk(
+        &self,
+        name: &str,
+        target: &str,
+        work_dir: &Path,
+        out: &Path,
+        progress: &dyn Fn(CaptureProgress),
+    ) -> Result<CaptureOutcome, HostError> {
+        let fail = |source| HostError::Capture {
+            name: name.to_string(),
+            disk: target.to_string(),
+            out: out.to_path_buf(),
+            source: Box::new(source),
+        };
+        self.rec.call("capture_disk", name).map_err(fail)?;
+        CaptureRequest {
+            name,
+            disk: target,
+            work_dir,
+            out,
+        }
+        .check()
+        .map_err(fail)?;
+        let (root, active) = {
+            let st = lock(&self.state);
+            self.check_foreign(&st, name).map_err(fail)?;
+            let d = st.domains.get(name).ok_or_else(|| {
+                fail(HostError::NoDomain {
+                    name: name.to_string(),
+                })
+            })?;
+            (d.spec.root_disk.clone(), d.state.is_active())
+        };
+        if target != crate::migrate::ROOT_DISK_TARGET && Path::new(target) != root {
+            return Err(fail(HostError::invalid(
+                format!("domain {name}"),
+                format!("has no disk {target} (its disks: vda)"),
+            )));
+        }
+        let total = match crate::qcow2::read_header(&root) {
+            Ok(Some(h)) => h.virtual_size,
+            _ => FAKE_CAPTURE_SIZE,
+        };
+        let mut outcome = CaptureOutcome::default();
+        if active {
+            for done in [total / 2, total] {
+                progress(CaptureProgress {
+                    phase: CapturePhase::Copying,
+                    done,
+                    total,
+                });
+            }
+            outcome.copy_ms = 10;
+        }
+        progress(CaptureProgress {
+            phase: CapturePhase::Converting,
+            done: 0,
+            total,
+        });
+        self.rec
+            .injected("capture_disk.convert", name)
+            .map_err(fail)?;
+        let image = crate::qcow2::empty_image(total);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(out)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &image))
+            .map_err(|e| fail(HostError::io("captured image", "write", out, e)))?;
+        progress(CaptureProgress {
+            phase: CapturePhase::Converting,
+            done: total,
+            total,
+        });
+        outcome.convert_ms = 10;
+        outcome.bytes = image.len() as u64;
+        Ok(outcome)
+    }
 }
+
+/// The virtual size of the images [`FakeHypervisor::capture_disk`] writes when the domain's
+/// root disk is no qcow2 file it can read.
+pub const FAKE_CAPTURE_SIZE: u64 = 64 << 20;
 
 /// A VM's storage as the fake holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -992,6 +1084,73 @@ mod tests {
             .received_xml("a")
             .is_some_and(|x| x.contains("/q/vms/vm-1/root.qcow2")));
         assert_eq!(src.count("migrate_live"), 3);
+    }
+
+    #[test]
+    fn capture_writes_a_placeholder_image_and_failures_leave_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hv = FakeHypervisor::new(CLOUD);
+        let out = dir.path().join("img.qcow2");
+        let seen = Mutex::new(Vec::new());
+        let record = |p: CaptureProgress| lock(&seen).push(p.phase);
+        let err = hv
+            .capture_disk("a", "vda", dir.path(), &out, &record)
+            .expect_err("no domain");
+        assert!(
+            matches!(&err, HostError::Capture { source, .. } if matches!(**source, HostError::NoDomain { .. })),
+            "{err:?}"
+        );
+        hv.define(&spec("a")).expect("define");
+        assert!(hv
+            .capture_disk("a", "vdz", dir.path(), &out, &record)
+            .expect_err("no vdz")
+            .chain()
+            .contains("has no disk vdz"));
+
+        // Stopped: converted only.
+        let o = hv
+            .capture_disk("a", "/p/vms/vm-1/root.qcow2", dir.path(), &out, &record)
+            .expect("capture stopped");
+        assert_eq!(o.copy_ms, 0);
+        assert_eq!(
+            *lock(&seen),
+            vec![CapturePhase::Converting, CapturePhase::Converting]
+        );
+        let header = crate::qcow2::read_header(&out)
+            .expect("read")
+            .expect("qcow2");
+        assert_eq!(header.virtual_size, FAKE_CAPTURE_SIZE);
+        assert_eq!(header.backing_file, None);
+        assert_eq!(o.bytes, std::fs::metadata(&out).expect("out").len());
+        assert!(hv
+            .capture_disk("a", "vda", dir.path(), &out, &record)
+            .expect_err("out exists")
+            .chain()
+            .contains("already exists"));
+
+        // Running: copied, then converted; an injected failure leaves no file.
+        hv.start("a").expect("start");
+        let out2 = dir.path().join("img2.qcow2");
+        hv.fail_once("capture_disk.convert");
+        lock(&seen).clear();
+        assert!(hv
+            .capture_disk("a", "vda", dir.path(), &out2, &record)
+            .is_err());
+        assert!(!out2.exists());
+        assert_eq!(
+            *lock(&seen),
+            vec![
+                CapturePhase::Copying,
+                CapturePhase::Copying,
+                CapturePhase::Converting
+            ]
+        );
+        let o = hv
+            .capture_disk("a", "vda", dir.path(), &out2, &record)
+            .expect("capture running");
+        assert!(o.copy_ms > 0 && out2.exists());
+        assert_eq!(hv.domain("a").map(|d| d.state), Some(DomainState::Running));
+        assert_eq!(hv.count("capture_disk"), 6);
     }
 
     #[test]

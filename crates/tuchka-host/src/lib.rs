@@ -9,6 +9,8 @@
 //! - [`channel`] and [`migrate`]: moving VMs between hosts — the mTLS host-to-host channel
 //!   that carries libvirt's connection, the memory and the disk streams of a live migration
 //!   (and a stopped VM's disk), and [`Hypervisor::migrate_live`] through it.
+//! - [`capture`]: [`Hypervisor::capture_disk`], a VM's disk into a new standalone image while
+//!   the VM runs (a libvirt backup job, then `qemu-img convert -c`).
 //! - [`probe_accel`], [`run_checks`], [`host_facts`]: what this host can do.
 //! - [`metrics`]: the load an agent reports for the balancer (host CPU and memory, VM CPU).
 //! - [`fake`]: hand-written fakes of the three traits for tests of the code that drives them.
@@ -22,6 +24,7 @@
 //! pure functions (golden-tested); the adapters only push the bytes.
 
 pub mod accel;
+pub mod capture;
 pub mod channel;
 pub mod checks;
 pub mod cmd;
@@ -37,6 +40,7 @@ pub mod seed;
 pub mod storage;
 
 pub use accel::{probe_accel, Accel, AccelChoice};
+pub use capture::{CaptureOutcome, CapturePhase, CaptureProgress};
 pub use checks::{host_facts, run_checks};
 pub use domain_xml::{
     render_domain_xml, volume_serial, volume_target, DomainSpec, NicSpec, VolumeSpec,

@@ -6,6 +6,7 @@
 //! another cloud. A broken connection (libvirtd restarted) is reopened transparently and the
 //! call retried once.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use virt::connect::Connect;
@@ -13,6 +14,7 @@ use virt::domain::Domain;
 use virt::error::{Error as VirtError, ErrorNumber};
 use virt::sys;
 
+use crate::capture::{CaptureOutcome, CaptureProgress, CaptureRequest};
 use crate::domain_xml::{
     parse_vm_metadata, render_domain_xml, render_volume_xml, validate_spec, DomainSpec, VolumeSpec,
     METADATA_NS,
@@ -129,6 +131,24 @@ pub trait Hypervisor: Send + Sync {
         m: &LiveMigration,
         progress: &mut dyn FnMut(&MigrationProgress),
     ) -> Result<MigrationOutcome, HostError>;
+    /// Write disk `target` of domain `name` — named by its target (`vda`) or its source file,
+    /// as libvirt names disks — into `out` as a new compressed standalone qcow2 image (no
+    /// backing file) and block until it is there, calling `progress` from this thread (see
+    /// [`crate::capture`]). A running or paused domain keeps running and writing: its disk is
+    /// copied point-in-time into `work_dir` (an absolute directory on a file system qemu sees;
+    /// created if missing) by a libvirt backup job, then converted. A stopped domain's disk,
+    /// or with no domain a qcow2 disk named by its path, is converted directly. `out` must not
+    /// exist and its directory must. On failure the backup job is aborted, the copy and the
+    /// partial image are deleted and `out` is not created; the error names the domain, the
+    /// disk and `out`, with the cause.
+    fn capture_disk(
+        &self,
+        name: &str,
+        target: &str,
+        work_dir: &Path,
+        out: &Path,
+        progress: &dyn Fn(CaptureProgress),
+    ) -> Result<CaptureOutcome, HostError>;
     /// The data volumes the domain has now (its live definition when it runs, else the
     /// persistent one): disks other than `vda` whose file is `…/volumes/<id>.qcow2`.
     fn volumes(&self, name: &str) -> Result<Vec<VolumeSpec>, HostError>;
@@ -757,6 +777,50 @@ impl Hypervisor for Libvirt {
                 "the migration thread ended without an answer",
             )),
         }
+    }
+
+    fn capture_disk(
+        &self,
+        name: &str,
+        target: &str,
+        work_dir: &Path,
+        out: &Path,
+        progress: &dyn Fn(CaptureProgress),
+    ) -> Result<CaptureOutcome, HostError> {
+        let req = CaptureRequest {
+            name,
+            disk: target,
+            work_dir,
+            out,
+        };
+        let fail = |e| capture_failed(name, target, out, e);
+        req.check().map_err(fail)?;
+        // Not retried on a lost connection: a backup job is not idempotent.
+        let conn = self.current().map_err(fail)?;
+        let dom = self.lookup_own(&conn.0, name).map_err(fail)?;
+        tracing::info!(domain = name, disk = target, out = %out.display(), "capture starts");
+        let outcome =
+            crate::capture::capture(dom.as_ref(), &self.uri, &req, progress).map_err(fail)?;
+        tracing::info!(
+            domain = name,
+            disk = target,
+            bytes = outcome.bytes,
+            copy_ms = outcome.copy_ms,
+            convert_ms = outcome.convert_ms,
+            paused_ms = outcome.paused_ms,
+            "capture done"
+        );
+        Ok(outcome)
+    }
+}
+
+/// Wrap a capture failure with what was being captured.
+fn capture_failed(name: &str, disk: &str, out: &Path, source: HostError) -> HostError {
+    HostError::Capture {
+        name: name.to_string(),
+        disk: disk.to_string(),
+        out: out.to_path_buf(),
+        source: Box::new(source),
     }
 }
 
