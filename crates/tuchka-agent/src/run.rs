@@ -14,6 +14,8 @@ use std::time::Duration;
 use thiserror::Error;
 use tuchka_api::agent::{HostDesired, HostRegister, HostRegistered, HostReport};
 use tuchka_client::{Client, ClientError};
+
+use crate::capture::Captures;
 use tuchka_host::channel::{ChannelServer, MigrationAdmission};
 use tuchka_host::metrics::{LoadSample, LoadSampler, VmCpuTime};
 use tuchka_host::{AccelChoice, DirStorage, Libvirt, LinuxDataplane, Storage};
@@ -172,6 +174,7 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         cloud_id: reg.cloud_id.clone(),
         channel_port,
     });
+    let captures = Captures::new(&config.pool);
     let mut client = client.clone().with_token(Some(reg.credential.clone()));
     let mut host_id = reg.host_id.clone();
     let memory = Arc::new(Mutex::new(Memory::default()));
@@ -207,6 +210,7 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
             }
         };
         backoff = Duration::from_millis(250);
+        captures.sync(&desired, &parts, &client, &host_id);
         let image_errors = fetch_images(&client, &parts, &desired).await;
         let (p, m, d, sm) = (
             parts.clone(),
@@ -227,6 +231,14 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         .map_err(|e| AgentError::Join(e.to_string()))?;
         let mut report: HostReport = pass.report;
         report.facts = facts(parts.storage.as_ref(), load.as_ref());
+        report.captures = captures.observed();
+        // A capture under way is reported as it goes, not only when the cloud changes.
+        let capturing = report.captures.iter().any(|c| {
+            matches!(
+                c.status,
+                tuchka_api::agent::CaptureStatus::Copying | tuchka_api::agent::CaptureStatus::Uploading
+            )
+        });
         if let Some(l) = &load {
             report.facts.memory_in_use_mib = l.memory_in_use_mib;
             if config.load_source == LoadSource::Vms {
@@ -247,7 +259,10 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
             let e = refused(e, false)?;
             tracing::warn!(error = %e, "cannot send report");
         }
-        if pass.settled {
+        if capturing {
+            after = 0;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        } else if pass.settled {
             after = desired.generation;
         } else {
             after = 0;
@@ -304,6 +319,11 @@ async fn join(
     let Some(id) = identity.as_mut() else {
         return Ok(reg);
     };
+    if !same {
+        // Kept at once: an agent stopped before it has its certificate still comes back as
+        // this host.
+        id.save(dir)?;
+    }
     if want_certificate && id.channel().is_none() {
         match tuchka_pki::create_host_key(&reg.host_id) {
             Ok(key) => {
