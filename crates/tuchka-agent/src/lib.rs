@@ -6,6 +6,7 @@
 //! The agent speaks only HTTP to the controller (the same endpoints for the local agent on the
 //! unix socket and for remote agents over TCP); the controller never connects to it.
 
+pub mod capture;
 pub mod channel;
 pub mod identity;
 pub mod mover;

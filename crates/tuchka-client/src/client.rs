@@ -224,8 +224,8 @@ impl Client {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    /// Upload `file` as image `name` (`POST /v1/images?name=NAME`), streaming it from disk with
-    /// `Content-Length` set; `progress(bytes_sent)` is called as chunks go out.
+    /// Upload the image file `file` as image `name` (`POST /v1/images`), calling `progress`
+    /// with the bytes sent so far.
     pub async fn upload_image(
         &self,
         name: &str,
@@ -233,6 +233,27 @@ impl Client {
         progress: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<Image, ClientError> {
         let path = format!("/v1/images?name={}", segment(name));
+        self.send_file(Method::POST, &path, file, progress).await
+    }
+
+    /// Send file `file` as the body of `PUT path` (with its length), calling `progress` with
+    /// the bytes sent so far; the JSON answer is returned.
+    pub async fn put_file<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        file: &Path,
+        progress: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<T, ClientError> {
+        self.send_file(Method::PUT, path, file, progress).await
+    }
+
+    async fn send_file<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        file: &Path,
+        progress: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<T, ClientError> {
         let handle = tokio::fs::File::open(file)
             .await
             .map_err(|source| ClientError::Io {
@@ -264,11 +285,11 @@ impl Client {
         });
         let body = BodyExt::boxed(StreamBody::new(stream));
         let req = self
-            .request(Method::POST, &path)?
+            .request(method, path)?
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .header(header::CONTENT_LENGTH, meta.len());
-        let resp = self.execute(req, body, &path).await?;
-        self.read_json(resp, &path).await
+        let resp = self.execute(req, body, path).await?;
+        self.read_json(resp, path).await
     }
 
     /// Download `GET path` into `dest`. When `dest` exists and is not empty, asks for the rest
