@@ -23,7 +23,11 @@ pub struct Captures {
     state: Arc<Mutex<HashMap<String, CaptureObserved>>>,
 }
 
-fn set(state: &Mutex<HashMap<String, CaptureObserved>>, id: &str, f: impl FnOnce(&mut CaptureObserved)) {
+fn set(
+    state: &Mutex<HashMap<String, CaptureObserved>>,
+    id: &str,
+    f: impl FnOnce(&mut CaptureObserved),
+) {
     let mut m = state.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(o) = m.get_mut(id) {
         f(o);
@@ -41,7 +45,13 @@ impl Captures {
 
     /// Start the captures `desired` names that are not under way; forget those it does not
     /// name any more.
-    pub fn sync(&self, desired: &HostDesired, parts: &Arc<HostParts>, client: &Client, host_id: &str) {
+    pub fn sync(
+        &self,
+        desired: &HostDesired,
+        parts: &Arc<HostParts>,
+        client: &Client,
+        host_id: &str,
+    ) {
         let mut m = self.state.lock().unwrap_or_else(|p| p.into_inner());
         m.retain(|id, _| desired.captures.iter().any(|c| &c.id == id));
         for c in &desired.captures {
@@ -112,7 +122,11 @@ impl Job {
         }
     }
 
-    async fn capture_and_send(&self, parts: &Arc<HostParts>, client: &Client) -> Result<Image, Failure> {
+    async fn capture_and_send(
+        &self,
+        parts: &Arc<HostParts>,
+        client: &Client,
+    ) -> Result<Image, Failure> {
         let work = self.dir.join("work");
         let out = self.dir.join("image.qcow2");
         std::fs::create_dir_all(&work).map_err(|e| Failure {

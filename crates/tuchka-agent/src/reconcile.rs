@@ -736,16 +736,24 @@ fn seed_path(parts: &HostParts, vm_id: &str) -> std::path::PathBuf {
 /// others get the first free one (`vdb`…).
 fn volume_specs(parts: &HostParts, want: &VmDesired, current: &[VolumeSpec]) -> Vec<VolumeSpec> {
     let mut taken: HashSet<String> = current.iter().map(|c| c.target.clone()).collect();
+    // Only volumes whose file is here (it is made before the VMs are converged).
+    let present: HashSet<String> = parts
+        .storage
+        .volumes()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
     let mut out = vec![];
     for w in &want.volumes {
         if let Some(c) = current.iter().find(|c| c.id == w.id) {
             out.push(c.clone());
             continue;
         }
-        let path = parts.storage.volume_path(&w.id);
-        if !path.exists() {
+        if !present.contains(&w.id) {
             continue;
         }
+        let path = parts.storage.volume_path(&w.id);
         let Some(target) = (0..24)
             .filter_map(tuchka_host::volume_target)
             .find(|t| !taken.contains(t))

@@ -236,7 +236,8 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         let capturing = report.captures.iter().any(|c| {
             matches!(
                 c.status,
-                tuchka_api::agent::CaptureStatus::Copying | tuchka_api::agent::CaptureStatus::Uploading
+                tuchka_api::agent::CaptureStatus::Copying
+                    | tuchka_api::agent::CaptureStatus::Uploading
             )
         });
         if let Some(l) = &load {

@@ -81,6 +81,8 @@ pub fn inputs(
                     Some("being removed".into())
                 } else if moving {
                     Some("already migrating".into())
+                } else if !s.vm_volumes(&v.id).is_empty() {
+                    Some("has data volumes (they stay on their host)".into())
                 } else {
                     None
                 },

@@ -133,6 +133,22 @@ pub fn start_in(
             ),
         ));
     }
+    let volumes: Vec<&str> = s
+        .vm_volumes(&v.id)
+        .iter()
+        .map(|x| x.name.as_str())
+        .collect();
+    if !volumes.is_empty() {
+        return Err(refuse(
+            "VmHasVolumes",
+            format!(
+                "vm {:?} has data volumes ({}), which live on host {}: detach them first (tuchka volume detach NAME), then move it",
+                v.name,
+                volumes.join(", "),
+                source.name
+            ),
+        ));
+    }
     if let Some(t) = target {
         if t == source.id {
             return Err(refuse(

@@ -388,9 +388,10 @@ pub fn evaluate(c: &Connection, kind: &OpKind) -> Result<Step> {
                     message: String::new(),
                 }
             } else {
+                // The operation's message (what applies now, what at the next start) stays.
                 Step::Running {
                     done: 0,
-                    message: "waiting for the host to apply the new size".into(),
+                    message: String::new(),
                 }
             }
         }

@@ -570,3 +570,103 @@ fn the_automatic_balancer_holds_then_moves_then_leaves_the_vms_alone() {
     let s = tuchka_controller::balance::status(&c.ctl).expect("status");
     assert!(s.imbalance <= s.threshold, "{s:?}");
 }
+
+#[test]
+fn a_volume_lives_on_one_host_and_a_vm_with_one_stays_there() {
+    let mut c = cloud();
+    let (here, other) = c.launch(false);
+    let vol = |name: &str, host: Option<&str>, near: Option<&str>| {
+        tuchka_controller::volumes::create(
+            &c.ctl,
+            tuchka_api::VolumeCreate {
+                name: name.into(),
+                size_mib: 64,
+                near: near.map(str::to_string),
+                host: host.map(str::to_string),
+            },
+        )
+    };
+    let far = vol("far", Some(&other), None).expect("volume on the other host");
+    assert_eq!(far.host, other);
+    let attach = |name: &str| {
+        tuchka_controller::volumes::attach(
+            &c.ctl,
+            name,
+            tuchka_api::VolumeAttach { vm: "web-0".into() },
+        )
+    };
+    let err = attach("far").expect_err("another host").to_string();
+    assert!(
+        err.contains(&format!(
+            "lives on host {other} and vm \"web-0\" runs on host {here}"
+        )) && err.contains(&format!("tuchka vm migrate web-0 --to {other}")),
+        "{err}"
+    );
+    let near = vol("near", None, Some("web-0")).expect("volume near web-0");
+    assert_eq!(near.host, here);
+    let op = attach("near").expect("attach").id;
+    for _ in 0..3 {
+        c.pass();
+    }
+    assert_eq!(
+        c.op(&op).state,
+        OperationState::Succeeded,
+        "{:?}",
+        c.op(&op)
+    );
+    let v = tuchka_controller::volumes::get(&c.ctl, "near").expect("near");
+    assert_eq!(
+        (v.state, v.vm.as_deref()),
+        (tuchka_api::VolumeState::Attached, Some("web-0"))
+    );
+    let h = c.host(&here);
+    let domain = domain(&c);
+    assert_eq!(
+        h.hv.volumes(&domain).expect("volumes").len(),
+        1,
+        "plugged in"
+    );
+
+    let err = tuchka_controller::migrations::start(
+        &c.ctl,
+        "web-0",
+        VmMigrate {
+            to: Some(other.clone()),
+        },
+    )
+    .expect_err("has a volume")
+    .to_string();
+    assert!(
+        err.contains("has data volumes (near)") && err.contains("detach them first"),
+        "{err}"
+    );
+    let rm = tuchka_controller::volumes::delete(&c.ctl, "near")
+        .expect_err("attached")
+        .to_string();
+    assert!(rm.contains("detach it first"), "{rm}");
+
+    let op = tuchka_controller::volumes::detach(&c.ctl, "near")
+        .expect("detach")
+        .id;
+    for _ in 0..3 {
+        c.pass();
+    }
+    assert_eq!(c.op(&op).state, OperationState::Succeeded);
+    assert!(c
+        .host(&here)
+        .hv
+        .volumes(&domain)
+        .expect("volumes")
+        .is_empty());
+    tuchka_controller::volumes::delete(&c.ctl, "near").expect("rm");
+    tuchka_controller::volumes::delete(&c.ctl, "far").expect("rm");
+    for _ in 0..3 {
+        c.pass();
+    }
+    assert!(tuchka_controller::volumes::list(&c.ctl)
+        .expect("list")
+        .is_empty());
+    assert!(c.host(&here).st.volumes().expect("files").is_empty());
+    assert!(c.host(&other).st.volumes().expect("files").is_empty());
+    migrate(&c, &other);
+}

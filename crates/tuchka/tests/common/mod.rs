@@ -129,10 +129,22 @@ impl Cloud {
 
     /// Start `tuchka serve` with these arguments (after `--data-dir` and `--host-name`).
     pub fn start_with(tag: &str, serve_args: &[&str]) -> Cloud {
+        Self::start_prepared(tag, serve_args, |_| {})
+    }
+
+    /// The data directory a cloud of `tag` gets.
+    pub fn dir_of(tag: &str) -> PathBuf {
+        PathBuf::from(format!("/var/tmp/tuchka-test-{tag}-{}", std::process::id()))
+    }
+
+    /// [`Cloud::start_with`], calling `prepare` on the fresh data directory before `serve`
+    /// starts (e.g. to mount small file systems into it).
+    pub fn start_prepared(tag: &str, serve_args: &[&str], prepare: impl FnOnce(&Path)) -> Cloud {
         require_host();
-        let dir = PathBuf::from(format!("/var/tmp/tuchka-test-{tag}-{}", std::process::id()));
+        let dir = Self::dir_of(tag);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("data dir");
+        prepare(&dir);
         let host = format!("t{tag}{}", std::process::id());
         let mut c = Cloud {
             dir,
@@ -380,6 +392,74 @@ impl Drop for Cloud {
         }
         if std::env::var_os("TUCHKA_KEEP_TEST_DIR").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// GET http://ip:80{path} with short timeouts: the status and body, or None if it did not
+/// answer.
+pub fn http_path(ip: Ipv4Addr, path: &str, read_timeout: Duration) -> Option<(u16, String)> {
+    let addr = SocketAddr::from((ip, 80));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(read_timeout)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// A size-limited file system (tmpfs) mounted at a directory until dropped.
+pub struct Tmpfs {
+    /// Where it is mounted.
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mount a tmpfs of `size_mib` at `path` (made if missing).
+    pub fn mount(path: &Path, size_mib: u64) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("mount point");
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mib}m,mode=0755"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "cannot mount a tmpfs at {} (run as root)",
+            path.display()
+        );
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if std::env::var_os("TUCHKA_KEEP_TEST_DIR").is_some() {
+            eprintln!(
+                "kept: tmpfs at {} (umount it when done)",
+                self.path.display()
+            );
+            return;
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        // The mount point, and its parent once nothing else is left in it (a cloud's data
+        // directory, which the cloud empties when it drops first).
+        let _ = std::fs::remove_dir(&self.path);
+        if let Some(parent) = self.path.parent() {
+            if std::env::var_os("TUCHKA_KEEP_TEST_DIR").is_none() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
     }
 }
