@@ -14,6 +14,13 @@
 //!    [`POLL_INTERVAL`] (progress, and whether the guest got paused by anything) until it
 //!    ends; libvirt's completed-job statistics say whether it succeeded
 //!    ([`parse_backup_end`]). A job that makes no progress for [`STALL_TIMEOUT`] is aborted.
+//!    Before it starts, the work directory must have room for the copy (`qemu-img measure`:
+//!    the disk's data through its backing chain, uncompressed): a copy that runs out of space
+//!    fails the guest's writes to blocks not copied yet (QEMU's copy-before-write default), and
+//!    QEMU pauses the guest on that ENOSPC. Should it happen anyway (the file system filled up
+//!    meanwhile), a failed capture resumes a guest it finds paused by an I/O error that was
+//!    running when the capture began; QEMU retries the write on resume, so the guest sees a
+//!    delay, not an error, and `paused_ms` would count it.
 //!    **Stopped domain**, or no domain at all when the disk is named by its path (a tuchka
 //!    root disk, always qcow2): the file itself is the point-in-time copy; qemu-img holds its
 //!    write lock while it reads, so a start during the capture fails instead of changing the
@@ -252,8 +259,13 @@ impl CaptureRequest<'_> {
                 "must be an absolute UTF-8 path (libvirt writes the copy there)",
             ));
         }
-        let parent = self.out.parent().filter(|p| !p.as_os_str().is_empty());
-        if !parent.is_some_and(Path::is_dir) {
+        if !self.out.is_absolute() {
+            return Err(HostError::invalid(
+                format!("image file {}", self.out.display()),
+                "must be an absolute path",
+            ));
+        }
+        if !self.out.parent().is_some_and(Path::is_dir) {
             return Err(HostError::invalid(
                 format!("image file {}", self.out.display()),
                 "its directory does not exist",
@@ -275,6 +287,8 @@ struct Revert<'a> {
     uri: &'a str,
     name: &'a str,
     job: Option<Domain>,
+    /// After aborting the job, resume the guest if the failed copy paused it.
+    resume_io_pause: bool,
     files: Vec<PathBuf>,
 }
 
@@ -292,12 +306,9 @@ impl Drop for Revert<'_> {
             while job_running(&dom) && Instant::now() < deadline {
                 std::thread::sleep(POLL_INTERVAL);
             }
-            // Consume the statistics of the aborted job so they cannot be mistaken later.
-            let _ = cmd::run(
-                "virsh",
-                &["-c", self.uri, "domjobinfo", "--completed", self.name],
-                None,
-            );
+            if self.resume_io_pause {
+                resume_after_io_pause(&dom, self.name);
+            }
         }
         for f in &self.files {
             match std::fs::remove_file(f) {
@@ -309,6 +320,40 @@ impl Drop for Revert<'_> {
             }
         }
     }
+}
+
+/// Resume `dom` if it is paused because a write failed (QEMU's `werror=enospc` pause: the
+/// backup's copy-before-write could not save a block the guest overwrote). QEMU retries the
+/// write on resume. Returns whether it resumed the domain.
+fn resume_after_io_pause(dom: &Domain, name: &str) -> bool {
+    match dom.get_state() {
+        Ok((s, reason))
+            if s == sys::VIR_DOMAIN_PAUSED && reason == sys::VIR_DOMAIN_PAUSED_IOERROR as i32 =>
+        {
+            match dom.resume() {
+                Ok(_) => {
+                    tracing::warn!(
+                        domain = name,
+                        "resumed the guest paused by a write error during the failed capture"
+                    );
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(domain = name, error = %e, "cannot resume the guest paused during the failed capture");
+                    false
+                }
+            }
+        }
+        _ => false,
+    }
+}
+
+/// Pure: the bytes `qemu-img measure --output=json` says a copy of the disk's data needs.
+pub fn parse_measure(json: &str) -> Option<u64> {
+    serde_json::from_str::<serde_json::Value>(json)
+        .ok()?
+        .get("required")?
+        .as_u64()
 }
 
 fn job_running(dom: &Domain) -> bool {
@@ -357,6 +402,7 @@ pub(crate) fn capture(
         uri,
         name: req.name,
         job: None,
+        resume_io_pause: false,
         files: Vec::new(),
     };
     let mut outcome = CaptureOutcome::default();
@@ -390,7 +436,16 @@ pub(crate) fn capture(
                 .map_err(|m| HostError::invalid(format!("domain {}", req.name), m))?;
             if state.is_active() {
                 let started = Instant::now();
-                let copy = backup(dom, &disk, req, &mut revert, progress, &mut outcome)?;
+                let was_paused = state == DomainState::Paused;
+                let copy = backup(
+                    dom,
+                    &disk,
+                    was_paused,
+                    req,
+                    &mut revert,
+                    progress,
+                    &mut outcome,
+                )?;
                 outcome.copy_ms = ms(started.elapsed());
                 copy
             } else {
@@ -415,10 +470,57 @@ fn domain_err(name: &str, action: &'static str, source: virt::error::Error) -> H
     }
 }
 
+/// Refuse when the work directory cannot hold the copy of `disk`. Best effort: when the
+/// size cannot be measured the backup goes ahead (and a full directory fails it).
+fn check_room(disk: &DiskRef, req: &CaptureRequest<'_>, work_obj: &str) -> Result<(), HostError> {
+    let measured = cmd::run(
+        "qemu-img",
+        &[
+            "measure".as_ref(),
+            "-U".as_ref(),
+            "--output=json".as_ref(),
+            "-f".as_ref(),
+            disk.format.as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            disk.file.as_os_str(),
+        ],
+        None,
+    );
+    let need = match measured.as_deref().map(parse_measure) {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            tracing::warn!(disk = %disk.file.display(), "qemu-img measure gave no size");
+            return Ok(());
+        }
+        Err(e) => {
+            tracing::warn!(disk = %disk.file.display(), error = %e, "cannot measure the disk");
+            return Ok(());
+        }
+    };
+    let st = rustix::fs::statvfs(req.work_dir)
+        .map_err(|e| HostError::io(work_obj, "statvfs", req.work_dir, e.into()))?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if free < need {
+        return Err(HostError::invalid(
+            work_obj,
+            format!(
+                "has {} MiB free, but the copy of disk {} needs up to {} MiB (free space there, \
+                 or choose another work directory)",
+                free >> 20,
+                disk.target,
+                need.div_ceil(1 << 20)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Run a push-mode backup of `disk` into the work directory; returns the copy.
 fn backup(
     dom: &Domain,
     disk: &DiskRef,
+    was_paused: bool,
     req: &CaptureRequest<'_>,
     revert: &mut Revert<'_>,
     progress: &dyn Fn(CaptureProgress),
@@ -427,6 +529,7 @@ fn backup(
     let work_obj = format!("capture work directory {}", req.work_dir.display());
     std::fs::create_dir_all(req.work_dir)
         .map_err(|e| HostError::io(&work_obj, "create", req.work_dir, e))?;
+    check_room(disk, req, &work_obj)?;
     let copy = req.work_dir.join(copy_name(req.name, &disk.target));
     let xml_file = copy.with_extension("backup.xml");
     revert.files.push(copy.clone());
@@ -447,6 +550,7 @@ fn backup(
         source,
     })?;
     revert.job = Some(dom.clone());
+    revert.resume_io_pause = !was_paused;
     let _ = std::fs::remove_file(&xml_file);
     tracing::info!(domain = req.name, disk = %disk.target, copy = %copy.display(), "backup job started");
 
@@ -454,6 +558,7 @@ fn backup(
     let mut last_sample = Instant::now();
     let (mut best, mut best_at) = (0u64, Instant::now());
     let mut errors = 0u32;
+    let mut stopped = false;
     loop {
         std::thread::sleep(POLL_INTERVAL);
         let now = Instant::now();
@@ -495,6 +600,7 @@ fn backup(
             Err(e) => {
                 errors += 1;
                 let active = dom.is_active().unwrap_or(false);
+                stopped = !active;
                 if !active || errors >= 20 {
                     tracing::warn!(domain = req.name, error = %e, active, "cannot follow the backup job");
                     break;
@@ -517,16 +623,30 @@ fn backup(
     let ended = match &stats {
         Ok(text) => parse_backup_end(text),
         Err(e) => Err(format!("cannot read the finished job's result: {e}")),
-    };
+    }
+    .map_err(|m| {
+        if stopped {
+            format!("the domain stopped during the backup ({m})")
+        } else {
+            m
+        }
+    });
     if !job_running(dom) {
         revert.job = None;
     }
     outcome.paused_ms = ms(paused);
-    ended.map_err(|message| HostError::JobFailed {
-        name: req.name.to_string(),
-        job: "backup",
-        message,
-    })?;
+    if let Err(mut message) = ended {
+        if !was_paused && resume_after_io_pause(dom, req.name) {
+            message.push_str(
+                "; the guest, paused by a write the failed copy could not save, was resumed",
+            );
+        }
+        return Err(HostError::JobFailed {
+            name: req.name.to_string(),
+            job: "backup",
+            message,
+        });
+    }
     tracing::info!(domain = req.name, disk = %disk.target, "backup job done");
     Ok(DiskRef {
         target: disk.target.clone(),
@@ -710,6 +830,13 @@ mod tests {
     }
 
     #[test]
+    fn measured_size_is_the_required_bytes() {
+        let out = "{\n    \"bitmaps\": 0,\n    \"required\": 22544384,\n    \"fully-allocated\": 67436544\n}\n";
+        assert_eq!(parse_measure(out), Some(22_544_384));
+        assert_eq!(parse_measure("required size: 1"), None);
+    }
+
+    #[test]
     fn qemu_img_progress_lines() {
         assert_eq!(parse_percent("    (0.00/100%)"), Some(0.0));
         assert_eq!(parse_percent("    (12.50/100%)"), Some(12.5));
@@ -747,6 +874,11 @@ mod tests {
             ..ok
         })
         .contains("directory does not exist"));
+        assert!(bad(CaptureRequest {
+            out: Path::new("img.qcow2"),
+            ..ok
+        })
+        .contains("absolute"));
         std::fs::write(&out, b"keep").expect("write");
         assert!(bad(CaptureRequest { ..ok }).contains("already exists"));
         assert_eq!(std::fs::read(&out).expect("read"), b"keep");

@@ -137,8 +137,8 @@ pub trait Hypervisor: Send + Sync {
     /// [`crate::capture`]). A running or paused domain keeps running and writing: its disk is
     /// copied point-in-time into `work_dir` (an absolute directory on a file system qemu sees;
     /// created if missing) by a libvirt backup job, then converted. A stopped domain's disk,
-    /// or with no domain a qcow2 disk named by its path, is converted directly. `out` must not
-    /// exist and its directory must. On failure the backup job is aborted, the copy and the
+    /// or with no domain a qcow2 disk named by its path, is converted directly. `out` (absolute)
+    /// must not exist and its directory must. On failure the backup job is aborted, the copy and the
     /// partial image are deleted and `out` is not created; the error names the domain, the
     /// disk and `out`, with the cause.
     fn capture_disk(

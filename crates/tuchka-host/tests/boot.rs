@@ -5,12 +5,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
-use std::time::Duration;
 
-use common::{sha256_file, wait_for, DomainGuard, NetGuard, Scratch, URI};
+use common::{console_has, http_get, sha256_file, wait_for, DomainGuard, NetGuard, Scratch, URI};
 use tuchka_api::agent::{DhcpHost, NetworkDesired};
 use tuchka_host::{
     Accel, Dataplane, DirStorage, DomainSpec, DomainState, Hypervisor, Libvirt, LinuxDataplane,
@@ -29,24 +26,6 @@ fn build_test_image(out: &Path) {
         "scripts/build-test-image failed (see ./scripts/install-deps):\n{}",
         String::from_utf8_lossy(&res.stderr)
     );
-}
-
-fn console_has(log: &Path, needle: &str) -> bool {
-    std::fs::read(log)
-        .map(|b| String::from_utf8_lossy(&b).contains(needle))
-        .unwrap_or(false)
-}
-
-fn http_get(ip: &str) -> Option<String> {
-    let mut s =
-        TcpStream::connect_timeout(&format!("{ip}:80").parse().ok()?, Duration::from_secs(3))
-            .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
 }
 
 #[test]

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use common::{sha256_file, wait_for};
-use mighelper::rig::{console, counter, last_tick, pool, ticks, Rig, Vm};
+use common::{console, last_tick, sha256_file, ticks, wait_for};
+use mighelper::rig::{counter, pool, Rig, Vm};
 use mighelper::{Expect, Identity, Role, SendMode, Target};
 use tuchka_host::{DomainState, Hypervisor, Storage};
 

@@ -231,6 +231,26 @@ pub fn sha256_file(path: &Path) -> String {
     ))
 }
 
+/// Whether the console log contains `needle`.
+pub fn console_has(log: &Path, needle: &str) -> bool {
+    console(log).contains(needle)
+}
+
+/// `GET /` on port 80 of `ip` (the test image answers with its hostname).
+pub fn http_get(ip: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr = format!("{ip}:80").parse().ok()?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .ok()?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
 /// Poll `f` every 100 ms until it returns Some or `secs` pass.
 pub fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
@@ -287,4 +307,55 @@ pub fn dns_a(server: &str, name: &str) -> Vec<String> {
         i += len;
     }
     out
+}
+
+/// The project's test image, built once when missing.
+pub fn test_image() -> PathBuf {
+    if let Some(p) = std::env::var_os("TUCHKA_TEST_IMAGE") {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "TUCHKA_TEST_IMAGE={} does not exist",
+            p.display()
+        );
+        return p;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let path = root.join("target/testimg/tiny.qcow2");
+    if !path.is_file() {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir target/testimg");
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let out = std::process::Command::new(root.join("scripts/build-test-image"))
+            .arg(&tmp)
+            .output()
+            .expect("run scripts/build-test-image");
+        assert!(
+            out.status.success(),
+            "scripts/build-test-image failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::rename(&tmp, &path).expect("move the test image into place");
+    }
+    path
+}
+
+/// The serial console log so far (lossy UTF-8).
+pub fn console(log: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned()
+}
+
+/// The `TICK <n>` counters a ticking guest printed, in order.
+pub fn ticks(log: &Path) -> Vec<u64> {
+    console(log)
+        .lines()
+        .filter_map(|l| {
+            let i = l.find("TICK ")?;
+            l[i + 5..].trim().parse().ok()
+        })
+        .collect()
+}
+
+/// The last `TICK <n>` counter.
+pub fn last_tick(log: &Path) -> Option<u64> {
+    ticks(log).last().copied()
 }

@@ -2,11 +2,11 @@
 //! identities, pools holding the test image, optionally a firewall that lets only the channel
 //! in, channel servers and migrations run by helper processes inside the hosts.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{Expect, Helper, Identity, MigrateResult, Role, SendResult, Target};
-use crate::common::{self, sha256_file, wait_for};
+use crate::common::{self, console, last_tick, sha256_file, test_image, wait_for};
 use tuchka_host::channel::DEFAULT_RUN_DIR;
 use tuchka_host::{Accel, DirStorage, DomainSpec, DomainState, Hypervisor, Libvirt, Storage};
 use tuchka_testkit::MultiHost;
@@ -20,36 +20,6 @@ pub const TICKER: &str = "#!/bin/sh\n( i=0; while true; do i=$((i+1)); echo \"TI
 /// The downtime limit the rig asks for (QEMU's default is 300 ms).
 pub const DOWNTIME_LIMIT_MS: u64 = 250;
 pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// The project's test image, built once when missing.
-pub fn test_image() -> PathBuf {
-    if let Some(p) = std::env::var_os("TUCHKA_TEST_IMAGE") {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "TUCHKA_TEST_IMAGE={} does not exist",
-            p.display()
-        );
-        return p;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let path = root.join("target/testimg/tiny.qcow2");
-    if !path.is_file() {
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir target/testimg");
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let out = std::process::Command::new(root.join("scripts/build-test-image"))
-            .arg(&tmp)
-            .output()
-            .expect("run scripts/build-test-image");
-        assert!(
-            out.status.success(),
-            "scripts/build-test-image failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::fs::rename(&tmp, &path).expect("move the test image into place");
-    }
-    path
-}
 
 /// Two simulated hosts with channel identities, pools holding the test image, a firewall that
 /// only lets the channel in, and (once started) a channel server on each.
@@ -320,22 +290,4 @@ pub fn counter(mh: &MultiHost, h: &str, what: &str) -> (u64, u64) {
             .unwrap_or(0)
     };
     (num("packets"), num("bytes"))
-}
-
-pub fn console(log: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned()
-}
-
-pub fn ticks(log: &Path) -> Vec<u64> {
-    console(log)
-        .lines()
-        .filter_map(|l| {
-            let i = l.find("TICK ")?;
-            l[i + 5..].trim().parse().ok()
-        })
-        .collect()
-}
-
-pub fn last_tick(log: &Path) -> Option<u64> {
-    ticks(log).last().copied()
 }
