@@ -157,6 +157,32 @@ pub fn render_dhcp_hosts(hosts: &[DhcpHost]) -> String {
         .collect()
 }
 
+/// Pure: the lease file without the leases that no reservation backs any more (a removed VM's
+/// address, now reserved for another MAC or for nobody), and how many were dropped. dnsmasq
+/// will not hand a reserved address to a new MAC while another MAC holds a lease on it, so an
+/// address freed by one VM and given to the next would otherwise get no answer until the old
+/// lease expired. Lines: `expiry mac ip name client-id`.
+pub fn without_stale_leases(leases: &str, hosts: &[DhcpHost]) -> (String, usize) {
+    let mut kept = String::new();
+    let mut dropped = 0;
+    for line in leases.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let backed = match (f.get(1), f.get(2)) {
+            (Some(mac), Some(ip)) => hosts
+                .iter()
+                .any(|h| h.mac.eq_ignore_ascii_case(mac) && h.ip == *ip),
+            _ => true,
+        };
+        if backed {
+            kept.push_str(line);
+            kept.push('\n');
+        } else {
+            dropped += 1;
+        }
+    }
+    (kept, dropped)
+}
+
 /// `--addn-hosts` contents: `ip name.domain name` per line, sorted (pure).
 pub fn render_addn_hosts(hosts: &[DhcpHost], domain: &str) -> String {
     sorted(hosts)
@@ -372,5 +398,20 @@ mod tests {
             ..ok
         };
         assert!(validate_hosts(&net, &[bad_mac]).is_err());
+    }
+
+    #[test]
+    fn leases_no_reservation_backs_are_dropped() {
+        let hosts = [DhcpHost {
+            mac: "52:54:00:AA:00:01".into(),
+            ip: "10.0.0.2".into(),
+            name: "web-0".into(),
+        }];
+        let leases = "1700000000 52:54:00:aa:00:01 10.0.0.2 web-0 01:52:54:00:aa:00:01\n\
+                      1700000000 52:54:00:aa:00:09 10.0.0.3 db-0 *\n\
+                      1700000000 52:54:00:aa:00:07 10.0.0.2 old *\n";
+        let (kept, dropped) = without_stale_leases(leases, &hosts);
+        assert_eq!(dropped, 2);
+        assert_eq!(kept, "1700000000 52:54:00:aa:00:01 10.0.0.2 web-0 01:52:54:00:aa:00:01\n");
     }
 }

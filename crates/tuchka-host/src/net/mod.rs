@@ -429,7 +429,25 @@ impl LinuxDataplane {
                 dnsmasq::start(&files, &args).map_err(|e| dhcp_err(&obj, e))?;
             }
             Some((pid, _)) => {
-                if hosts_changed || addn_changed {
+                let leases = std::fs::read_to_string(&files.leases).unwrap_or_default();
+                let (_, stale) = dnsmasq::without_stale_leases(&leases, &d.hosts);
+                if hosts_changed && stale > 0 {
+                    // dnsmasq keeps its leases in memory: restart it on the cleaned file.
+                    tracing::info!(network = %d.name, stale, "dropping leases of removed VMs; restarting dnsmasq");
+                    dnsmasq::stop(&files).map_err(|e| dhcp_err(&obj, e))?;
+                    let leases = std::fs::read_to_string(&files.leases).unwrap_or_default();
+                    let (kept, _) = dnsmasq::without_stale_leases(&leases, &d.hosts);
+                    std::fs::write(&files.leases, kept).map_err(|e| {
+                        dhcp_err(
+                            &obj,
+                            dnsmasq::DnsmasqError::Io {
+                                path: files.leases.clone(),
+                                source: e,
+                            },
+                        )
+                    })?;
+                    dnsmasq::start(&files, &args).map_err(|e| dhcp_err(&obj, e))?;
+                } else if hosts_changed || addn_changed {
                     dnsmasq::reload(pid).map_err(|e| dhcp_err(&obj, e))?;
                 }
             }
