@@ -304,6 +304,11 @@ async fn join(
     let Some(id) = identity.as_mut() else {
         return Ok(reg);
     };
+    if !same {
+        // Kept at once: an agent stopped before it has its certificate still comes back as
+        // this host.
+        id.save(dir)?;
+    }
     if want_certificate && id.channel().is_none() {
         match tuchka_pki::create_host_key(&reg.host_id) {
             Ok(key) => {
