@@ -517,15 +517,7 @@ impl Storage for DirStorage {
             tmp.clone().into_os_string(),
             size.to_string().into(),
         ];
-        if let Err(source) = cmd::run("qemu-img", &args, None) {
-            let _ = fs::remove_file(&tmp);
-            return Err(HostError::Tool {
-                object: obj,
-                action: "qemu-img create",
-                source,
-            });
-        }
-        fs::rename(&tmp, &root).map_err(|e| HostError::io(&obj, "move into place", &root, e))?;
+        create_into_place(&obj, &args, &tmp, &root)?;
         Ok(root)
     }
 
@@ -669,15 +661,7 @@ impl Storage for DirStorage {
             tmp.clone().into_os_string(),
             format!("{size_mib}M").into(),
         ];
-        if let Err(source) = cmd::run("qemu-img", &args, None) {
-            let _ = fs::remove_file(&tmp);
-            return Err(HostError::Tool {
-                object: obj,
-                action: "qemu-img create",
-                source,
-            });
-        }
-        fs::rename(&tmp, &path).map_err(|e| HostError::io(&obj, "move into place", &path, e))?;
+        create_into_place(&obj, &args, &tmp, &path)?;
         Ok(path)
     }
 
@@ -745,6 +729,25 @@ impl Storage for DirStorage {
         let free = st.f_bavail.saturating_mul(st.f_frsize) / MIB;
         Ok((total, free))
     }
+}
+
+/// `qemu-img <args>` writing `tmp`, then `tmp` renamed to `dest` (a failed create leaves
+/// nothing).
+fn create_into_place(
+    obj: &str,
+    args: &[std::ffi::OsString],
+    tmp: &Path,
+    dest: &Path,
+) -> Result<(), HostError> {
+    if let Err(source) = cmd::run("qemu-img", args, None) {
+        let _ = fs::remove_file(tmp);
+        return Err(HostError::Tool {
+            object: obj.to_string(),
+            action: "qemu-img create",
+            source,
+        });
+    }
+    fs::rename(tmp, dest).map_err(|e| HostError::io(obj, "move into place", dest, e))
 }
 
 /// Build an ISO9660 (Joliet + Rock Ridge) image labelled `cidata` from the files in `dir`, with

@@ -29,8 +29,12 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn sees(ip: Ipv4Addr, serial: &str) -> bool {
-    http_path(ip, "/cgi-bin/disks", Duration::from_secs(10))
-        .is_some_and(|(s, body)| s == 200 && body.lines().any(|l| l.split_whitespace().nth(2) == Some(serial)))
+    http_path(ip, "/cgi-bin/disks", Duration::from_secs(10)).is_some_and(|(s, body)| {
+        s == 200
+            && body
+                .lines()
+                .any(|l| l.split_whitespace().nth(2) == Some(serial))
+    })
 }
 
 fn main() {
@@ -40,7 +44,13 @@ fn main() {
         .unwrap_or(5);
     let image = common::test_image();
     let c = Cloud::start_with("bstor", &["--accel", "tcg", "--cpu-overcommit", "8"]);
-    c.ok(&["image", "upload", image.to_str().expect("path"), "--name", "tiny"]);
+    c.ok(&[
+        "image",
+        "upload",
+        image.to_str().expect("path"),
+        "--name",
+        "tiny",
+    ]);
     let p = std::process::id();
     let cidr = format!("10.{}.{}.0/24", 60 + p % 40, (p / 40) % 256);
     c.ok(&["net", "create", "bench", "--cidr", &cidr, "--wait"]);
@@ -52,16 +62,29 @@ fn main() {
             "group", "create", name, "--image", "tiny", "--count", "10", "--memory", "96M",
             "--net", "bench", "--wait",
         ]);
-        println!("group of 10, image {label}: all running in {:.0} ms", ms(t.elapsed()));
+        println!(
+            "group of 10, image {label}: all running in {:.0} ms",
+            ms(t.elapsed())
+        );
         c.ok(&["group", "rm", name, "--wait"]);
     }
 
-    c.ok(&["group", "create", "vol", "--image", "tiny", "--memory", "128M", "--net", "bench", "--wait"]);
+    c.ok(&[
+        "group", "create", "vol", "--image", "tiny", "--memory", "128M", "--net", "bench", "--wait",
+    ]);
     let ip = c.ip("vol-0");
     c.wait_for("vol-0 to answer", Duration::from_secs(120), || {
         http_path(ip, "/", Duration::from_secs(5)).is_some_and(|(s, _)| s == 200)
     });
-    c.ok(&["volume", "create", "bench-data", "--size", "64M", "--near", "vol-0"]);
+    c.ok(&[
+        "volume",
+        "create",
+        "bench-data",
+        "--size",
+        "64M",
+        "--near",
+        "vol-0",
+    ]);
     let id = c.ok(&["volume", "show", "bench-data", "-o", "json"]).json()["id"]
         .as_str()
         .expect("id")
@@ -71,10 +94,16 @@ fn main() {
     for _ in 0..n {
         let t = Instant::now();
         c.ok(&["volume", "attach", "bench-data", "vol-0"]);
-        c.wait_for("the guest to see the volume", Duration::from_secs(60), || sees(ip, &serial));
+        c.wait_for(
+            "the guest to see the volume",
+            Duration::from_secs(60),
+            || sees(ip, &serial),
+        );
         times.push(t.elapsed());
         c.ok(&["volume", "detach", "bench-data", "--wait"]);
-        c.wait_for("the volume gone", Duration::from_secs(60), || !sees(ip, &serial));
+        c.wait_for("the volume gone", Duration::from_secs(60), || {
+            !sees(ip, &serial)
+        });
     }
     times.sort();
     println!(
@@ -85,7 +114,14 @@ fn main() {
     c.ok(&["volume", "rm", "bench-data"]);
 
     let t = Instant::now();
-    c.ok(&["image", "create", "bench-snap", "--from-vm", "vol-0", "--wait"]);
+    c.ok(&[
+        "image",
+        "create",
+        "bench-snap",
+        "--from-vm",
+        "vol-0",
+        "--wait",
+    ]);
     let total = t.elapsed();
     let log = std::fs::read_to_string(c.dir.join("serve.log")).unwrap_or_default();
     let line = log

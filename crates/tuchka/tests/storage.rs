@@ -51,11 +51,19 @@ fn must(c: &Cloud, ip: Ipv4Addr, path: &str) -> String {
 
 fn answers(c: &Cloud, vm: &str) -> Ipv4Addr {
     let ip = c.ip(vm);
-    c.wait_for(
-        &format!("{vm} to answer HTTP"),
-        Duration::from_secs(180),
-        || get(ip, "/").as_deref().map(str::trim) == Some(vm),
-    );
+    let start = Instant::now();
+    while get(ip, "/").as_deref().map(str::trim) != Some(vm) {
+        if start.elapsed() > Duration::from_secs(180) {
+            let console = c.tk(&["vm", "console", vm]).out;
+            let lines: Vec<&str> = console.lines().collect();
+            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+            panic!(
+                "{vm} ({ip}) did not answer HTTP in 180 s; its console ends:\n{tail}\n{}",
+                c.log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     ip
 }
 

@@ -412,6 +412,9 @@ mod tests {
                       1700000000 52:54:00:aa:00:07 10.0.0.2 old *\n";
         let (kept, dropped) = without_stale_leases(leases, &hosts);
         assert_eq!(dropped, 2);
-        assert_eq!(kept, "1700000000 52:54:00:aa:00:01 10.0.0.2 web-0 01:52:54:00:aa:00:01\n");
+        assert_eq!(
+            kept,
+            "1700000000 52:54:00:aa:00:01 10.0.0.2 web-0 01:52:54:00:aa:00:01\n"
+        );
     }
 }

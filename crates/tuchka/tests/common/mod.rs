@@ -453,13 +453,11 @@ impl Drop for Tmpfs {
             return;
         }
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        // The mount point, and its parent once nothing else is left in it (a cloud's data
-        // directory, which the cloud empties when it drops first).
+        // The mount point, and the cloud's data directory it is in (which the cloud could not
+        // remove while something was mounted in it).
         let _ = std::fs::remove_dir(&self.path);
         if let Some(parent) = self.path.parent() {
-            if std::env::var_os("TUCHKA_KEEP_TEST_DIR").is_none() {
-                let _ = std::fs::remove_dir(parent);
-            }
+            let _ = std::fs::remove_dir_all(parent);
         }
     }
 }
