@@ -182,9 +182,7 @@ pub fn evaluate(ctl: &Controller, c: &rusqlite::Connection, o: &OpRow) -> Result
         v2.force_stop = true;
         db::update_vm(c, &v2)?;
         return fail(
-            format!(
-                "the builder did not power off in time: the script must end by powering the guest off (e.g. poweroff), and may have failed before"
-            ),
+            "the builder did not power off in time: the script must end by powering the guest off (e.g. poweroff), and may have failed before".to_string(),
             console_tail(Some(&v)),
         );
     }

@@ -138,6 +138,8 @@ fn main() {
         cloud_id: cloud.clone(),
         accel: Accel::Tcg,
         vcpus: 1,
+        max_vcpus: 1,
+        volumes: vec![],
         memory_mib: 256,
         root_disk: root,
         seed_iso: seed,

@@ -303,6 +303,8 @@ fn a_running_vm_is_captured_point_in_time_and_the_image_boots() {
             cloud_id: cloud.clone(),
             accel: Accel::Tcg,
             vcpus: 1,
+            max_vcpus: 1,
+            volumes: vec![],
             memory_mib: 256,
             root_disk: root,
             seed_iso: seed,

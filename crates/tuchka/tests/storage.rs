@@ -104,7 +104,7 @@ fn write_script(dir: &Path, name: &str, body: &str) -> String {
 /// Fill the pool with a file until `leave_mib` MiB are free there.
 fn fill_pool(pool: &Path, leave_mib: u64) -> std::path::PathBuf {
     let st = rustix::fs::statvfs(pool).expect("statvfs");
-    let free = st.f_bavail * st.f_frsize >> 20;
+    let free = (st.f_bavail * st.f_frsize) >> 20;
     let take = free.saturating_sub(leave_mib);
     let f = pool.join("filler");
     let ok = std::process::Command::new("fallocate")
@@ -502,7 +502,7 @@ fn disks_volumes_and_images_change_and_space_is_managed() {
         "group", "create", "late", "--image", "tiny", "--memory", "128M", "--net", "lan",
     ]);
     assert!(
-        refused.contains(&format!("disk space: "))
+        refused.contains("disk space: ")
             && refused.contains(&format!("free of {POOL_MIB} MiB, 45 MiB kept in reserve")),
         "{refused}"
     );
