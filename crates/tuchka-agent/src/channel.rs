@@ -205,7 +205,10 @@ impl Mover for ChannelMover {
                         let xml = hv.migratable_xml(&domain).map_err(|e| Failure::of(&e))?;
                         let dest = retarget_domain_xml(&xml, &pool, &target_pool)
                             .map_err(|e| Failure::of(&e))?;
-                        let lm = LiveMigration::through(&paths, &domain, dest);
+                        let mut lm = LiveMigration::through(&paths, &domain, dest);
+                        // Its data volumes go with it (the target made them, empty).
+                        let volumes = hv.volumes(&domain).map_err(|e| Failure::of(&e))?;
+                        lm.disks.extend(volumes.into_iter().map(|v| v.target));
                         let mut progress = |p: &tuchka_host::migrate::MigrationProgress| {
                             let secs = started.elapsed().as_secs_f64().max(0.001);
                             if let Some(j) = lock(&jobs2).get_mut(&id2) {

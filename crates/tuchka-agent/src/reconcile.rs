@@ -796,6 +796,10 @@ fn incoming(
                     parts
                         .storage
                         .ensure_root_disk(&want.id, &want.image_sha256, want.disk_mib)?;
+                    // Its volumes: empty, of their size; the copy fills them.
+                    for v in &want.volumes {
+                        parts.storage.ensure_volume(&v.id, v.size_mib)?;
+                    }
                     parts.storage.ensure_seed(
                         &want.id,
                         &want.name,

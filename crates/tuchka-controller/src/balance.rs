@@ -81,8 +81,10 @@ pub fn inputs(
                     Some("being removed".into())
                 } else if moving {
                     Some("already migrating".into())
-                } else if !s.vm_volumes(&v.id).is_empty() {
-                    Some("has data volumes (they stay on their host)".into())
+                } else if !s.vm_volumes(&v.id).is_empty()
+                    && v.desired == tuchka_api::PowerState::Stopped
+                {
+                    Some("stopped with data volumes (only a running VM moves with them)".into())
                 } else {
                     None
                 },

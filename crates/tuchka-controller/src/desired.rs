@@ -44,7 +44,7 @@ pub fn desired_for(ctl: &Controller, host_id: &str, generation: u64) -> Result<H
 }
 
 /// The cached images host `host_id` keeps: those its VMs use, and those of the cloud used there
-/// within the last `ttl_s` seconds (an expired or pruned entry has time 0).
+/// within the last `ttl_s` seconds or not recorded yet (an expired or pruned entry has time 0).
 pub fn keep_images(
     s: &Snapshot,
     host_id: &str,
@@ -54,11 +54,13 @@ pub fn keep_images(
 ) -> Vec<String> {
     let mut keep: Vec<String> = d.vms.iter().map(|v| v.image_sha256.clone()).collect();
     for i in &s.images {
-        let last = cache
-            .get(&(host_id.to_string(), i.sha256.clone()))
-            .copied()
-            .unwrap_or(0);
-        if last > 0 && s.now_unix - last < ttl_s {
+        // Not recorded yet (the host's first reports): kept, its time starts when recorded.
+        // Expired or pruned entries have time 0.
+        let keep_it = match cache.get(&(host_id.to_string(), i.sha256.clone())) {
+            None => true,
+            Some(&last) => last > 0 && s.now_unix - last < ttl_s,
+        };
+        if keep_it {
             keep.push(i.sha256.clone());
         }
     }
@@ -290,10 +292,22 @@ pub fn build(
         .filter(|x| x.host_id == host_id && !x.deleting)
         .map(volume_desired)
         .collect();
+    // Removed here: volumes being deleted, and this host's copies of the volumes of a VM it
+    // must remove that now live on another host (it moved away, or a copy here failed).
+    let leaving: Vec<&str> = s
+        .removals
+        .iter()
+        .filter(|r| r.host_id == host_id)
+        .map(|r| r.vm_id.as_str())
+        .collect();
     let volume_removals = s
         .volumes
         .iter()
-        .filter(|x| x.host_id == host_id && x.deleting)
+        .filter(|x| {
+            (x.host_id == host_id && x.deleting)
+                || (x.host_id != host_id
+                    && x.vm_id.as_deref().is_some_and(|id| leaving.contains(&id)))
+        })
         .map(|x| x.id.clone())
         .collect();
     let captures = s

@@ -138,14 +138,13 @@ pub fn start_in(
         .iter()
         .map(|x| x.name.as_str())
         .collect();
-    if !volumes.is_empty() {
+    if !volumes.is_empty() && mode == MigrationMode::Cold {
         return Err(refuse(
             "VmHasVolumes",
             format!(
-                "vm {:?} has data volumes ({}), which live on host {}: detach them first (tuchka volume detach NAME), then move it",
+                "vm {:?} is stopped and has data volumes ({}): a stopped VM moves with its root disk only; start it to move it live with its volumes, or detach them first (tuchka volume detach NAME)",
                 v.name,
-                volumes.join(", "),
-                source.name
+                volumes.join(", ")
             ),
         ));
     }
@@ -469,6 +468,17 @@ fn switch_over(
         return Ok(());
     };
     v.host_id = m.target_host.clone();
+    // Its volumes were copied with it: they live on the target now (the source's copies are
+    // named for removal with the VM's, see desired::build).
+    for mut x in db::volumes(c)?
+        .into_iter()
+        .filter(|x| x.vm_id.as_deref() == Some(v.id.as_str()))
+    {
+        x.host_id = m.target_host.clone();
+        x.present = false;
+        x.attached_to = None;
+        db::save_volume(c, &x)?;
+    }
     v.placement_reason = format!("migrated from {from} ({})", m.reason);
     v.error = None;
     v.error_chain.clear();

@@ -433,9 +433,58 @@ fn vms_move_between_hosts() {
         assert!(detail.contains(phase), "{detail}");
     }
 
-    // ---- and back.
+    // ---- and back, with a data volume it got on the way: the volume moves with it.
+    let vol =
+        t.c.ok(&[
+            "volume",
+            "create",
+            "web-0-extra",
+            "--size",
+            "32M",
+            "--near",
+            "web-0",
+            "-o",
+            "json",
+        ])
+        .json();
+    assert_eq!(vol["host"], third.as_str(), "{vol}");
+    let serial: String = vol["id"]
+        .as_str()
+        .unwrap_or_default()
+        .chars()
+        .filter(|ch| *ch != '-')
+        .take(20)
+        .collect();
+    t.c.ok(&["volume", "attach", "web-0-extra", "web-0", "--wait"]);
+    let write = format!("cgi-bin/disk?id={serial}&op=write&mib=2&seed=11");
+    assert_eq!(t.wait_get("web-0", &write), "written 2");
     t.c.ok(&["vm", "migrate", "web-0", "--to", &home, "--wait"]);
     assert_eq!(t.host_of("web-0"), home);
+    let check = format!("cgi-bin/disk?id={serial}&op=check&mib=2&seed=11");
+    assert!(
+        t.wait_get("web-0", &check).starts_with("ok"),
+        "the volume's data moved with the VM"
+    );
+    let vol =
+        t.c.ok(&["volume", "show", "web-0-extra", "-o", "json"])
+            .json();
+    assert_eq!(
+        (vol["host"].as_str(), vol["state"].as_str()),
+        (Some(home.as_str()), Some("attached")),
+        "{vol}"
+    );
+    let third_pool = t.c.mh().dir().join(&third).join("tuchka-pool/volumes");
+    t.c.wait_for(
+        "the volume's copy removed from the source",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_dir(&third_pool)
+                .map(|d| d.count() == 0)
+                .unwrap_or(true)
+        },
+    );
+    t.c.ok(&["volume", "detach", "web-0-extra", "--wait"]);
+    t.c.ok(&["volume", "rm", "web-0-extra"]);
     assert!(
         t.uptime("web-0") > after,
         "no reboot on the way back either"
@@ -726,6 +775,13 @@ fn vms_move_between_hosts() {
             .iter()
             .any(|h| h["name"] == burn_host.as_str() && h["state"] == "up")
     });
+    // It keeps its new identity (and the channel certificate it asks for next) in its pool.
+    let identity = t.c.mh().dir().join(&burn_host).join("tuchka-pool/identity");
+    t.c.wait_for(
+        "the agent to keep its new identity",
+        Duration::from_secs(60),
+        || identity.join("host.json").exists() && identity.join("host.crt").exists(),
+    );
     let h = host_json(&t, &burn_host);
     assert_eq!(h["id"], before_id, "the same host: {h}");
     assert_eq!(

@@ -572,7 +572,7 @@ fn the_automatic_balancer_holds_then_moves_then_leaves_the_vms_alone() {
 }
 
 #[test]
-fn a_volume_lives_on_one_host_and_a_vm_with_one_stays_there() {
+fn a_volume_lives_on_one_host_and_moves_live_with_its_vm() {
     let mut c = cloud();
     let (here, other) = c.launch(false);
     let vol = |name: &str, host: Option<&str>, near: Option<&str>| {
@@ -627,6 +627,20 @@ fn a_volume_lives_on_one_host_and_a_vm_with_one_stays_there() {
         "plugged in"
     );
 
+    // Stopped, it does not move with its volume (only live copies carry them).
+    tuchka_controller::vms::action(
+        &c.ctl,
+        "web-0",
+        tuchka_controller::vms::VmAction::Stop,
+        VmStop {
+            force: true,
+            timeout_s: None,
+        },
+    )
+    .expect("stop");
+    for _ in 0..3 {
+        c.pass();
+    }
     let err = tuchka_controller::migrations::start(
         &c.ctl,
         "web-0",
@@ -634,16 +648,69 @@ fn a_volume_lives_on_one_host_and_a_vm_with_one_stays_there() {
             to: Some(other.clone()),
         },
     )
-    .expect_err("has a volume")
+    .expect_err("stopped with a volume")
     .to_string();
     assert!(
-        err.contains("has data volumes (near)") && err.contains("detach them first"),
+        err.contains("is stopped and has data volumes (near)"),
         "{err}"
     );
+    tuchka_controller::vms::action(
+        &c.ctl,
+        "web-0",
+        tuchka_controller::vms::VmAction::Start,
+        VmStop::default(),
+    )
+    .expect("start");
+    for _ in 0..3 {
+        c.pass();
+    }
     let rm = tuchka_controller::volumes::delete(&c.ctl, "near")
         .expect_err("attached")
         .to_string();
     assert!(rm.contains("detach it first"), "{rm}");
+
+    // Running, it moves live and its volume goes with it: made empty on the target, copied
+    // by libvirt with the root disk, then the source's copy removed.
+    let id = migrate(&c, &other);
+    c.pass();
+    let vid = v.id.clone();
+    assert!(
+        c.host(&other)
+            .st
+            .volumes()
+            .expect("files")
+            .iter()
+            .any(|f| f.0 == vid),
+        "the target made the volume before the copy"
+    );
+    c.pass();
+    c.libvirt_moves(&here, &other, &id);
+    for _ in 0..4 {
+        c.pass();
+    }
+    assert_eq!(
+        c.op(&id).state,
+        OperationState::Succeeded,
+        "{:?}",
+        c.op(&id)
+    );
+    let v = tuchka_controller::volumes::get(&c.ctl, "near").expect("near");
+    assert_eq!(
+        (v.host.as_str(), v.state, v.vm.as_deref()),
+        (
+            other.as_str(),
+            tuchka_api::VolumeState::Attached,
+            Some("web-0")
+        )
+    );
+    assert_eq!(
+        c.host(&other).hv.volumes(&domain).expect("volumes").len(),
+        1
+    );
+    assert!(
+        c.host(&here).st.volumes().expect("files").is_empty(),
+        "the source's copy is removed"
+    );
 
     let op = tuchka_controller::volumes::detach(&c.ctl, "near")
         .expect("detach")
@@ -653,7 +720,7 @@ fn a_volume_lives_on_one_host_and_a_vm_with_one_stays_there() {
     }
     assert_eq!(c.op(&op).state, OperationState::Succeeded);
     assert!(c
-        .host(&here)
+        .host(&other)
         .hv
         .volumes(&domain)
         .expect("volumes")
@@ -668,5 +735,4 @@ fn a_volume_lives_on_one_host_and_a_vm_with_one_stays_there() {
         .is_empty());
     assert!(c.host(&here).st.volumes().expect("files").is_empty());
     assert!(c.host(&other).st.volumes().expect("files").is_empty());
-    migrate(&c, &other);
 }
