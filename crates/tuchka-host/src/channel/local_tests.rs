@@ -131,9 +131,12 @@ async fn a_tunnel_relays_streams_and_a_cut_closes_them() {
         big
     );
     // The relay counts a chunk once it has written it on: the echo can come back a moment
-    // before the last count of the way there lands.
+    // before the last counts of either way land.
     let settled = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while tunnel.stats().memory.to_target() < 3 << 20 && std::time::Instant::now() < settled {
+    while (tunnel.stats().memory.to_target() < 3 << 20
+        || tunnel.stats().memory.from_target() < 3 << 20)
+        && std::time::Instant::now() < settled
+    {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let stats = tunnel.stats().clone();
