@@ -216,8 +216,20 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
         let seen: HashMap<&str, &VmObserved> =
             report.vms.iter().map(|v| (v.id.as_str(), v)).collect();
         let migrations = db::active_migrations(c)?;
+        // The groups of the VMs kept here and of those on their way here: their images are in
+        // use on this host (for its image cache).
+        let mut here: Vec<String> = vec![];
+        for m in migrations.iter().filter(|m| m.target_host == host_id) {
+            if let Some(v) = db::vm_by_id(c, &m.vm_id)? {
+                here.push(v.group);
+            }
+        }
         for mut v in db::host_vms(c, host_id)? {
             let migrating = migrations.iter().any(|m| m.vm_id == v.id);
+            // (a VM whose removal this report confirms uses nothing here any more)
+            if !v.deleting || seen.contains_key(v.id.as_str()) {
+                here.push(v.group.clone());
+            }
             match seen.get(v.id.as_str()) {
                 None if v.deleting => {
                     crate::volumes::release_vm(c, &v.id)?;
@@ -291,25 +303,11 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
         }
         changes.extend(crate::volumes::apply_observed(c, host_id, &report.volumes)?);
         crate::captures::apply_observed(c, host_id, &report.captures)?;
-        // Images in use here: those of its VMs and of VMs on their way to it.
-        let mut here: Vec<String> = db::host_vms(c, host_id)?
+        let in_use: std::collections::HashSet<String> = db::groups(c)?
             .into_iter()
-            .map(|v| v.group)
+            .filter(|g| here.contains(&g.name))
+            .map(|g| g.image_sha256)
             .collect();
-        for m in db::active_migrations(c)?
-            .iter()
-            .filter(|m| m.target_host == host_id)
-        {
-            if let Some(v) = db::vm_by_id(c, &m.vm_id)? {
-                here.push(v.group);
-            }
-        }
-        let mut in_use = std::collections::HashSet::new();
-        for g in here {
-            if let Some(g) = db::group(c, &g)? {
-                in_use.insert(g.image_sha256);
-            }
-        }
         db::touch_image_cache(c, host_id, &report.cached_images, &in_use, db::now_unix())?;
         let rows: Vec<HostNetworkRow> = report
             .networks

@@ -8,7 +8,7 @@
 
 use rusqlite::Connection;
 use tuchka_api::agent::{CaptureObserved, CaptureStatus};
-use tuchka_api::{Image, ImageCapture, Operation, PowerState};
+use tuchka_api::{ApiError, ImageCapture, Operation, PowerState};
 use tuchka_core::ops::OpKind;
 use tuchka_store::{self as db, CaptureRow, OpRow};
 
@@ -108,21 +108,26 @@ pub fn expected(ctl: &Controller, host_id: &str, id: &str) -> Result<CaptureRow>
     Ok(x)
 }
 
-/// The image a host sent for capture `x` was stored (`Ok`) or refused (`Err`): record it.
-pub fn received(ctl: &Controller, x: &CaptureRow, outcome: &Result<Image>) -> Result<()> {
+/// The image a host sent for capture `x` was stored (`Ok`: its size in bytes) or refused
+/// (`Err`: the refusal with its causes): record it.
+pub fn received(
+    ctl: &Controller,
+    x: &CaptureRow,
+    outcome: std::result::Result<u64, ApiError>,
+) -> Result<()> {
     ctl.db().atomic(|c| {
         let Some(mut row) = db::capture(c, &x.id)? else {
             return Ok(());
         };
-        match outcome {
-            Ok(img) => {
+        match &outcome {
+            Ok(bytes) => {
                 row.status = CaptureStatus::Done;
-                row.bytes = img.stored_size;
+                row.bytes = *bytes;
             }
             Err(e) => {
                 row.status = CaptureStatus::Failed;
-                row.error = Some(format!("the controller refused the image: {e}"));
-                row.error_chain = e.to_api().chain;
+                row.error = Some(format!("the controller refused the image: {}", e.message));
+                row.error_chain = e.chain.clone();
             }
         }
         db::save_capture(c, &row)?;

@@ -805,21 +805,17 @@ pub async fn receive_capture(
     };
     let outcome = images::upload(&ctl, inc, body.into_data_stream()).await;
     let (c2, x2) = (ctl.clone(), x.clone());
-    let recorded = {
-        let outcome = match &outcome {
-            Ok(i) => Ok(i.clone()),
-            Err(e) => Err(Error::Conflict {
-                code: "CaptureRefused",
-                message: e.to_string(),
-            }),
-        };
-        blocking(move || {
-            crate::captures::received(&c2, &x2, &outcome)?;
-            crate::progress::progress(&c2);
-            Ok(())
-        })
-        .await
-    };
+    // The refusal keeps its causes for `op show`.
+    let stored = outcome
+        .as_ref()
+        .map(|i| i.stored_size)
+        .map_err(Error::to_api);
+    let recorded = blocking(move || {
+        crate::captures::received(&c2, &x2, stored)?;
+        crate::progress::progress(&c2);
+        Ok(())
+    })
+    .await;
     let img = outcome?;
     recorded?;
     Ok((StatusCode::CREATED, Json(img)))
