@@ -4,8 +4,9 @@
 //!   move its pool paths to the target's pool, and run libvirt's peer-to-peer migration through
 //!   the tunnel on a blocking thread, recording libvirt's progress as it goes. Aborting cuts the
 //!   tunnel: libvirt fails the job and the VM stays here.
-//! - Outgoing cold: send the stopped VM's overlay through the channel; the target verifies its
-//!   size and sha256 before keeping it.
+//! - Outgoing cold: send the stopped VM's overlay and then its data volumes through the
+//!   channel, one file at a time; the target verifies each one's size and sha256 before
+//!   keeping it.
 //! - Incoming: admit, through [`MigrationAdmission`], only the migrations the controller told this
 //!   host to expect, only from their source host.
 
@@ -24,7 +25,7 @@ use tuchka_host::channel::{
 use tuchka_host::migrate::{migrate_through, retarget_domain_xml, LiveMigration};
 use tuchka_host::{Hypervisor, Storage};
 
-use crate::mover::{failed, IncomingJob, Mover, OutgoingJob};
+use crate::mover::{cold_files, failed, IncomingJob, Mover, OutgoingJob};
 use crate::reconcile::Failure;
 
 struct Job {
@@ -137,7 +138,7 @@ impl Mover for ChannelMover {
                 source_host_id: job.source_host_id.clone(),
                 vm_id: job.vm_id.clone(),
                 live: job.mode == MigrationMode::Live,
-                disk_file: job.disk_path.clone(),
+                files: job.files.clone(),
             })
             .map_err(|e| e.chain())?;
         incoming.insert(job.id.clone(), guard);
@@ -246,21 +247,37 @@ impl Mover for ChannelMover {
                 })
             }
             MigrationMode::Cold => {
-                let path = self.storage.root_disk_path(&job.vm.id);
-                let vm_id = job.vm.id.clone();
+                // The root disk, then each data volume, one file at a time.
+                let files = cold_files(&*self.storage, &job.vm);
                 self.rt.spawn(async move {
                     let started = Instant::now();
-                    let status = match channel::send_file(&tls, &peer, &id, &vm_id, &path).await {
-                        Ok(sent) => {
+                    let mut bytes = 0u64;
+                    let mut sent_all = Ok(());
+                    for (disk, path) in &files {
+                        match channel::send_file(&tls, &peer, &id, disk, path).await {
+                            Ok(sent) => {
+                                tracing::info!(migration = %id, disk = %disk, bytes = sent.bytes, sha256 = %sent.sha256, "cold migration: disk sent and verified");
+                                bytes += sent.bytes;
+                                if let Some(j) = lock(&jobs).get_mut(&id) {
+                                    j.status.copied_bytes = bytes;
+                                }
+                            }
+                            Err(e) => {
+                                sent_all = Err(e);
+                                break;
+                            }
+                        }
+                    }
+                    let status = match sent_all {
+                        Ok(()) => {
                             let mut s = running(&id);
                             s.status = MigrationStatus::Completed;
-                            s.copied_bytes = sent.bytes;
-                            s.bytes = Some(sent.bytes);
+                            s.copied_bytes = bytes;
+                            s.bytes = Some(bytes);
                             let ms = started.elapsed().as_millis() as u64;
                             s.total_ms = Some(ms);
                             s.mib_per_s =
-                                sent.bytes as f64 / (ms.max(1) as f64 / 1000.0) / (1024.0 * 1024.0);
-                            tracing::info!(migration = %id, bytes = sent.bytes, sha256 = %sent.sha256, "cold migration: disk sent and verified");
+                                bytes as f64 / (ms.max(1) as f64 / 1000.0) / (1024.0 * 1024.0);
                             s
                         }
                         Err(e) => failure(&id, Failure::of(&e)),

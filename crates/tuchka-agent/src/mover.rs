@@ -5,10 +5,12 @@
 //! migration through the host-to-host channel, the fake here only records and obeys.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use tuchka_api::agent::{MigrationObserved, MigrationStatus, PeerHost, VmDesired};
 use tuchka_api::MigrationMode;
+use tuchka_host::Storage;
 
 /// What a job needs to know.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,8 +38,21 @@ pub struct IncomingJob {
     pub source_host_id: String,
     /// The VM.
     pub vm_id: String,
-    /// Cold: where its disk goes.
-    pub disk_path: Option<std::path::PathBuf>,
+    /// Cold: the disks that arrive, each id (the VM's for its root disk, a volume's) with
+    /// where it goes.
+    pub files: Vec<(String, PathBuf)>,
+}
+
+/// The disks a cold migration of `vm` moves, each id (the VM's for its root disk, a volume's)
+/// with its path, the same on every host: the root disk first, then the data volumes.
+pub fn cold_files(storage: &dyn Storage, vm: &VmDesired) -> Vec<(String, PathBuf)> {
+    std::iter::once((vm.id.clone(), storage.root_disk_path(&vm.id)))
+        .chain(
+            vm.volumes
+                .iter()
+                .map(|v| (v.id.clone(), storage.volume_path(&v.id))),
+        )
+        .collect()
 }
 
 /// Moves VMs between this host and the others: off it (jobs), onto it (admission).

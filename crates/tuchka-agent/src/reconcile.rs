@@ -30,7 +30,7 @@ use tuchka_host::{
     Accel, Dataplane, DomainInfo, DomainSpec, HostError, Hypervisor, NicSpec, Storage, VolumeSpec,
 };
 
-use crate::mover::{IncomingJob, Mover, OutgoingJob};
+use crate::mover::{cold_files, IncomingJob, Mover, OutgoingJob};
 use crate::plan::{next_action, observed_state, outgoing_action, Action, OutgoingAction, VmMemory};
 
 /// The side-effect adapters of one host.
@@ -807,9 +807,13 @@ fn incoming(
                         &want.ssh_keys,
                     )?;
                 }
-                // The disk arrives whole through the channel into the VM's directory.
+                // The disks arrive whole through the channel: the root disk into the VM's
+                // directory, each volume over an empty one of its size.
                 MigrationMode::Cold => {
                     parts.storage.ensure_vm_dir(&want.id)?;
+                    for v in &want.volumes {
+                        parts.storage.ensure_volume(&v.id, v.size_mib)?;
+                    }
                 }
             }
             Ok(())
@@ -823,8 +827,10 @@ fn incoming(
                     mode,
                     source_host_id: source_host_id.to_string(),
                     vm_id: want.id.clone(),
-                    disk_path: (mode == MigrationMode::Cold)
-                        .then(|| parts.storage.root_disk_path(&want.id)),
+                    files: match mode {
+                        MigrationMode::Live => vec![],
+                        MigrationMode::Cold => cold_files(&*parts.storage, want),
+                    },
                 })
                 .map_err(|e| Failure::text(format!("cannot admit the migration: {e}")))
         }),

@@ -81,10 +81,6 @@ pub fn inputs(
                     Some("being removed".into())
                 } else if moving {
                     Some("already migrating".into())
-                } else if !s.vm_volumes(&v.id).is_empty()
-                    && v.desired == tuchka_api::PowerState::Stopped
-                {
-                    Some("stopped with data volumes (only a running VM moves with them)".into())
                 } else {
                     None
                 },

@@ -133,21 +133,6 @@ pub fn start_in(
             ),
         ));
     }
-    let volumes: Vec<&str> = s
-        .vm_volumes(&v.id)
-        .iter()
-        .map(|x| x.name.as_str())
-        .collect();
-    if !volumes.is_empty() && mode == MigrationMode::Cold {
-        return Err(refuse(
-            "VmHasVolumes",
-            format!(
-                "vm {:?} is stopped and has data volumes ({}): a stopped VM moves with its root disk only; start it to move it live with its volumes, or detach them first (tuchka volume detach NAME)",
-                v.name,
-                volumes.join(", ")
-            ),
-        ));
-    }
     if let Some(t) = target {
         if t == source.id {
             return Err(refuse(

@@ -8,7 +8,7 @@
 //!   not reboot (its uptime kept counting), a file written before the move is still there, same
 //!   IP, and it still reaches and is reached by a VM of its network on another host, by name;
 //!   `vm show` tells the move; then it moves back;
-//! - a stopped VM moves cold and starts on the target with its data;
+//! - a stopped VM moves cold and starts on the target with its data and its volume's;
 //! - moves that cannot succeed — a target whose pool is too small, a target agent killed in
 //!   the copy, a target whose libvirtd is stopped — leave the VM running on the source and
 //!   nothing on the target, and say why;
@@ -492,8 +492,32 @@ fn vms_move_between_hosts() {
     assert_eq!(t.wait_get("web-0", "marker"), marker);
     assert!(t.clean_on(&third, &id0, &domain), "nothing left on {third}");
 
-    // ---- a stopped VM moves cold and starts there with its data.
+    // ---- a stopped VM moves cold and starts there with its data, its volume's too.
     let marker1 = t.wait_get("web-1", "marker");
+    let vol =
+        t.c.ok(&[
+            "volume",
+            "create",
+            "web-1-data",
+            "--size",
+            "32M",
+            "--near",
+            "web-1",
+            "-o",
+            "json",
+        ])
+        .json();
+    assert_eq!(vol["host"], peer_host.as_str(), "{vol}");
+    let serial1: String = vol["id"]
+        .as_str()
+        .unwrap_or_default()
+        .chars()
+        .filter(|ch| *ch != '-')
+        .take(20)
+        .collect();
+    t.c.ok(&["volume", "attach", "web-1-data", "web-1", "--wait"]);
+    let write = format!("cgi-bin/disk?id={serial1}&op=write&mib=2&seed=12");
+    assert_eq!(t.wait_get("web-1", &write), "written 2");
     t.c.ok(&["vm", "stop", "web-1", "--wait"]);
     let r =
         t.c.ok(&["vm", "migrate", "web-1", "--to", &third, "--wait"]);
@@ -503,12 +527,37 @@ fn vms_move_between_hosts() {
         (v1["host"].as_str(), v1["state"].as_str()),
         (Some(third.as_str()), Some("stopped"))
     );
+    let vol =
+        t.c.ok(&["volume", "show", "web-1-data", "-o", "json"])
+            .json();
+    assert_eq!(
+        (vol["host"].as_str(), vol["vm"].as_str()),
+        (Some(third.as_str()), Some("web-1")),
+        "{vol}"
+    );
     t.c.ok(&["vm", "start", "web-1", "--wait"]);
     assert_eq!(
         t.wait_get("web-1", "marker"),
         marker1,
         "its disk came along"
     );
+    let check = format!("cgi-bin/disk?id={serial1}&op=check&mib=2&seed=12");
+    assert!(
+        t.wait_get("web-1", &check).starts_with("ok"),
+        "the volume's data moved with the stopped VM"
+    );
+    let peer_pool = t.c.mh().dir().join(&peer_host).join("tuchka-pool/volumes");
+    t.c.wait_for(
+        "the volume's copy removed from the cold source",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_dir(&peer_pool)
+                .map(|d| d.count() == 0)
+                .unwrap_or(true)
+        },
+    );
+    t.c.ok(&["volume", "detach", "web-1-data", "--wait"]);
+    t.c.ok(&["volume", "rm", "web-1-data"]);
     let id1 = v1["id"].as_str().unwrap_or_default().to_string();
     let dom1 = v1["domain"].as_str().unwrap_or_default().to_string();
     assert!(t.clean_on(&peer_host, &id1, &dom1));

@@ -448,6 +448,16 @@ fn a_stopped_vm_moves_cold_and_stays_stopped() {
     assert!(c.host(&from).st.vm(&vm_id(&c)).is_none());
 }
 
+/// Whether host `host` has the file of volume `id`.
+fn has_volume(c: &Cloud, host: &str, id: &str) -> bool {
+    c.host(host)
+        .st
+        .volumes()
+        .expect("files")
+        .iter()
+        .any(|f| f.0 == id)
+}
+
 /// Every running child migration of `op` whose copy runs: libvirt finishes it.
 fn finish_children(c: &Cloud, op: &str) {
     for child in c.op(op).children {
@@ -572,7 +582,7 @@ fn the_automatic_balancer_holds_then_moves_then_leaves_the_vms_alone() {
 }
 
 #[test]
-fn a_volume_lives_on_one_host_and_moves_live_with_its_vm() {
+fn a_volume_lives_on_one_host_and_moves_with_its_vm_cold_and_live() {
     let mut c = cloud();
     let (here, other) = c.launch(false);
     let vol = |name: &str, host: Option<&str>, near: Option<&str>| {
@@ -627,7 +637,8 @@ fn a_volume_lives_on_one_host_and_moves_live_with_its_vm() {
         "plugged in"
     );
 
-    // Stopped, it does not move with its volume (only live copies carry them).
+    // Stopped, it moves cold with its volume: the target admits the root disk and the volume
+    // as two files, and once they arrived the volume lives there, still attached.
     tuchka_controller::vms::action(
         &c.ctl,
         "web-0",
@@ -641,19 +652,55 @@ fn a_volume_lives_on_one_host_and_moves_live_with_its_vm() {
     for _ in 0..3 {
         c.pass();
     }
-    let err = tuchka_controller::migrations::start(
-        &c.ctl,
-        "web-0",
-        VmMigrate {
-            to: Some(other.clone()),
-        },
-    )
-    .expect_err("stopped with a volume")
-    .to_string();
-    assert!(
-        err.contains("is stopped and has data volumes (near)"),
-        "{err}"
+    let id = migrate(&c, &other);
+    assert_eq!(
+        c.op(&id).migration.as_ref().map(|m| m.mode),
+        Some(tuchka_api::MigrationMode::Cold)
     );
+    c.pass();
+    let files: Vec<String> = c
+        .host(&other)
+        .mover
+        .incoming()
+        .iter()
+        .flat_map(|j| j.files.iter().map(|f| f.0.clone()))
+        .collect();
+    assert_eq!(
+        files,
+        vec![vm_id(&c), v.id.clone()],
+        "root disk, then the volume"
+    );
+    c.pass();
+    c.host(&here).mover.finish(&id, 0);
+    for _ in 0..4 {
+        c.pass();
+    }
+    assert_eq!(
+        c.op(&id).state,
+        OperationState::Succeeded,
+        "{:?}",
+        c.op(&id)
+    );
+    let v = tuchka_controller::volumes::get(&c.ctl, "near").expect("near");
+    assert_eq!(
+        (v.host.as_str(), v.state, v.vm.as_deref()),
+        (
+            other.as_str(),
+            tuchka_api::VolumeState::Attached,
+            Some("web-0")
+        )
+    );
+    assert_eq!(
+        c.host(&other).hv.volumes(&domain).expect("volumes").len(),
+        1,
+        "defined on the target with its volume"
+    );
+    assert!(
+        !has_volume(&c, &here, &v.id),
+        "the source's copy is removed"
+    );
+    // From here on the VM lives on the other host.
+    let (here, other) = (other, here);
     tuchka_controller::vms::action(
         &c.ctl,
         "web-0",
@@ -669,18 +716,13 @@ fn a_volume_lives_on_one_host_and_moves_live_with_its_vm() {
         .to_string();
     assert!(rm.contains("detach it first"), "{rm}");
 
-    // Running, it moves live and its volume goes with it: made empty on the target, copied
-    // by libvirt with the root disk, then the source's copy removed.
+    // Running, it moves live (back) and its volume goes with it: made empty on the target,
+    // copied by libvirt with the root disk, then the source's copy removed.
     let id = migrate(&c, &other);
     c.pass();
     let vid = v.id.clone();
     assert!(
-        c.host(&other)
-            .st
-            .volumes()
-            .expect("files")
-            .iter()
-            .any(|f| f.0 == vid),
+        has_volume(&c, &other, &vid),
         "the target made the volume before the copy"
     );
     c.pass();
@@ -708,7 +750,7 @@ fn a_volume_lives_on_one_host_and_moves_live_with_its_vm() {
         1
     );
     assert!(
-        c.host(&here).st.volumes().expect("files").is_empty(),
+        !has_volume(&c, &here, &v.id),
         "the source's copy is removed"
     );
 

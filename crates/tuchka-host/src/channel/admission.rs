@@ -5,8 +5,8 @@
 //! target of a migration; the returned [`IncomingGuard`] keeps it admitted (and, for a live
 //! migration, keeps the socket directory qemu listens in) until it is dropped — when the
 //! migration has finished or failed. Routes: `libvirt` → the local libvirtd socket, `memory`
-//! and `disk` → the migration's sockets ([`MigrationPaths`]), `disk-file` → the VM's disk path
-//! (cold migration). Everything else is refused with a reason naming the migration.
+//! and `disk` → the migration's sockets ([`MigrationPaths`]), `disk-file` → where that disk
+//! of the VM goes (cold migration: its root disk and each data volume). Everything else is refused with a reason naming the migration.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,8 +32,9 @@ pub struct Incoming {
     /// Live migration: admit the libvirt, memory and disk streams (and prepare the socket
     /// directory qemu listens in).
     pub live: bool,
-    /// Cold migration: where the VM's disk file goes (admit one `disk-file` for `vm_id`).
-    pub disk_file: Option<PathBuf>,
+    /// Cold migration: the disk files it admits, each disk id (the VM's id for its root
+    /// disk, a volume's id) with where it goes.
+    pub files: Vec<(String, PathBuf)>,
 }
 
 #[derive(Debug)]
@@ -166,14 +167,18 @@ impl Admission for MigrationAdmission {
             ChannelRequest::Libvirt { .. }
             | ChannelRequest::Memory { .. }
             | ChannelRequest::Disk { .. } => Err(not_live()),
-            ChannelRequest::DiskFile { vm_id, .. } => match &e.incoming.disk_file {
-                Some(path) if *vm_id == e.incoming.vm_id => Ok(Route::ReceiveFile(path.clone())),
-                Some(_) => Err(format!(
-                    "migration {id} moves vm {}, not vm {vm_id}",
-                    e.incoming.vm_id
-                )),
-                None => Err(format!("migration {id} expects no disk file")),
-            },
+            ChannelRequest::DiskFile { disk, .. } => {
+                match e.incoming.files.iter().find(|(d, _)| d == disk) {
+                    Some((_, path)) => Ok(Route::ReceiveFile(path.clone())),
+                    None if e.incoming.files.is_empty() => {
+                        Err(format!("migration {id} expects no disk file"))
+                    }
+                    None => Err(format!(
+                        "migration {id} of vm {} expects no disk {disk}",
+                        e.incoming.vm_id
+                    )),
+                }
+            }
         }
     }
 }
@@ -224,7 +229,7 @@ mod tests {
             source_host_id: "h1".into(),
             vm_id: "vm-1".into(),
             live: true,
-            disk_file: None,
+            files: vec![],
         }
     }
 
@@ -263,7 +268,7 @@ mod tests {
             .contains("not the source"));
         let file = ChannelRequest::DiskFile {
             migration: "m1".into(),
-            vm_id: "vm-1".into(),
+            disk: "vm-1".into(),
             size: 1,
             sha256: SHA.into(),
         };
@@ -279,28 +284,30 @@ mod tests {
     }
 
     #[test]
-    fn cold_migrations_admit_one_file_for_their_vm() {
+    fn cold_migrations_admit_the_files_of_their_vm_only() {
         let tmp = tempfile::tempdir().expect("tmp");
         let adm = MigrationAdmission::new(tmp.path(), CLOUD, Path::new("/x")).with_qemu_gid(None);
         let dest = tmp.path().join("root.qcow2");
+        let vol = tmp.path().join("vol-1.qcow2");
         let _g = adm
             .expect(Incoming {
                 live: false,
-                disk_file: Some(dest.clone()),
+                files: vec![("vm-1".into(), dest.clone()), ("vol-1".into(), vol.clone())],
                 ..live("m2")
             })
             .expect("expect");
-        let file = |vm: &str| ChannelRequest::DiskFile {
+        let file = |disk: &str| ChannelRequest::DiskFile {
             migration: "m2".into(),
-            vm_id: vm.into(),
+            disk: disk.into(),
             size: 1,
             sha256: SHA.into(),
         };
         assert_eq!(adm.admit("h1", &file("vm-1")), Ok(Route::ReceiveFile(dest)));
+        assert_eq!(adm.admit("h1", &file("vol-1")), Ok(Route::ReceiveFile(vol)));
         assert!(adm
             .admit("h1", &file("vm-2"))
             .expect_err("other vm")
-            .contains("not vm vm-2"));
+            .contains("expects no disk vm-2"));
         assert!(adm
             .admit(
                 "h1",

@@ -30,15 +30,15 @@ pub struct SentFile {
     pub sha256: String,
 }
 
-/// Send the file at `path` — the disk of VM `vm_id` in migration `migration` — to `peer`
-/// through the channel. Returns once the peer has stored it under its final name with the
+/// Send the file at `path` — disk `disk` (a VM's id for its root disk, a volume's id) in
+/// migration `migration` — to `peer` through the channel. Returns once the peer has stored it under its final name with the
 /// same sha256; on any error the peer has kept nothing. The file must not change meanwhile
 /// (the VM is stopped): if it does, the transfer is failed.
 pub async fn send_file(
     tls: &Arc<rustls::ClientConfig>,
     peer: &Peer,
     migration: &str,
-    vm_id: &str,
+    disk: &str,
     path: &Path,
 ) -> Result<SentFile, ChannelError> {
     let io = |action: &'static str| {
@@ -52,7 +52,7 @@ pub async fn send_file(
     let (size, sha256) = hash_file(path).await.map_err(io("read"))?;
     let req = ChannelRequest::DiskFile {
         migration: migration.to_string(),
-        vm_id: vm_id.to_string(),
+        disk: disk.to_string(),
         size,
         sha256: sha256.clone(),
     };

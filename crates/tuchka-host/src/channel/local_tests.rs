@@ -90,7 +90,7 @@ async fn a_tunnel_relays_streams_and_a_cut_closes_them() {
             source_host_id: "src".into(),
             vm_id: "vm-1".into(),
             live: true,
-            disk_file: None,
+            files: vec![],
         })
         .expect("expect");
     let dst_paths = MigrationPaths::new(&dst_run, CLOUD, "m1").expect("paths");
@@ -197,7 +197,7 @@ async fn files_arrive_verified_and_strangers_are_refused() {
             source_host_id: "src".into(),
             vm_id: "vm-2".into(),
             live: false,
-            disk_file: Some(dest.clone()),
+            files: vec![("vm-2".into(), dest.clone())],
         })
         .expect("expect");
     let server = ChannelServer::bind(
@@ -230,7 +230,7 @@ async fn files_arrive_verified_and_strangers_are_refused() {
     let err = send_file(&pki.client("src"), &peer, "m2", "vm-3", &src)
         .await
         .expect_err("other vm");
-    assert!(err.to_string().contains("not vm vm-3"), "{err}");
+    assert!(err.to_string().contains("expects no disk vm-3"), "{err}");
     let stranger = Pki::new().client("src");
     let err = send_file(&stranger, &peer, "m2", "vm-2", &src)
         .await

@@ -77,12 +77,13 @@ pub enum ChannelRequest {
         /// Migration id.
         migration: String,
     },
-    /// A file of `size` bytes with digest `sha256`: the disk of VM `vm_id` (cold migration).
+    /// A file of `size` bytes with digest `sha256`: disk `disk` of a stopped VM (cold
+    /// migration).
     DiskFile {
         /// Migration id.
         migration: String,
-        /// The VM whose disk this is.
-        vm_id: String,
+        /// Which disk: the VM's id for its root disk, a volume's id for a data volume.
+        disk: String,
         /// Exact size in bytes.
         size: u64,
         /// sha256 of the content, 64 lowercase hex digits.
@@ -126,8 +127,8 @@ impl ChannelRequest {
     /// Check the fields a header can carry (ids, digest).
     pub fn validate(&self) -> Result<(), HeaderError> {
         check_id("migration", self.migration())?;
-        if let ChannelRequest::DiskFile { vm_id, sha256, .. } = self {
-            check_id("vm id", vm_id)?;
+        if let ChannelRequest::DiskFile { disk, sha256, .. } = self {
+            check_id("disk id", disk)?;
             if !is_sha256(sha256) {
                 return Err(HeaderError::BadField {
                     field: "sha256",
@@ -143,10 +144,10 @@ impl ChannelRequest {
         match self {
             ChannelRequest::DiskFile {
                 migration,
-                vm_id,
+                disk,
                 size,
                 sha256,
-            } => format!("{MAGIC} disk-file {migration} {vm_id} {size} {sha256}\n"),
+            } => format!("{MAGIC} disk-file {migration} {disk} {size} {sha256}\n"),
             other => format!("{MAGIC} {} {}\n", other.kind(), other.migration()),
         }
     }
@@ -175,7 +176,7 @@ impl ChannelRequest {
             "memory" => ChannelRequest::Memory { migration },
             "disk" => ChannelRequest::Disk { migration },
             "disk-file" => {
-                let vm_id = fields.next().ok_or(HeaderError::Missing("vm id"))?;
+                let disk = fields.next().ok_or(HeaderError::Missing("disk id"))?;
                 let size = fields.next().ok_or(HeaderError::Missing("size"))?;
                 let sha256 = fields.next().ok_or(HeaderError::Missing("sha256"))?;
                 let size = size
@@ -188,7 +189,7 @@ impl ChannelRequest {
                     })?;
                 ChannelRequest::DiskFile {
                     migration,
-                    vm_id: vm_id.to_string(),
+                    disk: disk.to_string(),
                     size,
                     sha256: sha256.to_string(),
                 }
@@ -208,12 +209,12 @@ impl std::fmt::Display for ChannelRequest {
         match self {
             ChannelRequest::DiskFile {
                 migration,
-                vm_id,
+                disk,
                 size,
                 ..
             } => write!(
                 f,
-                "disk file of vm {vm_id} ({size} bytes) for migration {migration}"
+                "disk file {disk} ({size} bytes) for migration {migration}"
             ),
             other => write!(
                 f,
@@ -358,13 +359,13 @@ mod tests {
             },
             ChannelRequest::DiskFile {
                 migration: "m".into(),
-                vm_id: "vm-1".into(),
+                disk: "vm-1".into(),
                 size: 0,
                 sha256: SHA.into(),
             },
             ChannelRequest::DiskFile {
                 migration: "m".into(),
-                vm_id: "vm-1".into(),
+                disk: "vm-1".into(),
                 size: u64::MAX,
                 sha256: SHA.into(),
             },
@@ -461,7 +462,7 @@ mod tests {
             (
                 format!("TUCHKA-CHANNEL/1 disk-file m .. 1 {SHA}\n").into_bytes(),
                 BadField {
-                    field: "vm id",
+                    field: "disk id",
                     value: "..".into(),
                 },
             ),

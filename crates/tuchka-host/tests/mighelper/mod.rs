@@ -254,9 +254,12 @@ fn serve(
                 match admission.expect(Incoming {
                     migration_id: e.migration_id,
                     source_host_id: e.source_host_id,
+                    files: e
+                        .disk_file
+                        .map(|f| vec![(e.vm_id.clone(), f)])
+                        .unwrap_or_default(),
                     vm_id: e.vm_id,
                     live: e.live,
-                    disk_file: e.disk_file,
                 }) {
                     Ok(g) => {
                         guards.insert(id.clone(), g);
@@ -421,7 +424,7 @@ fn send(rt: &tokio::runtime::Runtime, role: Role) {
                 };
                 let req = ChannelRequest::DiskFile {
                     migration: migration_id.clone(),
-                    vm_id: vm_id.clone(),
+                    disk: vm_id.clone(),
                     size: data.len() as u64,
                     sha256,
                 };
