@@ -12,7 +12,7 @@
 //! still holds the VM, the target's copy is named for removal.
 
 use rusqlite::Connection;
-use tuchka_api::agent::{PeerHost, VmMigrationDesired};
+use tuchka_api::agent::{CaptureStatus, PeerHost, VmMigrationDesired};
 use tuchka_api::{
     MigrationMode, MigrationPhase, Operation, OperationPhase, PhaseState, PowerState, VmMigrate,
     VmState,
@@ -109,6 +109,17 @@ pub fn start_in(
             format!(
                 "vm {:?} is already migrating (operation {}); a VM is in one migration at a time",
                 v.name, m.id
+            ),
+        ));
+    }
+    if let Some(x) = s.captures.iter().find(|x| {
+        x.vm_id == v.id && matches!(x.status, CaptureStatus::Copying | CaptureStatus::Uploading)
+    }) {
+        return Err(refuse(
+            "VmCapturing",
+            format!(
+                "vm {:?} is being captured as image {:?} (operation {}); migrate it when that is done",
+                v.name, x.image, x.id
             ),
         ));
     }

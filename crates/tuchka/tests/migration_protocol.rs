@@ -416,6 +416,36 @@ fn an_abort_cuts_a_running_copy_before_the_target_is_cleaned() {
 }
 
 #[test]
+fn a_vm_being_captured_does_not_move_until_the_capture_is_over() {
+    let mut c = cloud();
+    let (from, to) = c.launch(false);
+    let cap = tuchka_controller::captures::start(
+        &c.ctl,
+        tuchka_api::ImageCapture {
+            name: "snap".into(),
+            vm: "web-0".into(),
+        },
+    )
+    .expect("capture");
+    let err = tuchka_controller::migrations::start(
+        &c.ctl,
+        "web-0",
+        VmMigrate {
+            to: Some(to.clone()),
+        },
+    )
+    .expect_err("being captured")
+    .to_string();
+    assert!(
+        err.contains("is being captured as image \"snap\"") && err.contains(&cap.id),
+        "{err}"
+    );
+    c.pass();
+    let vm = tuchka_controller::vms::get(&c.ctl, "web-0").expect("vm");
+    assert_eq!(vm.host, from, "it stayed where it was");
+}
+
+#[test]
 fn a_stopped_vm_moves_cold_and_stays_stopped() {
     let mut c = cloud();
     let (from, to) = c.launch(true);
