@@ -8,6 +8,7 @@
 
 pub mod capture;
 pub mod channel;
+pub mod console;
 pub mod identity;
 pub mod mover;
 pub mod plan;

@@ -1,5 +1,6 @@
 //! The agent's loop: register, then forever: long-poll the desired state, fetch missing images,
-//! reconcile, report. Survives controller restarts (it retries and re-registers).
+//! reconcile, report (with the pass's duration). Survives controller restarts (it retries and
+//! re-registers). Beside it, [`crate::console`] ships the VMs' console logs.
 //!
 //! It stops (with [`AgentError::Refused`]) instead of retrying when retrying cannot help: the
 //! controller refused the join token or the host name, the host was revoked (`401` with code
@@ -177,6 +178,8 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
     let captures = Captures::new(&config.pool);
     let mut client = client.clone().with_token(Some(reg.credential.clone()));
     let mut host_id = reg.host_id.clone();
+    let (ship_to, shipping) = tokio::sync::watch::channel((client.clone(), host_id.clone()));
+    let _shipper = crate::console::spawn(parts.storage.clone(), shipping);
     let memory = Arc::new(Mutex::new(Memory::default()));
     let sampler = Arc::new(Mutex::new(LoadSampler::new()));
     let started = std::time::Instant::now();
@@ -203,6 +206,7 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
                     .await?;
                     host_id = reg.host_id;
                     client = client.with_token(Some(reg.credential));
+                    ship_to.send_replace((client.clone(), host_id.clone()));
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -211,6 +215,7 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         };
         backoff = Duration::from_millis(250);
         captures.sync(&desired, &parts, &client, &host_id);
+        let pass_started = std::time::Instant::now();
         let image_errors = fetch_images(&client, &parts, &desired).await;
         let (p, m, d, sm) = (
             parts.clone(),
@@ -240,6 +245,7 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
                     | tuchka_api::agent::CaptureStatus::Uploading
             )
         });
+        report.facts.pass_ms = pass_started.elapsed().as_millis() as u64;
         if let Some(l) = &load {
             report.facts.memory_in_use_mib = l.memory_in_use_mib;
             if config.load_source == LoadSource::Vms {

@@ -8,6 +8,8 @@
 //!   the generation is newer than `after`, or after a few seconds anyway)
 //! - `POST /v1/agent/hosts/{id}/report` with [`HostReport`]
 //! - `GET  /v1/agent/images/{sha256}` → the stored qcow2 bytes
+//! - `POST /v1/agent/hosts/{id}/consoles` with [`ConsoleUpload`] → [`ConsoleUploaded`]: what is
+//!   new in the VMs' serial console logs (see [`ConsoleData`] for the offsets)
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -110,6 +112,9 @@ pub struct HostFacts {
     /// The image cache, MiB.
     #[serde(default)]
     pub image_cache_mib: u64,
+    /// How long the agent's last pass took (image fetches and reconcile), ms.
+    #[serde(default)]
+    pub pass_ms: u64,
 }
 
 /// Everything one host must converge to.
@@ -624,4 +629,59 @@ pub struct NetworkObserved {
     /// The causes, outermost first.
     #[serde(default)]
     pub error_chain: Vec<String>,
+}
+
+/// Bytes of each VM's console log the controller keeps: an agent that does not know where the
+/// controller stands sends a log from this far before its end.
+pub const CONSOLE_KEPT_BYTES: u64 = 1 << 20;
+
+/// What is new in the serial console logs of a host's VMs (`POST /v1/agent/hosts/{id}/consoles`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleUpload {
+    /// One entry per VM whose log has news (or whose offset the agent does not know yet).
+    pub logs: Vec<ConsoleData>,
+}
+
+/// A piece of one VM's console log file on this host.
+///
+/// Offsets are byte offsets in the host's file, which only grows (qemu appends). The
+/// controller keeps, per VM and host, the file it is reading and the offset it expects next:
+/// it takes `data` when `offset` is that one, or — for a file it does not know yet — when
+/// `offset` is at most `size` minus the controller's limit (so it gets the log's whole tail);
+/// otherwise it takes nothing and answers the offset it wants.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleData {
+    /// VM id.
+    pub vm_id: String,
+    /// Identity of the file (device and inode): a new file means the log starts over.
+    pub file: String,
+    /// Size of the file now, bytes.
+    pub size: u64,
+    /// Offset of the first byte of `data` in the file.
+    pub offset: u64,
+    /// Offset just past the last byte of `data` (a trailing incomplete UTF-8 character waits
+    /// for the next piece; invalid bytes are replaced by U+FFFD).
+    pub end: u64,
+    /// The text.
+    pub data: String,
+}
+
+/// Answer to a [`ConsoleUpload`]: where to go on from, per VM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct ConsoleUploaded {
+    /// One entry per uploaded log.
+    pub next: Vec<ConsoleNext>,
+}
+
+/// The offset the controller wants next of one VM's log file.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ConsoleNext {
+    /// VM id.
+    pub vm_id: String,
+    /// The file this offset is in.
+    pub file: String,
+    /// Send from this offset next.
+    pub offset: u64,
 }

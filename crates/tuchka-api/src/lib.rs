@@ -1193,3 +1193,66 @@ pub struct BalanceStatus {
     /// The latest decisions, newest first.
     pub decisions: Vec<BalanceDecision>,
 }
+
+/// A piece of a VM's serial console log (`GET /v1/vms/{name}/console/log`).
+///
+/// Offsets count bytes of the log since the controller started keeping it; the controller
+/// keeps the last MiB per VM, whichever host the VM runs on (agents ship it).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct ConsoleLog {
+    /// The VM.
+    pub vm: String,
+    /// Offset of the first byte of `text`.
+    pub start: u64,
+    /// Offset just past `text`: ask for `from=end` to get what comes next.
+    pub end: u64,
+    /// The log from `start` to `end`.
+    pub text: String,
+    /// Bytes between the offset asked for and `start` that are no longer kept.
+    #[serde(default)]
+    pub missed: u64,
+}
+
+/// Load of the hosts over the last hour (`GET /v1/history`), sampled by the controller.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct LoadHistory {
+    /// Seconds between two samples.
+    pub interval_s: u64,
+    /// One entry per host, in host order.
+    pub hosts: Vec<HostHistory>,
+}
+
+/// The load samples of one host, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct HostHistory {
+    /// Host name.
+    pub host: String,
+    /// Samples, oldest first.
+    pub points: Vec<LoadPoint>,
+}
+
+/// One load sample of a host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct LoadPoint {
+    /// Unix time, seconds.
+    pub t: i64,
+    /// CPU in use, 0..1 of the host's CPUs.
+    pub cpu: f64,
+    /// Memory in use, 0..1 of the host's memory.
+    pub memory: f64,
+    /// 1-minute load average.
+    pub load_1m: f64,
+}
+
+/// How to open the dashboard (`GET /v1/ui`, users only).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct UiLogin {
+    /// The dashboard's address (`https://ADDR:PORT/ui/`); absent without `serve --listen`.
+    pub url: Option<String>,
+    /// The address with the API token in its fragment (`…/ui/#token=…`): browsers never send
+    /// a fragment to the server.
+    pub link: Option<String>,
+    /// sha256 (hex) of the controller's CA certificate, to check the browser's certificate
+    /// warning against (or import `<data-dir>/tls/ca.crt`).
+    pub fingerprint: Option<String>,
+}

@@ -4,7 +4,9 @@
 //! `--listen`, on TCP with TLS only (see [`crate::tls`]), where every request needs
 //! `Authorization: Bearer <token>`: the API token for users, the host credential for the agent
 //! endpoints of that host. `POST /v1/agent/register` is the exception: it carries the join
-//! token in its body instead (checked by [`agents::register`]).
+//! token in its body instead (checked by [`agents::register`]); so are the dashboard's own
+//! files under `/ui/` (code, no data: the page then calls the API with the token). `/metrics`
+//! needs the API token like any other route. Every request is counted by [`observe::track`].
 
 use std::sync::Arc;
 
@@ -16,8 +18,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use tuchka_api::ApiError;
 
-use crate::agents;
 use crate::error::Error;
+use crate::{agents, dashboard, observe};
 use crate::handlers::*;
 use crate::state::Controller;
 
@@ -67,6 +69,7 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
         .route("/v1/vms", get(list_vms))
         .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
         .route("/v1/vms/{name}/console", get(vm_console))
+        .route("/v1/vms/{name}/console/log", get(observe::console_log))
         .route("/v1/vms/{name}/migrate", post(migrate_vm))
         .route("/v1/vms/{name}/resize", post(resize_vm))
         .route("/v1/vms/{name}/{action}", post(vm_action))
@@ -82,6 +85,13 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
         .route("/v1/events", get(events))
+        .route("/v1/history", get(observe::history))
+        .route("/v1/ui", get(observe::ui_login))
+        .route("/metrics", get(observe::metrics))
+        .route("/", get(dashboard::to_index))
+        .route("/ui", get(dashboard::to_index))
+        .route("/ui/", get(dashboard::index))
+        .route("/ui/{file}", get(dashboard::asset))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/agent/register", post(register))
         .route("/v1/agent/hosts/{id}/desired", get(host_desired))
@@ -90,11 +100,13 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
             "/v1/agent/hosts/{id}/captures/{capture}",
             axum::routing::put(receive_capture).layer(DefaultBodyLimit::disable()),
         )
+        .route("/v1/agent/hosts/{id}/consoles", post(observe::host_consoles))
         .route("/v1/agent/images/{sha256}", get(image_file))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(ctl.clone(), auth))
         .layer(Extension(transport))
         .layer(Extension(OpenApiDoc(Arc::new(crate::openapi::document()))))
+        .layer(middleware::from_fn_with_state(ctl.clone(), observe::track))
         .with_state(ctl)
 }
 
@@ -121,6 +133,8 @@ async fn auth(
         let token = bearer(req.headers()).unwrap_or_default().to_string();
         let ok = if path == "/v1/agent/register" {
             true // checked by the handler (join token)
+        } else if dashboard_asset(&path) {
+            true // the dashboard's code: no data (the page then calls the API with the token)
         } else if let Some(rest) = path.strip_prefix("/v1/agent/hosts/") {
             let id = rest.split('/').next().unwrap_or_default().to_string();
             let check = {
@@ -154,6 +168,14 @@ async fn auth(
         }
     }
     next.run(req).await
+}
+
+/// The paths of the dashboard's own files, which a browser loads without a token.
+fn dashboard_asset(path: &str) -> bool {
+    matches!(path, "/" | "/ui" | "/ui/")
+        || path
+            .strip_prefix("/ui/")
+            .is_some_and(|f| !f.is_empty() && !f.contains('/'))
 }
 
 /// The answer to an agent whose host credential was refused: `401` with code

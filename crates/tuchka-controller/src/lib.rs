@@ -3,26 +3,36 @@
 //! state from it and push reports (see `tuchka_api::agent`), over the same HTTP API whether they
 //! run in this process (the local agent, over the unix socket) or on another machine.
 //!
-//! Modules, from the bottom up (none imports one above it): `error`, `state`, `snapshot`,
-//! `operations`, `scheduler`; one per resource — `images`, `networks`, `netrules`, `groups`,
-//! `vms`, `hosts`, `migrations`, `drain`, `balance`; the agent-facing `agents` and `desired`;
-//! the engine `progress`; then `handlers`, `openapi` and the routing table `api`.
+//! Modules, from the bottom up (none imports one above it): `error`; the in-memory stores
+//! `metrics`, `console_log`, `history`; `state`, `snapshot`, `operations`, `scheduler`,
+//! `consoles`; one per resource — `images`, `networks`, `netrules`, `groups`, `vms`, `hosts`,
+//! `migrations`, `drain`, `balance`; the agent-facing `agents` and `desired`; `monitoring`
+//! (scrapes, load history, counting finished operations); the engine `progress`; the web
+//! `dashboard`; then `handlers`, `observe` (metrics, history and console handlers), `openapi`
+//! and the routing table `api`.
 
 pub mod agents;
 pub mod api;
 pub mod balance;
 pub mod builds;
 pub mod captures;
+pub mod console_log;
+pub mod consoles;
+pub mod dashboard;
 pub mod desired;
 pub mod drain;
 pub mod error;
 pub mod groups;
 pub mod handlers;
+pub mod history;
 pub mod hosts;
 pub mod images;
+pub mod metrics;
 pub mod migrations;
+pub mod monitoring;
 pub mod netrules;
 pub mod networks;
+pub mod observe;
 pub mod openapi;
 pub mod operations;
 pub mod progress;

@@ -4,6 +4,7 @@
 use utoipa::OpenApi;
 
 use crate::handlers as api;
+use crate::observe;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -70,6 +71,11 @@ use crate::handlers as api;
         api::capture_image,
         api::build_image,
         api::receive_capture,
+        observe::metrics,
+        observe::history,
+        observe::console_log,
+        observe::host_consoles,
+        observe::ui_login,
     ),
     components(schemas(
         tuchka_api::ApiError,
@@ -152,6 +158,15 @@ use crate::handlers as api;
         tuchka_api::agent::OrphanKind,
         tuchka_api::agent::MigrationStatus,
         tuchka_api::agent::MigrationObserved,
+        tuchka_api::ConsoleLog,
+        tuchka_api::LoadHistory,
+        tuchka_api::HostHistory,
+        tuchka_api::LoadPoint,
+        tuchka_api::UiLogin,
+        tuchka_api::agent::ConsoleUpload,
+        tuchka_api::agent::ConsoleData,
+        tuchka_api::agent::ConsoleUploaded,
+        tuchka_api::agent::ConsoleNext,
     ))
 )]
 struct ApiDoc;

@@ -85,6 +85,7 @@ pub fn record(c: &Connection, op: &OpRow) -> Result<()> {
 
 /// After the transaction that recorded `op`: wake the agents, publish the start.
 pub fn announce(ctl: &Controller, op: &Operation) {
+    ctl.metrics().operation_started(&op.id);
     ctl.bump();
     ctl.emit(
         "operation.started",

@@ -101,6 +101,7 @@ fn try_progress(ctl: &Controller) -> Result<()> {
         ctl.bump();
     }
     for op in finished {
+        crate::monitoring::operation_finished(ctl, &op);
         ctl.emit(
             "operation.finished",
             &op.target,

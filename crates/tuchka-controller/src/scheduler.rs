@@ -7,6 +7,7 @@ use tuchka_core::placement::{self, GroupRequest, HostCapacity, Placement};
 use tuchka_store::{GroupRow, HostRow};
 
 use crate::error::{Error, Result};
+use crate::metrics::Purpose;
 use crate::snapshot::Snapshot;
 use crate::state::Controller;
 
@@ -81,12 +82,16 @@ pub fn request(s: &Snapshot, g: &GroupRow, count: u32, except: Option<&str>) -> 
 
 /// Place `count` new VMs of group `g`, all or none.
 pub fn place(ctl: &Controller, s: &Snapshot, g: &GroupRow, count: u32) -> Result<Vec<Placement>> {
-    placement::place_group(
+    let placed = placement::place_group(
         &capacities(s, ctl.config().disk_reserve),
         &request(s, g, count, None),
         &ctl.config().ratios,
-    )
-    .map_err(|e| Error::conflict("PlacementFailed", e.to_string()))
+    );
+    match &placed {
+        Ok(p) => ctl.metrics().placed(Purpose::Group, p.len()),
+        Err(_) => ctl.metrics().refused(Purpose::Group),
+    }
+    placed.map_err(|e| Error::conflict("PlacementFailed", e.to_string()))
 }
 
 /// A target for VM `vm_id` of group `g` now on host `source`: the same filters as placement
@@ -116,6 +121,7 @@ pub fn migration_target(
         candidates.push(capacity(s, h, ctl.config().disk_reserve));
     }
     if candidates.is_empty() && reasons.is_empty() {
+        ctl.metrics().refused(Purpose::Migration);
         return Err("there is no other host".into());
     }
     let mut req = request(s, g, 1, Some(vm_id));
@@ -128,8 +134,12 @@ pub fn migration_target(
         req.volume_mib = s.vm_volumes(vm_id).iter().map(|x| x.size_mib).sum();
     }
     match placement::place_group(&candidates, &req, &ctl.config().ratios) {
-        Ok(mut p) => p.pop().ok_or_else(|| "no placement".to_string()),
+        Ok(mut p) => {
+            ctl.metrics().placed(Purpose::Migration, 1);
+            p.pop().ok_or_else(|| "no placement".to_string())
+        }
         Err(e) => {
+            ctl.metrics().refused(Purpose::Migration);
             reasons.insert(0, e.detail);
             Err(reasons
                 .into_iter()

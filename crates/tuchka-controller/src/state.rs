@@ -1,5 +1,6 @@
-//! Shared controller state: the database, the desired-state generation, the event stream and
-//! the secrets: the API token (`<data-dir>/token`) and the join token.
+//! Shared controller state: the database, the desired-state generation, the event stream, the
+//! in-memory observations (metrics, console logs, load history) and the secrets: the API token
+//! (`<data-dir>/token`) and the join token.
 //!
 //! The join token admits new hosts over TCP. Its sha256 is in the database (meta row
 //! `join_token_sha256`, checked by [`Controller::join_token_matches`]); the token itself is kept
@@ -30,7 +31,7 @@ pub struct ControllerConfig {
     pub down_after: Duration,
     /// Overcommit ratios of the scheduler.
     pub ratios: Ratios,
-    /// Pool directory of the local agent, if there is one (serves `vm console`).
+    /// Pool directory of the local agent, if there is one.
     pub local_pool: Option<PathBuf>,
     /// Longest a long-poll for desired state waits.
     pub long_poll: Duration,
@@ -107,6 +108,9 @@ struct Inner {
     generation: watch::Sender<u64>,
     events: broadcast::Sender<Event>,
     event_seq: AtomicU64,
+    metrics: crate::metrics::Metrics,
+    consoles: crate::console_log::ConsoleLogs,
+    history: crate::history::LoadHistory,
 }
 
 impl Controller {
@@ -138,6 +142,9 @@ impl Controller {
                 generation,
                 events,
                 event_seq: AtomicU64::new(0),
+                metrics: Default::default(),
+                consoles: Default::default(),
+                history: Default::default(),
             }),
         };
         ctl.write_join_file()?;
@@ -244,6 +251,21 @@ impl Controller {
     /// Subscribe to events.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()
+    }
+
+    /// The event metrics (`/metrics`).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
+    }
+
+    /// The VMs' console logs as their agents shipped them.
+    pub fn consoles(&self) -> &crate::console_log::ConsoleLogs {
+        &self.inner.consoles
+    }
+
+    /// The hosts' load over the last hour.
+    pub fn history(&self) -> &crate::history::LoadHistory {
+        &self.inner.history
     }
 }
 

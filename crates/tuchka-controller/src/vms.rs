@@ -269,27 +269,10 @@ pub fn delete(ctl: &Controller, name: &str) -> Result<Operation> {
     })
 }
 
-/// The serial console log of a VM on the local host.
+/// The serial console log of a VM, as its host's agent shipped it (the last MiB; the same for
+/// a VM on any host, see [`crate::consoles`]).
 pub fn console(ctl: &Controller, name: &str) -> Result<String> {
-    let v = get(ctl, name)?;
-    let pool = ctl.config().local_pool.clone().ok_or_else(|| {
-        Error::conflict(
-            "ConsoleUnavailable",
-            format!(
-                "vm {name:?} runs on host {}; its console is on that host",
-                v.host
-            ),
-        )
-    })?;
-    let path = pool.join("vms").join(&v.id).join("console.log");
-    match std::fs::read(&path) {
-        Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-        Err(e) => Err(Error::internal(
-            format!("cannot read the console log of vm {name:?}"),
-            &e,
-        )),
-    }
+    crate::consoles::read(ctl, name, None).map(|l| l.text)
 }
 
 /// How a VM power or removal operation stands.
