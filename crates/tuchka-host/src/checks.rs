@@ -270,6 +270,8 @@ pub fn host_facts(
         disk_allocated_mib: usage.allocated_mib,
         disk_provisioned_mib: usage.provisioned_mib,
         image_cache_mib: usage.image_cache_mib,
+        // The agent fills it: the time of its last pass.
+        pass_ms: 0,
     })
 }
 
