@@ -69,8 +69,8 @@ pub fn spawn(storage: Arc<dyn Storage>, target: watch::Receiver<Target>) -> Ship
             let (client, host_id) = target.borrow().clone();
             let s = storage.clone();
             let positions = shipper.positions.clone();
-            let Ok(upload) = tokio::task::spawn_blocking(move || collect(s.as_ref(), &positions))
-                .await
+            let Ok(upload) =
+                tokio::task::spawn_blocking(move || collect(s.as_ref(), &positions)).await
             else {
                 continue;
             };

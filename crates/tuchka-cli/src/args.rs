@@ -118,6 +118,9 @@ pub enum Command {
     Volume(VolumeCmd),
     /// Disk space: every host's pool and the controller's image store.
     Storage,
+    /// Print a link that opens the web dashboard logged in (the token rides in the URL's
+    /// fragment, which browsers never send to a server).
+    Ui,
     /// Check that this machine can run tuchka (CPU flags, /dev/kvm, libvirt, tools).
     Check,
 }
@@ -556,10 +559,13 @@ pub enum VmCmd {
         #[arg(long)]
         wait: bool,
     },
-    /// Print the VM's serial console log.
+    /// Print the VM's serial console log (the last MiB; a VM on any host).
     Console {
         /// VM name.
         name: String,
+        /// Keep printing new lines as they come (Ctrl-C to stop).
+        #[arg(long, short = 'f')]
+        follow: bool,
     },
 }
 

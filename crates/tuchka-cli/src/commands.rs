@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
-use tuchka_api::{BalancePlan, BalanceStatus, Drain, HostDrain, VmMigrate};
+use tuchka_api::{BalancePlan, BalanceStatus, ConsoleLog, Drain, HostDrain, UiLogin, VmMigrate};
 use tuchka_api::{
     CachePrune, CachedImage, ImageBuild, ImageCapture, Storage, VmResize, Volume, VolumeAttach,
     VolumeCreate, VolumeResize,
@@ -121,6 +121,39 @@ pub async fn execute(ctx: &mut Ctx<'_>, cmd: Command) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Check => check(ctx).await,
+        Command::Ui => {
+            let login: UiLogin = ctx.client.get("/v1/ui").await?;
+            ctx.show(&login, render::ui_login)?;
+            Ok(if login.link.is_some() { 0 } else { 1 })
+        }
+    }
+}
+
+/// Longest a follower's long poll waits on the controller for new console text.
+const CONSOLE_WAIT_S: u64 = 20;
+
+/// Print VM `name`'s console log; with `follow`, keep printing what comes (long polls from
+/// the end of what was printed).
+async fn console(ctx: &mut Ctx<'_>, name: &str, follow: bool) -> anyhow::Result<()> {
+    let path = format!("{}/console/log", object("vms", name));
+    let mut log: ConsoleLog = ctx.client.get(&path).await?;
+    ctx.print(&log.text)?;
+    if !follow {
+        if !log.text.is_empty() && !log.text.ends_with('\n') {
+            ctx.print("\n")?;
+        }
+        return Ok(());
+    }
+    loop {
+        let next = format!("{path}?from={}&wait={CONSOLE_WAIT_S}", log.end);
+        log = ctx.client.get(&next).await?;
+        if log.missed > 0 {
+            ctx.eprint(&format!(
+                "[{} bytes of console output were not kept]\n",
+                log.missed
+            ));
+        }
+        ctx.print(&log.text)?;
     }
 }
 
@@ -423,15 +456,8 @@ async fn vm(ctx: &mut Ctx<'_>, cmd: VmCmd) -> anyhow::Result<i32> {
             ctx.show(&vm, render::vm_detail)?;
             return Ok(0);
         }
-        VmCmd::Console { name } => {
-            let mut text = ctx
-                .client
-                .get_text(&format!("{}/console", object("vms", &name)))
-                .await?;
-            if !text.is_empty() && !text.ends_with('\n') {
-                text.push('\n');
-            }
-            ctx.print(&text)?;
+        VmCmd::Console { name, follow } => {
+            console(ctx, &name, follow).await?;
             return Ok(0);
         }
         VmCmd::Stop {

@@ -6,7 +6,7 @@
 
 use tuchka_api::{
     CachePrune, CachedImage, CheckItem, Forward, Group, Host, Image, JoinToken, Network, Operation,
-    Rule, Storage, Vm, VmAddress, Volume,
+    Rule, Storage, UiLogin, Vm, VmAddress, Volume,
 };
 
 use crate::size::{format_bytes, format_mib};
@@ -224,6 +224,24 @@ fn volume_serial(id: &str) -> String {
 }
 
 /// `storage`: per host, then the controller's store.
+/// `tuchka ui`: the login link, or why there is none.
+pub fn ui_login(l: &UiLogin) -> String {
+    match (&l.link, &l.url) {
+        (Some(link), _) => {
+            let mut out = format!("{link}\n");
+            if let Some(fp) = &l.fingerprint {
+                out.push_str(&format!(
+                    "  the browser warns about the certificate: check its CA's sha256 is {fp}\n  \
+                     (or import <data-dir>/tls/ca.crt); the link carries the API token: keep it private\n"
+                ));
+            }
+            out
+        }
+        _ => "the dashboard is served on TCP only: start the controller with `tuchka serve --listen ADDR:PORT`\n"
+            .to_string(),
+    }
+}
+
 pub fn storage_view(s: &Storage) -> String {
     let rows: Vec<Vec<String>> = s
         .hosts

@@ -19,9 +19,9 @@ use axum::{Extension, Json, Router};
 use tuchka_api::ApiError;
 
 use crate::error::Error;
-use crate::{agents, dashboard, observe};
 use crate::handlers::*;
 use crate::state::Controller;
+use crate::{agents, dashboard, observe};
 
 pub use crate::handlers::Transport;
 
@@ -100,7 +100,10 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
             "/v1/agent/hosts/{id}/captures/{capture}",
             axum::routing::put(receive_capture).layer(DefaultBodyLimit::disable()),
         )
-        .route("/v1/agent/hosts/{id}/consoles", post(observe::host_consoles))
+        .route(
+            "/v1/agent/hosts/{id}/consoles",
+            post(observe::host_consoles),
+        )
         .route("/v1/agent/images/{sha256}", get(image_file))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(ctl.clone(), auth))

@@ -447,10 +447,14 @@ fn register_hosts(r: &mut Registry, hosts: &[HostFigures]) {
     );
     type Figure = fn(&HostFigures) -> f64;
     let figures: [(&str, &str, Figure); 15] = [
-        ("host_cpus", "Logical CPUs of the host", |h| f64::from(h.cpus)),
-        ("host_cpus_used", "vCPUs given to the VMs placed on the host", |h| {
-            f64::from(h.cpus_used)
+        ("host_cpus", "Logical CPUs of the host", |h| {
+            f64::from(h.cpus)
         }),
+        (
+            "host_cpus_used",
+            "vCPUs given to the VMs placed on the host",
+            |h| f64::from(h.cpus_used),
+        ),
         ("host_memory_bytes", "Memory of the host", |h| {
             h.memory_mib as f64 * MIB
         }),
@@ -600,7 +604,10 @@ mod tests {
             ("tuchka_migration_downtime_seconds_bucket{le=\"0.25\"}", 1.0),
             ("tuchka_migration_downtime_seconds_bucket{le=\"0.1\"}", 0.0),
             ("tuchka_scheduler_placements_total{purpose=\"group\"}", 3.0),
-            ("tuchka_scheduler_refusals_total{purpose=\"migration\"}", 1.0),
+            (
+                "tuchka_scheduler_refusals_total{purpose=\"migration\"}",
+                1.0,
+            ),
             ("tuchka_host_state{host=\"h2\",state=\"down\"}", 1.0),
             ("tuchka_host_state{host=\"h2\",state=\"up\"}", 0.0),
             ("tuchka_host_memory_bytes{host=\"h1\"}", 17179869184.0),

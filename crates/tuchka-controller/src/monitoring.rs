@@ -58,7 +58,10 @@ pub fn scrape(ctl: &Controller) -> Result<String> {
             networks: snap.networks.len(),
         }
     };
-    s.vms = crate::vms::list(ctl)?.into_iter().map(|v| v.state).collect();
+    s.vms = crate::vms::list(ctl)?
+        .into_iter()
+        .map(|v| v.state)
+        .collect();
     ctl.metrics().render(&s).map_err(|e| Error::Internal {
         message: "cannot encode the metrics".into(),
         chain: vec![e.to_string()],

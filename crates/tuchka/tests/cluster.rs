@@ -11,6 +11,8 @@
 #[path = "common/cluster.rs"]
 mod cluster;
 mod common;
+#[path = "common/metrics.rs"]
+mod metrics;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -216,6 +218,93 @@ fn three_hosts_one_cloud() {
         let cached = h["cached_images"].as_array().map(Vec::len).unwrap_or(0);
         assert_eq!(cached, 1, "{h}");
     }
+
+    // Consoles from any host: the controller has no agent of its own here, yet every VM's
+    // console reads through it; `--follow` shows a line the guest prints later (a disk resize).
+    let log = c.ok(&["vm", "console", "web-3"]).out.replace('\r', "");
+    assert!(
+        log.contains("TESTIMG-HOSTNAME web-3") && log.contains("TESTIMG-READY"),
+        "web-3's boot, shipped from host {}: {log}",
+        web_hosts["web-3"]
+    );
+    let followed = c.dir.join("follow.txt");
+    let mut follower = std::process::Command::new(common::bin())
+        .arg("--socket")
+        .arg(c.dir.join("tuchka.sock"))
+        .args(["vm", "console", "web-3", "--follow"])
+        .stdout(std::fs::File::create(&followed).expect("follow.txt"))
+        .spawn()
+        .expect("vm console --follow");
+    c.wait_for(
+        "--follow prints the log so far",
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&followed).is_ok_and(|t| t.contains("TESTIMG-READY")),
+    );
+    c.ok(&["vm", "resize", "web-3", "--disk", "512M", "--wait"]);
+    c.wait_for(
+        "--follow to show the guest's resize line",
+        Duration::from_secs(60),
+        || std::fs::read_to_string(&followed).is_ok_and(|t| t.contains("TESTIMG-DISK-RESIZE vda")),
+    );
+    follower.kill().expect("stop the follower");
+    let _ = follower.wait();
+
+    // Metrics over HTTPS: refused without the token; with it, Prometheus text whose figures
+    // are what `host list` and `vm list` say.
+    let url = format!("https://{}:7480/metrics", c.mh().controller_ip());
+    let curl = |token: Option<&str>| -> (String, String) {
+        let mut cmd = c.mh().fabric_command("curl");
+        cmd.args(["-sS", "-w", "\n%{http_code}", "--cacert"])
+            .arg(c.dir.join("tls/ca.crt"));
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        let out = cmd
+            .arg(&url)
+            .output()
+            .expect("curl in the fabric namespace");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+        (body.to_string(), code.trim().to_string())
+    };
+    let (_, code) = curl(None);
+    assert_eq!(code, "401", "/metrics without the token");
+    let token = std::fs::read_to_string(c.dir.join("token")).expect("token");
+    let (body, code) = curl(Some(token.trim()));
+    assert_eq!(code, "200", "{body}");
+    let m = metrics::parse(&body);
+    let (hosts, vms) = (c.hosts(), c.vms());
+    for h in &hosts {
+        let name = h["name"].as_str().unwrap_or_default();
+        assert_eq!(
+            m.get("tuchka_host_up", &[("host", name)]),
+            Some(1.0),
+            "{name}"
+        );
+        let placed = vms.iter().filter(|v| v["host"] == name).count() as f64;
+        assert_eq!(
+            m.get("tuchka_host_vms", &[("host", name)]),
+            Some(placed),
+            "{name}"
+        );
+        assert_eq!(
+            m.get("tuchka_host_cpus", &[("host", name)]),
+            h["cpus"].as_f64(),
+            "{name}"
+        );
+    }
+    let running = vms.iter().filter(|v| v["state"] == "running").count() as f64;
+    assert_eq!(m.get("tuchka_vms", &[("state", "running")]), Some(running));
+    assert!(
+        m.get("tuchka_scheduler_placements_total", &[("purpose", "group")])
+            .is_some_and(|n| n >= 11.0),
+        "the placements of web, iso and packed are counted"
+    );
+    assert!(
+        m.get("tuchka_scheduler_refusals_total", &[("purpose", "group")])
+            .is_some_and(|n| n >= 1.0),
+        "the anti-affinity refusal is counted"
+    );
 
     // Kill h2's agent: h2 goes down, its VMs show unknown but keep running, nothing new lands there.
     c.kill_agent("h2");
