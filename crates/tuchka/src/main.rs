@@ -2,8 +2,9 @@
 //! host agent, every other subcommand is the CLI client.
 
 mod serve;
+mod service;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -23,6 +24,10 @@ enum TopCmd {
     Serve(ServeArgs),
     /// Run a host agent that joins a controller.
     Agent(AgentArgs),
+    /// Print the shell completion script (bash, zsh or fish) on stdout.
+    Completions(service::CompletionsArgs),
+    /// Print the manual page (roff) on stdout, or write one per command with --dir.
+    Man(service::ManArgs),
     #[command(flatten)]
     Client(tuchka_cli::Command),
 }
@@ -178,6 +183,8 @@ fn main() {
         match top.command {
             TopCmd::Serve(args) => report(serve::serve(args).await),
             TopCmd::Agent(args) => report(serve::agent(args).await),
+            TopCmd::Completions(args) => report(service::completions(Top::command(), &args)),
+            TopCmd::Man(args) => report(service::man(Top::command(), &args)),
             TopCmd::Client(cmd) => match tuchka_cli::run_command(top.global, cmd).await {
                 Ok(code) => code,
                 Err(e) => {
