@@ -96,7 +96,10 @@ fn serve(i: usize, headers: &HeaderMap) -> Response {
     }
     (
         common,
-        [(header::CONTENT_TYPE, HeaderValue::from_static(a.content_type))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(a.content_type),
+        )],
         a.body,
     )
         .into_response()
