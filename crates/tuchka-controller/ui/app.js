@@ -150,8 +150,7 @@
   // ---- flash messages -----------------------------------------------------------------
   function flash(kind, title, err, extra) {
     const box = h('div', { id: 'flash-msg', class: 'msg ' + kind, role: kind === 'error' ? 'alert' : 'status', 'data-kind': kind },
-      err ? errorBlock(err, title) : h('strong', {}, title),
-      extra || null,
+      h('div', {}, err ? errorBlock(err, title) : h('strong', {}, title), extra || null),
       h('button', { type: 'button', class: 'quiet', id: 'flash-close', onclick: () => box.remove() }, 'Dismiss'));
     $('#flash').replaceChildren(box);
     if (kind === 'ok') setTimeout(() => box.remove(), 10000);
