@@ -134,10 +134,10 @@ async fn auth(
     if t == Transport::Tcp {
         let path = req.uri().path().to_string();
         let token = bearer(req.headers()).unwrap_or_default().to_string();
-        let ok = if path == "/v1/agent/register" {
-            true // checked by the handler (join token)
-        } else if dashboard_asset(&path) {
-            true // the dashboard's code: no data (the page then calls the API with the token)
+        // Registration is checked by its handler (the join token); the dashboard's own files
+        // hold no data (the page then calls the API with the token).
+        let ok = if path == "/v1/agent/register" || dashboard_asset(&path) {
+            true
         } else if let Some(rest) = path.strip_prefix("/v1/agent/hosts/") {
             let id = rest.split('/').next().unwrap_or_default().to_string();
             let check = {

@@ -1,9 +1,10 @@
 //! Controller load: 100 simulated agents (tasks in this process, no libvirt) register over the
 //! unix socket and heartbeat every 2 s (fetch their desired state, post a report). Measures the
-//! controller process's CPU use and RSS over 30 s.
+//! controller process's CPU use and RSS over 30 s, then the time of a `/metrics` scrape while
+//! they go on heartbeating (the scrape reads every host from the database).
 //!
 //! Run: `cargo bench -p tuchka --bench agents`. Environment: BENCH_AGENTS (default 100),
-//! BENCH_SECONDS (default 30).
+//! BENCH_SECONDS (default 30), BENCH_SCRAPES (default 20).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -120,6 +121,34 @@ async fn main() {
     let wall = w0.elapsed().as_secs_f64();
     let hz = 100.0; // USER_HZ on Linux
     let rss = rss_kib(pid);
+    let scrapes: usize = std::env::var("BENCH_SCRAPES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let scraper = Client::new(Endpoint::Unix(sock.clone()));
+    let scrape = |label: &'static str| {
+        let scraper = scraper.clone();
+        async move {
+            let mut times = vec![];
+            let mut bytes = 0;
+            for _ in 0..scrapes {
+                let t = Instant::now();
+                let text = scraper.get_text("/metrics").await.expect("scrape");
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+                bytes = text.len();
+            }
+            times.sort_by(f64::total_cmp);
+            let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+            println!(
+                "/metrics with {agents} hosts ({label}): {scrapes} scrapes, p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms, {:.0} KiB each",
+                at(0.5),
+                at(0.95),
+                at(1.0),
+                bytes as f64 / 1024.0
+            );
+        }
+    };
+    scrape("while they heartbeat").await;
     let up = Command::new(env!("CARGO_BIN_EXE_tuchka"))
         .args(["--socket"])
         .arg(&sock)
@@ -140,6 +169,7 @@ async fn main() {
     for t in tasks {
         t.abort();
     }
+    scrape("heartbeats stopped").await;
     let _ = Command::new("kill").arg(pid.to_string()).status();
     let _ = serve.wait();
     let _ = std::fs::remove_dir_all(&dir);

@@ -179,6 +179,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .context("TCP server failed")
         });
     }
+    // The hosts' load over the last hour, for the dashboard's charts.
+    tuchka_controller::monitoring::spawn_sampler(ctl.clone());
     let ticker = ctl.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));
