@@ -136,8 +136,15 @@ async fn stop_vm(
         .into_response()
 }
 
-async fn console() -> &'static str {
-    "tuchka-test-image ready\nlogin: "
+async fn console(Path(name): Path<String>) -> Json<tuchka_api::ConsoleLog> {
+    let text = "tuchka-test-image ready\nlogin: ".to_string();
+    Json(tuchka_api::ConsoleLog {
+        vm: name,
+        start: 0,
+        end: text.len() as u64,
+        text,
+        missed: 0,
+    })
 }
 
 async fn create_group(State(f): State<Fake>, Json(body): Json<GroupCreate>) -> Response {
@@ -219,7 +226,7 @@ async fn start() -> Server {
         .route("/v1/vms/{name}", get(show_vm))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
-        .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/console/log", get(console))
         .route("/v1/groups", post(create_group))
         .route("/v1/operations/{id}", get(get_op))
         .route("/v1/images", post(upload))

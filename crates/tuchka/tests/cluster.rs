@@ -314,6 +314,22 @@ fn three_hosts_one_cloud() {
             .is_some_and(|n| n >= 1.0),
         "the anti-affinity refusal is counted"
     );
+    assert!(
+        m.get(
+            "tuchka_operations_total",
+            &[("kind", "group.create"), ("result", "succeeded")]
+        )
+        .is_some_and(|n| n >= 3.0),
+        "web, iso and packed are counted as finished group.create operations"
+    );
+    assert!(
+        m.get(
+            "tuchka_api_requests_total",
+            &[("method", "GET"), ("route", "/v1/hosts"), ("status", "200")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "the `host list` calls are counted by route"
+    );
 
     // Kill h2's agent: h2 goes down, its VMs show unknown but keep running, nothing new lands there.
     c.kill_agent("h2");
