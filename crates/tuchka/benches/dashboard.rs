@@ -13,6 +13,8 @@
 
 #[path = "../tests/common/browser.rs"]
 mod browser;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

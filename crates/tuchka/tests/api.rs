@@ -36,18 +36,10 @@ fn request(dir: &Path, port: u16, method: &str, path: &str, token: Option<&str>)
     (status.trim().parse().expect("status"), body.to_string())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 #[test]
 fn tcp_needs_the_token_and_serves_the_committed_openapi() {
     let mut c = Cloud::start("api");
-    let port = free_port();
+    let port = common::free_port();
     c.stop_serve();
     c.spawn_serve(&["--accel", "tcg", "--listen", &format!("127.0.0.1:{port}")]);
     let token = std::fs::read_to_string(c.dir.join("token"))

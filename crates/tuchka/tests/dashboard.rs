@@ -18,14 +18,6 @@ use browser::Browser;
 use common::Cloud;
 use serde_json::{json, Value};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 fn cidr() -> String {
     let p = std::process::id();
     format!("10.{}.{}.0/24", 150 + p % 50, (p / 50 + 11) % 256)
@@ -62,7 +54,7 @@ fn the_dashboard_in_a_real_browser() {
     browser::require_browser();
     let image = common::test_image();
     let mut c = Cloud::start("dash");
-    let port = free_port();
+    let port = common::free_port();
     c.stop_serve();
     c.spawn_serve(&["--accel", "tcg", "--listen", &format!("127.0.0.1:{port}")]);
 

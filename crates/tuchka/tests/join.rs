@@ -15,14 +15,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// Kill `child` (SIGTERM, then SIGKILL) and reap it.
 fn stop(child: &mut Child) {
     if let Ok(Some(_)) = child.try_wait() {
@@ -75,7 +67,7 @@ impl Site {
         std::fs::create_dir_all(&dir).expect("data dir");
         let mut site = Site {
             dir,
-            port: free_port(),
+            port: common::free_port(),
             serve: None,
             agents: vec![],
         };

@@ -111,14 +111,6 @@ pub fn spki_pin(cert: &Path) -> String {
     base64_encode(&Sha256::digest(cert.tbs_certificate.subject_pki.raw))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// One HTTP/1.1 exchange with chromedriver: (status, body).
 fn http(
     port: u16,
@@ -204,7 +196,7 @@ impl Browser {
     /// `width`×`height` that trusts the server key whose certificate is `server_cert`.
     pub fn start(server_cert: &Path, width: u32, height: u32) -> Browser {
         let (chromium, chromedriver) = require_browser();
-        let port = free_port();
+        let port = crate::common::free_port();
         let driver = Command::new(&chromedriver)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -267,6 +259,13 @@ impl Browser {
 
     /// A WebDriver command; its `value`. Panics on a WebDriver error.
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.exchange(method, path, body);
+        assert!(status == 200, "chromedriver {method} {path}: {status} {v}");
+        v["value"].clone()
+    }
+
+    /// A WebDriver command: its status and whole answer (errors included).
+    fn exchange(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let body = body.or_else(|| (method == "POST").then(|| json!({})));
         let (status, raw) = http(self.port, method, path, body.as_ref())
             .unwrap_or_else(|e| panic!("chromedriver {method} {path}: {e}"));
@@ -276,8 +275,7 @@ impl Browser {
                 String::from_utf8_lossy(&raw)
             )
         });
-        assert!(status == 200, "chromedriver {method} {path}: {status} {v}");
-        v["value"].clone()
+        (status, v)
     }
 
     fn s(&self, rest: &str) -> String {
@@ -327,9 +325,23 @@ impl Browser {
     }
 
     /// Click the element matching `css` the way a user does (WebDriver element click).
+    /// The page redraws on every live event, so an element found a moment ago can be gone
+    /// (WebDriver's "stale element reference"): it is then found again by `css`.
     pub fn click(&self, css: &str) {
-        let e = self.wait_for(css, Duration::from_secs(10), "to click it");
-        self.call("POST", &self.s(&format!("/element/{e}/click")), None);
+        for _ in 0..10 {
+            let e = self.wait_for(css, Duration::from_secs(10), "to click it");
+            let path = self.s(&format!("/element/{e}/click"));
+            let (status, v) = self.exchange("POST", &path, None);
+            if status == 200 {
+                return;
+            }
+            assert!(
+                v["value"]["error"] == "stale element reference",
+                "chromedriver POST {path}: {status} {v}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("`{css}` was redrawn under every click");
     }
 
     /// Type `keys` into the focused element (WebDriver key codes work: `\u{e00c}` is Escape).

@@ -463,6 +463,15 @@ impl Drop for Tmpfs {
 }
 
 /// GET http://ip:port/ with short timeouts; the body, or None if it did not answer.
+/// A TCP port free on loopback now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 pub fn http_get(ip: Ipv4Addr, port: u16) -> Option<String> {
     let addr = SocketAddr::from((ip, port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
