@@ -923,11 +923,11 @@ fn converge_vm(
             break;
         }
         apply(parts, want, action, mem, mtus)?;
+        // Only this VM's domain: a listing of all after every action is O(N²) in a busy pass.
         domain = parts
             .hypervisor
-            .list()?
-            .into_iter()
-            .find(|d| d.vm_id == want.id);
+            .lookup(&want.domain)?
+            .filter(|d| d.vm_id == want.id);
         if matches!(action, Action::Shutdown | Action::Reboot) {
             break; // the guest acts on its own time
         }
@@ -1212,6 +1212,29 @@ mod tests {
             name: "web-0".into(),
             domain: "tk-0f2a6c1e-web-0".into(),
         }
+    }
+
+    #[test]
+    fn a_pass_lists_the_domains_once_however_many_vms_it_starts() {
+        let h = host();
+        let mut mem = Memory::default();
+        let vms: Vec<VmDesired> = (0..40)
+            .map(|i| {
+                let mut v = vm(PowerState::Running);
+                v.id = format!("3b0e8a52-5a1f-4c55-9a0e-1d2c3b4a{i:04}");
+                v.name = format!("web-{i}");
+                v.domain = format!("tk-0f2a6c1e-web-{i}");
+                v.nics[0].mac = format!("52:54:00:aa:{:02x}:{:02x}", i / 256, i % 256);
+                v.nics[0].tap = format!("tkvaa{:02x}{:02x}", i / 256, i % 256);
+                v
+            })
+            .collect();
+        let r = pass(&h, &desired(vms), &mut mem);
+        assert!(r.report.vms.iter().all(|v| v.state == VmState::Running));
+        // One listing for the pass; after each action only that VM's domain is looked up.
+        assert_eq!(h.hv.count("list"), 1, "{:?}", h.hv.calls());
+        assert_eq!(h.hv.count("start"), 40);
+        assert!(h.hv.count("lookup") <= 40 * 4, "{}", h.hv.count("lookup"));
     }
 
     #[test]

@@ -156,6 +156,27 @@ pub struct FakeDomain {
     pub guest_off: bool,
 }
 
+impl FakeDomain {
+    /// What the hypervisor shows of it under `name`.
+    fn info(&self, name: &str) -> DomainInfo {
+        let d = self;
+        DomainInfo {
+                name: name.to_string(),
+                vm_id: d.spec.vm_id.clone(),
+                state: d.state.clone(),
+                cpu_time_ns: 0,
+                paused_on_io_error: d.io_error && d.state == DomainState::Paused,
+                powered_off_by_guest: d.guest_off && d.state == DomainState::ShutOff,
+                vcpus: if d.state.is_active() && d.live_vcpus > 0 {
+                    d.live_vcpus
+                } else {
+                    d.spec.vcpus
+                },
+                memory_mib: d.spec.memory_mib,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct HvState {
     domains: BTreeMap<String, FakeDomain>,
@@ -285,24 +306,13 @@ impl Hypervisor for FakeHypervisor {
     fn list(&self) -> Result<Vec<DomainInfo>, HostError> {
         self.rec.call("list", "")?;
         let st = lock(&self.state);
-        Ok(st
-            .domains
-            .iter()
-            .map(|(name, d)| DomainInfo {
-                name: name.clone(),
-                vm_id: d.spec.vm_id.clone(),
-                state: d.state.clone(),
-                cpu_time_ns: 0,
-                paused_on_io_error: d.io_error && d.state == DomainState::Paused,
-                powered_off_by_guest: d.guest_off && d.state == DomainState::ShutOff,
-                vcpus: if d.state.is_active() && d.live_vcpus > 0 {
-                    d.live_vcpus
-                } else {
-                    d.spec.vcpus
-                },
-                memory_mib: d.spec.memory_mib,
-            })
-            .collect())
+        Ok(st.domains.iter().map(|(name, d)| d.info(name)).collect())
+    }
+
+    fn lookup(&self, name: &str) -> Result<Option<DomainInfo>, HostError> {
+        self.rec.call("lookup", name)?;
+        let st = lock(&self.state);
+        Ok(st.domains.get(name).map(|d| d.info(name)))
     }
 
     fn define(&self, spec: &DomainSpec) -> Result<(), HostError> {

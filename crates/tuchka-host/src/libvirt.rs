@@ -100,6 +100,10 @@ pub struct DomainInfo {
 pub trait Hypervisor: Send + Sync {
     /// Domains whose metadata names this cloud (running or not).
     fn list(&self) -> Result<Vec<DomainInfo>, HostError>;
+    /// Domain `name` of this cloud as [`Hypervisor::list`] would show it: a few libvirt calls
+    /// for one domain, not a listing of all (None when there is none of that name or it
+    /// belongs to no cloud or another one).
+    fn lookup(&self, name: &str) -> Result<Option<DomainInfo>, HostError>;
     /// Persistently define the domain; redefining updates its configuration (applied at the next
     /// start). Refuses when a domain of that name belongs to another cloud.
     fn define(&self, spec: &DomainSpec) -> Result<(), HostError>;
@@ -300,6 +304,33 @@ impl Libvirt {
     }
 
     /// Look up `name` and check it is ours. `Ok(None)` when no such domain exists.
+    /// What [`Hypervisor::list`] shows of `dom`: None when it is not this cloud's, or vanished
+    /// while it was read.
+    fn info_of(&self, dom: &Domain) -> Option<DomainInfo> {
+        let Ok(Some((cloud, vm_id))) = owner_of(dom) else {
+            return None;
+        };
+        if cloud != self.cloud_id {
+            return None;
+        }
+        let (Ok(name), Ok((state, reason))) = (dom.get_name(), dom.get_state()) else {
+            return None;
+        };
+        let info = dom.get_info().ok();
+        Some(DomainInfo {
+            name,
+            vm_id,
+            state: DomainState::from_libvirt(state),
+            cpu_time_ns: info.as_ref().map(|i| i.cpu_time).unwrap_or(0),
+            paused_on_io_error: state == sys::VIR_DOMAIN_PAUSED
+                && reason == sys::VIR_DOMAIN_PAUSED_IOERROR as i32,
+            powered_off_by_guest: state == sys::VIR_DOMAIN_SHUTOFF
+                && reason == sys::VIR_DOMAIN_SHUTOFF_SHUTDOWN as i32,
+            vcpus: info.as_ref().map(|i| i.nr_virt_cpu).unwrap_or(0),
+            memory_mib: info.as_ref().map(|i| i.max_mem / 1024).unwrap_or(0),
+        })
+    }
+
     fn lookup_own(&self, conn: &Connect, name: &str) -> Result<Option<Domain>, HostError> {
         check_name(name)?;
         let dom = match Domain::lookup_by_name(conn, name) {
@@ -403,34 +434,25 @@ impl Hypervisor for Libvirt {
                     action: "list domains",
                     source,
                 })?;
-            let mut out = Vec::new();
-            for dom in doms {
-                // Domains can vanish between the listing and these calls: skip them.
-                let Ok(Some((cloud, vm_id))) = owner_of(&dom) else {
-                    continue;
-                };
-                if cloud != self.cloud_id {
-                    continue;
-                }
-                let (Ok(name), Ok((state, reason))) = (dom.get_name(), dom.get_state()) else {
-                    continue;
-                };
-                let info = dom.get_info().ok();
-                out.push(DomainInfo {
-                    name,
-                    vm_id,
-                    state: DomainState::from_libvirt(state),
-                    cpu_time_ns: info.as_ref().map(|i| i.cpu_time).unwrap_or(0),
-                    paused_on_io_error: state == sys::VIR_DOMAIN_PAUSED
-                        && reason == sys::VIR_DOMAIN_PAUSED_IOERROR as i32,
-                    powered_off_by_guest: state == sys::VIR_DOMAIN_SHUTOFF
-                        && reason == sys::VIR_DOMAIN_SHUTOFF_SHUTDOWN as i32,
-                    vcpus: info.as_ref().map(|i| i.nr_virt_cpu).unwrap_or(0),
-                    memory_mib: info.as_ref().map(|i| i.max_mem / 1024).unwrap_or(0),
-                });
-            }
+            let mut out: Vec<DomainInfo> = doms
+                .iter()
+                .filter_map(|dom| self.info_of(dom))
+                .collect();
             out.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(out)
+        })
+    }
+
+    fn lookup(&self, name: &str) -> Result<Option<DomainInfo>, HostError> {
+        check_name(name)?;
+        self.with_conn(|conn| match Domain::lookup_by_name(conn, name) {
+            Ok(dom) => Ok(self.info_of(&dom)),
+            Err(e) if e.code() == ErrorNumber::NoDomain => Ok(None),
+            Err(source) => Err(HostError::Domain {
+                name: name.to_string(),
+                action: "look up",
+                source,
+            }),
         })
     }
 
