@@ -36,7 +36,12 @@ fn vm(i: usize) -> VmDesired {
         nics: vec![NicDesired {
             network: "lan".into(),
             bridge: "tk5000".into(),
-            mac: format!("52:54:00:{:02x}:{:02x}:{:02x}", i >> 16, (i >> 8) & 0xff, i & 0xff),
+            mac: format!(
+                "52:54:00:{:02x}:{:02x}:{:02x}",
+                i >> 16,
+                (i >> 8) & 0xff,
+                i & 0xff
+            ),
             ip: format!("10.80.{}.{}", i / 250, 2 + i % 250),
             tap: format!("tkv{:02x}{:02x}{:02x}", i >> 16, (i >> 8) & 0xff, i & 0xff),
         }],

@@ -161,18 +161,18 @@ impl FakeDomain {
     fn info(&self, name: &str) -> DomainInfo {
         let d = self;
         DomainInfo {
-                name: name.to_string(),
-                vm_id: d.spec.vm_id.clone(),
-                state: d.state.clone(),
-                cpu_time_ns: 0,
-                paused_on_io_error: d.io_error && d.state == DomainState::Paused,
-                powered_off_by_guest: d.guest_off && d.state == DomainState::ShutOff,
-                vcpus: if d.state.is_active() && d.live_vcpus > 0 {
-                    d.live_vcpus
-                } else {
-                    d.spec.vcpus
-                },
-                memory_mib: d.spec.memory_mib,
+            name: name.to_string(),
+            vm_id: d.spec.vm_id.clone(),
+            state: d.state.clone(),
+            cpu_time_ns: 0,
+            paused_on_io_error: d.io_error && d.state == DomainState::Paused,
+            powered_off_by_guest: d.guest_off && d.state == DomainState::ShutOff,
+            vcpus: if d.state.is_active() && d.live_vcpus > 0 {
+                d.live_vcpus
+            } else {
+                d.spec.vcpus
+            },
+            memory_mib: d.spec.memory_mib,
         }
     }
 }

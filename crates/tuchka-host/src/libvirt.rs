@@ -434,10 +434,8 @@ impl Hypervisor for Libvirt {
                     action: "list domains",
                     source,
                 })?;
-            let mut out: Vec<DomainInfo> = doms
-                .iter()
-                .filter_map(|dom| self.info_of(dom))
-                .collect();
+            let mut out: Vec<DomainInfo> =
+                doms.iter().filter_map(|dom| self.info_of(dom)).collect();
             out.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(out)
         })

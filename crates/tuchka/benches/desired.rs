@@ -1,8 +1,8 @@
 //! The controller's cost as the state grows: one host's desired state (what its agent
 //! long-polls after every change), `vm list` and `host list` for 10, 100 and 1,000 VMs on one
 //! network — built from a real SQLite file by the real controller code, called in-process (no
-//! HTTP), so the figure is the controller's own work per request. The VMs are made by a real
-//! `group create`; no agent runs (they stay `pending`, which costs the same to show).
+//! HTTP), so the figure is the controller's own work per request. The VMs are made by real
+//! `group create`s (of 100); no agent runs (they stay `pending`, which costs the same to show).
 //!
 //! Run: `cargo bench -p tuchka --bench desired`. Environment: BENCH_SIZES (default
 //! "10,100,1000"), BENCH_REPEAT (default 20).
@@ -98,26 +98,29 @@ fn main() {
             },
         )
         .expect("network");
-        tuchka_controller::groups::create(
-            &ctl,
-            GroupCreate {
-                name: "web".into(),
-                image: "tiny".into(),
-                count: n,
-                cpus: 1,
-                memory_mib: 64,
-                disk_mib: 1024,
-                networks: vec!["lan".into()],
-                user_data: None,
-                ssh_keys: vec![],
-                placement: None,
-                anti_affinity: false,
-                volume_size_mib: None,
-                keep_volumes: false,
-                max_cpus: None,
-            },
-        )
-        .expect("group");
+        // A group holds at most 100 VMs: groups of 100.
+        for k in 0..n.div_ceil(100) {
+            tuchka_controller::groups::create(
+                &ctl,
+                GroupCreate {
+                    name: format!("web{k}"),
+                    image: "tiny".into(),
+                    count: (n - 100 * k).min(100),
+                    cpus: 1,
+                    memory_mib: 64,
+                    disk_mib: 1024,
+                    networks: vec!["lan".into()],
+                    user_data: None,
+                    ssh_keys: vec![],
+                    placement: None,
+                    anti_affinity: false,
+                    volume_size_mib: None,
+                    keep_volumes: false,
+                    max_cpus: None,
+                },
+            )
+            .expect("group");
+        }
         let mut vms = 0;
         let desired = time(repeat, || {
             vms = tuchka_controller::desired::desired_for(&ctl, &reg.host_id, 0)

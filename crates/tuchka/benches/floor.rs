@@ -135,7 +135,10 @@ impl Floor {
             })
             .collect();
         for mut c in children {
-            assert!(c.wait().map(|s| s.success()).unwrap_or(false), "virsh create failed");
+            assert!(
+                c.wait().map(|s| s.success()).unwrap_or(false),
+                "virsh create failed"
+            );
         }
         t.elapsed()
     }
@@ -168,9 +171,22 @@ fn main() {
     // Overcommit so that N small VMs fit on this 2-core machine.
     let c = Cloud::start_with(
         "floor",
-        &["--accel", "tcg", "--cpu-overcommit", "64", "--memory-overcommit", "4"],
+        &[
+            "--accel",
+            "tcg",
+            "--cpu-overcommit",
+            "64",
+            "--memory-overcommit",
+            "4",
+        ],
     );
-    c.ok(&["image", "upload", image.to_str().expect("path"), "--name", "tiny"]);
+    c.ok(&[
+        "image",
+        "upload",
+        image.to_str().expect("path"),
+        "--name",
+        "tiny",
+    ]);
     let p = std::process::id();
     // A /22 holds 100 VMs and more.
     let cidr = format!("10.{}.{}.0/22", 100 + p % 50, ((p / 50) % 64) * 4);
