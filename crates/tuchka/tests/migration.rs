@@ -448,13 +448,7 @@ fn vms_move_between_hosts() {
         ])
         .json();
     assert_eq!(vol["host"], third.as_str(), "{vol}");
-    let serial: String = vol["id"]
-        .as_str()
-        .unwrap_or_default()
-        .chars()
-        .filter(|ch| *ch != '-')
-        .take(20)
-        .collect();
+    let serial = common::volume_serial(vol["id"].as_str().unwrap_or_default());
     t.c.ok(&["volume", "attach", "web-0-extra", "web-0", "--wait"]);
     let write = format!("cgi-bin/disk?id={serial}&op=write&mib=2&seed=11");
     assert_eq!(t.wait_get("web-0", &write), "written 2");
@@ -508,13 +502,7 @@ fn vms_move_between_hosts() {
         ])
         .json();
     assert_eq!(vol["host"], peer_host.as_str(), "{vol}");
-    let serial1: String = vol["id"]
-        .as_str()
-        .unwrap_or_default()
-        .chars()
-        .filter(|ch| *ch != '-')
-        .take(20)
-        .collect();
+    let serial1 = common::volume_serial(vol["id"].as_str().unwrap_or_default());
     t.c.ok(&["volume", "attach", "web-1-data", "web-1", "--wait"]);
     let write = format!("cgi-bin/disk?id={serial1}&op=write&mib=2&seed=12");
     assert_eq!(t.wait_get("web-1", &write), "written 2");

@@ -83,10 +83,6 @@ fn disks(ip: Ipv4Addr) -> Vec<(String, u64, String)> {
         .collect()
 }
 
-fn serial(volume_id: &str) -> String {
-    volume_id.chars().filter(|c| *c != '-').take(20).collect()
-}
-
 fn volume(c: &Cloud, name: &str) -> Value {
     c.ok(&["volume", "show", name, "-o", "json"]).json()
 }
@@ -167,7 +163,7 @@ fn disks_volumes_and_images_change_and_space_is_managed() {
         ])
         .json();
     assert_eq!(v["host"], c.host.as_str(), "{v}");
-    let sn = serial(v["id"].as_str().expect("id"));
+    let sn = common::volume_serial(v["id"].as_str().expect("id"));
     let t = Instant::now();
     c.ok(&["volume", "attach", "data1", "web-0", "--wait"]);
     c.wait_for(
@@ -265,7 +261,7 @@ fn disks_volumes_and_images_change_and_space_is_managed() {
         (Some("db-0"), Some("attached")),
         "{dv}"
     );
-    let dsn = serial(dv["id"].as_str().expect("id"));
+    let dsn = common::volume_serial(dv["id"].as_str().expect("id"));
     assert!(
         disks(db0).iter().any(|d| d.2 == dsn && d.1 == 32),
         "{:?}",

@@ -463,6 +463,12 @@ impl Drop for Tmpfs {
 }
 
 /// GET http://ip:port/ with short timeouts; the body, or None if it did not answer.
+/// The serial the guest sees on volume `id`'s disk (`/dev/disk/by-id/virtio-<serial>`): the
+/// id without dashes, its first 20 characters (docs/storage.md).
+pub fn volume_serial(id: &str) -> String {
+    id.chars().filter(|c| *c != '-').take(20).collect()
+}
+
 /// A TCP port free on loopback now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
