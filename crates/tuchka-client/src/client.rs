@@ -38,7 +38,11 @@ use crate::tls::{describe, find_rustls_error, normalize_fingerprint};
 /// Default path of the controller's unix socket.
 pub const DEFAULT_SOCKET: &str = "/var/lib/tuchka/tuchka.sock";
 
-/// How often [`Client::wait_operation`] polls.
+/// How long one long poll of [`Client::wait_operation`] asks the controller to hold.
+const OPERATION_WAIT_SECS: u64 = 20;
+
+/// The pause between polls when the controller answers at once with an unchanged operation (a
+/// controller that does not hold long polls).
 const OPERATION_POLL: Duration = Duration::from_millis(250);
 
 /// How long a TCP connect may take before it fails.
@@ -384,26 +388,41 @@ impl Client {
         Ok(written)
     }
 
-    /// Poll `GET /v1/operations/{id}` every ~250 ms until it is finished; `on_update` is called
-    /// with the first answer and on each change. Returns the finished operation, succeeded or
-    /// failed (check `state`).
+    /// Follow `GET /v1/operations/{id}` until it is finished, by long polls (`?wait=` with
+    /// `If-None-Match`: the controller answers as soon as the operation changes); `on_update` is
+    /// called with the first answer and on each change. Returns the finished operation,
+    /// succeeded or failed (check `state`).
     pub async fn wait_operation(
         &self,
         id: &str,
         mut on_update: impl FnMut(&Operation),
     ) -> Result<Operation, ClientError> {
-        let path = format!("/v1/operations/{}", segment(id));
-        let mut last: Option<Operation> = None;
+        let first = format!("/v1/operations/{}", segment(id));
+        let poll = format!("{first}?wait={OPERATION_WAIT_SECS}");
+        let mut last: Option<(Operation, Option<HeaderValue>)> = None;
         loop {
-            let op: Operation = self.get(&path).await?;
-            if last.as_ref() != Some(&op) {
+            let path = if last.is_some() { &poll } else { &first };
+            let mut req = self.request(Method::GET, path)?;
+            if let Some(etag) = last.as_ref().and_then(|(_, e)| e.clone()) {
+                req = req.header(header::IF_NONE_MATCH, etag);
+            }
+            let resp = self.execute(req, empty_body(), path).await?;
+            if resp.status() == StatusCode::NOT_MODIFIED {
+                continue;
+            }
+            let etag = resp.headers().get(header::ETAG).cloned();
+            let op: Operation = self.read_json(resp, path).await?;
+            let unchanged = last.as_ref().map(|(o, _)| o) == Some(&op);
+            if !unchanged {
                 on_update(&op);
             }
             if op.is_finished() {
                 return Ok(op);
             }
-            last = Some(op);
-            tokio::time::sleep(OPERATION_POLL).await;
+            if unchanged || etag.is_none() {
+                tokio::time::sleep(OPERATION_POLL).await;
+            }
+            last = Some((op, etag));
         }
     }
 

@@ -21,12 +21,13 @@ use tuchka_api::ApiError;
 use crate::error::Error;
 use crate::handlers::*;
 use crate::state::Controller;
-use crate::{agents, dashboard, observe};
+use crate::{agents, dashboard, desired, observe};
 
 pub use crate::handlers::Transport;
 
-/// The API router for one listener.
-pub fn router(ctl: Controller, transport: Transport) -> Router {
+/// The API router for one listener. `desired` is the controller's one cache of what hosts'
+/// desired states are built from (shared by all listeners).
+pub fn router(ctl: Controller, transport: Transport, desired: Arc<desired::Cache>) -> Router {
     Router::new()
         .route(
             "/v1/images",
@@ -108,6 +109,7 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(ctl.clone(), auth))
         .layer(Extension(transport))
+        .layer(Extension(desired))
         .layer(Extension(OpenApiDoc(Arc::new(crate::openapi::document()))))
         .layer(middleware::from_fn_with_state(ctl.clone(), observe::track))
         .with_state(ctl)

@@ -4,6 +4,8 @@
 //! Pure over the snapshot, linear in its size.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tuchka_api::agent::{
     CaptureDesired, CaptureStatus, DhcpHost, HostDesired, NetworkDesired, NicDesired, PeerHost,
@@ -22,25 +24,93 @@ pub const TENANT_MTU: u32 = 1450;
 /// UDP port of VXLAN between hosts.
 pub const VXLAN_PORT: u16 = 4789;
 
-/// Everything host `host_id` must converge to.
+/// Everything host `host_id` must converge to, read from the database now.
 pub fn desired_for(ctl: &Controller, host_id: &str, generation: u64) -> Result<HostDesired> {
-    let db = ctl.db();
-    let c = db.conn();
-    let s = ctl.snapshot(c)?;
-    if s.host(host_id).is_none() {
-        return Err(Error::not_found("host", "host", host_id));
+    let basis = Basis::load(ctl, generation)?;
+    basis.desired(ctl, host_id, generation)
+}
+
+/// How long a [`Basis`] serves long polls of its generation: changes that bump the generation
+/// replace it at once; the rest (a host's facts, a VM's observed state) at most this late.
+const BASIS_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// What every host's desired state is built from — the snapshot, the rule, forward and image
+/// cache rows, and the indexes over them — read once per generation and shared by all hosts'
+/// long polls: a change that wakes 1,000 hosts reads the state once, not 1,000 times.
+pub struct Basis {
+    generation: u64,
+    taken: Instant,
+    snapshot: Snapshot,
+    shared: Shared,
+    image_cache: HashMap<(String, String), i64>,
+}
+
+impl Basis {
+    /// Read it now, labelled with `generation` (read before the rows, so the rows are at least
+    /// as new as the label).
+    fn load(ctl: &Controller, generation: u64) -> Result<Basis> {
+        let db = ctl.db();
+        let c = db.conn();
+        let snapshot = ctl.snapshot(c)?;
+        let rules = tuchka_store::rules(c)?;
+        let forwards = tuchka_store::forwards(c)?;
+        let shared = Shared::new(&snapshot, &rules, &forwards);
+        Ok(Basis {
+            generation,
+            taken: Instant::now(),
+            snapshot,
+            shared,
+            image_cache: tuchka_store::image_cache(c)?,
+        })
     }
-    let rules = tuchka_store::rules(c)?;
-    let forwards = tuchka_store::forwards(c)?;
-    let mut d = build(&s, ctl.cloud_id(), host_id, generation, &rules, &forwards);
-    d.images = keep_images(
-        &s,
-        host_id,
-        &d,
-        &tuchka_store::image_cache(c)?,
-        ctl.config().image_cache_ttl.as_secs() as i64,
-    );
-    Ok(d)
+
+    /// The desired state of `host_id` from it.
+    fn desired(&self, ctl: &Controller, host_id: &str, generation: u64) -> Result<HostDesired> {
+        let s = &self.snapshot;
+        if s.host(host_id).is_none() {
+            return Err(Error::not_found("host", "host", host_id));
+        }
+        let mut d = build_shared(s, &self.shared, ctl.cloud_id(), host_id, generation);
+        d.images = keep_images(
+            s,
+            host_id,
+            &d,
+            &self.image_cache,
+            ctl.config().image_cache_ttl.as_secs() as i64,
+        );
+        Ok(d)
+    }
+}
+
+/// The [`Basis`] of the current generation, kept between long polls (one per controller).
+#[derive(Default)]
+pub struct Cache {
+    slot: Mutex<Option<Arc<Basis>>>,
+}
+
+impl Cache {
+    /// The desired state of `host_id`, from the cached basis when it is of the current
+    /// generation and young enough; labelled with the basis' generation (the rows are at
+    /// least as new).
+    pub fn desired_for(&self, ctl: &Controller, host_id: &str) -> Result<HostDesired> {
+        let current = ctl.generation();
+        let basis = {
+            // Held while loading: the other hosts woken by the same change wait for this read
+            // instead of each making its own.
+            let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+            match slot.as_ref() {
+                Some(b) if b.generation == current && b.taken.elapsed() < BASIS_MAX_AGE => {
+                    b.clone()
+                }
+                _ => {
+                    let b = Arc::new(Basis::load(ctl, current)?);
+                    *slot = Some(b.clone());
+                    b
+                }
+            }
+        };
+        basis.desired(ctl, host_id, basis.generation)
+    }
 }
 
 /// The cached images host `host_id` keeps: those its VMs use, and those of the cloud used there
@@ -142,7 +212,126 @@ pub fn build(
     rules: &[tuchka_store::RuleRow],
     forwards: &[tuchka_store::ForwardRow],
 ) -> HostDesired {
-    let live: Vec<&VmRow> = s.vms.iter().filter(|v| !v.deleting).collect();
+    build_shared(
+        s,
+        &Shared::new(s, rules, forwards),
+        cloud_id,
+        host_id,
+        generation,
+    )
+}
+
+/// What the desired states of all hosts share, computed once per snapshot: who runs what,
+/// which hosts each network spans, its DHCP reservations and resolved rules. With it one host's
+/// desired state costs time in its own VMs and networks, not in the whole cloud.
+pub struct Shared {
+    /// Live VMs (indexes into the snapshot's VMs) by the host that runs them or receives them.
+    vms_of: HashMap<String, Vec<usize>>,
+    /// VMs being deleted by host.
+    deleting_of: HashMap<String, Vec<usize>>,
+    /// Hosts with a NIC (a VM, or one arriving) on each network.
+    net_hosts: HashMap<String, HashSet<String>>,
+    /// DHCP reservations of each network, sorted.
+    dhcp: HashMap<String, Vec<DhcpHost>>,
+    /// Rules and forwards of each live network.
+    resolved: HashMap<String, crate::netrules::Resolved>,
+    /// Underlay address of each host.
+    addresses: HashMap<String, String>,
+    /// The cloud's images, sorted.
+    images: Vec<String>,
+}
+
+impl Shared {
+    /// Index `s` (linear in its size).
+    pub fn new(
+        s: &Snapshot,
+        rules: &[tuchka_store::RuleRow],
+        forwards: &[tuchka_store::ForwardRow],
+    ) -> Shared {
+        let mut vms_of: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut deleting_of: HashMap<String, Vec<usize>> = HashMap::new();
+        // Which hosts each live VM is on: where it is, and where it is going.
+        let mut hosts_of: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut names_by_id: HashMap<&str, &str> = HashMap::new();
+        for (i, v) in s.vms.iter().enumerate() {
+            if v.deleting {
+                deleting_of.entry(v.host_id.clone()).or_default().push(i);
+                continue;
+            }
+            let mut hs = vec![v.host_id.as_str()];
+            vms_of.entry(v.host_id.clone()).or_default().push(i);
+            if let Some(m) = s.migration_of(&v.id) {
+                if m.target_host != v.host_id {
+                    vms_of.entry(m.target_host.clone()).or_default().push(i);
+                    hs.push(m.target_host.as_str());
+                }
+            }
+            hosts_of.insert(v.id.as_str(), hs);
+            names_by_id.insert(v.id.as_str(), v.name.as_str());
+        }
+        let mut net_hosts: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut dhcp: HashMap<String, Vec<DhcpHost>> = HashMap::new();
+        for n in &s.nics {
+            for h in hosts_of.get(n.vm_id.as_str()).into_iter().flatten() {
+                net_hosts
+                    .entry(n.network.clone())
+                    .or_default()
+                    .insert(h.to_string());
+            }
+            if let Some(vm) = names_by_id.get(n.vm_id.as_str()) {
+                dhcp.entry(n.network.clone()).or_default().push(DhcpHost {
+                    mac: n.mac.clone(),
+                    ip: n.ip.clone(),
+                    name: vm.to_string(),
+                });
+            }
+        }
+        for hosts in dhcp.values_mut() {
+            hosts.sort();
+        }
+        let resolved = s
+            .networks
+            .iter()
+            .filter(|n| !n.deleting)
+            .map(|n| {
+                let r = crate::netrules::resolve(
+                    &n.name,
+                    rules,
+                    forwards,
+                    &s.nics,
+                    &s.vms,
+                    &s.networks,
+                );
+                (n.name.clone(), r)
+            })
+            .collect();
+        let mut images: Vec<String> = s.images.iter().map(|i| i.sha256.clone()).collect();
+        images.sort();
+        images.dedup();
+        Shared {
+            vms_of,
+            deleting_of,
+            net_hosts,
+            dhcp,
+            resolved,
+            addresses: s
+                .hosts
+                .iter()
+                .map(|h| (h.id.clone(), h.facts.address.clone()))
+                .collect(),
+            images,
+        }
+    }
+}
+
+/// The desired state of `host_id` from the snapshot and its [`Shared`] index (pure).
+pub fn build_shared(
+    s: &Snapshot,
+    sh: &Shared,
+    cloud_id: &str,
+    host_id: &str,
+    generation: u64,
+) -> HostDesired {
     let networks: HashMap<&str, &NetworkRow> = s
         .networks
         .iter()
@@ -150,16 +339,13 @@ pub fn build(
         .map(|n| (n.name.as_str(), n))
         .collect();
     // The VMs this host runs, and those migrating onto it.
-    let incoming: HashSet<&str> = s
-        .migrations
-        .iter()
-        .filter(|m| m.target_host == host_id)
-        .map(|m| m.vm_id.as_str())
-        .collect();
     let mut vms = vec![];
-    for v in live
-        .iter()
-        .filter(|v| v.host_id == host_id || incoming.contains(v.id.as_str()))
+    for v in sh
+        .vms_of
+        .get(host_id)
+        .into_iter()
+        .flatten()
+        .map(|&i| &s.vms[i])
     {
         let Some(d) = vm_desired(s, cloud_id, v, host_id, &networks) else {
             continue;
@@ -181,10 +367,12 @@ pub fn build(
         }
     }
 
-    let mut removals: Vec<VmRemoval> = s
-        .vms
-        .iter()
-        .filter(|v| v.deleting && v.host_id == host_id)
+    let mut removals: Vec<VmRemoval> = sh
+        .deleting_of
+        .get(host_id)
+        .into_iter()
+        .flatten()
+        .map(|&i| &s.vms[i])
         .map(|v| VmRemoval {
             id: v.id.clone(),
             name: v.name.clone(),
@@ -202,53 +390,13 @@ pub fn build(
             }),
     );
 
-    let addresses: HashMap<&str, &str> = s
-        .hosts
-        .iter()
-        .map(|h| (h.id.as_str(), h.facts.address.as_str()))
-        .collect();
-    // Which hosts have a NIC on which network: where VMs are, and where they are going.
-    let host_of: HashMap<&str, Vec<&str>> = live
-        .iter()
-        .map(|v| {
-            let mut hs = vec![v.host_id.as_str()];
-            if let Some(m) = s.migration_of(&v.id) {
-                hs.push(m.target_host.as_str());
-            }
-            (v.id.as_str(), hs)
-        })
-        .collect();
-    let mut net_hosts: HashMap<&str, HashSet<&str>> = HashMap::new();
-    for n in &s.nics {
-        for h in host_of.get(n.vm_id.as_str()).into_iter().flatten() {
-            net_hosts.entry(n.network.as_str()).or_default().insert(h);
-        }
-    }
-    let names_by_id: HashMap<&str, &str> = live
-        .iter()
-        .map(|v| (v.id.as_str(), v.name.as_str()))
-        .collect();
+    let empty = HashSet::new();
     let mut out_nets: Vec<NetworkDesired> = nets_here
         .iter()
         .filter_map(|name| networks.get(name))
         .map(|n| {
-            let mut hosts: Vec<DhcpHost> = s
-                .nics
-                .iter()
-                .filter(|x| x.network == n.name)
-                .filter_map(|x| {
-                    names_by_id.get(x.vm_id.as_str()).map(|vm| DhcpHost {
-                        mac: x.mac.clone(),
-                        ip: x.ip.clone(),
-                        name: vm.to_string(),
-                    })
-                })
-                .collect();
-            hosts.sort();
             let gateway_here = n.gateway_host.as_deref() == Some(host_id);
-            let r =
-                crate::netrules::resolve(&n.name, rules, forwards, &s.nics, &s.vms, &s.networks);
-            let empty = HashSet::new();
+            let r = sh.resolved.get(&n.name);
             NetworkDesired {
                 name: n.name.clone(),
                 vni: n.vni,
@@ -257,24 +405,24 @@ pub fn build(
                 gateway: crate::networks::gateway_of(n),
                 gateway_here,
                 mtu: TENANT_MTU,
-                hosts,
+                hosts: sh.dhcp.get(&n.name).cloned().unwrap_or_default(),
                 nat: n.nat,
-                ingress: r.ingress,
-                egress: r.egress,
-                forwards: if gateway_here { r.forwards } else { vec![] },
+                ingress: r.map(|r| r.ingress.clone()).unwrap_or_default(),
+                egress: r.map(|r| r.egress.clone()).unwrap_or_default(),
+                forwards: match r {
+                    Some(r) if gateway_here => r.forwards.clone(),
+                    _ => vec![],
+                },
                 vxlan: vxlan_for(
                     host_id,
                     n,
-                    net_hosts.get(n.name.as_str()).unwrap_or(&empty),
-                    &addresses,
+                    sh.net_hosts.get(n.name.as_str()).unwrap_or(&empty),
+                    &sh.addresses,
                 ),
             }
         })
         .collect();
     out_nets.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut images: Vec<String> = s.images.iter().map(|i| i.sha256.clone()).collect();
-    images.sort();
-    images.dedup();
     let peers = s
         .hosts
         .iter()
@@ -329,7 +477,7 @@ pub fn build(
         cloud_id: cloud_id.to_string(),
         vms,
         networks: out_nets,
-        images,
+        images: sh.images.clone(),
         removals,
         peers,
         volumes,
@@ -344,14 +492,14 @@ pub fn build(
 fn vxlan_for(
     host_id: &str,
     n: &NetworkRow,
-    hosts_with_nics: &HashSet<&str>,
-    addresses: &HashMap<&str, &str>,
+    hosts_with_nics: &HashSet<String>,
+    addresses: &HashMap<String, String>,
 ) -> Option<VxlanDesired> {
     let local = addresses
         .get(host_id)
         .filter(|a| !a.is_empty())?
         .to_string();
-    let mut hosts: HashSet<&str> = hosts_with_nics.clone();
+    let mut hosts: HashSet<&str> = hosts_with_nics.iter().map(String::as_str).collect();
     if let Some(g) = &n.gateway_host {
         hosts.insert(g);
     }
@@ -396,14 +544,15 @@ mod tests {
 
     #[test]
     fn vxlan_peers_are_the_other_hosts_of_the_network() {
-        let addrs: HashMap<&str, &str> = [
+        let addrs: HashMap<String, String> = [
             ("h1", "10.250.0.11"),
             ("h2", "10.250.0.12"),
             ("h3", "10.250.0.13"),
         ]
         .into_iter()
+        .map(|(h, a)| (h.to_string(), a.to_string()))
         .collect();
-        let on_app: HashSet<&str> = ["h2"].into_iter().collect();
+        let on_app: HashSet<String> = ["h2".to_string()].into_iter().collect();
         let v =
             vxlan_for("h2", &net("h1"), &on_app, &addrs).expect("h2 has a peer: the gateway h1");
         assert_eq!(v.local, "10.250.0.12");
@@ -417,7 +566,7 @@ mod tests {
             "alone on the network: no VXLAN"
         );
         let mut no_addr = addrs.clone();
-        no_addr.insert("h2", "");
+        no_addr.insert("h2".into(), String::new());
         assert_eq!(
             vxlan_for("h2", &net("h1"), &on_app, &no_addr),
             None,

@@ -463,15 +463,57 @@ pub async fn list_operations(State(ctl): State<Controller>) -> Result<Json<Vec<O
         .map(Json)
 }
 
-/// Show an operation.
-#[utoipa::path(get, path = "/v1/operations/{id}", responses((status = 200, body = Operation), (status = 404, body = ApiError)))]
+/// Query of `GET /v1/operations/{id}`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct OperationQuery {
+    /// Long poll: with `If-None-Match` set to the operation's last `ETag`, answer as soon as the
+    /// operation differs from it, or `304 Not Modified` after this many seconds (at most 60).
+    #[serde(default)]
+    pub wait: Option<u64>,
+}
+
+/// The longest an operation long poll waits.
+const OPERATION_WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// Show an operation; with `?wait=` and `If-None-Match`, once it changed (a long poll).
+#[utoipa::path(get, path = "/v1/operations/{id}", params(OperationQuery,
+    ("If-None-Match" = Option<String>, Header, description = "The ETag of the operation as last seen")),
+    responses((status = 200, body = Operation, headers(("ETag" = String, description = "Changes whenever the operation does"))),
+        (status = 304, description = "Unchanged until `wait` ran out"), (status = 404, body = ApiError)))]
 pub async fn get_operation(
     State(ctl): State<Controller>,
     Path(id): Path<String>,
-) -> Result<Json<Operation>> {
-    blocking(move || crate::operations::get(&ctl, &id))
-        .await
-        .map(Json)
+    Query(q): Query<OperationQuery>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let seen = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(OPERATION_WAIT_MAX);
+    let deadline = tokio::time::Instant::now() + wait;
+    // Subscribed before each read, so a commit between the read and the wait is not missed.
+    let mut commits = ctl.commits();
+    loop {
+        let (c, id) = (ctl.clone(), id.clone());
+        let op = blocking(move || crate::operations::get(&c, &id)).await?;
+        let etag = operation_etag(&op)?;
+        if seen.as_deref() != Some(etag.as_str()) {
+            return Ok(([(header::ETAG, etag)], Json(op)).into_response());
+        }
+        let changed = tokio::time::timeout_at(deadline, commits.changed()).await;
+        if !matches!(changed, Ok(Ok(()))) {
+            return Ok(([(header::ETAG, etag)], StatusCode::NOT_MODIFIED).into_response());
+        }
+    }
+}
+
+/// A strong ETag of an operation: a digest of what the client would see.
+fn operation_etag(op: &Operation) -> Result<String> {
+    let json =
+        serde_json::to_vec(op).map_err(|e| Error::internal("cannot encode an operation", &e))?;
+    let digest = tuchka_core::digest::sha256_hex(&json);
+    Ok(format!("\"{}\"", &digest[..16]))
 }
 
 /// Server-sent events: one `tuchka_api::Event` (JSON) per message.
@@ -548,11 +590,12 @@ pub struct DesiredQuery {
 #[utoipa::path(get, path = "/v1/agent/hosts/{id}/desired", params(DesiredQuery), responses((status = 200, body = HostDesired)))]
 pub async fn host_desired(
     State(ctl): State<Controller>,
+    Extension(cache): Extension<Arc<desired::Cache>>,
     Path(id): Path<String>,
     Query(q): Query<DesiredQuery>,
 ) -> Result<Json<HostDesired>> {
-    let generation = ctl.wait_generation(q.after, ctl.config().long_poll).await;
-    blocking(move || desired::desired_for(&ctl, &id, generation))
+    ctl.wait_generation(q.after, ctl.config().long_poll).await;
+    blocking(move || cache.desired_for(&ctl, &id))
         .await
         .map(Json)
 }

@@ -57,6 +57,20 @@ pub fn size_of(v: &VmRow, g: &GroupRow) -> Size {
     }
 }
 
+/// The rows a [`Snapshot`] is made of.
+struct Rows {
+    hosts: Vec<HostRow>,
+    groups: Vec<GroupRow>,
+    vms: Vec<VmRow>,
+    nics: Vec<NicRow>,
+    networks: Vec<NetworkRow>,
+    images: Vec<ImageRow>,
+    migrations: Vec<MigrationRow>,
+    removals: Vec<RemovalRow>,
+    volumes: Vec<VolumeRow>,
+    captures: Vec<CaptureRow>,
+}
+
 /// The state at one moment.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -92,14 +106,76 @@ pub struct Snapshot {
 impl Snapshot {
     /// Read everything (call inside a transaction for a consistent view across tables).
     pub fn load(c: &Connection, down_after_s: i64) -> Result<Snapshot> {
-        let hosts = db::hosts(c)?;
-        let groups: HashMap<String, GroupRow> = db::groups(c)?
-            .into_iter()
-            .map(|g| (g.name.clone(), g))
-            .collect();
-        let vms = db::vms(c)?;
-        let nics = db::nics(c)?;
-        let migrations = db::active_migrations(c)?;
+        Ok(Self::assemble(
+            Rows {
+                hosts: db::hosts(c)?,
+                groups: db::groups(c)?,
+                vms: db::vms(c)?,
+                nics: db::nics(c)?,
+                networks: db::networks(c)?,
+                images: db::images(c)?,
+                migrations: db::active_migrations(c)?,
+                removals: db::removals(c)?,
+                volumes: db::volumes(c)?,
+                captures: db::captures(c)?,
+            },
+            down_after_s,
+        ))
+    }
+
+    /// What the view of VM `name` needs, in a handful of indexed queries whatever the size of
+    /// the cloud: the VM, its group, NICs, volumes and migration, and the hosts they name. None
+    /// when there is no such VM. (Usage figures cover only this VM.)
+    pub fn load_vm(c: &Connection, name: &str, down_after_s: i64) -> Result<Option<Snapshot>> {
+        let Some(vm) = db::vm(c, name)? else {
+            return Ok(None);
+        };
+        let migrations = db::vm_active_migration(c, &vm.id)?.into_iter().collect::<Vec<_>>();
+        let mut host_ids = vec![vm.host_id.clone()];
+        for m in &migrations {
+            host_ids.extend([m.source_host.clone(), m.target_host.clone()]);
+        }
+        if let Some(m) = db::last_migration(c, &vm.id)? {
+            host_ids.extend([m.source_host, m.target_host]);
+        }
+        host_ids.sort();
+        host_ids.dedup();
+        let mut hosts = vec![];
+        for id in &host_ids {
+            hosts.extend(db::host(c, id)?);
+        }
+        Ok(Some(Self::assemble(
+            Rows {
+                hosts,
+                groups: db::group(c, &vm.group)?.into_iter().collect(),
+                nics: db::vm_nics(c, &vm.id)?,
+                volumes: db::vm_volumes(c, &vm.id)?,
+                vms: vec![vm],
+                networks: vec![],
+                images: vec![],
+                migrations,
+                removals: vec![],
+                captures: vec![],
+            },
+            down_after_s,
+        )))
+    }
+
+    fn assemble(r: Rows, down_after_s: i64) -> Snapshot {
+        let Rows {
+            hosts,
+            groups,
+            vms,
+            nics,
+            networks,
+            images,
+            migrations,
+            removals,
+            volumes,
+            captures,
+        } = r;
+        let groups: HashMap<String, GroupRow> =
+            groups.into_iter().map(|g| (g.name.clone(), g)).collect();
         let host_index = hosts
             .iter()
             .enumerate()
@@ -110,10 +186,6 @@ impl Snapshot {
             nics_of.entry(n.vm_id.clone()).or_default().push(i);
         }
         let mut usage: HashMap<String, Usage> = HashMap::new();
-        let vm_group: HashMap<&str, &str> = vms
-            .iter()
-            .map(|v| (v.id.as_str(), v.group.as_str()))
-            .collect();
         let vm_index: HashMap<&str, &VmRow> = vms.iter().map(|v| (v.id.as_str(), v)).collect();
         for v in &vms {
             if let Some(g) = groups.get(&v.group) {
@@ -124,46 +196,43 @@ impl Snapshot {
             }
         }
         for m in &migrations {
-            let vm = vm_index.get(m.vm_id.as_str());
-            if let (Some(v), Some(g)) = (
-                vm,
-                vm_group.get(m.vm_id.as_str()).and_then(|g| groups.get(*g)),
-            ) {
-                usage
-                    .entry(m.target_host.clone())
-                    .or_default()
-                    .add(size_of(v, g));
+            if let Some(v) = vm_index.get(m.vm_id.as_str()) {
+                if let Some(g) = groups.get(&v.group) {
+                    usage
+                        .entry(m.target_host.clone())
+                        .or_default()
+                        .add(size_of(v, g));
+                }
             }
         }
-        let volumes = db::volumes(c)?;
+        let moving: HashMap<&str, &str> = migrations
+            .iter()
+            .map(|m| (m.vm_id.as_str(), m.target_host.as_str()))
+            .collect();
         for v in &volumes {
             usage.entry(v.host_id.clone()).or_default().disk_mib += v.size_mib;
             // A volume moving with its VM holds its place on the target too.
-            if let Some(m) = v
-                .vm_id
-                .as_deref()
-                .and_then(|id| migrations.iter().find(|m| m.vm_id == id))
-            {
-                usage.entry(m.target_host.clone()).or_default().disk_mib += v.size_mib;
+            if let Some(target) = v.vm_id.as_deref().and_then(|id| moving.get(id)) {
+                usage.entry(target.to_string()).or_default().disk_mib += v.size_mib;
             }
         }
-        Ok(Snapshot {
+        Snapshot {
             now_unix: db::now_unix(),
             down_after_s,
             hosts,
             groups,
             vms,
             nics,
-            networks: db::networks(c)?,
-            images: db::images(c)?,
+            networks,
+            images,
             migrations,
-            removals: db::removals(c)?,
+            removals,
             volumes,
-            captures: db::captures(c)?,
+            captures,
             host_index,
             nics_of,
             usage,
-        })
+        }
     }
 
     /// The host with this id.

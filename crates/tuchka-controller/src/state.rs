@@ -106,6 +106,8 @@ struct Inner {
     api_token: String,
     join_token: Mutex<String>,
     generation: watch::Sender<u64>,
+    /// Bumped after every committed write transaction (operation long polls wait on it).
+    commits: watch::Sender<u64>,
     events: broadcast::Sender<Event>,
     event_seq: AtomicU64,
     metrics: crate::metrics::Metrics,
@@ -132,6 +134,9 @@ impl Controller {
             .unwrap_or(1);
         let (generation, _) = watch::channel(start);
         let (events, _) = broadcast::channel(1024);
+        let (commits, _) = watch::channel(0u64);
+        let notify = commits.clone();
+        store.set_on_commit(move || notify.send_modify(|n| *n = n.wrapping_add(1)));
         let ctl = Controller {
             inner: Arc::new(Inner {
                 config,
@@ -140,6 +145,7 @@ impl Controller {
                 api_token,
                 join_token: Mutex::new(join_token),
                 generation,
+                commits,
                 events,
                 event_seq: AtomicU64::new(0),
                 metrics: Default::default(),
@@ -232,6 +238,12 @@ impl Controller {
         let mut rx = self.inner.generation.subscribe();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|g| *g > after)).await;
         self.generation()
+    }
+
+    /// Something that changes after every committed write: a receiver's `changed()` wakes on
+    /// the next commit (long polls re-read what they watch then).
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.inner.commits.subscribe()
     }
 
     /// Publish an event.

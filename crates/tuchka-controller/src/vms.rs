@@ -92,12 +92,9 @@ pub fn list(ctl: &Controller) -> Result<Vec<Vm>> {
 pub fn get(ctl: &Controller, name: &str) -> Result<Vm> {
     let db = ctl.db();
     let c = db.conn();
-    let s = ctl.snapshot(c)?;
-    let v = s
-        .vms
-        .iter()
-        .find(|v| v.name == name)
+    let s = Snapshot::load_vm(c, name, ctl.config().down_after.as_secs() as i64)?
         .ok_or_else(|| Error::not_found("vm", "vm", name))?;
+    let v = &s.vms[0];
     view(ctl, &s, v, db::last_migration(c, &v.id)?.as_ref())
 }
 

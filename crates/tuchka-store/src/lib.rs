@@ -152,6 +152,7 @@ CREATE TABLE image_cache (
 /// The open database.
 pub struct Store {
     conn: Connection,
+    on_commit: Option<Box<dyn Fn() + Send>>,
 }
 
 impl Store {
@@ -185,12 +186,21 @@ impl Store {
             tx.pragma_update(None, "user_version", (i + 1) as i64)?;
             tx.commit()?;
         }
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            on_commit: None,
+        })
     }
 
     /// The connection, for reads.
     pub fn conn(&self) -> &Connection {
         &self.conn
+    }
+
+    /// Call `f` after every transaction [`Store::atomic`] commits (the controller wakes long
+    /// polls with it).
+    pub fn set_on_commit(&mut self, f: impl Fn() + Send + 'static) {
+        self.on_commit = Some(Box::new(f));
     }
 
     /// Run `f` in one IMMEDIATE transaction: all its writes land, or none.
@@ -204,6 +214,9 @@ impl Store {
             .map_err(StoreError::from)?;
         let out = f(&tx)?;
         tx.commit().map_err(StoreError::from)?;
+        if let Some(notify) = &self.on_commit {
+            notify();
+        }
         Ok(out)
     }
 

@@ -1036,6 +1036,16 @@ pub fn volumes(c: &Connection) -> Result<Vec<VolumeRow>> {
     )
 }
 
+/// The volumes of one VM (attached or to be attached), by name.
+pub fn vm_volumes(c: &Connection, vm_id: &str) -> Result<Vec<VolumeRow>> {
+    query_all(
+        c,
+        &format!("SELECT {VOLUME_COLS} FROM volumes WHERE vm_id = ?1 ORDER BY name"),
+        [vm_id],
+        volume_row,
+    )
+}
+
 /// One volume by name or id.
 pub fn volume(c: &Connection, name: &str) -> Result<Option<VolumeRow>> {
     Ok(c.query_row(
@@ -1473,6 +1483,17 @@ pub fn active_migrations(c: &Connection) -> Result<Vec<MigrationRow>> {
         "WHERE phase NOT IN ('done', 'failed') ORDER BY started_unix_ms, rowid",
         [],
     )
+}
+
+/// The migration under way of one VM, if any.
+pub fn vm_active_migration(c: &Connection, vm_id: &str) -> Result<Option<MigrationRow>> {
+    Ok(migrations_where(
+        c,
+        "WHERE vm_id = ?1 AND phase NOT IN ('done', 'failed')",
+        [vm_id],
+    )?
+    .into_iter()
+    .next())
 }
 
 /// One migration.

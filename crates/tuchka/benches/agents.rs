@@ -6,28 +6,19 @@
 //! Run: `cargo bench -p tuchka --bench agents`. Environment: BENCH_AGENTS (default 100),
 //! BENCH_SECONDS (default 30), BENCH_SCRAPES (default 20).
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tuchka_api::agent::{HostDesired, HostFacts, HostRegister, HostRegistered, HostReport};
+use support::{cpu_ticks, sim};
+use tuchka_api::agent::{HostDesired, HostReport};
 use tuchka_client::{Client, Endpoint};
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
+    support::status_kib(pid, "VmRSS:")
 }
 
 #[tokio::main]
@@ -69,36 +60,15 @@ async fn main() {
     for i in 0..agents {
         let client = Client::new(Endpoint::Unix(sock.clone()));
         tasks.push(tokio::spawn(async move {
-            let facts = HostFacts {
-                cpus: 32,
-                memory_mib: 131072,
-                disk_mib: 2_000_000,
-                disk_free_mib: 1_500_000,
-                accel: "kvm".into(),
-                accel_reason: "simulated".into(),
-                ..Default::default()
-            };
-            let reg: HostRegistered = client
-                .post(
-                    "/v1/agent/register",
-                    &HostRegister {
-                        name: format!("sim-{i}"),
-                        join_token: String::new(),
-                        facts: facts.clone(),
-                        identity: None,
-                        csr_pem: None,
-                    },
-                )
-                .await
-                .expect("register");
-            let client = client.with_token(Some(reg.credential));
+            let facts = sim::facts();
+            let (host_id, client) = sim::register(&client, &format!("sim-{i}"), "").await;
             // Spread the heartbeats over the 2 s period.
             tokio::time::sleep(Duration::from_millis((i as u64 * 2000) / 100)).await;
             let mut tick = tokio::time::interval(Duration::from_secs(2));
             loop {
                 tick.tick().await;
                 let d: HostDesired = client
-                    .get(&format!("/v1/agent/hosts/{}/desired?after=0", reg.host_id))
+                    .get(&format!("/v1/agent/hosts/{host_id}/desired?after=0"))
                     .await
                     .expect("desired");
                 let report = HostReport {
@@ -107,7 +77,7 @@ async fn main() {
                     ..Default::default()
                 };
                 client
-                    .post_empty(&format!("/v1/agent/hosts/{}/report", reg.host_id), &report)
+                    .post_empty(&format!("/v1/agent/hosts/{host_id}/report"), &report)
                     .await
                     .expect("report");
             }

@@ -147,7 +147,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let sock_inode = inode(&sock);
     tracing::info!(socket = %sock.display(), cloud = %ctl.cloud_id(), "tuchka controller listening");
     let mut servers = tokio::task::JoinSet::new();
-    let app = router(ctl.clone(), Transport::Unix);
+    let desired = std::sync::Arc::new(tuchka_controller::desired::Cache::default());
+    let app = router(ctl.clone(), Transport::Unix, desired.clone());
     servers.spawn(async move {
         axum::serve(unix, app)
             .with_graceful_shutdown(shutdown_signal())
@@ -171,7 +172,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 "join a host with: {command}"
             );
         }
-        let app = router(ctl.clone(), Transport::Tcp);
+        let app = router(ctl.clone(), Transport::Tcp, desired.clone());
         servers.spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown_signal())

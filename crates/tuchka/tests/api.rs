@@ -160,3 +160,67 @@ fn the_events_stream_reports_changes() {
         "{out}"
     );
 }
+
+/// `curl` on the unix socket with extra headers: (status, headers, body).
+fn unix_get(c: &Cloud, path: &str, headers: &[&str]) -> (u16, String, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-s", "-m", "30", "-D", "-", "--unix-socket"])
+        .arg(c.socket());
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+fn etag_of(head: &str) -> String {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("etag").then(|| v.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no ETag in {head}"))
+}
+
+#[test]
+fn an_operation_long_poll_answers_on_change_and_304_when_nothing_changed() {
+    let c = Cloud::start("oppoll");
+    let p = std::process::id();
+    let cidr = format!("10.{}.{}.0/24", 100 + p % 50, (p / 50 + 11) % 256);
+    let run = c.ok(&["net", "create", "pollnet", "--cidr", &cidr, "--wait", "-o", "json"]);
+    c.track_network("pollnet");
+    let op = run.json();
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let path = format!("/v1/operations/{}", op["id"].as_str().expect("id"));
+    let (status, head, body) = unix_get(&c, &path, &[]);
+    assert_eq!(status, 200, "{head}{body}");
+    let etag = etag_of(&head);
+    // A client that has seen this version waits; nothing changes, so it is told so.
+    let (status, head2, body) = unix_get(
+        &c,
+        &format!("{path}?wait=1"),
+        &[&format!("If-None-Match: {etag}")],
+    );
+    assert_eq!(status, 304, "{head2}{body}");
+    assert_eq!(etag_of(&head2), etag);
+    // A client with another version gets the operation at once.
+    let (status, _, body) = unix_get(
+        &c,
+        &format!("{path}?wait=20"),
+        &["If-None-Match: \"something-else\""],
+    );
+    assert_eq!(status, 200);
+    let again: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(again["id"], op["id"]);
+    c.ok(&["net", "rm", "pollnet", "--wait"]);
+}
