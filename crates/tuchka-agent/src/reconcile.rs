@@ -242,6 +242,7 @@ pub fn reconcile(
     let volume_errors = Mutex::new(volume_errors);
     // VMs converge independently, a few at a time: starting or destroying a domain takes
     // libvirt hundreds of milliseconds, mostly waiting on qemu.
+    let t_vms = Instant::now();
     let shared = Mutex::new(std::mem::take(mem));
     let mut report_vms: Vec<VmObserved> = parallel_map(&desired.vms, |want| {
         let domain = domains.get(&want.id);
@@ -290,6 +291,8 @@ pub fn reconcile(
         o
     });
     *mem = shared.into_inner().unwrap_or_else(|p| p.into_inner());
+    tracing::debug!(ms = t_vms.elapsed().as_millis() as u64, "TIMING vms");
+    let t_rest = Instant::now();
     let mut volume_errors = volume_errors
         .into_inner()
         .unwrap_or_else(|p| p.into_inner());
@@ -469,6 +472,7 @@ pub fn reconcile(
         });
     }
 
+    tracing::debug!(ms = t_rest.elapsed().as_millis() as u64, "TIMING rest");
     PassResult {
         report: HostReport {
             generation: desired.generation,
@@ -589,6 +593,7 @@ fn converge_one(
     };
     match result {
         Ok(now) => {
+            let t = Instant::now();
             let state_now = now.as_ref().map(|d| &d.state);
             let mut o = observed(&want.id, observed_state(want, state_now), None);
             o.domain = now.is_some();
@@ -598,6 +603,7 @@ fn converge_one(
                 o.resize_error = resize.map(|f| f.message);
                 describe(parts, want, d, &mut o);
             }
+            tracing::debug!(vm = %want.name, ms = t.elapsed().as_millis() as u64, "TIMING shape+describe");
             o
         }
         Err(f) => {
@@ -935,8 +941,9 @@ fn converge_vm(
     Ok(domain)
 }
 
-/// Workers per reconcile pass.
-const PARALLEL: usize = 4;
+/// Workers per reconcile pass: enough to start a group of ten at once, as bare `virsh create`
+/// processes would (the machine's floor); libvirt and qemu, not the agent, are the limit.
+const PARALLEL: usize = 16;
 
 /// `f` over `items` on up to [`PARALLEL`] threads; results in input order.
 fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {

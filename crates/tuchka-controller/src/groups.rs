@@ -41,12 +41,7 @@ fn view(s: &Snapshot, g: &GroupRow) -> tuchka_api::Group {
         disk_mib: g.disk_mib,
         networks: g.networks.clone(),
         placement: g.placement,
-        vms: s
-            .vms
-            .iter()
-            .filter(|v| v.group == g.name)
-            .map(|v| v.name.clone())
-            .collect(),
+        vms: s.vms_of_group(&g.name).map(|v| v.name.clone()).collect(),
         created_at: g.created_at.clone(),
     }
 }

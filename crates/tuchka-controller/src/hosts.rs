@@ -27,12 +27,7 @@ pub fn view(s: &Snapshot, h: &HostRow) -> Host {
         disk_mib: h.facts.disk_mib,
         disk_free_mib: h.facts.disk_free_mib,
         disk_provisioned_mib: u.disk_mib,
-        vms: s
-            .vms
-            .iter()
-            .filter(|v| v.host_id == h.id)
-            .map(|v| v.name.clone())
-            .collect(),
+        vms: s.vms_on(&h.id).map(|v| v.name.clone()).collect(),
         cached_images: h.cached_images.clone(),
         last_seen: h.last_seen.clone(),
         cpu_usage: h.facts.cpu_usage,

@@ -46,9 +46,8 @@ pub fn capacities(s: &Snapshot, reserve: f64) -> Vec<HostCapacity> {
 pub fn request(s: &Snapshot, g: &GroupRow, count: u32, except: Option<&str>) -> GroupRequest {
     let mut existing: BTreeMap<String, u32> = BTreeMap::new();
     for v in s
-        .vms
-        .iter()
-        .filter(|v| v.group == g.name && !v.deleting && Some(v.id.as_str()) != except)
+        .vms_of_group(&g.name)
+        .filter(|v| !v.deleting && Some(v.id.as_str()) != except)
     {
         *existing.entry(v.host_id.clone()).or_default() += 1;
     }

@@ -100,6 +100,8 @@ pub struct Snapshot {
     pub captures: Vec<CaptureRow>,
     host_index: HashMap<String, usize>,
     nics_of: HashMap<String, Vec<usize>>,
+    vms_on: HashMap<String, Vec<usize>>,
+    vms_of_group: HashMap<String, Vec<usize>>,
     usage: HashMap<String, Usage>,
 }
 
@@ -130,7 +132,9 @@ impl Snapshot {
         let Some(vm) = db::vm(c, name)? else {
             return Ok(None);
         };
-        let migrations = db::vm_active_migration(c, &vm.id)?.into_iter().collect::<Vec<_>>();
+        let migrations = db::vm_active_migration(c, &vm.id)?
+            .into_iter()
+            .collect::<Vec<_>>();
         let mut host_ids = vec![vm.host_id.clone()];
         for m in &migrations {
             host_ids.extend([m.source_host.clone(), m.target_host.clone()]);
@@ -185,6 +189,12 @@ impl Snapshot {
         for (i, n) in nics.iter().enumerate() {
             nics_of.entry(n.vm_id.clone()).or_default().push(i);
         }
+        let mut vms_on: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut vms_of_group: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, v) in vms.iter().enumerate() {
+            vms_on.entry(v.host_id.clone()).or_default().push(i);
+            vms_of_group.entry(v.group.clone()).or_default().push(i);
+        }
         let mut usage: HashMap<String, Usage> = HashMap::new();
         let vm_index: HashMap<&str, &VmRow> = vms.iter().map(|v| (v.id.as_str(), v)).collect();
         for v in &vms {
@@ -231,6 +241,8 @@ impl Snapshot {
             captures,
             host_index,
             nics_of,
+            vms_on,
+            vms_of_group,
             usage,
         }
     }
@@ -265,6 +277,24 @@ impl Snapshot {
     /// What is promised on host `id`.
     pub fn usage(&self, id: &str) -> Usage {
         self.usage.get(id).copied().unwrap_or_default()
+    }
+
+    /// The VMs placed on host `id`, in the snapshot's order.
+    pub fn vms_on(&self, id: &str) -> impl Iterator<Item = &VmRow> {
+        self.vms_on
+            .get(id)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.vms[i])
+    }
+
+    /// The VMs of group `name`, in the snapshot's order.
+    pub fn vms_of_group(&self, name: &str) -> impl Iterator<Item = &VmRow> {
+        self.vms_of_group
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.vms[i])
     }
 
     /// NICs of VM `id`, in order.

@@ -213,11 +213,17 @@ impl Drop for Conn {
     }
 }
 
+/// Connections to libvirtd, used in turn. libvirtd serves at most `max_client_requests`
+/// (default 5) calls of one connection at a time, so a pass that starts ten domains at once
+/// needs more than one.
+const CONNECTIONS: usize = 4;
+
 /// [`Hypervisor`] over libvirt.
 pub struct Libvirt {
     uri: String,
     cloud_id: String,
-    conn: Mutex<Option<Arc<Conn>>>,
+    conns: [Mutex<Option<Arc<Conn>>>; CONNECTIONS],
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Libvirt {
@@ -241,7 +247,8 @@ impl Libvirt {
         let lv = Libvirt {
             uri: uri.to_string(),
             cloud_id: cloud_id.to_string(),
-            conn: Mutex::new(None),
+            conns: Default::default(),
+            next: Default::default(),
         };
         lv.current()?;
         Ok(lv)
@@ -264,9 +271,10 @@ impl Libvirt {
             })
     }
 
-    /// The live connection, opening one if there is none or the old one died.
+    /// The next live connection in turn, opening one if there is none or the old one died.
     fn current(&self) -> Result<Arc<Conn>, HostError> {
-        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % CONNECTIONS;
+        let mut slot = self.conns[i].lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = slot.as_ref() {
             if c.0.is_alive().unwrap_or(false) {
                 return Ok(c.clone());
@@ -277,11 +285,13 @@ impl Libvirt {
         Ok(fresh)
     }
 
-    /// Forget `dead` (if it is still the current connection) so the next call reconnects.
+    /// Forget `dead` (wherever it is still in use) so the next call reconnects.
     fn forget(&self, dead: &Arc<Conn>) {
-        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, dead)) {
-            *slot = None;
+        for conn in &self.conns {
+            let mut slot = conn.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, dead)) {
+                *slot = None;
+            }
         }
     }
 

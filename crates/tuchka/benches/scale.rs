@@ -119,8 +119,9 @@ async fn main() {
     let vms: usize = env_or("BENCH_VMS", 10000);
     let clients: usize = env_or("BENCH_CLIENTS", 16);
     let seconds: u64 = env_or("BENCH_SECONDS", 10);
-    let image = std::env::var("TUCHKA_TEST_IMAGE")
-        .expect("TUCHKA_TEST_IMAGE: a qcow2 to upload (./scripts/test builds target/testimg/tiny.qcow2)");
+    let image = std::env::var("TUCHKA_TEST_IMAGE").expect(
+        "TUCHKA_TEST_IMAGE: a qcow2 to upload (./scripts/test builds target/testimg/tiny.qcow2)",
+    );
     let dir = PathBuf::from(format!("/var/tmp/tuchka-scale-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
@@ -140,7 +141,10 @@ async fn main() {
     let sock = serve.dir.join("tuchka.sock");
     let start = Instant::now();
     while !serve.dir.join("join.txt").exists() {
-        assert!(start.elapsed() < Duration::from_secs(30), "serve did not start");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "serve did not start"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let local = Client::new(Endpoint::Unix(sock));
@@ -153,11 +157,7 @@ async fn main() {
         token: Some(token.trim().to_string()),
     })
     .with_fingerprint(&fingerprint);
-    let agents = Client::new(Endpoint::Http {
-        url,
-        token: None,
-    })
-    .with_fingerprint(&fingerprint);
+    let agents = Client::new(Endpoint::Http { url, token: None }).with_fingerprint(&fingerprint);
     println!(
         "controller idle: RSS {:.1} MiB; {hosts} hosts, {vms} VMs, {clients} clients, {seconds} s per load",
         rss_mib(pid)
@@ -307,7 +307,11 @@ async fn main() {
     )
     .await;
     report(
-        &format!("vm list of {} (HTTPS, {} clients)", groups * per, clients.min(4)),
+        &format!(
+            "vm list of {} (HTTPS, {} clients)",
+            groups * per,
+            clients.min(4)
+        ),
         seconds,
         r,
     );
@@ -342,9 +346,7 @@ async fn main() {
                         },
                     )
                     .await;
-                let removed = u
-                    .delete::<Operation>(&format!("/v1/groups/{name}"))
-                    .await;
+                let removed = u.delete::<Operation>(&format!("/v1/groups/{name}")).await;
                 created.is_ok() && removed.is_ok()
             }
         }),
@@ -356,10 +358,7 @@ async fn main() {
         seconds,
         r,
     );
-    println!(
-        "  = {:.0} writes/s",
-        2.0 * pairs as f64 / seconds as f64
-    );
+    println!("  = {:.0} writes/s", 2.0 * pairs as f64 / seconds as f64);
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     // Fan-out: one rule on net-0.
@@ -367,7 +366,10 @@ async fn main() {
     for round in 0..3 {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let t0 = epoch.elapsed().as_nanos() as u64;
-        let before: Vec<u64> = seen.iter().map(|s| s.generation.load(Ordering::Relaxed)).collect();
+        let before: Vec<u64> = seen
+            .iter()
+            .map(|s| s.generation.load(Ordering::Relaxed))
+            .collect();
         let _: serde_json::Value = user
             .post(
                 "/v1/networks/net-0/rules",

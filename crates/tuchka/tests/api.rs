@@ -197,7 +197,9 @@ fn an_operation_long_poll_answers_on_change_and_304_when_nothing_changed() {
     let c = Cloud::start("oppoll");
     let p = std::process::id();
     let cidr = format!("10.{}.{}.0/24", 100 + p % 50, (p / 50 + 11) % 256);
-    let run = c.ok(&["net", "create", "pollnet", "--cidr", &cidr, "--wait", "-o", "json"]);
+    let run = c.ok(&[
+        "net", "create", "pollnet", "--cidr", &cidr, "--wait", "-o", "json",
+    ]);
     c.track_network("pollnet");
     let op = run.json();
     assert_eq!(op["state"], "succeeded", "{op}");
