@@ -5,8 +5,8 @@
 //! with no trailing whitespace.
 
 use tuchka_api::{
-    CachePrune, CachedImage, CheckItem, Forward, Group, Host, Image, JoinToken, Network, Operation,
-    Rule, Storage, UiLogin, Vm, VmAddress, Volume,
+    CachePrune, CachedImage, CheckItem, Forward, Group, Host, HostRemoved, Image, JoinToken,
+    Network, Operation, Rule, Storage, UiLogin, Vm, VmAddress, Volume,
 };
 
 use crate::size::{format_bytes, format_mib};
@@ -595,6 +595,40 @@ pub fn join_token(j: &JoinToken) -> String {
             j.token
         ),
     }
+}
+
+/// `host join-token`: what the token admits, and until when.
+pub fn join_token_note(j: &JoinToken) -> String {
+    let what = match (&j.host, j.single_use) {
+        (Some(h), _) => format!("admits host {h} again (with its VMs), once"),
+        (None, true) => "admits one new host".to_string(),
+        (None, false) => "admits new hosts".to_string(),
+    };
+    format!("# this join token {what} until {}\n", j.expires_at)
+}
+
+/// `host rm`.
+pub fn host_removed(r: &HostRemoved) -> String {
+    let mut out = format!(
+        "host {:?} removed: its identity is refused from now on (the machine joins again only as a new host)\n",
+        r.name
+    );
+    let list = |label: &str, items: &[String]| {
+        if items.is_empty() {
+            String::new()
+        } else {
+            format!("  {label}: {}\n", items.join(", "))
+        }
+    };
+    out += &list(
+        "lost VMs (remove them: tuchka vm rm / group rm)",
+        &r.lost_vms,
+    );
+    out += &list("removed VMs", &r.removed_vms);
+    out += &list("lost volumes", &r.lost_volumes);
+    out += &list("freed addresses", &r.freed_addresses);
+    out += &list("network gateways moved", &r.moved_gateways);
+    out
 }
 
 /// `host revoke`.

@@ -802,11 +802,18 @@ fn vms_move_between_hosts() {
             });
         }
     };
-    // Its identity lost (a reinstalled agent): it joins with the token under its name again.
+    // Its identity lost (a reinstalled agent): the join token alone does not let it take its
+    // name back; a token made for it does.
     t.c.kill_agent(&burn_host);
     std::fs::remove_dir_all(t.c.mh().dir().join(&burn_host).join("tuchka-pool/identity"))
         .expect("forget the identity");
-    t.c.start_agent(&burn_host);
+    let for_it = t.c.ok(&["host", "join-token", "--host", &burn_host]).out;
+    let for_it = for_it
+        .split_whitespace()
+        .nth(5)
+        .expect("the join command's token")
+        .to_string();
+    t.c.start_agent_with(&burn_host, &burn_host, &for_it);
     t.c.wait_for("the host joined again", Duration::from_secs(60), || {
         t.c.hosts()
             .iter()
