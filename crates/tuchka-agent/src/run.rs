@@ -120,7 +120,12 @@ fn fatal(e: &ClientError, registering: bool) -> Option<String> {
 fn refused(e: ClientError, registering: bool) -> Result<ClientError, AgentError> {
     match fatal(&e, registering) {
         Some(what) => {
-            tracing::error!(error = %e, "{what}; the agent stops");
+            // What else the controller refused on the way (e.g. why the identity did not do).
+            let because = e
+                .api_error()
+                .map(|a| a.chain.join("; "))
+                .unwrap_or_default();
+            tracing::error!(error = %e, because = %because, "{what}; the agent stops");
             Err(AgentError::Refused {
                 what,
                 source: Box::new(e),

@@ -500,8 +500,9 @@ fn fake_facts() -> Value {
     .expect("facts")
 }
 
-/// A host that speaks the agent protocol from the test (curl over HTTPS): it registers and
-/// reports every second that it has nothing, and dies when told to.
+/// A host that speaks the agent protocol from the test (curl over HTTPS): it registers, then
+/// every second reports the VMs it is asked to run as running (it runs nothing), and dies
+/// when told to.
 struct FakeHost {
     id: String,
     credential: String,
@@ -540,10 +541,25 @@ impl FakeHost {
         h
     }
 
-    /// One report (every second while alive): it has nothing of the cloud.
+    /// One pass (every second while alive): it runs every VM its desired state names (it
+    /// reports them `running`) and has nothing else (removals are done at once).
     fn report_at(dir: &Path, port: u16, id: &str, credential: &str) -> (u16, String) {
+        let desired_path = format!("/v1/agent/hosts/{id}/desired?after=0");
+        let (_, desired) = curl_at(dir, port, "GET", &desired_path, credential, None);
+        let desired: Value = serde_json::from_str(&desired).unwrap_or_default();
+        let vms: Vec<Value> = desired["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| {
+                serde_json::json!({
+                    "id": v["id"], "state": "running", "error": null, "reboot_seq": 0, "domain": true,
+                })
+            })
+            .collect();
         let report = serde_json::json!({
-            "generation": 0, "facts": fake_facts(), "vms": [], "networks": [], "cached_images": [],
+            "generation": desired["generation"].as_u64().unwrap_or(0), "facts": fake_facts(),
+            "vms": vms, "networks": [], "cached_images": [],
         });
         curl_at(
             dir,
@@ -706,11 +722,13 @@ fn removing_a_dead_host_frees_what_its_vms_held_and_its_identity_is_refused() {
     wait_for("ghost up", Duration::from_secs(30), || {
         site.host(&fp, "ghost").is_some_and(|h| h["state"] == "up")
     });
-    ok(&["net", "create", "app", "10.77.0.0/24"]);
+    ok(&["net", "create", "app", "--cidr", "10.77.0.0/24"]);
     ok(&[
-        "group", "create", "web", "--image", "tiny", "--count", "2", "--net", "app",
+        "group", "create", "web", "--image", "tiny", "--count", "2", "--net", "app", "--wait",
     ]);
-    ok(&["group", "create", "db", "--image", "tiny", "--net", "app"]);
+    ok(&[
+        "group", "create", "db", "--image", "tiny", "--net", "app", "--wait",
+    ]);
     let ip = |vm: &str| -> String {
         json_of(&tk(&["vm", "show", vm, "-o", "json"]))["addresses"][0]["ip"]
             .as_str()
