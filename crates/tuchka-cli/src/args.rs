@@ -784,6 +784,27 @@ mod tests {
     }
 
     #[test]
+    fn host_rm_and_join_token_options() {
+        let cli = parse(&["host", "rm", "h2", "--force"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Host(HostCmd::Rm { ref name, force: true }) if name == "h2"
+        ));
+        let cli = parse(&["host", "join-token", "--ttl", "24h", "--single-use"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Host(HostCmd::JoinToken {
+                ttl: Some(86400),
+                single_use: true,
+                rotate: false,
+                host: None
+            })
+        ));
+        assert!(parse(&["host", "join-token", "--ttl", "soon"]).is_err());
+        assert!(parse(&["host", "join-token", "--rotate", "--host", "h2"]).is_err());
+    }
+
+    #[test]
     fn unknown_output_format_is_refused() {
         assert!(parse(&["vm", "list", "-o", "yaml"]).is_err());
     }

@@ -1132,6 +1132,39 @@ mod tests {
     }
 
     #[test]
+    fn host_rm_says_what_was_lost_and_freed() {
+        let r = HostRemoved {
+            name: "h2".into(),
+            id: "id".into(),
+            lost_vms: vec!["db-0".into()],
+            removed_vms: vec!["web-0".into(), "web-1".into()],
+            lost_volumes: vec![],
+            freed_addresses: vec!["app/10.0.0.2".into()],
+            moved_gateways: vec![],
+        };
+        assert_eq!(
+            host_removed(&r),
+            "host \"h2\" removed: its identity is refused from now on (the machine joins again only as a new host)\n  \
+             lost VMs (remove them: tuchka vm rm / group rm): db-0\n  removed VMs: web-0, web-1\n  \
+             freed addresses: app/10.0.0.2\n"
+        );
+        let j = JoinToken {
+            token: "t".into(),
+            url: Some("https://x:1".into()),
+            fingerprint: Some("f".into()),
+            command: Some("tuchka agent …".into()),
+            expires_at: "2026-12-02T08:00:00Z".into(),
+            single_use: true,
+            host: None,
+        };
+        assert_eq!(join_token(&j), "tuchka agent …\n");
+        assert_eq!(
+            join_token_note(&j),
+            "# this join token admits one new host until 2026-12-02T08:00:00Z\n"
+        );
+    }
+
+    #[test]
     fn host_table_shows_usage_against_capacity() {
         let h = Host {
             name: "h1".into(),
