@@ -650,6 +650,33 @@ fn a_second_machine_with_a_hosts_name_is_refused_and_tokens_expire_or_are_used_u
     assert!(site.host(&fp, &name).is_none());
     stop(&mut site.agents[again]);
 
+    // Reinstalled (its identity lost): a fresh join token does not give it its name back; a
+    // token made for that host does, as the same host.
+    std::fs::remove_dir_all(site.dir.join("pool/identity")).expect("reinstalled");
+    let r = site.tk(Some(&fp), &["host", "join-token", "-o", "json"]);
+    let fresh = json_of(&r)["token"].as_str().expect("token").to_string();
+    let lost = site.spawn_agent(&renamed, &fresh, &fp);
+    assert!(!site.agent_exit(lost, Duration::from_secs(60)).success());
+    let log = site.agent_log(lost);
+    assert!(
+        log.contains(&format!("join-token --host {renamed}")),
+        "{log}"
+    );
+    let r = site.tk(Some(&fp), &["host", "join-token", "--host", &renamed]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(
+        r.err.contains(&format!("admits host {renamed} again")),
+        "{}",
+        r.err
+    );
+    let for_it = r.out.split_whitespace().nth(5).expect("token").to_string();
+    let back = site.spawn_agent(&renamed, &for_it, &fp);
+    wait_for("the reinstalled host up", Duration::from_secs(60), || {
+        host_up(&site, &renamed)
+    });
+    assert_eq!(site.host(&fp, &renamed).expect("host")["id"], id);
+    stop(&mut site.agents[back]);
+
     // An expired token is refused, and says so.
     let r = site.tk(
         Some(&fp),
