@@ -256,7 +256,7 @@ pub fn register(ctl: &Controller, req: HostRegister, trusted: bool) -> Result<Ho
                 let token =
                     check_join_token(c, &req.join_token, &req.name, db::now_unix(), why.as_deref())?;
                 let again = match (&token.host_id, other) {
-                    (Some(bound), _) => Some(db::host(c, bound)?.ok_or_else(|| {
+                    (Some(made_for), _) => Some(db::host(c, made_for)?.ok_or_else(|| {
                         Error::Refused {
                             code: "Unauthorized",
                             message: format!(
