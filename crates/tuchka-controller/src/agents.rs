@@ -779,6 +779,37 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_hosts_identity_is_refused_for_good_and_its_name_is_free() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let ctl = ctl(&tmp);
+        let t = ctl.join_info().token;
+        let reg = register(&ctl, req("edge-1", &t, None), false).expect("join");
+        // Up without VMs: removed without --force.
+        let out = crate::hosts::remove(&ctl, "edge-1", false).expect("rm");
+        assert_eq!((out.name.as_str(), out.lost_vms.len()), ("edge-1", 0));
+        assert!(crate::hosts::get(&ctl, "edge-1").is_err());
+        assert!(matches!(
+            authenticate_host(&ctl, &reg.host_id, &reg.credential),
+            Err(HostAuthError::Removed(ref n)) if n == "edge-1"
+        ));
+        assert!(authenticate_any_host(&ctl, &reg.credential).is_err());
+        let id = HostIdentity {
+            host_id: reg.host_id.clone(),
+            credential: reg.credential.clone(),
+        };
+        for token in ["", t.as_str()] {
+            let e =
+                register(&ctl, req("edge-1", token, Some(id.clone())), false).expect_err("removed");
+            assert_eq!(e.code(), tuchka_api::CODE_HOST_REMOVED, "{e}");
+            assert!(e.to_string().contains("delete <pool>/identity/"), "{e}");
+        }
+        // As a new machine (no identity) it is a new host under the free name.
+        let new = register(&ctl, req("edge-1", &t, None), false).expect("a new host");
+        assert_ne!(new.host_id, reg.host_id);
+        assert!(crate::hosts::remove(&ctl, "nope", true).is_err());
+    }
+
+    #[test]
     fn with_a_local_agent_the_unix_socket_admits_only_the_controllers_own_host() {
         let tmp = tempfile::tempdir().expect("tmp");
         let mut config = crate::ControllerConfig::new(tmp.path().to_path_buf());
