@@ -2,10 +2,14 @@
 //! reconcile, report (with the pass's duration). Survives controller restarts (it retries and
 //! re-registers). Beside it, [`crate::console`] ships the VMs' console logs.
 //!
-//! It stops (with [`AgentError::Refused`]) instead of retrying when retrying cannot help: the
-//! controller refused the join token or the host name, the host was revoked (`401` with code
-//! [`tuchka_api::CODE_HOST_REVOKED`]: it never retries with that credential), or TLS failed
-//! (a certificate fingerprint that does not match, a bad URL).
+//! It stops (with [`AgentError::Refused`], and the process exits non-zero) instead of retrying
+//! when retrying cannot help: the controller refused the join token (unknown, expired, used
+//! up) or the host name (`409`: another host has it), the host was revoked or removed (`401`
+//! with code [`tuchka_api::CODE_HOST_REVOKED`] or [`tuchka_api::CODE_HOST_REMOVED`]: it never
+//! retries with that credential), or TLS failed (a certificate fingerprint that does not
+//! match, a bad URL). A credential refused later (another host has the name now) makes it
+//! register again with its identity, which the controller then refuses the same way: an agent
+//! that cannot act never keeps running looking healthy, and its host goes `down`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -96,6 +100,13 @@ fn fatal(e: &ClientError, registering: bool) -> Option<String> {
             "the controller revoked this host (start the agent again with a join token to rejoin)"
                 .into(),
         ),
+        ClientError::Api { error, .. } if error.code == tuchka_api::CODE_HOST_REMOVED => Some(
+            "the controller removed this host (tuchka host rm); to join this machine again as a new host, delete <pool>/identity/ and start the agent with a new join token"
+                .into(),
+        ),
+        ClientError::Api { status: 409, .. } if registering => {
+            Some("the controller refused to register this host".into())
+        }
         ClientError::Api { status: 401, .. } if registering => {
             Some("the controller refused to register this host".into())
         }
@@ -109,7 +120,12 @@ fn fatal(e: &ClientError, registering: bool) -> Option<String> {
 fn refused(e: ClientError, registering: bool) -> Result<ClientError, AgentError> {
     match fatal(&e, registering) {
         Some(what) => {
-            tracing::error!(error = %e, "{what}; the agent stops");
+            // What else the controller refused on the way (e.g. why the identity did not do).
+            let because = e
+                .api_error()
+                .map(|a| a.chain.join("; "))
+                .unwrap_or_default();
+            tracing::error!(error = %e, because = %because, "{what}; the agent stops");
             Err(AgentError::Refused {
                 what,
                 source: Box::new(e),
@@ -559,6 +575,12 @@ mod tests {
         // A revoked host stops wherever it hears so.
         let revoked = fatal(&api(401, tuchka_api::CODE_HOST_REVOKED), false);
         assert!(revoked.expect("fatal").contains("revoked"));
+        // So does a removed one; a name another host has, or an expired token, stop joining.
+        let removed = fatal(&api(401, tuchka_api::CODE_HOST_REMOVED), false);
+        assert!(removed.expect("fatal").contains("removed"));
+        assert!(fatal(&api(409, tuchka_api::CODE_HOST_NAME_TAKEN), true).is_some());
+        assert!(fatal(&api(401, "JoinTokenExpired"), true).is_some());
+        assert!(fatal(&api(409, "VmMigrating"), false).is_none());
         // TLS failures (a wrong fingerprint) stop; an unreachable controller is retried.
         let tls = ClientError::Tls {
             endpoint: "https://x:1".into(),

@@ -106,7 +106,37 @@ pub struct ApiError {
 /// its credential is refused for good; only a new join with a join token admits it again.
 pub const CODE_HOST_REVOKED: &str = "HostRevoked";
 
-/// How a new host joins this cloud (`GET /v1/join-token`, `POST` rotates the token).
+/// [`ApiError::code`] of a `401` to an agent whose host was removed (`tuchka host rm`): its
+/// identity is refused for good, even with a join token; the machine joins again only as a new
+/// host (its `<pool>/identity/` deleted, a valid join token given).
+pub const CODE_HOST_REMOVED: &str = "HostRemoved";
+
+/// [`ApiError::code`] of a `409` to a registration under the name of another host (without
+/// that host's identity).
+pub const CODE_HOST_NAME_TAKEN: &str = "HostNameTaken";
+
+/// A new join token (`POST /v1/join-tokens`, `tuchka host join-token`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenCreate {
+    /// How long it admits hosts, seconds (1 ..= 30 days); default 3600.
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+    /// It admits one host only: the first registration with it uses it up.
+    #[serde(default)]
+    pub single_use: bool,
+    /// Refuse every other join token from now on, and make this one the token of
+    /// `<data-dir>/join.txt`.
+    #[serde(default)]
+    pub rotate: bool,
+    /// It admits only the existing host of this name (one that lost its identity, e.g. a
+    /// reinstalled machine), which keeps its id and VMs; implies `single_use`.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// How a new host joins this cloud: a join token, made by `POST /v1/join-tokens` (shown once:
+/// the controller keeps only its sha256) or at the start of `serve --listen`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct JoinToken {
     /// The join token an agent presents to `POST /v1/agent/register` over TCP.
@@ -117,6 +147,43 @@ pub struct JoinToken {
     pub fingerprint: Option<String>,
     /// The command to run on the new host; absent without `--listen`.
     pub command: Option<String>,
+    /// When it stops admitting hosts (RFC 3339).
+    pub expires_at: String,
+    /// It admits one host only.
+    pub single_use: bool,
+    /// The existing host it admits again, if it is bound to one.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// What `DELETE /v1/hosts/{name}` did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct HostRemoved {
+    /// The host's name.
+    pub name: String,
+    /// Its id (refused from now on).
+    pub id: String,
+    /// Its VMs that are now `lost` (their addresses freed).
+    pub lost_vms: Vec<String>,
+    /// Its VMs whose removal waited on it, now removed.
+    pub removed_vms: Vec<String>,
+    /// Its volumes, gone with it.
+    pub lost_volumes: Vec<String>,
+    /// Addresses freed.
+    pub freed_addresses: Vec<String>,
+    /// Networks whose gateway it was, and the host that took the role (or none).
+    pub moved_gateways: Vec<String>,
+}
+
+/// Query of `DELETE /v1/hosts/{name}`.
+#[derive(
+    Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq, utoipa::IntoParams,
+)]
+#[serde(deny_unknown_fields)]
+pub struct HostRemove {
+    /// Remove a host that is down with VMs on it: they become `lost`.
+    #[serde(default)]
+    pub force: bool,
 }
 
 wire_enum! {
@@ -138,6 +205,9 @@ wire_enum! {
         Error = "error",
         /// Its host stopped reporting; the last known state is not current.
         Unknown = "unknown",
+        /// Its host was removed (`host rm --force`): the VM is gone with it and its
+        /// addresses are free; `vm rm` or `group rm` removes its record.
+        Lost = "lost",
     }
 }
 

@@ -580,17 +580,41 @@ pub enum HostCmd {
         /// Host name.
         name: String,
     },
-    /// Print the command that joins a new host (agent) to this cloud.
+    /// Make a join token and print the command that joins a new host (agent) with it. Only its
+    /// sha256 is kept: it is shown this once. It expires; registering under the name of an
+    /// existing host is refused with any token.
     JoinToken {
-        /// Replace the join token first: the old one stops admitting hosts.
+        /// How long it admits hosts, e.g. 10m, 1h, 24h (at most 30 days) [default: 1h].
+        #[arg(long, value_parser = parse_duration_arg, value_name = "DURATION")]
+        ttl: Option<u32>,
+        /// It admits one host only: the first registration uses it up.
+        #[arg(long)]
+        single_use: bool,
+        /// Refuse every other join token from now on (the one in <data-dir>/join.txt too);
+        /// this one replaces it there.
         #[arg(long)]
         rotate: bool,
+        /// For the existing host NAME that lost its identity (a reinstalled machine): it joins
+        /// again as that host, with its VMs. Single-use.
+        #[arg(long, value_name = "NAME", conflicts_with = "rotate")]
+        host: Option<String>,
     },
     /// Revoke a host: its agent's credential is refused from now on (it may join again only
-    /// with a join token; rotate it with `host join-token --rotate` to keep the host out).
+    /// with a valid join token; rotate them with `host join-token --rotate` to keep it out).
     Revoke {
         /// Host name.
         name: String,
+    },
+    /// Remove a host from the cloud: refused while it is up with VMs (drain it first). Its
+    /// identity is refused from then on: the machine joins again only as a new host.
+    #[command(visible_alias = "remove")]
+    Rm {
+        /// Host name.
+        name: String,
+        /// For a host that is gone (down) with VMs: they become `lost`, their addresses are
+        /// freed, and the deletions they hold up (group rm, net rm, image rm) complete.
+        #[arg(long)]
+        force: bool,
     },
     /// Drain a host: no new VMs are placed on it, and every VM on it moves off (live if it
     /// runs or is paused, cold if stopped), spread over the other hosts.
@@ -757,6 +781,27 @@ mod tests {
         assert_eq!(cli.global.url.as_deref(), Some("http://h:1"));
         assert_eq!(cli.global.token.as_deref(), Some("t"));
         assert!(matches!(cli.command, Command::Host(HostCmd::List)));
+    }
+
+    #[test]
+    fn host_rm_and_join_token_options() {
+        let cli = parse(&["host", "rm", "h2", "--force"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Host(HostCmd::Rm { ref name, force: true }) if name == "h2"
+        ));
+        let cli = parse(&["host", "join-token", "--ttl", "24h", "--single-use"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Host(HostCmd::JoinToken {
+                ttl: Some(86400),
+                single_use: true,
+                rotate: false,
+                host: None
+            })
+        ));
+        assert!(parse(&["host", "join-token", "--ttl", "soon"]).is_err());
+        assert!(parse(&["host", "join-token", "--rotate", "--host", "h2"]).is_err());
     }
 
     #[test]

@@ -19,8 +19,9 @@ use tuchka_api::{
     VolumeCreate, VolumeResize,
 };
 use tuchka_api::{
-    CheckItem, Forward, ForwardCreate, Group, GroupCreate, GroupScale, Host, Image, JoinToken,
-    Network, NetworkCreate, Operation, OperationState, Rule, RuleCreate, Vm, VmStop,
+    CheckItem, Forward, ForwardCreate, Group, GroupCreate, GroupScale, Host, HostRemoved, Image,
+    JoinToken, JoinTokenCreate, Network, NetworkCreate, Operation, OperationState, Rule,
+    RuleCreate, Vm, VmStop,
 };
 use tuchka_client::{segment, Client, Endpoint, DEFAULT_SOCKET};
 
@@ -519,13 +520,33 @@ async fn host(ctx: &mut Ctx<'_>, cmd: HostCmd) -> anyhow::Result<i32> {
             let h: Host = ctx.client.get(&object("hosts", &name)).await?;
             ctx.show(&h, render::host_detail)?;
         }
-        HostCmd::JoinToken { rotate } => {
-            let join: JoinToken = if rotate {
-                ctx.client.post_no_body("/v1/join-token").await?
-            } else {
-                ctx.client.get("/v1/join-token").await?
+        HostCmd::JoinToken {
+            ttl,
+            single_use,
+            rotate,
+            host,
+        } => {
+            let req = JoinTokenCreate {
+                ttl_s: ttl.map(u64::from),
+                single_use,
+                rotate,
+                host,
             };
+            let join: JoinToken = ctx.client.post("/v1/join-tokens", &req).await?;
+            if ctx.output == Output::Table {
+                // The command alone on stdout (for scripts); what it admits on stderr.
+                eprint!("{}", render::join_token_note(&join));
+            }
             ctx.show(&join, render::join_token)?;
+        }
+        HostCmd::Rm { name, force } => {
+            let path = format!(
+                "{}{}",
+                object("hosts", &name),
+                if force { "?force=true" } else { "" }
+            );
+            let r: HostRemoved = ctx.client.delete(&path).await?;
+            ctx.show(&r, render::host_removed)?;
         }
         HostCmd::Drain {
             name,

@@ -5,8 +5,8 @@
 //! with no trailing whitespace.
 
 use tuchka_api::{
-    CachePrune, CachedImage, CheckItem, Forward, Group, Host, Image, JoinToken, Network, Operation,
-    Rule, Storage, UiLogin, Vm, VmAddress, Volume,
+    CachePrune, CachedImage, CheckItem, Forward, Group, Host, HostRemoved, Image, JoinToken,
+    Network, Operation, Rule, Storage, UiLogin, Vm, VmAddress, Volume,
 };
 
 use crate::size::{format_bytes, format_mib};
@@ -597,6 +597,40 @@ pub fn join_token(j: &JoinToken) -> String {
     }
 }
 
+/// `host join-token`: what the token admits, and until when.
+pub fn join_token_note(j: &JoinToken) -> String {
+    let what = match (&j.host, j.single_use) {
+        (Some(h), _) => format!("admits host {h} again (with its VMs), once"),
+        (None, true) => "admits one new host".to_string(),
+        (None, false) => "admits new hosts".to_string(),
+    };
+    format!("# this join token {what} until {}\n", j.expires_at)
+}
+
+/// `host rm`.
+pub fn host_removed(r: &HostRemoved) -> String {
+    let mut out = format!(
+        "host {:?} removed: its identity is refused from now on (the machine joins again only as a new host)\n",
+        r.name
+    );
+    let list = |label: &str, items: &[String]| {
+        if items.is_empty() {
+            String::new()
+        } else {
+            format!("  {label}: {}\n", items.join(", "))
+        }
+    };
+    out += &list(
+        "lost VMs (remove them: tuchka vm rm / group rm)",
+        &r.lost_vms,
+    );
+    out += &list("removed VMs", &r.removed_vms);
+    out += &list("lost volumes", &r.lost_volumes);
+    out += &list("freed addresses", &r.freed_addresses);
+    out += &list("network gateways moved", &r.moved_gateways);
+    out
+}
+
 /// `host revoke`.
 pub fn host_revoked(h: &Host) -> String {
     format!(
@@ -1094,6 +1128,39 @@ mod tests {
         assert_eq!(
             operation_started(&failed),
             "operation op-1 started: vm.start vm/web-0\nfollow it with: tuchka op wait op-1\n"
+        );
+    }
+
+    #[test]
+    fn host_rm_says_what_was_lost_and_freed() {
+        let r = HostRemoved {
+            name: "h2".into(),
+            id: "id".into(),
+            lost_vms: vec!["db-0".into()],
+            removed_vms: vec!["web-0".into(), "web-1".into()],
+            lost_volumes: vec![],
+            freed_addresses: vec!["app/10.0.0.2".into()],
+            moved_gateways: vec![],
+        };
+        assert_eq!(
+            host_removed(&r),
+            "host \"h2\" removed: its identity is refused from now on (the machine joins again only as a new host)\n  \
+             lost VMs (remove them: tuchka vm rm / group rm): db-0\n  removed VMs: web-0, web-1\n  \
+             freed addresses: app/10.0.0.2\n"
+        );
+        let j = JoinToken {
+            token: "t".into(),
+            url: Some("https://x:1".into()),
+            fingerprint: Some("f".into()),
+            command: Some("tuchka agent …".into()),
+            expires_at: "2026-12-02T08:00:00Z".into(),
+            single_use: true,
+            host: None,
+        };
+        assert_eq!(join_token(&j), "tuchka agent …\n");
+        assert_eq!(
+            join_token_note(&j),
+            "# this join token admits one new host until 2026-12-02T08:00:00Z\n"
         );
     }
 

@@ -1,23 +1,42 @@
 //! The agent side of the controller: registration, authentication, and applying what a host
 //! reports. (What a host must converge to is [`crate::desired`].)
 //!
-//! Trust: an agent on the unix socket is trusted. Over TCP, a first registration needs the join
-//! token; it answers a fresh per-host credential, whose sha256 is stored, and every other agent
-//! call must carry it ([`authenticate_host`]). An agent keeps its identity (host id and
-//! credential) in its data directory and registers again with it — also under a new name — so a
-//! renamed host is the same host with the same VMs. [`crate::hosts::revoke`] makes a host's
-//! credential refused for good; only a new registration with a join token admits it again.
+//! Trust: a host is who its **identity** says (host id and credential, kept by the agent in
+//! `<pool>/identity/` since its first join). It registers again with it — after a restart, or
+//! under a new name (the same host with the same VMs) — and every other agent call carries the
+//! credential ([`authenticate_host`]). Without a valid identity:
+//! - over TCP, the agent needs a join token ([`check_join_token`]: not expired, not used up if
+//!   single-use) and gets a new host, under a name no other host has (`409 HostNameTaken`
+//!   otherwise: a name is never taken over). Two ways back for an existing host: a revoked
+//!   host that still has its identity joins again with a token; a host that lost its identity
+//!   joins with a token bound to it (`host join-token --host NAME`). Both keep the host's id
+//!   and VMs and get a new credential.
+//! - on the unix socket (the controller's own machine) no token is needed. With a local agent
+//!   (`serve` without `--no-local-agent`) the socket is that agent's: it is the controller's
+//!   own host (its id in meta row `local_host_id`), which may come back without its identity,
+//!   but never another host, and agent calls there are for that host only. Without one, the
+//!   socket admits new hosts (tests, benchmarks), but never under a name that exists.
+//!
+//! A refused registration changes nothing. [`crate::hosts::revoke`] makes a host's credential
+//! refused until it joins again with a token; [`crate::hosts::remove`] forgets the host: its
+//! identity is refused for good (`401 HostRemoved`), token or not.
 
 use std::collections::HashMap;
 
-use tuchka_api::agent::{HostRegister, HostRegistered, HostReport, MigrationObserved, VmObserved};
-use tuchka_api::{NetworkState, VmState};
+use rusqlite::Connection;
+use tuchka_api::agent::{
+    HostIdentity, HostRegister, HostRegistered, HostReport, MigrationObserved, VmObserved,
+};
+use tuchka_api::{NetworkState, VmState, CODE_HOST_NAME_TAKEN, CODE_HOST_REMOVED};
 use tuchka_core::digest::{constant_time_eq, sha256_hex};
 use tuchka_core::migration::Side;
-use tuchka_store::{self as db, HostNetworkRow, StoreError};
+use tuchka_store::{self as db, HostNetworkRow, HostRow, JoinTokenRow, StoreError};
 
 use crate::error::{Error, Result};
-use crate::state::Controller;
+use crate::state::{rfc3339, Controller};
+
+/// Meta row: the id of the controller's own host (the agent on the unix socket).
+pub const LOCAL_HOST_META: &str = "local_host_id";
 
 /// sha256 hex of a credential.
 pub fn credential_hash(credential: &str) -> String {
@@ -30,77 +49,267 @@ fn new_credential() -> String {
     hex::encode(secret)
 }
 
-/// Register (or re-register) a host; returns its id and credential. A host that presents the
-/// identity it was given registers again as itself (with a new name if it was renamed) and keeps
-/// its credential; otherwise untrusted (TCP) callers must present the current join token and get
-/// a fresh credential (a name that exists is taken over, as before identities were kept).
+/// What an identity an agent presented is worth.
+#[derive(Debug)]
+enum Claim {
+    /// The host's own, and the host is admitted.
+    Valid(HostRow),
+    /// The host's own credential, but the host was revoked.
+    Revoked(HostRow),
+    /// The host was removed (`host rm`): refused for good.
+    Removed(String),
+    /// No host has this id, or the credential is not its.
+    Refused(String),
+}
+
+fn claim(c: &Connection, i: &HostIdentity) -> Result<Claim> {
+    if let Some(name) = db::removed_host(c, &i.host_id)? {
+        return Ok(Claim::Removed(name));
+    }
+    let Some(h) = db::host(c, &i.host_id)?.filter(|h| h.id == i.host_id) else {
+        return Ok(Claim::Refused(format!(
+            "the identity of host id {} is unknown here (was the controller's state reset?)",
+            i.host_id
+        )));
+    };
+    if !constant_time_eq(
+        credential_hash(&i.credential).as_bytes(),
+        h.credential_sha256.as_bytes(),
+    ) {
+        return Ok(Claim::Refused(format!(
+            "the credential this agent keeps for host {} is not that host's",
+            h.name
+        )));
+    }
+    Ok(if h.revoked {
+        Claim::Revoked(h)
+    } else {
+        Claim::Valid(h)
+    })
+}
+
+fn name_taken(name: &str, how: &str) -> Error {
+    Error::conflict(
+        CODE_HOST_NAME_TAKEN,
+        format!(
+            "host name {name:?} is taken by another host: {how}; start this machine with another --host-name, \
+             or, if it is that host and lost its identity (<pool>/identity/), join it with a token for it \
+             (on the controller: tuchka host join-token --host {name})"
+        ),
+    )
+}
+
+fn removed_refusal(name: &str) -> Error {
+    Error::Refused {
+        code: CODE_HOST_REMOVED,
+        message: format!(
+            "host {name:?} was removed from this cloud (tuchka host rm): its identity is refused, with or without a join token; \
+             to join this machine again as a new host, delete <pool>/identity/ on it and start the agent with a new join token"
+        ),
+        chain: vec![],
+    }
+}
+
+/// Rename host `h` to `name` unless another host has that name.
+fn rename(c: &Connection, h: &HostRow, name: &str) -> Result<Option<String>> {
+    if h.name == name {
+        return Ok(None);
+    }
+    if let Some(other) = db::host(c, name)? {
+        if other.id != h.id {
+            return Err(Error::conflict(
+                CODE_HOST_NAME_TAKEN,
+                format!(
+                    "host {} cannot be renamed to {name:?}: another host has that name",
+                    h.name
+                ),
+            ));
+        }
+    }
+    db::rename_host(c, &h.id, name)?;
+    Ok(Some(h.name.clone()))
+}
+
+/// Check a join token presented by host `name`: it must exist, not have expired, and not be
+/// used up (single-use). `why_no_identity` says why the agent's identity did not do (kept in
+/// the refusal's chain).
+pub fn check_join_token(
+    c: &Connection,
+    token: &str,
+    name: &str,
+    now_unix: i64,
+    why_no_identity: Option<&str>,
+) -> Result<JoinTokenRow> {
+    let chain: Vec<String> = why_no_identity.map(String::from).into_iter().collect();
+    let refuse = |code: &'static str, why: String| Error::Refused {
+        code,
+        message: format!("join token refused for host {name:?}: {why}"),
+        chain: chain.clone(),
+    };
+    let row = if token.is_empty() {
+        None
+    } else {
+        db::join_token_by_sha(c, &sha256_hex(token.as_bytes()))?
+    };
+    let Some(row) = row else {
+        return Err(refuse(
+            "Unauthorized",
+            "it is not a join token of this cloud (rotated away, or mistyped): make one on the controller: tuchka host join-token".into(),
+        ));
+    };
+    if row.expires_unix <= now_unix {
+        return Err(refuse(
+            "JoinTokenExpired",
+            format!(
+                "it expired at {}: make a new one on the controller: tuchka host join-token [--ttl 1h]",
+                rfc3339(row.expires_unix)
+            ),
+        ));
+    }
+    if let (true, Some(at)) = (row.single_use, row.used_unix) {
+        return Err(refuse(
+            "JoinTokenUsed",
+            format!(
+                "it was single-use and host {} used it at {}: make a new one on the controller: tuchka host join-token --single-use",
+                row.used_by.as_deref().unwrap_or("?"),
+                rfc3339(at)
+            ),
+        ));
+    }
+    Ok(row)
+}
+
+/// Register (or re-register) a host; returns its id and credential. See the module docs for
+/// who is admitted as which host. `trusted`: it came on the unix socket.
 pub fn register(ctl: &Controller, req: HostRegister, trusted: bool) -> Result<HostRegistered> {
     tuchka_core::names::validate_name("host", &req.name)
         .map_err(|_| Error::bad_name("host", &req.name))?;
-    let known = match &req.identity {
-        Some(i) => {
-            let h = db::host(ctl.db().conn(), &i.host_id)?;
-            h.filter(|h| {
-                h.id == i.host_id
-                    && !h.revoked
-                    && constant_time_eq(
-                        credential_hash(&i.credential).as_bytes(),
-                        h.credential_sha256.as_bytes(),
-                    )
-            })
-            .map(|h| (h, i.credential.clone()))
-        }
-        None => None,
-    };
-    if known.is_none() && !trusted && !ctl.join_token_matches(&req.join_token)? {
-        return Err(Error::Unauthorized(format!(
-            "join token refused for host {:?}: use the current one (on the controller: tuchka host join-token)",
-            req.name
-        )));
-    }
-    let (id, credential, renamed) = ctl.db().atomic(|c| {
-        let (id, credential, renamed) = match &known {
-            Some((h, credential)) => {
-                let mut renamed = None;
-                if h.name != req.name {
-                    if let Some(other) = db::host(c, &req.name)? {
-                        if other.id != h.id {
-                            return Err(Error::conflict(
-                                "HostNameTaken",
-                                format!(
-                                    "host {} cannot be renamed to {:?}: another host has that name",
-                                    h.name, req.name
-                                ),
+    // With a local agent (`serve` without `--no-local-agent`) the unix socket is that agent's:
+    // it admits the controller's own host only.
+    let bound = ctl.config().local_pool.is_some();
+    let (id, credential, what) = ctl.db().atomic(|c| {
+        let presented = match &req.identity {
+            Some(i) => Some(claim(c, i)?),
+            None => None,
+        };
+        let local = db::meta_get(c, LOCAL_HOST_META)?
+            .map(|id| db::host(c, &id))
+            .transpose()?
+            .flatten();
+        let (h, credential, renamed) = match presented {
+            Some(Claim::Removed(name)) => return Err(removed_refusal(&name)),
+            Some(Claim::Valid(h)) => {
+                if trusted && bound {
+                    if let Some(l) = local.as_ref().filter(|l| l.id != h.id) {
+                        return Err(Error::conflict(
+                            "NotLocalHost",
+                            format!(
+                                "the unix socket admits only the controller's own host ({}), not host {}: join other hosts over TCP",
+                                l.name, h.name
+                            ),
+                        ));
+                    }
+                    db::meta_set(c, LOCAL_HOST_META, &h.id)?;
+                }
+                let renamed = rename(c, &h, &req.name)?;
+                let credential = req
+                    .identity
+                    .as_ref()
+                    .map(|i| i.credential.clone())
+                    .unwrap_or_default();
+                (h, credential, renamed)
+            }
+            other if trusted => {
+                // The controller's own machine: its host, or (the first time) a new one.
+                let credential = new_credential();
+                match local.filter(|_| bound) {
+                    Some(l) => {
+                        let renamed = rename(c, &l, &req.name)?;
+                        db::set_host_credential(c, &l.id, &credential_hash(&credential))?;
+                        (l, credential, renamed)
+                    }
+                    None => {
+                        if db::host(c, &req.name)?.is_some() {
+                            let why = match other {
+                                Some(Claim::Refused(w)) => w,
+                                _ => "it joined over TCP; the unix socket admits only the controller's own host".into(),
+                            };
+                            return Err(name_taken(&req.name, &why));
+                        }
+                        let h = new_host(c, &req, &credential)?;
+                        if bound {
+                            db::meta_set(c, LOCAL_HOST_META, &h.id)?;
+                        }
+                        (h, credential, None)
+                    }
+                }
+            }
+            other => {
+                let why = match &other {
+                    Some(Claim::Revoked(h)) => Some(format!(
+                        "host {} was revoked (tuchka host revoke): it joins again only with a join token",
+                        h.name
+                    )),
+                    Some(Claim::Refused(w)) => Some(w.clone()),
+                    _ => None,
+                };
+                let token =
+                    check_join_token(c, &req.join_token, &req.name, db::now_unix(), why.as_deref())?;
+                let again = match (&token.host_id, other) {
+                    (Some(made_for), _) => Some(db::host(c, made_for)?.ok_or_else(|| {
+                        Error::Refused {
+                            code: "Unauthorized",
+                            message: format!(
+                                "join token refused for host {:?}: the host it was made for is gone",
+                                req.name
+                            ),
+                            chain: vec![],
+                        }
+                    })?),
+                    (None, Some(Claim::Revoked(h))) => Some(h),
+                    (None, _) => None,
+                };
+                let credential = new_credential();
+                let (h, renamed) = match again {
+                    Some(h) => {
+                        let renamed = rename(c, &h, &req.name)?;
+                        db::set_host_credential(c, &h.id, &credential_hash(&credential))?;
+                        (h, renamed)
+                    }
+                    None => {
+                        if db::host(c, &req.name)?.is_some() {
+                            return Err(name_taken(
+                                &req.name,
+                                why.as_deref()
+                                    .unwrap_or("this agent has no identity of it (a new machine, or a second agent started with the same --host-name)"),
                             ));
                         }
+                        (new_host(c, &req, &credential)?, None)
                     }
-                    db::rename_host(c, &h.id, &req.name)?;
-                    renamed = Some(h.name.clone());
+                };
+                if token.single_use && !db::use_join_token(c, &token.id, db::now_unix(), &req.name)? {
+                    return Err(Error::Refused {
+                        code: "JoinTokenUsed",
+                        message: format!(
+                            "join token refused for host {:?}: it was single-use and another host used it just now",
+                            req.name
+                        ),
+                        chain: vec![],
+                    });
                 }
-                (h.id.clone(), credential.clone(), renamed)
-            }
-            None => {
-                let credential = new_credential();
-                let id = db::upsert_host(
-                    c,
-                    &uuid::Uuid::new_v4().to_string(),
-                    &req.name,
-                    &credential_hash(&credential),
-                    &req.facts,
-                )?;
-                (id, credential, None)
+                (h, credential, renamed)
             }
         };
-        db::touch_host(c, &id, &req.facts, &[], &[])?;
-        Ok::<_, Error>((id, credential, renamed))
+        db::touch_host(c, &h.id, &req.facts, &[], &[])?;
+        let what = match &renamed {
+            Some(old) => format!(
+                "host {} registered again (was {old}: same host, same VMs)",
+                req.name
+            ),
+            None => format!("host {} registered ({})", req.name, req.facts.accel),
+        };
+        Ok::<_, Error>((h.id, credential, what))
     })?;
-    let what = match &renamed {
-        Some(old) => format!(
-            "host {} registered again (was {old}: same host, same VMs)",
-            req.name
-        ),
-        None => format!("host {} registered ({})", req.name, req.facts.accel),
-    };
     ctl.emit("host.registered", &format!("host/{}", req.name), what);
     ctl.bump();
     let (certificate_pem, ca_pem) = match &req.csr_pem {
@@ -128,6 +337,12 @@ pub fn register(ctl: &Controller, req: HostRegister, trusted: bool) -> Result<Ho
     })
 }
 
+fn new_host(c: &Connection, req: &HostRegister, credential: &str) -> Result<HostRow> {
+    let id = uuid::Uuid::new_v4().to_string();
+    db::insert_host(c, &id, &req.name, &credential_hash(credential), &req.facts)?;
+    db::host(c, &id)?.ok_or_else(|| Error::not_found("host", "host", &id))
+}
+
 /// Why an agent's host credential was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum HostAuthError {
@@ -137,9 +352,19 @@ pub enum HostAuthError {
     /// The host was revoked: its credential is refused for good.
     #[error("host {0:?} was revoked (tuchka host revoke): its credential is refused; it can only join again with a join token")]
     Revoked(String),
+    /// The host was removed (`host rm`): its identity is refused for good.
+    #[error("host {0:?} was removed from this cloud (tuchka host rm): its credential is refused for good; to join this machine again as a new host, delete <pool>/identity/ on it and start the agent with a new join token")]
+    Removed(String),
     /// The credential is not the host's.
-    #[error("credential of host {0:?} refused")]
+    #[error(
+        "credential of host {0:?} refused: it is not the one the controller has for that host"
+    )]
     WrongCredential(String),
+    /// On the unix socket, an agent call for a host that is not the controller's own.
+    #[error(
+        "the unix socket serves only the agent of the controller's own host ({0}), not host id {1}"
+    )]
+    NotLocal(String, String),
     /// No joined host has this credential (nor is it the API token).
     #[error("missing or wrong bearer token: use a joined host's credential or the API token")]
     NoSuchCredential,
@@ -154,8 +379,13 @@ pub fn authenticate_host(
     host_id: &str,
     credential: &str,
 ) -> std::result::Result<(), HostAuthError> {
-    let h = db::host(ctl.db().conn(), host_id)?
+    let db = ctl.db();
+    if let Some(name) = db::removed_host(db.conn(), host_id)? {
+        return Err(HostAuthError::Removed(name));
+    }
+    let h = db::host(db.conn(), host_id)?
         .ok_or_else(|| HostAuthError::UnknownHost(host_id.to_string()))?;
+    drop(db);
     if h.revoked {
         return Err(HostAuthError::Revoked(h.name));
     }
@@ -166,6 +396,26 @@ pub fn authenticate_host(
         return Err(HostAuthError::WrongCredential(h.name));
     }
     Ok(())
+}
+
+/// On the unix socket: agent calls are for the controller's own host only (once it has one).
+pub fn authenticate_local(
+    ctl: &Controller,
+    host_id: &str,
+) -> std::result::Result<(), HostAuthError> {
+    if ctl.config().local_pool.is_none() {
+        return Ok(());
+    }
+    let db = ctl.db();
+    match db::meta_get(db.conn(), LOCAL_HOST_META)? {
+        Some(local) if local != host_id => {
+            let name = db::host(db.conn(), &local)?
+                .map(|h| h.name)
+                .unwrap_or(local);
+            Err(HostAuthError::NotLocal(name, host_id.to_string()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Check that `credential` belongs to some joined host that is not revoked (endpoints shared
@@ -408,15 +658,190 @@ mod tests {
             host_id: reg.host_id.clone(),
             credential: reg.credential.clone(),
         };
-        assert!(register(&ctl, req("edge-1", "", Some(id)), false).is_err());
+        assert!(register(&ctl, req("edge-1", "", Some(id.clone())), false).is_err());
+        // Nor does the token alone take the name over.
+        let e = register(&ctl, req("edge-1", &token, None), false).expect_err("taken");
+        assert_eq!(e.code(), tuchka_api::CODE_HOST_NAME_TAKEN, "{e}");
 
-        // A new join (with the token) admits it again, under the same id, with a new credential.
-        let again = register(&ctl, req("edge-1", &token, None), false).expect("rejoin");
+        // Its identity and a join token admit it again, under the same id, with a new credential.
+        let again = register(&ctl, req("edge-1", &token, Some(id)), false).expect("rejoin");
         assert_eq!(again.host_id, reg.host_id);
         authenticate_host(&ctl, &again.host_id, &again.credential).expect("new credential");
         assert!(authenticate_host(&ctl, &reg.host_id, &reg.credential).is_err());
-        // The unix socket is trusted without a token.
+        // Without a local agent the unix socket admits new hosts without a token.
         register(&ctl, req("local-1", "", None), true).expect("trusted");
+        let e =
+            register(&ctl, req("edge-1", "", None), true).expect_err("not over the socket either");
+        assert_eq!(e.code(), tuchka_api::CODE_HOST_NAME_TAKEN, "{e}");
+    }
+
+    fn ctl(tmp: &tempfile::TempDir) -> Controller {
+        Controller::open(crate::ControllerConfig::new(tmp.path().to_path_buf())).expect("open")
+    }
+
+    fn token(ctl: &Controller, ttl_s: u64, single_use: bool, host: Option<&str>) -> String {
+        ctl.create_join_token(&tuchka_api::JoinTokenCreate {
+            ttl_s: Some(ttl_s),
+            single_use,
+            rotate: false,
+            host: host.map(String::from),
+        })
+        .expect("token")
+        .token
+    }
+
+    #[test]
+    fn a_join_token_never_takes_over_a_name_and_a_refusal_changes_nothing() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let ctl = ctl(&tmp);
+        let t = ctl.join_info().token;
+        let first = register(&ctl, req("fx1", &t, None), false).expect("join");
+        let before = crate::hosts::get(&ctl, "fx1").expect("host");
+        // A second machine (or agent) with the same --host-name and the join token.
+        let e = register(&ctl, req("fx1", &t, None), false).expect_err("refused");
+        assert_eq!(e.status(), axum::http::StatusCode::CONFLICT);
+        assert_eq!(e.code(), tuchka_api::CODE_HOST_NAME_TAKEN);
+        assert!(e.to_string().contains("taken by another host"), "{e}");
+        assert!(e.to_string().contains("--host-name"), "{e}");
+        // Nothing changed: the first agent's credential still works, the host is the same.
+        authenticate_host(&ctl, &first.host_id, &first.credential).expect("still its own");
+        let after = crate::hosts::get(&ctl, "fx1").expect("host");
+        assert_eq!((after.id, after.last_seen), (before.id, before.last_seen));
+        // A forged identity is no better than none.
+        let forged = HostIdentity {
+            host_id: first.host_id.clone(),
+            credential: "forged".into(),
+        };
+        let e = register(&ctl, req("fx1", &t, Some(forged)), false).expect_err("forged");
+        assert_eq!(e.code(), tuchka_api::CODE_HOST_NAME_TAKEN);
+        authenticate_host(&ctl, &first.host_id, &first.credential).expect("still its own");
+    }
+
+    #[test]
+    fn join_tokens_expire_and_single_use_ones_admit_one_host() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let ctl = ctl(&tmp);
+        let expired = token(&ctl, 60, false, None);
+        ctl.db()
+            .conn()
+            .execute(
+                "UPDATE join_tokens SET expires_unix = 1000 WHERE sha256 = ?1",
+                [sha256_hex(expired.as_bytes())],
+            )
+            .expect("expire it");
+        let e = register(&ctl, req("edge-1", &expired, None), false).expect_err("expired");
+        assert_eq!(
+            (e.status(), e.code().as_str()),
+            (axum::http::StatusCode::UNAUTHORIZED, "JoinTokenExpired")
+        );
+        assert!(e.to_string().contains("expired at"), "{e}");
+        assert!(
+            crate::hosts::get(&ctl, "edge-1").is_err(),
+            "nothing registered"
+        );
+
+        let once = token(&ctl, 600, true, None);
+        register(&ctl, req("edge-1", &once, None), false).expect("first use");
+        let e = register(&ctl, req("edge-2", &once, None), false).expect_err("used");
+        assert_eq!(e.code(), "JoinTokenUsed");
+        assert!(e.to_string().contains("host edge-1 used it"), "{e}");
+        assert!(crate::hosts::get(&ctl, "edge-2").is_err());
+        // A multi-use token admits several hosts, each under its own name.
+        let many = token(&ctl, 600, false, None);
+        register(&ctl, req("edge-2", &many, None), false).expect("2");
+        register(&ctl, req("edge-3", &many, None), false).expect("3");
+    }
+
+    #[test]
+    fn a_host_that_lost_its_identity_joins_again_only_with_a_token_for_it() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let ctl = ctl(&tmp);
+        let t = ctl.join_info().token;
+        let first = register(&ctl, req("edge-1", &t, None), false).expect("join");
+        register(&ctl, req("edge-2", &t, None), false).expect("join");
+        let bound = token(&ctl, 600, false, Some("edge-1"));
+        // The bound token admits only that host's name.
+        let e = register(&ctl, req("edge-2", &bound, None), false).expect_err("other name");
+        assert_eq!(e.code(), tuchka_api::CODE_HOST_NAME_TAKEN, "{e}");
+        let again = register(&ctl, req("edge-1", &bound, None), false).expect("again");
+        assert_eq!(again.host_id, first.host_id, "the same host");
+        assert_ne!(again.credential, first.credential);
+        assert!(authenticate_host(&ctl, &first.host_id, &first.credential).is_err());
+        // Once.
+        let e = register(&ctl, req("edge-1", &bound, None), false).expect_err("once");
+        assert_eq!(e.code(), "JoinTokenUsed");
+        assert!(ctl
+            .create_join_token(&tuchka_api::JoinTokenCreate {
+                host: Some("nope".into()),
+                ..Default::default()
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn a_removed_hosts_identity_is_refused_for_good_and_its_name_is_free() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let ctl = ctl(&tmp);
+        let t = ctl.join_info().token;
+        let reg = register(&ctl, req("edge-1", &t, None), false).expect("join");
+        // Up without VMs: removed without --force.
+        let out = crate::hosts::remove(&ctl, "edge-1", false).expect("rm");
+        assert_eq!((out.name.as_str(), out.lost_vms.len()), ("edge-1", 0));
+        assert!(crate::hosts::get(&ctl, "edge-1").is_err());
+        assert!(matches!(
+            authenticate_host(&ctl, &reg.host_id, &reg.credential),
+            Err(HostAuthError::Removed(ref n)) if n == "edge-1"
+        ));
+        assert!(authenticate_any_host(&ctl, &reg.credential).is_err());
+        let id = HostIdentity {
+            host_id: reg.host_id.clone(),
+            credential: reg.credential.clone(),
+        };
+        for token in ["", t.as_str()] {
+            let e =
+                register(&ctl, req("edge-1", token, Some(id.clone())), false).expect_err("removed");
+            assert_eq!(e.code(), tuchka_api::CODE_HOST_REMOVED, "{e}");
+            assert!(e.to_string().contains("delete <pool>/identity/"), "{e}");
+        }
+        // As a new machine (no identity) it is a new host under the free name.
+        let new = register(&ctl, req("edge-1", &t, None), false).expect("a new host");
+        assert_ne!(new.host_id, reg.host_id);
+        assert!(crate::hosts::remove(&ctl, "nope", true).is_err());
+    }
+
+    #[test]
+    fn with_a_local_agent_the_unix_socket_admits_only_the_controllers_own_host() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut config = crate::ControllerConfig::new(tmp.path().to_path_buf());
+        config.local_pool = Some(tmp.path().join("pool"));
+        let ctl = Controller::open(config).expect("open");
+        let local = register(&ctl, req("ctl-host", "", None), true).expect("local");
+        let t = ctl.join_info().token;
+        let remote = register(&ctl, req("edge-1", &t, None), false).expect("remote");
+        // Not another name, not another host's name, not another host's identity.
+        let e = register(&ctl, req("edge-1", "", None), true).expect_err("taken");
+        assert_eq!(e.code(), tuchka_api::CODE_HOST_NAME_TAKEN, "{e}");
+        let rid = HostIdentity {
+            host_id: remote.host_id.clone(),
+            credential: remote.credential.clone(),
+        };
+        let e = register(&ctl, req("edge-1", "", Some(rid)), true).expect_err("not local");
+        assert_eq!(e.code(), "NotLocalHost", "{e}");
+        assert!(matches!(
+            authenticate_local(&ctl, &remote.host_id),
+            Err(HostAuthError::NotLocal(..))
+        ));
+        authenticate_local(&ctl, &local.host_id).expect("its own");
+        // The local agent without its identity (its pool wiped) is still the same host.
+        let again = register(&ctl, req("ctl-host", "", None), true).expect("again");
+        assert_eq!(again.host_id, local.host_id);
+        // Renamed on the socket: the same host too.
+        let renamed = register(&ctl, req("ctl-2", "", None), true).expect("renamed");
+        assert_eq!(renamed.host_id, local.host_id);
+        assert_eq!(
+            crate::hosts::get(&ctl, &local.host_id).expect("h").name,
+            "ctl-2"
+        );
     }
 
     #[test]

@@ -75,11 +75,11 @@ pub fn router(ctl: Controller, transport: Transport, desired: Arc<desired::Cache
         .route("/v1/vms/{name}/resize", post(resize_vm))
         .route("/v1/vms/{name}/{action}", post(vm_action))
         .route("/v1/hosts", get(list_hosts))
-        .route("/v1/hosts/{name}", get(get_host))
+        .route("/v1/hosts/{name}", get(get_host).delete(remove_host))
         .route("/v1/hosts/{name}/revoke", post(revoke_host))
         .route("/v1/hosts/{name}/drain", post(drain_host))
         .route("/v1/hosts/{name}/undrain", post(undrain_host))
-        .route("/v1/join-token", get(join_token).post(rotate_join_token))
+        .route("/v1/join-tokens", post(create_join_token))
         .route("/v1/balance", get(balance_status))
         .route("/v1/balance/plan", get(balance_plan))
         .route("/v1/balance/apply", post(balance_apply))
@@ -133,6 +133,18 @@ async fn auth(
     req: Request,
     next: Next,
 ) -> Response {
+    if t == Transport::Unix {
+        // The unix socket's agent is the controller's own host, and only it.
+        if let Some(rest) = req.uri().path().strip_prefix("/v1/agent/hosts/") {
+            let id = rest.split('/').next().unwrap_or_default().to_string();
+            let ctl = ctl.clone();
+            match blocking(move || Ok(agents::authenticate_local(&ctl, &id))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return host_auth_refused(e),
+                Err(e) => return e.into_response(),
+            }
+        }
+    }
     if t == Transport::Tcp {
         let path = req.uri().path().to_string();
         let token = bearer(req.headers()).unwrap_or_default().to_string();
@@ -184,13 +196,16 @@ fn dashboard_asset(path: &str) -> bool {
 }
 
 /// The answer to an agent whose host credential was refused: `401` with code
-/// [`tuchka_api::CODE_HOST_REVOKED`] for a revoked host (the agent stops), `Unauthorized` else.
+/// [`tuchka_api::CODE_HOST_REVOKED`] for a revoked host and [`tuchka_api::CODE_HOST_REMOVED`]
+/// for a removed one (the agent stops), `Unauthorized` else.
 fn host_auth_refused(e: agents::HostAuthError) -> Response {
     let code = match &e {
         agents::HostAuthError::Store(s) => {
             return Error::internal("cannot check the host credential", s).into_response()
         }
         agents::HostAuthError::Revoked(_) => tuchka_api::CODE_HOST_REVOKED,
+        agents::HostAuthError::Removed(_) => tuchka_api::CODE_HOST_REMOVED,
+        agents::HostAuthError::NotLocal(..) => "NotLocalHost",
         _ => "Unauthorized",
     };
     let body = ApiError {

@@ -39,6 +39,17 @@ pub enum Error {
     /// Missing or wrong credentials.
     #[error("{0}")]
     Unauthorized(String),
+    /// Credentials refused for a reason the caller must act on (`401` with its own code, e.g.
+    /// `JoinTokenExpired`, `HostRemoved`).
+    #[error("{message}")]
+    Refused {
+        /// Stable code.
+        code: &'static str,
+        /// What was refused and what to do.
+        message: String,
+        /// What else was refused on the way, outermost first.
+        chain: Vec<String>,
+    },
     /// No endpoint at this method and path.
     #[error("no API endpoint {0} (the API is described at /v1/openapi.json)")]
     NoRoute(String),
@@ -114,7 +125,9 @@ impl Error {
                 }
                 format!("{k}NotFound")
             }
-            Error::Invalid { code, .. } | Error::Conflict { code, .. } => (*code).to_string(),
+            Error::Invalid { code, .. }
+            | Error::Conflict { code, .. }
+            | Error::Refused { code, .. } => (*code).to_string(),
             Error::Unauthorized(_) => "Unauthorized".into(),
             Error::NoRoute(_) => "NoRoute".into(),
             Error::Store(_) | Error::Internal { .. } => "Internal".into(),
@@ -127,7 +140,7 @@ impl Error {
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::Invalid { .. } => StatusCode::BAD_REQUEST,
             Error::Conflict { .. } => StatusCode::CONFLICT,
-            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::Unauthorized(_) | Error::Refused { .. } => StatusCode::UNAUTHORIZED,
             Error::NoRoute(_) => StatusCode::NOT_FOUND,
             Error::Store(_) | Error::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -136,7 +149,7 @@ impl Error {
     /// The wire body.
     pub fn to_api(&self) -> ApiError {
         let chain = match self {
-            Error::Internal { chain, .. } => chain.clone(),
+            Error::Internal { chain, .. } | Error::Refused { chain, .. } => chain.clone(),
             Error::Store(e) => chain_of(e),
             _ => vec![],
         };

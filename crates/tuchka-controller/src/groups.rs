@@ -440,7 +440,7 @@ pub fn delete(ctl: &Controller, name: &str) -> Result<Operation> {
 
 /// The failure of a VM its host reported, with its causes.
 pub fn vm_failure(v: &VmRow) -> Option<(String, Vec<String>)> {
-    (v.observed == VmState::Error).then(|| {
+    (matches!(v.observed, VmState::Error | VmState::Lost)).then(|| {
         (
             format!(
                 "vm {}: {}",
@@ -457,8 +457,8 @@ pub fn evaluate(
     c: &Connection,
     kind: &OpKind,
     rollback: Option<&str>,
-    done: u32,
-    total: u32,
+    (done, total): (u32, u32),
+    down_after_s: i64,
 ) -> Result<Step> {
     Ok(match kind {
         OpKind::GroupCreate { group } => {
@@ -570,10 +570,14 @@ pub fn evaluate(
                 message: format!("group {group} removed"),
             },
             Some(_) => {
-                let left = db::group_vms(c, group)?.len() as u32;
+                let vms = db::group_vms(c, group)?;
+                let left = vms.len() as u32;
                 Step::Running {
                     done: total.saturating_sub(left),
-                    message: format!("{left} VMs left to remove"),
+                    message: format!(
+                        "{left} VMs left to remove{}",
+                        waiting_on_down_hosts(c, &vms, down_after_s)?
+                    ),
                 }
             }
         },
@@ -584,8 +588,42 @@ pub fn evaluate(
     })
 }
 
-/// Remove group rows whose VMs are all gone.
+/// What of `vms` waits on a host that is down, in words (`; web-2 waits on host h2, which is
+/// down: …`), or nothing.
+fn waiting_on_down_hosts(c: &Connection, vms: &[VmRow], down_after_s: i64) -> Result<String> {
+    let now = db::now_unix();
+    let mut by_host: Vec<(String, Vec<&str>)> = vec![];
+    for v in vms {
+        let Some(h) = db::host(c, &v.host_id)? else {
+            continue;
+        };
+        if crate::snapshot::is_up(&h, now, down_after_s) && !h.revoked {
+            continue;
+        }
+        match by_host.iter_mut().find(|(n, _)| *n == h.name) {
+            Some((_, list)) => list.push(&v.name),
+            None => by_host.push((h.name.clone(), vec![&v.name])),
+        }
+    }
+    Ok(by_host
+        .iter()
+        .map(|(h, list)| {
+            format!(
+                "; {} wait{} on host {h}, which is down: they go when it is back, or with tuchka host rm {h} --force if it is gone",
+                list.join(", "),
+                if list.len() == 1 { "s" } else { "" }
+            )
+        })
+        .collect())
+}
+
+/// Remove group rows whose VMs are all gone, and lost VMs asked to be removed (their host is
+/// gone: nothing has to confirm it).
 pub fn finalize_deletions(c: &Connection) -> Result<()> {
+    for v in db::lost_vms_to_remove(c)? {
+        crate::volumes::release_vm(c, &v.id)?;
+        db::delete_vm(c, &v.id)?;
+    }
     for g in db::groups(c)? {
         if g.deleting && db::group_vms(c, &g.name)?.is_empty() {
             db::delete_group(c, &g.name)?;

@@ -19,8 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tuchka_api::agent::{HostDesired, HostRegister, HostRegistered, HostReport};
 use tuchka_api::{
     ApiError, BalancePlan, BalanceStatus, Drain, Forward, ForwardCreate, Group, GroupCreate,
-    GroupScale, Host, HostDrain, Image, JoinToken, Network, NetworkCreate, Operation, Rule,
-    RuleCreate, Vm, VmMigrate, VmStop,
+    GroupScale, Host, HostDrain, HostRemoved, Image, JoinToken, JoinTokenCreate, Network,
+    NetworkCreate, Operation, Rule, RuleCreate, Vm, VmMigrate, VmStop,
 };
 use tuchka_api::{
     CachePrune, CachedImage, ImageBuild, ImageCapture, Storage, VmResize, Volume, VolumeAttach,
@@ -443,16 +443,30 @@ pub async fn revoke_host(
         .map(Json)
 }
 
-/// The join token and the command that joins a host (users only: unix socket or API token).
-#[utoipa::path(get, path = "/v1/join-token", responses((status = 200, body = JoinToken)))]
-pub async fn join_token(State(ctl): State<Controller>) -> Json<JoinToken> {
-    Json(ctl.join_info())
+/// Remove a host. Refused while it is up with VMs (`409 HostInUse`: drain it first) and,
+/// without `force`, while it is down with VMs (`409 HostHasVms`); with `force` its VMs become
+/// `lost` and their addresses are freed. Its identity is refused from then on.
+#[utoipa::path(delete, path = "/v1/hosts/{name}", params(tuchka_api::HostRemove), responses((status = 200, body = HostRemoved), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn remove_host(
+    State(ctl): State<Controller>,
+    Path(name): Path<String>,
+    Query(q): Query<tuchka_api::HostRemove>,
+) -> Result<Json<HostRemoved>> {
+    blocking(move || crate::hosts::remove(&ctl, &name, q.force))
+        .await
+        .map(Json)
 }
 
-/// Replace the join token; the old one stops admitting hosts (joined hosts are not affected).
-#[utoipa::path(post, path = "/v1/join-token", responses((status = 200, body = JoinToken)))]
-pub async fn rotate_join_token(State(ctl): State<Controller>) -> Result<Json<JoinToken>> {
-    blocking(move || ctl.rotate_join_token()).await.map(Json)
+/// Make a join token (users only: unix socket or API token): it expires (`ttl_s`, default one
+/// hour), may be single-use or for one existing host, and is shown only in this answer.
+#[utoipa::path(post, path = "/v1/join-tokens", request_body = JoinTokenCreate, responses((status = 200, body = JoinToken), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn create_join_token(
+    State(ctl): State<Controller>,
+    JsonBody(req): JsonBody<JoinTokenCreate>,
+) -> Result<Json<JoinToken>> {
+    blocking(move || ctl.create_join_token(&req))
+        .await
+        .map(Json)
 }
 
 /// Latest operations, newest first.
@@ -565,9 +579,12 @@ pub async fn balance_apply(State(ctl): State<Controller>) -> Result<(StatusCode,
     accepted(c2, op).await
 }
 
-/// Register a host (agents). Over TCP the body's `join_token` must be the current join token
-/// (else `401` "join token refused"); on the unix socket the agent is trusted.
-#[utoipa::path(post, path = "/v1/agent/register", request_body = HostRegister, responses((status = 200, body = HostRegistered), (status = 401, body = ApiError)))]
+/// Register a host (agents), with its identity or, over TCP, a join token: a valid identity
+/// registers that host again (also under a new name); otherwise the token must be valid (`401`
+/// `Unauthorized`, `JoinTokenExpired`, `JoinTokenUsed`) and the name free (`409`
+/// `HostNameTaken`). The identity of a removed host is refused (`401 HostRemoved`). On the unix
+/// socket no token is needed, and with a local agent only the controller's own host registers.
+#[utoipa::path(post, path = "/v1/agent/register", request_body = HostRegister, responses((status = 200, body = HostRegistered), (status = 401, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn register(
     State(ctl): State<Controller>,
     Extension(t): Extension<Transport>,

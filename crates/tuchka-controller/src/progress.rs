@@ -135,9 +135,13 @@ fn evaluate(ctl: &Controller, c: &Connection, o: &OpRow) -> Result<Step> {
     match &o.record.kind {
         k @ (OpKind::GroupCreate { .. }
         | OpKind::GroupScale { .. }
-        | OpKind::GroupDelete { .. }) => {
-            crate::groups::evaluate(c, k, rollback, o.op.done, o.op.total)
-        }
+        | OpKind::GroupDelete { .. }) => crate::groups::evaluate(
+            c,
+            k,
+            rollback,
+            (o.op.done, o.op.total),
+            ctl.config().down_after.as_secs() as i64,
+        ),
         k @ (OpKind::VmStart { .. }
         | OpKind::VmStop { .. }
         | OpKind::VmPause { .. }

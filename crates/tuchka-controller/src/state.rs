@@ -1,12 +1,15 @@
 //! Shared controller state: the database, the desired-state generation, the event stream, the
 //! in-memory observations (metrics, console logs, load history) and the secrets: the API token
-//! (`<data-dir>/token`) and the join token.
+//! (`<data-dir>/token`) and the join tokens.
 //!
-//! The join token admits new hosts over TCP. Its sha256 is in the database (meta row
-//! `join_token_sha256`, checked by [`Controller::join_token_matches`]); the token itself is kept
-//! in `<data-dir>/join-token` (mode 0600) so `tuchka host join-token` can print it again, and
-//! with `--listen` the whole join command is written to `<data-dir>/join.txt` (mode 0600).
-//! [`Controller::rotate_join_token`] replaces it; hosts that joined keep their credentials.
+//! Join tokens admit new hosts over TCP. Each expires (default [`JOIN_TOKEN_TTL`]) and may be
+//! single-use or bound to one existing host; only their sha256 is stored (table `join_tokens`,
+//! checked by [`crate::agents::register`]). `serve` makes one at start (or keeps the one it made
+//! before while it is valid), keeps it in `<data-dir>/join-token` (mode 0600) and, with
+//! `--listen`, writes the whole join command to `<data-dir>/join.txt` (mode 0600);
+//! [`Controller::create_join_token`] makes more (`tuchka host join-token`), and with `rotate`
+//! refuses every other one and replaces the one of `join.txt`. Hosts that joined keep their
+//! credentials.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,8 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
-use tuchka_api::{Event, JoinToken};
-use tuchka_core::digest::{constant_time_eq, sha256_hex};
+use tuchka_api::{Event, JoinToken, JoinTokenCreate};
+use tuchka_core::digest::sha256_hex;
 use tuchka_core::placement::Ratios;
 use tuchka_store::Store;
 
@@ -104,7 +107,7 @@ struct Inner {
     db: Mutex<Store>,
     cloud_id: String,
     api_token: String,
-    join_token: Mutex<String>,
+    join_token: Mutex<MadeToken>,
     generation: watch::Sender<u64>,
     /// Bumped after every committed write transaction (operation long polls wait on it).
     commits: watch::Sender<u64>,
@@ -172,33 +175,66 @@ impl Controller {
         &self.inner.api_token
     }
 
-    /// The join token, the URL and fingerprint agents need, and the command that joins a host.
+    /// The join token of `join.txt` (made at start or by the last rotation), the URL and
+    /// fingerprint agents need, and the command that joins a host.
     pub fn join_info(&self) -> JoinToken {
-        let token = lock(&self.inner.join_token).clone();
-        join_info(self.inner.config.join.as_ref(), token)
+        let t = lock(&self.inner.join_token).clone();
+        join_info(self.inner.config.join.as_ref(), &t)
     }
 
-    /// True when `token` is the current join token (compared by sha256, in constant time).
-    pub fn join_token_matches(&self, token: &str) -> Result<bool> {
-        let stored = tuchka_store::meta_get(self.db().conn(), JOIN_TOKEN_META)?;
-        Ok(stored.is_some_and(|h| {
-            !token.is_empty()
-                && constant_time_eq(h.as_bytes(), sha256_hex(token.as_bytes()).as_bytes())
-        }))
-    }
-
-    /// Replace the join token: the old one stops admitting hosts at once (hosts that joined
-    /// keep their credentials). Rewrites `join-token` and `join.txt`.
-    pub fn rotate_join_token(&self) -> Result<JoinToken> {
+    /// Make a join token (`tuchka host join-token`). It is shown once: only its sha256 is kept.
+    /// With `rotate`, every other join token is refused from now on and this one becomes the
+    /// token of `join.txt`.
+    pub fn create_join_token(&self, req: &JoinTokenCreate) -> Result<JoinToken> {
+        let ttl = req.ttl_s.unwrap_or(JOIN_TOKEN_TTL.as_secs());
+        if ttl == 0 || ttl > MAX_JOIN_TOKEN_TTL.as_secs() {
+            return Err(Error::invalid(
+                "InvalidTtl",
+                format!("a join token lives 1 s to 30 days (--ttl), not {ttl} s: e.g. --ttl 1h"),
+            ));
+        }
+        if req.rotate && req.host.is_some() {
+            return Err(Error::invalid(
+                "InvalidJoinToken",
+                "--rotate makes the token of join.txt for any new host; a token for one host (--host) cannot be it",
+            ));
+        }
         let token = random_hex();
-        let dir = &self.inner.config.data_dir;
-        write_secret(&dir.join(JOIN_TOKEN_FILE), &format!("{token}\n"))?;
-        self.db().atomic(|c| {
-            tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(token.as_bytes()))
+        let made = self.db().atomic(|c| {
+            let host = match &req.host {
+                Some(name) => Some(crate::hosts::find(c, name)?),
+                None => None,
+            };
+            if req.rotate {
+                let n = tuchka_store::delete_join_tokens(c)?;
+                tracing::info!(
+                    refused = n,
+                    "join tokens rotated: every earlier one is refused"
+                );
+            }
+            let row = new_token_row(
+                &token,
+                ttl,
+                req.single_use || host.is_some(),
+                host.as_ref().map(|h| h.id.clone()),
+            );
+            tuchka_store::insert_join_token(c, &row)?;
+            Ok::<_, Error>((row, host.map(|h| h.name)))
         })?;
-        *lock(&self.inner.join_token) = token;
-        self.write_join_file()?;
-        Ok(self.join_info())
+        let (row, host) = made;
+        let made = MadeToken {
+            token,
+            expires_unix: row.expires_unix,
+            single_use: row.single_use,
+            host,
+        };
+        if req.rotate {
+            let dir = &self.inner.config.data_dir;
+            write_secret(&dir.join(JOIN_TOKEN_FILE), &format!("{}\n", made.token))?;
+            *lock(&self.inner.join_token) = made.clone();
+            self.write_join_file()?;
+        }
+        Ok(join_info(self.inner.config.join.as_ref(), &made))
     }
 
     /// Write `<data-dir>/join.txt` (the join command) when agents can join over TCP.
@@ -281,12 +317,47 @@ impl Controller {
     }
 }
 
-/// Meta row holding the sha256 of the join token.
-const JOIN_TOKEN_META: &str = "join_token_sha256";
-/// File (in the data directory) holding the join token.
+/// How long a join token admits hosts unless told otherwise (`host join-token --ttl`).
+pub const JOIN_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// The longest a join token may live.
+pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// File (in the data directory) holding the join token of `join.txt`.
 const JOIN_TOKEN_FILE: &str = "join-token";
 /// File (in the data directory) holding the join command.
 pub const JOIN_COMMAND_FILE: &str = "join.txt";
+
+/// A join token as it was made (the secret is only ever in memory and in `join-token`).
+#[derive(Debug, Clone)]
+struct MadeToken {
+    token: String,
+    expires_unix: i64,
+    single_use: bool,
+    host: Option<String>,
+}
+
+fn new_token_row(
+    token: &str,
+    ttl_s: u64,
+    single_use: bool,
+    host_id: Option<String>,
+) -> tuchka_store::JoinTokenRow {
+    tuchka_store::JoinTokenRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        sha256: sha256_hex(token.as_bytes()),
+        created_at: tuchka_store::now(),
+        expires_unix: tuchka_store::now_unix() + ttl_s as i64,
+        single_use,
+        host_id,
+        used_unix: None,
+        used_by: None,
+    }
+}
+
+/// Unix seconds as RFC 3339.
+pub fn rfc3339(unix: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {
@@ -300,12 +371,15 @@ pub fn join_command(url: &str, token: &str, fingerprint: &str) -> String {
     format!("tuchka agent --controller {url} --join-token {token} --fingerprint {fingerprint}")
 }
 
-fn join_info(endpoint: Option<&JoinEndpoint>, token: String) -> JoinToken {
+fn join_info(endpoint: Option<&JoinEndpoint>, t: &MadeToken) -> JoinToken {
     JoinToken {
         url: endpoint.map(|e| e.url.clone()),
         fingerprint: endpoint.map(|e| e.fingerprint.clone()),
-        command: endpoint.map(|e| join_command(&e.url, &token, &e.fingerprint)),
-        token,
+        command: endpoint.map(|e| join_command(&e.url, &t.token, &e.fingerprint)),
+        token: t.token.clone(),
+        expires_at: rfc3339(t.expires_unix),
+        single_use: t.single_use,
+        host: t.host.clone(),
     }
 }
 
@@ -348,30 +422,40 @@ fn load_or_create_token(path: &std::path::Path) -> Result<String> {
     Ok(token)
 }
 
-/// The join token: the one in `<dir>/join-token` when its sha256 is the one in the database,
-/// else a new one (written to both).
-fn load_or_create_join_token(dir: &std::path::Path, store: &mut Store) -> Result<String> {
+/// The join token of `join.txt`: the one in `<dir>/join-token` while the database still admits
+/// hosts with it (not expired, not used up), else a new one ([`JOIN_TOKEN_TTL`], written to
+/// both). Tokens expired long ago are dropped.
+fn load_or_create_join_token(dir: &std::path::Path, store: &mut Store) -> Result<MadeToken> {
     let path = dir.join(JOIN_TOKEN_FILE);
-    let file = read_trimmed(&path);
-    let stored = tuchka_store::meta_get(store.conn(), JOIN_TOKEN_META)?;
-    match (file, stored) {
-        (Some(t), Some(h)) if sha256_hex(t.as_bytes()) == h => return Ok(t),
-        (Some(t), None) => {
-            store.atomic(|c| {
-                tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(t.as_bytes()))
-            })?;
-            return Ok(t);
+    let now = tuchka_store::now_unix();
+    store.atomic(|c| tuchka_store::prune_join_tokens(c, now))?;
+    if let Some(t) = read_trimmed(&path) {
+        let row = tuchka_store::join_token_by_sha(store.conn(), &sha256_hex(t.as_bytes()))?;
+        match row {
+            Some(r) if r.expires_unix > now && r.used_unix.is_none() && r.host_id.is_none() => {
+                return Ok(MadeToken {
+                    token: t,
+                    expires_unix: r.expires_unix,
+                    single_use: r.single_use,
+                    host: None,
+                });
+            }
+            _ => tracing::info!(
+                file = %path.display(),
+                "the join token of the last start expired, was used or rotated away: a new one was made"
+            ),
         }
-        (_, Some(_)) => tracing::warn!(
-            file = %path.display(),
-            "the join token file is missing or does not match the database: a new join token was made"
-        ),
-        (None, None) => {}
     }
     let token = random_hex();
+    let row = new_token_row(&token, JOIN_TOKEN_TTL.as_secs(), false, None);
+    store.atomic(|c| tuchka_store::insert_join_token(c, &row))?;
     write_secret(&path, &format!("{token}\n"))?;
-    store.atomic(|c| tuchka_store::meta_set(c, JOIN_TOKEN_META, &sha256_hex(token.as_bytes())))?;
-    Ok(token)
+    Ok(MadeToken {
+        token,
+        expires_unix: row.expires_unix,
+        single_use: false,
+        host: None,
+    })
 }
 
 #[cfg(test)]
@@ -384,8 +468,17 @@ mod tests {
         Controller::open(config).expect("open")
     }
 
+    /// Whether `token` admits a new host now (or at `now`).
+    fn admits_at(ctl: &Controller, token: &str, now: i64) -> bool {
+        crate::agents::check_join_token(ctl.db().conn(), token, "edge", now, None).is_ok()
+    }
+
+    fn admits(ctl: &Controller, token: &str) -> bool {
+        admits_at(ctl, token, tuchka_store::now_unix())
+    }
+
     #[test]
-    fn the_join_token_is_made_once_checked_by_hash_and_rotated() {
+    fn the_join_token_of_join_txt_is_kept_while_valid_checked_by_hash_and_rotated() {
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().expect("tmp");
         let endpoint = JoinEndpoint {
@@ -395,9 +488,14 @@ mod tests {
         let ctl = open(tmp.path(), Some(endpoint.clone()));
         let info = ctl.join_info();
         assert_eq!(info.token.len(), 64);
-        assert!(ctl.join_token_matches(&info.token).expect("check"));
-        assert!(!ctl.join_token_matches("wrong").expect("check"));
-        assert!(!ctl.join_token_matches("").expect("check"));
+        assert!(admits(&ctl, &info.token));
+        assert!(!admits(&ctl, "wrong"));
+        assert!(!admits(&ctl, ""));
+        assert!(!info.single_use);
+        // It expires in an hour.
+        let now = tuchka_store::now_unix();
+        assert!(admits_at(&ctl, &info.token, now + 3590));
+        assert!(!admits_at(&ctl, &info.token, now + 3601));
         let command = info.command.clone().expect("command");
         assert_eq!(
             command,
@@ -420,24 +518,74 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
         // The database holds only the hash.
-        let stored = tuchka_store::meta_get(ctl.db().conn(), JOIN_TOKEN_META)
-            .expect("meta")
-            .expect("row");
-        assert_ne!(stored, info.token);
+        let row =
+            tuchka_store::join_token_by_sha(ctl.db().conn(), &sha256_hex(info.token.as_bytes()))
+                .expect("read")
+                .expect("row");
+        assert_ne!(row.sha256, info.token);
         drop(ctl);
 
-        // A restart keeps it.
-        let ctl = open(tmp.path(), Some(endpoint));
+        // A restart keeps it while it is valid.
+        let ctl = open(tmp.path(), Some(endpoint.clone()));
         assert_eq!(ctl.join_info(), info);
 
-        // Rotation: the old token stops working.
-        let new = ctl.rotate_join_token().expect("rotate");
+        // More tokens: each its own, with its own lifetime; bad lifetimes are refused.
+        let short = ctl
+            .create_join_token(&JoinTokenCreate {
+                ttl_s: Some(60),
+                ..Default::default()
+            })
+            .expect("token");
+        assert_ne!(short.token, info.token);
+        assert!(admits(&ctl, &short.token) && admits(&ctl, &info.token));
+        assert!(!admits_at(
+            &ctl,
+            &short.token,
+            tuchka_store::now_unix() + 61
+        ));
+        for ttl in [0, 31 * 24 * 3600] {
+            let e = ctl
+                .create_join_token(&JoinTokenCreate {
+                    ttl_s: Some(ttl),
+                    ..Default::default()
+                })
+                .expect_err("bad ttl");
+            assert_eq!(e.code(), "InvalidTtl", "{e}");
+        }
+        // join.txt still has the first one.
+        assert_eq!(ctl.join_info(), info);
+
+        // Rotation: every other token stops working, join.txt has the new one.
+        let new = ctl
+            .create_join_token(&JoinTokenCreate {
+                rotate: true,
+                ..Default::default()
+            })
+            .expect("rotate");
         assert_ne!(new.token, info.token);
-        assert!(ctl.join_token_matches(&new.token).expect("check"));
-        assert!(!ctl.join_token_matches(&info.token).expect("check"));
+        assert!(admits(&ctl, &new.token));
+        assert!(!admits(&ctl, &info.token) && !admits(&ctl, &short.token));
         assert!(std::fs::read_to_string(&file)
             .expect("join.txt")
             .contains(&new.token));
+        assert_eq!(ctl.join_info().token, new.token);
+        drop(ctl);
+
+        // An expired join.txt token is replaced at start.
+        let ctl = open(tmp.path(), Some(endpoint.clone()));
+        assert_eq!(ctl.join_info().token, new.token);
+        ctl.db()
+            .conn()
+            .execute("UPDATE join_tokens SET expires_unix = 1", [])
+            .expect("expire");
+        drop(ctl);
+        let ctl = open(tmp.path(), Some(endpoint));
+        let fresh = ctl.join_info();
+        assert_ne!(fresh.token, new.token);
+        assert!(admits(&ctl, &fresh.token) && !admits(&ctl, &new.token));
+        assert!(std::fs::read_to_string(&file)
+            .expect("join.txt")
+            .contains(&fresh.token));
     }
 
     #[test]

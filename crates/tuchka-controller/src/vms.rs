@@ -27,13 +27,17 @@ fn view(ctl: &Controller, s: &Snapshot, v: &VmRow, last: Option<&MigrationRow>) 
         id: v.id.clone(),
         group: v.group.clone(),
         index: v.idx,
-        state: if up || v.observed == VmState::Pending {
+        state: if up || matches!(v.observed, VmState::Pending | VmState::Lost) {
             v.observed
         } else {
             VmState::Unknown
         },
         desired: v.desired,
-        host: s.host_name(&v.host_id),
+        host: v
+            .extra
+            .lost_from
+            .clone()
+            .unwrap_or_else(|| s.host_name(&v.host_id)),
         placement_reason: v.placement_reason.clone(),
         image: g.image.clone(),
         cpus: size.cpus,
@@ -98,6 +102,22 @@ pub fn get(ctl: &Controller, name: &str) -> Result<Vm> {
     view(ctl, &s, v, db::last_migration(c, &v.id)?.as_ref())
 }
 
+/// A lost VM (its host was removed) can only be removed.
+pub fn refuse_if_lost(v: &VmRow) -> Result<()> {
+    if v.observed != VmState::Lost {
+        return Ok(());
+    }
+    Err(Error::conflict(
+        "VmLost",
+        format!(
+            "vm {:?} is lost: its host {} was removed (tuchka host rm --force); remove it (tuchka vm rm {}) and scale its group up again for a new one",
+            v.name,
+            v.extra.lost_from.as_deref().unwrap_or("?"),
+            v.name
+        ),
+    ))
+}
+
 /// Refuse to `what` while one of `vms` is migrating: a VM is in at most one change of place
 /// at a time, and its power state must not change under a live copy.
 pub fn refuse_while_migrating(c: &Connection, vms: &[VmRow], what: &str) -> Result<()> {
@@ -155,6 +175,7 @@ pub fn action(ctl: &Controller, name: &str, action: VmAction, stop: VmStop) -> R
                 format!("vm {name:?} is being removed"),
             ));
         }
+        refuse_if_lost(&v)?;
         let verb = match action {
             VmAction::Start => "start it",
             VmAction::Stop => "stop it",
@@ -400,6 +421,7 @@ pub fn resize(ctl: &Controller, name: &str, req: VmResize) -> Result<Operation> 
                 format!("vm {name:?} is being removed"),
             ));
         }
+        refuse_if_lost(&v)?;
         refuse_while_migrating(c, std::slice::from_ref(&v), "resize it")?;
         let g =
             db::group(c, &v.group)?.ok_or_else(|| Error::not_found("group", "group", &v.group))?;

@@ -234,6 +234,7 @@
     pending: [],
     error: ['start', 'stop'],
     unknown: [],
+    lost: [],
   };
   const button = (id, text, onclick, cls) => h('button', { type: 'button', id, class: cls, onclick }, text);
 

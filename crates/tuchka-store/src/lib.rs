@@ -147,6 +147,17 @@ CREATE TABLE image_cache (
   host_id TEXT NOT NULL, sha256 TEXT NOT NULL, last_used_unix INTEGER NOT NULL,
   PRIMARY KEY (host_id, sha256));
 "#,
+    // 5: host identity: expiring and single-use join tokens, removed hosts (kept as tombstones
+    // so that their VMs, now lost, still name them and their identity is refused)
+    r#"
+ALTER TABLE hosts ADD COLUMN removed_at TEXT;
+ALTER TABLE hosts ADD COLUMN removed_name TEXT;
+CREATE TABLE join_tokens (
+  id TEXT PRIMARY KEY, sha256 TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL,
+  expires_unix INTEGER NOT NULL, single_use INTEGER NOT NULL DEFAULT 0, host_id TEXT,
+  used_unix INTEGER, used_by TEXT);
+DELETE FROM meta WHERE key = 'join_token_sha256';
+"#,
 ];
 
 /// The open database.

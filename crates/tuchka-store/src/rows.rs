@@ -112,22 +112,24 @@ fn finish_host(
     Ok(h)
 }
 
-/// All hosts by name.
+/// All hosts by name (not the removed ones).
 pub fn hosts(c: &Connection) -> Result<Vec<HostRow>> {
     let rows = query_all(
         c,
-        &format!("SELECT {HOST_COLS} FROM hosts ORDER BY name"),
+        &format!("SELECT {HOST_COLS} FROM hosts WHERE removed_at IS NULL ORDER BY name"),
         [],
         host_row,
     )?;
     rows.into_iter().map(finish_host).collect()
 }
 
-/// One host by id or name.
+/// One host by id or name (not a removed one).
 pub fn host(c: &Connection, id_or_name: &str) -> Result<Option<HostRow>> {
     let r = c
         .query_row(
-            &format!("SELECT {HOST_COLS} FROM hosts WHERE id = ?1 OR name = ?1"),
+            &format!(
+                "SELECT {HOST_COLS} FROM hosts WHERE (id = ?1 OR name = ?1) AND removed_at IS NULL"
+            ),
             [id_or_name],
             host_row,
         )
@@ -135,26 +137,57 @@ pub fn host(c: &Connection, id_or_name: &str) -> Result<Option<HostRow>> {
     r.map(finish_host).transpose()
 }
 
-/// Insert a host, or replace the credential and facts of the host with that name.
-pub fn upsert_host(
+/// Insert a new host.
+pub fn insert_host(
     c: &Connection,
     id: &str,
     name: &str,
     credential_sha256: &str,
     facts: &HostFacts,
-) -> Result<String> {
-    if let Some(h) = host(c, name)? {
-        c.execute(
-            "UPDATE hosts SET credential_sha256 = ?2, facts = ?3, revoked = 0 WHERE id = ?1",
-            params![h.id, credential_sha256, to_json(facts)],
-        )?;
-        return Ok(h.id);
-    }
+) -> Result<()> {
     c.execute(
         "INSERT INTO hosts (id, name, credential_sha256, facts, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![id, name, credential_sha256, to_json(facts), crate::now()],
     )?;
-    Ok(id.to_string())
+    Ok(())
+}
+
+/// Give host `id` a new credential and admit it again (a revoked host joining again, or a
+/// host that lost its identity joining with a token bound to it).
+pub fn set_host_credential(c: &Connection, id: &str, credential_sha256: &str) -> Result<bool> {
+    Ok(c.execute(
+        "UPDATE hosts SET credential_sha256 = ?2, revoked = 0 WHERE id = ?1 AND removed_at IS NULL",
+        params![id, credential_sha256],
+    )? > 0)
+}
+
+/// Remove host `id`: it is kept as a tombstone (its lost VMs still point at it) with no
+/// credential, its name free for a new host. Returns false when there is no such host.
+pub fn remove_host(c: &Connection, id: &str) -> Result<bool> {
+    Ok(c.execute(
+        "UPDATE hosts SET removed_at = ?2, removed_name = name, name = '~removed-' || id, \
+         credential_sha256 = '', revoked = 1, draining = 0 WHERE id = ?1 AND removed_at IS NULL",
+        params![id, crate::now()],
+    )? > 0)
+}
+
+/// The name host `id` had when it was removed, if it was.
+pub fn removed_host(c: &Connection, id: &str) -> Result<Option<String>> {
+    Ok(c.query_row(
+        "SELECT removed_name FROM hosts WHERE id = ?1 AND removed_at IS NOT NULL",
+        [id],
+        |r| r.get::<_, Option<String>>(0),
+    )
+    .optional()?
+    .map(|n| n.unwrap_or_else(|| id.to_string())))
+}
+
+/// Drop what only a host's reports kept: its networks' presence and its image cache.
+pub fn forget_host_reports(c: &Connection, id: &str) -> Result<()> {
+    c.execute("DELETE FROM host_networks WHERE host_id = ?1", [id])?;
+    c.execute("DELETE FROM image_cache WHERE host_id = ?1", [id])?;
+    c.execute("DELETE FROM vm_removals WHERE host_id = ?1", [id])?;
+    Ok(())
 }
 
 /// Revoke host `id`: its credential is refused from now on, until it registers again (with a
@@ -193,6 +226,85 @@ pub fn rename_host(c: &Connection, id: &str, name: &str) -> Result<bool> {
         "UPDATE hosts SET name = ?2 WHERE id = ?1",
         params![id, name],
     )? > 0)
+}
+
+// ---------------------------------------------------------------- join tokens
+
+/// A join token, by its sha256 (the token itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRow {
+    /// Id (for listing and logs; not secret).
+    pub id: String,
+    /// sha256 (hex) of the token.
+    pub sha256: String,
+    /// Creation time, RFC 3339.
+    pub created_at: String,
+    /// It admits no one after this, Unix seconds.
+    pub expires_unix: i64,
+    /// It admits one host only.
+    pub single_use: bool,
+    /// The existing host it admits again (a host that lost its identity), if any.
+    pub host_id: Option<String>,
+    /// When a single-use token was used, Unix seconds.
+    pub used_unix: Option<i64>,
+    /// The host that used it.
+    pub used_by: Option<String>,
+}
+
+/// How long an expired or used token is kept (so that a refusal says why), seconds.
+pub const JOIN_TOKEN_KEEP_S: i64 = 7 * 24 * 3600;
+
+/// Record a new join token.
+pub fn insert_join_token(c: &Connection, t: &JoinTokenRow) -> Result<()> {
+    c.execute(
+        "INSERT INTO join_tokens (id, sha256, created_at, expires_unix, single_use, host_id, used_unix, used_by) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![t.id, t.sha256, t.created_at, t.expires_unix, t.single_use, t.host_id, t.used_unix, t.used_by],
+    )?;
+    Ok(())
+}
+
+/// The join token whose sha256 is `sha256`.
+pub fn join_token_by_sha(c: &Connection, sha256: &str) -> Result<Option<JoinTokenRow>> {
+    Ok(c.query_row(
+        "SELECT id, sha256, created_at, expires_unix, single_use, host_id, used_unix, used_by \
+             FROM join_tokens WHERE sha256 = ?1",
+        [sha256],
+        |r| {
+            Ok(JoinTokenRow {
+                id: r.get(0)?,
+                sha256: r.get(1)?,
+                created_at: r.get(2)?,
+                expires_unix: r.get(3)?,
+                single_use: r.get(4)?,
+                host_id: r.get(5)?,
+                used_unix: r.get(6)?,
+                used_by: r.get(7)?,
+            })
+        },
+    )
+    .optional()?)
+}
+
+/// Mark single-use token `id` used by `host` at `now`; false when it already was.
+pub fn use_join_token(c: &Connection, id: &str, now: i64, host: &str) -> Result<bool> {
+    Ok(c.execute(
+        "UPDATE join_tokens SET used_unix = ?2, used_by = ?3 WHERE id = ?1 AND used_unix IS NULL",
+        params![id, now, host],
+    )? > 0)
+}
+
+/// Drop tokens expired for longer than [`JOIN_TOKEN_KEEP_S`]; how many went.
+pub fn prune_join_tokens(c: &Connection, now: i64) -> Result<usize> {
+    Ok(c.execute(
+        "DELETE FROM join_tokens WHERE expires_unix < ?1",
+        [now - JOIN_TOKEN_KEEP_S],
+    )?)
+}
+
+/// Drop every join token (a rotation); how many went.
+pub fn delete_join_tokens(c: &Connection) -> Result<usize> {
+    Ok(c.execute("DELETE FROM join_tokens", [])?)
 }
 
 // ---------------------------------------------------------------- images
@@ -647,6 +759,8 @@ pub struct VmExtra {
     pub console_tail: Option<String>,
     /// Why its new size could not be applied, as its host said.
     pub resize_error: Option<String>,
+    /// The name of its host when that host was removed (`host rm --force`): it is lost.
+    pub lost_from: Option<String>,
 }
 
 const VM_COLS: &str = "id, name, group_name, idx, host_id, placement_reason, desired, observed, error, reboot_seq, reboot_done, force_stop, stop_timeout_s, deleting, created_at, error_chain, cpu_usage, extra";
@@ -702,6 +816,11 @@ pub fn group_vms(c: &Connection, group: &str) -> Result<Vec<VmRow>> {
 /// VMs placed on a host.
 pub fn host_vms(c: &Connection, host_id: &str) -> Result<Vec<VmRow>> {
     vms_where(c, "WHERE host_id = ?1 ORDER BY group_name, idx", [host_id])
+}
+
+/// Lost VMs (their host was removed) asked to be removed.
+pub fn lost_vms_to_remove(c: &Connection) -> Result<Vec<VmRow>> {
+    vms_where(c, "WHERE deleting = 1 AND observed = 'lost'", [])
 }
 
 /// One VM by name.
@@ -763,6 +882,18 @@ pub fn update_vm(c: &Connection, v: &VmRow) -> Result<()> {
         ],
     )?;
     Ok(())
+}
+
+/// Free the addresses of VM `id` (its NICs and the forwards to it); returns them as
+/// (network, ip).
+pub fn free_vm_addresses(c: &Connection, id: &str) -> Result<Vec<(String, String)>> {
+    let freed = vm_nics(c, id)?
+        .into_iter()
+        .map(|n| (n.network, n.ip))
+        .collect();
+    c.execute("DELETE FROM forwards WHERE vm_id = ?1", [id])?;
+    c.execute("DELETE FROM nics WHERE vm_id = ?1", [id])?;
+    Ok(freed)
 }
 
 /// Delete a VM, its NICs (releases its addresses) and the forwards to it.
@@ -1627,20 +1758,69 @@ mod tests {
     use crate::Store;
 
     #[test]
-    fn a_revoked_host_is_admitted_again_by_a_new_registration() {
+    fn a_revoked_host_gets_a_new_credential_and_a_removed_one_is_a_tombstone() {
         let mut s = Store::open_in_memory().expect("open");
         s.atomic(|c| {
-            let id = upsert_host(c, "h1", "edge", "cred1", &HostFacts::default())?;
-            assert!(revoke_host(c, &id)?);
+            insert_host(c, "h1", "edge", "cred1", &HostFacts::default())?;
+            assert!(revoke_host(c, "h1")?);
             assert!(host(c, "edge")?.expect("host").revoked);
             assert!(!revoke_host(c, "nope")?);
-            upsert_host(c, "h2", "edge", "cred2", &HostFacts::default())?;
+            // A second host of that name cannot be inserted.
+            assert!(insert_host(c, "h2", "edge", "cred2", &HostFacts::default()).is_err());
+            assert!(set_host_credential(c, "h1", "cred2")?);
             let h = host(c, "edge")?.expect("host");
             assert!(!h.revoked);
             assert_eq!(
                 (h.id.as_str(), h.credential_sha256.as_str()),
                 ("h1", "cred2")
             );
+            // Removed: gone from every lookup, its name free, its old name remembered.
+            assert_eq!(removed_host(c, "h1")?, None);
+            assert!(remove_host(c, "h1")?);
+            assert!(!remove_host(c, "h1")?);
+            assert!(host(c, "edge")?.is_none() && host(c, "h1")?.is_none());
+            assert!(hosts(c)?.is_empty());
+            assert_eq!(removed_host(c, "h1")?.as_deref(), Some("edge"));
+            assert!(!set_host_credential(c, "h1", "cred3")?);
+            insert_host(c, "h3", "edge", "cred3", &HostFacts::default())?;
+            assert_eq!(host(c, "edge")?.expect("new host").id, "h3");
+            Ok::<_, StoreError>(())
+        })
+        .expect("tx");
+    }
+
+    #[test]
+    fn join_tokens_expire_and_single_use_ones_are_used_once() {
+        let mut s = Store::open_in_memory().expect("open");
+        s.atomic(|c| {
+            let t = |id: &str, sha: &str, expires: i64, single: bool| JoinTokenRow {
+                id: id.into(),
+                sha256: sha.into(),
+                created_at: crate::now(),
+                expires_unix: expires,
+                single_use: single,
+                host_id: None,
+                used_unix: None,
+                used_by: None,
+            };
+            insert_join_token(c, &t("a", "sha-a", 1000, false))?;
+            insert_join_token(c, &t("b", "sha-b", 2000, true))?;
+            assert_eq!(
+                join_token_by_sha(c, "sha-a")?.expect("a").expires_unix,
+                1000
+            );
+            assert!(join_token_by_sha(c, "nope")?.is_none());
+            assert!(use_join_token(c, "b", 1500, "edge")?);
+            assert!(!use_join_token(c, "b", 1600, "other")?, "used once only");
+            let b = join_token_by_sha(c, "sha-b")?.expect("b");
+            assert_eq!(
+                (b.used_unix, b.used_by.as_deref()),
+                (Some(1500), Some("edge"))
+            );
+            // Expired ones are dropped after a grace period, so a refusal can still say why.
+            assert_eq!(prune_join_tokens(c, 1000 + JOIN_TOKEN_KEEP_S + 1)?, 1);
+            assert!(join_token_by_sha(c, "sha-a")?.is_none());
+            assert_eq!(delete_join_tokens(c)?, 1);
             Ok::<_, StoreError>(())
         })
         .expect("tx");
@@ -1652,7 +1832,7 @@ mod tests {
         let cloud = s.cloud_id().expect("id");
         assert_eq!(s.cloud_id().expect("same id"), cloud);
         s.atomic(|c| {
-            upsert_host(c, "h1", "local", "x", &HostFacts::default())?;
+            insert_host(c, "h1", "local", "x", &HostFacts::default())?;
             insert_network(
                 c,
                 &NetworkRow {
@@ -1858,8 +2038,8 @@ mod tests {
     fn failed_transaction_leaves_nothing() {
         let mut s = Store::open_in_memory().expect("open");
         let r: std::result::Result<(), StoreError> = s.atomic(|c| {
-            upsert_host(c, "h1", "local", "x", &HostFacts::default())?;
-            upsert_host(c, "h1", "other", "x", &HostFacts::default())?; // duplicate id
+            insert_host(c, "h1", "local", "x", &HostFacts::default())?;
+            insert_host(c, "h1", "other", "x", &HostFacts::default())?; // duplicate id
             Ok(())
         });
         assert!(r.is_err());

@@ -169,6 +169,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(command) = join.command {
             tracing::info!(
                 file = %data_dir.join(tuchka_controller::state::JOIN_COMMAND_FILE).display(),
+                expires_at = %join.expires_at,
                 "join a host with: {command}"
             );
         }

@@ -556,6 +556,16 @@ fn vms_move_between_hosts() {
     t.c.kill_agent(&free);
     let pool = t.c.mh().dir().join(&free).join("tuchka-pool");
     std::fs::create_dir_all(&pool).expect("pool");
+    // The same machine with a smaller disk: it keeps its identity (a host name is never
+    // taken over with the join token alone).
+    let kept = t.c.mh().dir().join(&free).join("identity-kept");
+    let _ = std::fs::remove_dir_all(&kept);
+    common::sh(&[
+        "cp",
+        "-a",
+        pool.join("identity").to_str().expect("p"),
+        kept.to_str().expect("p"),
+    ]);
     t.c.mh()
         .run(
             &free,
@@ -570,6 +580,17 @@ fn vms_move_between_hosts() {
             ],
         )
         .expect("small pool");
+    t.c.mh()
+        .run(
+            &free,
+            &[
+                "cp",
+                "-a",
+                kept.to_str().expect("p"),
+                pool.join("identity").to_str().expect("p"),
+            ],
+        )
+        .expect("its identity in the small pool");
     t.c.start_agent(&free);
     t.c.wait_for("the small host back", Duration::from_secs(60), || {
         t.c.hosts().iter().any(|h| {
@@ -802,11 +823,18 @@ fn vms_move_between_hosts() {
             });
         }
     };
-    // Its identity lost (a reinstalled agent): it joins with the token under its name again.
+    // Its identity lost (a reinstalled agent): the join token alone does not let it take its
+    // name back; a token made for it does.
     t.c.kill_agent(&burn_host);
     std::fs::remove_dir_all(t.c.mh().dir().join(&burn_host).join("tuchka-pool/identity"))
         .expect("forget the identity");
-    t.c.start_agent(&burn_host);
+    let for_it = t.c.ok(&["host", "join-token", "--host", &burn_host]).out;
+    let for_it = for_it
+        .split_whitespace()
+        .nth(5)
+        .expect("the join command's token")
+        .to_string();
+    t.c.start_agent_with(&burn_host, &burn_host, &for_it);
     t.c.wait_for("the host joined again", Duration::from_secs(60), || {
         t.c.hosts()
             .iter()

@@ -808,3 +808,51 @@ fn a_volume_lives_on_one_host_and_moves_with_its_vm_cold_and_live() {
     assert!(c.host(&here).st.volumes().expect("files").is_empty());
     assert!(c.host(&other).st.volumes().expect("files").is_empty());
 }
+
+#[test]
+fn removing_a_dead_source_mid_migration_fails_it_and_the_target_drops_its_copy() {
+    let mut c = cloud_with(std::time::Duration::from_secs(1));
+    let (from, to) = c.launch(false);
+    // A host that is up with VMs is not removed, forced or not.
+    let e = tuchka_controller::hosts::remove(&c.ctl, &from, true).expect_err("up");
+    assert_eq!(e.code(), "HostInUse", "{e}");
+    assert!(e.to_string().contains("tuchka host drain"), "{e}");
+    let id = migrate(&c, &to);
+    c.pass();
+    c.pass();
+    let vm = vm_id(&c);
+    assert!(c.host(&to).st.vm(&vm).is_some(), "the target prepared");
+    // The source dies for good mid-copy.
+    c.hosts
+        .iter_mut()
+        .find(|h| h.name == from)
+        .expect("from")
+        .up = false;
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let e = tuchka_controller::hosts::remove(&c.ctl, &from, false).expect_err("not forced");
+    assert_eq!(e.code(), "HostHasVms", "{e}");
+    let removed = tuchka_controller::hosts::remove(&c.ctl, &from, true).expect("forced");
+    assert_eq!(removed.lost_vms, ["web-0"]);
+    for _ in 0..3 {
+        c.pass();
+    }
+    let op = c.op(&id);
+    assert_eq!(op.state, OperationState::Failed, "{op:?}");
+    let e = op.error.expect("error");
+    assert!(
+        format!("{} {}", e.message, e.chain.join(" ")).contains("was removed"),
+        "{e:?}"
+    );
+    let v = tuchka_controller::vms::get(&c.ctl, "web-0").expect("vm");
+    assert_eq!((v.state, v.host.as_str()), (VmState::Lost, from.as_str()));
+    assert!(
+        c.host(&to).st.vm(&vm).is_none(),
+        "the target dropped its copy"
+    );
+    assert!(c.host(&to).hv.domain(&domain(&c)).is_none());
+    // The lost VM goes at once when asked; its group with it.
+    tuchka_controller::groups::delete(&c.ctl, "web").expect("group rm");
+    tuchka_controller::progress::progress(&c.ctl);
+    assert!(tuchka_controller::vms::get(&c.ctl, "web-0").is_err());
+    assert!(tuchka_controller::groups::get(&c.ctl, "web").is_err());
+}

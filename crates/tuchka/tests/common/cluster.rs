@@ -103,6 +103,13 @@ impl Cluster {
 
     /// Start the agent of simulated host `host` under the cloud name `name`.
     pub fn start_agent_named(&mut self, host: &str, name: &str) {
+        let token = self.join.1.clone();
+        self.start_agent_with(host, name, &token);
+    }
+
+    /// Start the agent of simulated host `host` under the cloud name `name` with join token
+    /// `token` (e.g. one made for that host by `host join-token --host`).
+    pub fn start_agent_with(&mut self, host: &str, name: &str, token: &str) {
         let mh = self.mh.as_ref().expect("harness");
         let h = mh.host(host).expect("host");
         let pool = mh.dir().join(host).join("tuchka-pool");
@@ -117,7 +124,7 @@ impl Cluster {
             "--controller",
             &self.join.0,
             "--join-token",
-            &self.join.1,
+            token,
             "--fingerprint",
             &self.join.2,
         ])
