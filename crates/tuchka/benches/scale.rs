@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use support::sim::{self, Seen};
 use support::{cpu_seconds, env_or, ms, peak_rss_mib, quantile, rss_mib};
-use tuchka_api::{GroupCreate, JoinToken, NetworkCreate, Operation, RuleCreate};
+use tuchka_api::{GroupCreate, JoinToken, JoinTokenCreate, NetworkCreate, Operation, RuleCreate};
 use tuchka_client::{Client, Endpoint};
 
 struct Serve {
@@ -148,7 +148,16 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let local = Client::new(Endpoint::Unix(sock));
-    let join: JoinToken = local.get("/v1/join-token").await.expect("join token");
+    let join: JoinToken = local
+        .post(
+            "/v1/join-tokens",
+            &JoinTokenCreate {
+                ttl_s: Some(3600),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("join token");
     let url = join.url.clone().expect("url");
     let fingerprint = join.fingerprint.clone().expect("fingerprint");
     let token = std::fs::read_to_string(serve.dir.join("token")).expect("token");
