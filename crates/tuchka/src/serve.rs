@@ -226,6 +226,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .map(|ip| ip.to_string())
                 .unwrap_or_default(),
             channel_port: args.channel_port,
+            controller: args.listen,
             run_dir: PathBuf::from(tuchka_host::channel::DEFAULT_RUN_DIR),
             load_source: tuchka_agent::LoadSource::Proc,
         };
@@ -261,6 +262,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             None => local_address_towards(&args.controller).unwrap_or_default(),
         },
         channel_port: args.channel_port,
+        controller: controller_endpoint(&args.controller),
         run_dir: absolute(&args.run_dir)?,
         load_source: args.load_source.into(),
     };
@@ -273,6 +275,15 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         r = tuchka_agent::run(config, client) => r.context("agent failed"),
         _ = shutdown_signal() => Ok(()),
     }
+}
+
+/// The controller's address and port in `url` (`https://ADDR:PORT/…`), resolved.
+fn controller_endpoint(url: &str) -> Option<std::net::SocketAddr> {
+    let rest = url.split_once("://").map(|x| x.1).unwrap_or(url);
+    let hostport = rest.split('/').next()?;
+    std::net::ToSocketAddrs::to_socket_addrs(&hostport)
+        .ok()?
+        .next()
 }
 
 /// The local address this host uses to reach the controller at `url` (the underlay address

@@ -21,6 +21,7 @@
 
 pub mod dnsmasq;
 pub mod forwarding;
+pub mod guard;
 pub mod links;
 pub mod listening;
 pub mod nfgen;
