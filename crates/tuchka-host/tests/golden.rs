@@ -12,7 +12,7 @@ use tuchka_api::agent::{
 };
 use tuchka_host::domain_xml::{domain_uuid, parse_vm_metadata};
 use tuchka_host::net::dnsmasq::{
-    dnsmasq_args, render_addn_hosts, render_dhcp_hosts, DnsmasqConfig, DnsmasqFiles,
+    dnsmasq_args, render_addn_hosts, render_dhcp_hosts, DnsmasqConfig, DnsmasqFiles, DnsmasqUser,
 };
 use tuchka_host::net::nft::{render_firewall, FirewallModel};
 use tuchka_host::net::{NetPlan, Underlay};
@@ -469,6 +469,10 @@ fn dnsmasq_golden() {
         net: "10.10.0.0/24".parse().expect("cidr"),
         gateway: "10.10.0.1".parse().expect("ip"),
         files: DnsmasqFiles::in_dir(Path::new("/var/lib/tuchka/net/blue")),
+        user: DnsmasqUser {
+            user: "tuchka-dnsmasq".into(),
+            group: "tuchka-dnsmasq".into(),
+        },
     };
     let mut args = dnsmasq_args(&cfg).join("\n");
     args.push('\n');

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use common::{sh, wait_for, Scratch};
 use serde::{Deserialize, Serialize};
-use tuchka_api::agent::{EgressRule, NetworkDesired, PortMatch, VxlanDesired};
+use tuchka_api::agent::{DhcpHost, EgressRule, NetworkDesired, PortMatch, VxlanDesired};
 use tuchka_host::net::Underlay;
 use tuchka_host::{Dataplane, LinuxDataplane};
 use tuchka_testkit::MultiHost;
@@ -48,6 +48,8 @@ const TEST: &str = "a_guest_cannot_reach_other_networks_or_the_hosts_through_the
 const API_PORT: u16 = 7480;
 const CHANNEL_PORT: u16 = 7481;
 const VICTIM_PORT: u16 = 9999;
+/// The dnsmasq log bound of the test (red is a /26: its lease file needs no more).
+const LOG_LIMIT: u64 = 32 * 1024;
 const RED_VNI: u32 = 5101;
 const BLUE_VNI: u32 = 5102;
 const R1: (&str, &str) = ("10.61.0.10", "52:54:00:61:00:0a");
@@ -59,6 +61,8 @@ const B2: (&str, &str) = ("10.62.0.20", "52:54:00:62:00:14");
 struct Step {
     pool: PathBuf,
     cloud: String,
+    /// Bound of the dnsmasq logs.
+    log_limit: u64,
     op: Op,
 }
 
@@ -78,6 +82,10 @@ enum Op {
         port: u16,
         secs: u64,
     },
+    /// Broadcast `count` DHCPDISCOVERs, each from another MAC, as fast as possible.
+    Flood {
+        count: u32,
+    },
 }
 
 fn require() {
@@ -93,7 +101,7 @@ fn require() {
 fn run_step(path: &str) {
     let text = std::fs::read_to_string(path).expect("read the step file");
     let step: Step = serde_json::from_str(&text).expect("parse the step file");
-    let dp = || LinuxDataplane::new(&step.pool, &step.cloud);
+    let dp = || LinuxDataplane::new(&step.pool, &step.cloud).with_dnsmasq_log_limit(step.log_limit);
     let result = match &step.op {
         Op::Ensure(net) => dp().ensure_network(net).map_err(|e| e.chain()),
         Op::Remove(name) => dp().remove_network(name).map_err(|e| e.chain()),
@@ -104,6 +112,14 @@ fn run_step(path: &str) {
                 // Unreachable destinations (a dropped packet may come back as ICMP) are fine.
                 let _ = s.send_to(payload, to);
                 std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(())
+        }
+        Op::Flood { count } => {
+            let s = UdpSocket::bind("0.0.0.0:68").expect("bind the DHCP client port");
+            s.set_broadcast(true).expect("broadcast");
+            for i in 0..*count {
+                let _ = s.send_to(&dhcp_discover(i), "255.255.255.255:67");
             }
             Ok(())
         }
@@ -179,6 +195,19 @@ fn vxlan_packet(
     p
 }
 
+/// A DHCPDISCOVER from MAC `52:54:01:xx:xx:xx` (`n` in the last three bytes).
+fn dhcp_discover(n: u32) -> Vec<u8> {
+    let mut p = vec![1, 1, 6, 0];
+    p.extend_from_slice(&n.to_be_bytes()); // xid
+    p.extend_from_slice(&[0, 0, 0x80, 0]); // secs, flags: broadcast
+    p.extend_from_slice(&[0; 16]); // ciaddr, yiaddr, siaddr, giaddr
+    let b = n.to_be_bytes();
+    p.extend_from_slice(&[0x52, 0x54, 0x01, b[1], b[2], b[3]]);
+    p.extend_from_slice(&[0; 10 + 64 + 128]); // chaddr padding, sname, file
+    p.extend_from_slice(&[0x63, 0x82, 0x53, 0x63, 53, 1, 1, 255]);
+    p
+}
+
 /// The guests (namespaces) of a run, deleted on drop, the pools whose dnsmasq to stop, and
 /// the servers started in the harness (killed on drop; the harness would too).
 struct Guests {
@@ -213,6 +242,7 @@ struct World {
     prefix: String,
     guests: Guests,
     steps: u32,
+    log_limit: u64,
 }
 
 impl World {
@@ -253,6 +283,7 @@ impl World {
         let step = Step {
             pool: self.pool(host),
             cloud: self.cloud.clone(),
+            log_limit: self.log_limit,
             op,
         };
         let file = self.scratch.join(format!("step-{}.json", self.steps));
@@ -373,6 +404,41 @@ fn step_result(text: &str, ns: &str) -> Result<Vec<String>, String> {
         .collect())
 }
 
+/// Real, effective, saved and filesystem uid of `pid`.
+fn process_uids(pid: i32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|u| u.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What `busybox udhcpc` in `ns` prints (`lease <ip>` once it got one).
+fn dhcp_lease(w: &World, ns: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let script = w.scratch.join("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n[ \"$1\" = bound ] && echo \"lease $ip\"\nexit 0\n",
+    )
+    .expect("udhcpc script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let script = script.to_string_lossy().into_owned();
+    let (_, out) = sh(
+        "ip",
+        &[
+            "netns", "exec", ns, "busybox", "udhcpc", "-f", "-n", "-q", "-i", "eth0", "-t", "5",
+            "-T", "2", "-s", &script,
+        ],
+    );
+    out
+}
+
 /// Whether `ns` can open a TCP connection to `ip:port` within 2 s.
 fn connects(ns: &str, ip: &str, port: u16) -> bool {
     let script = format!("exec 3<>/dev/tcp/{ip}/{port}");
@@ -469,6 +535,7 @@ fn a_guest_cannot_reach_other_networks_or_the_hosts_through_the_underlay() {
         cloud: common::cloud_id(),
         prefix: prefix.clone(),
         steps: 0,
+        log_limit: LOG_LIMIT,
     };
     let (h1, h2, ctl) = (w.addr("h1"), w.addr("h2"), w.mh.controller_ip().to_string());
     let third_octets: Vec<&str> = ctl.split('.').collect();
@@ -527,6 +594,12 @@ fn a_guest_cannot_reach_other_networks_or_the_hosts_through_the_underlay() {
     // The cloud: red (NAT) on h1 only, blue across h1 and h2 with its gateway on h2.
     let (red, blue) = (format!("{prefix}r"), format!("{prefix}b"));
     let mut red_net = network(&red, &red, RED_VNI, 61, &h1, true, &[], true);
+    red_net.cidr = "10.61.0.0/26".into();
+    red_net.hosts = vec![DhcpHost {
+        mac: R1.1.into(),
+        ip: R1.0.into(),
+        name: "r1".into(),
+    }];
     let blue_h1 = network(
         &blue,
         &blue,
@@ -553,6 +626,17 @@ fn a_guest_cannot_reach_other_networks_or_the_hosts_through_the_underlay() {
     w.on("h1", Op::Ensure(Box::new(blue_h1.clone())));
     w.on("h2", Op::Ensure(Box::new(blue_h2.clone())));
     let r1 = w.guest("h1", &red, "r1", R1, "10.61.0.1");
+    w.ip(&["-n", &r1, "addr", "flush", "dev", "eth0"]);
+    w.ip(&[
+        "-n",
+        &r1,
+        "addr",
+        "add",
+        &format!("{}/26", R1.0),
+        "dev",
+        "eth0",
+    ]);
+    w.ip(&["-n", &r1, "route", "add", "default", "via", "10.61.0.1"]);
     let b1 = w.guest("h1", &blue, "b1", B1, "10.62.0.1");
     let b2 = w.guest("h2", &blue, "b2", B2, "10.62.0.1");
 
@@ -663,6 +747,83 @@ fn a_guest_cannot_reach_other_networks_or_the_hosts_through_the_underlay() {
         got.iter().all(|g| !g.contains("INJECTED")),
         "no rule names VXLAN to h2: {got:?}"
     );
+
+    // dnsmasq, which every guest can talk to, runs unprivileged with a bounded log.
+    let red_dir = w.pool("h1").join("net").join(&red);
+    let (log, log1) = (red_dir.join("dnsmasq.log"), red_dir.join("dnsmasq.log.1"));
+    let pid = common::dnsmasq_pid(&red_dir.join("dnsmasq.pid")).expect("red's dnsmasq runs");
+    let uids = process_uids(pid);
+    assert!(
+        uids.iter().all(|&u| u != 0),
+        "dnsmasq must not run as root (real, effective, saved, fs uid): {uids:?}"
+    );
+    eprintln!("dnsmasq {pid} runs as uid {uids:?}");
+    let size = |p: &PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let flood = |w: &mut World, ns: &str| {
+        if let Err(e) = w.step_in(ns, "h1", Op::Flood { count: 3000 }) {
+            panic!("flood from {ns}: {e}");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    flood(&mut w, &r1);
+    let full = size(&log);
+    eprintln!("dnsmasq log after 3000 requests from unknown MACs: {full} bytes");
+    assert!(
+        full <= LOG_LIMIT,
+        "the log never grows beyond {LOG_LIMIT} bytes: {full}"
+    );
+    assert!(
+        full > LOG_LIMIT - 1024,
+        "the flood filled the log to its bound (so it would have gone beyond): {full}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("no address available"),
+        "dnsmasq logged the flood"
+    );
+    assert_eq!(
+        common::dnsmasq_pid(&red_dir.join("dnsmasq.pid")),
+        Some(pid),
+        "a full log does not stop dnsmasq"
+    );
+    assert!(
+        dhcp_lease(&w, &r1).contains(&format!("lease {}", R1.0)),
+        "DHCP still answers the reserved MAC"
+    );
+    // The next pass rotates it; the new log is bounded the same way.
+    w.on("h1", Op::Ensure(Box::new(red_net.clone())));
+    assert!(
+        size(&log1) > LOG_LIMIT / 2 && size(&log1) <= LOG_LIMIT,
+        "rotated to {}",
+        log1.display()
+    );
+    assert!(size(&log) < LOG_LIMIT / 2, "a fresh log after the rotation");
+    flood(&mut w, &r1);
+    let (now, old) = (size(&log), size(&log1));
+    eprintln!("after a second flood: {now} + {old} bytes");
+    assert!(
+        now <= LOG_LIMIT && old <= LOG_LIMIT,
+        "both logs bounded: {now}, {old}"
+    );
+    assert!(now > LOG_LIMIT / 2, "dnsmasq writes to the new log: {now}");
+    assert_eq!(
+        common::dnsmasq_pid(&red_dir.join("dnsmasq.pid")),
+        Some(pid),
+        "same dnsmasq"
+    );
+    let (_, dns) = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &r1,
+            "busybox",
+            "nslookup",
+            &format!("r1.{red}"),
+            "10.61.0.1",
+        ],
+    );
+    assert!(dns.contains(R1.0), "DNS still answers:\n{dns}");
 
     // The rules go, the guard is back; removing the networks removes it with them.
     red_net.egress.clear();
