@@ -77,7 +77,7 @@ enum Op {
         payload: Vec<u8>,
         count: u32,
     },
-    /// Print every datagram received on UDP `port` for `secs` seconds.
+    /// Print every datagram received on UDP `port` until one says `END` (`secs` at most).
     Listen {
         port: u16,
         secs: u64,
@@ -133,6 +133,9 @@ fn run_step(path: &str) {
             while Instant::now() < deadline {
                 if let Ok((n, from)) = s.recv_from(&mut buf) {
                     println!("{GOT}{from} {}", String::from_utf8_lossy(&buf[..n]));
+                    if &buf[..n] == b"END" {
+                        break;
+                    }
                 }
             }
             Ok(())
@@ -343,36 +346,55 @@ impl World {
 
     /// What `victims` (namespace, host) received on [`VICTIM_PORT`] while `send` ran.
     fn received(&mut self, victims: &[(&str, &str)], send: impl FnOnce(&mut Self)) -> Vec<String> {
-        let mut listeners: Vec<Child> = victims
-            .iter()
-            .map(|(ns, host)| {
-                self.start_in(
-                    ns,
-                    host,
-                    Op::Listen {
-                        port: VICTIM_PORT,
-                        secs: 4,
-                    },
-                )
-            })
-            .collect();
-        // The listeners print a line once bound; a fixed pause is enough for that.
-        std::thread::sleep(Duration::from_millis(700));
+        use std::io::{BufRead, BufReader};
+        let mut listeners = Vec::new();
+        for (ns, host) in victims {
+            let mut child = self.start_in(
+                ns,
+                host,
+                Op::Listen {
+                    port: VICTIM_PORT,
+                    secs: 60,
+                },
+            );
+            // Wait until it is bound: a packet sent before would prove nothing.
+            let mut out = BufReader::new(child.stdout.take().expect("listener stdout"));
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let n = out.read_line(&mut line).expect("read the listener");
+                assert!(n > 0, "the listener in {ns} ended before it listened");
+                if line.contains(&format!("{GOT}listening")) {
+                    break;
+                }
+            }
+            listeners.push((ns.to_string(), child, out));
+        }
         send(self);
+        // What was sent has crossed the hosts by now (microseconds; leave room for a loaded
+        // machine), then each listener is told to stop, over its own loopback.
+        std::thread::sleep(Duration::from_millis(500));
         let mut got = Vec::new();
-        for l in listeners.drain(..) {
-            let out = l.wait_with_output().expect("listener");
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(
-                text.contains(&format!("{GOT}listening")),
-                "listener did not start:\n{text}"
-            );
+        for (ns, mut child, out) in listeners {
+            let end = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), VICTIM_PORT);
+            if let Err(e) = self.step_in(
+                &ns,
+                "h1",
+                Op::Send {
+                    to: end,
+                    payload: b"END".to_vec(),
+                    count: 1,
+                },
+            ) {
+                panic!("stop the listener in {ns}: {e}");
+            }
             got.extend(
-                text.lines()
-                    .filter_map(|l| l.strip_prefix(GOT))
-                    .filter(|l| *l != "listening")
-                    .map(str::to_string),
+                out.lines()
+                    .map_while(Result::ok)
+                    .filter_map(|l| l.strip_prefix(GOT).map(str::to_string))
+                    .filter(|l| !l.ends_with(" END")),
             );
+            let _ = child.wait();
         }
         got
     }
