@@ -277,13 +277,16 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The controller's address and port in `url` (`https://ADDR:PORT/…`), resolved.
+/// The controller's address and port in `url` (`https://ADDR[:PORT]/…`, 443 by default),
+/// resolved: guests may reach neither.
 fn controller_endpoint(url: &str) -> Option<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
     let rest = url.split_once("://").map(|x| x.1).unwrap_or(url);
     let hostport = rest.split('/').next()?;
-    std::net::ToSocketAddrs::to_socket_addrs(&hostport)
-        .ok()?
-        .next()
+    match hostport.to_socket_addrs() {
+        Ok(mut addrs) => addrs.next(),
+        Err(_) => (hostport, 443).to_socket_addrs().ok()?.next(),
+    }
 }
 
 /// The local address this host uses to reach the controller at `url` (the underlay address
@@ -313,5 +316,29 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
         Ok(std::env::current_dir()
             .context("cannot read the current directory")?
             .join(p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::controller_endpoint;
+
+    #[test]
+    fn the_controller_endpoint_comes_from_the_url() {
+        let at = |url: &str| controller_endpoint(url).map(|a| a.to_string());
+        assert_eq!(
+            at("https://10.250.0.1:7480").as_deref(),
+            Some("10.250.0.1:7480")
+        );
+        assert_eq!(
+            at("https://10.250.0.1:7480/v1/").as_deref(),
+            Some("10.250.0.1:7480")
+        );
+        assert_eq!(at("https://10.250.0.1").as_deref(), Some("10.250.0.1:443"));
+        assert_eq!(
+            at("https://[fd00::1]:7480").as_deref(),
+            Some("[fd00::1]:7480")
+        );
+        assert_eq!(at("https://").as_deref(), None);
     }
 }
