@@ -17,7 +17,8 @@
 //! h1's underlay address, which h2 admits as a peer's, and b2 would receive the inner datagram.
 //! b2 listens with a UDP socket; the same crafted packet sent by h1 itself does arrive (so the
 //! packet is well-formed and only the guard stops the guest's), and real traffic between b1 and
-//! b2 flows all along. Then the control ports: libvirt on both hosts, the channel, the
+//! b2 flows all along. The attacker also sends them to its own host, plainly and with a peer
+//! host's address as the source (which the underlay filter admits): refused from a bridge. Then the control ports: libvirt on both hosts, the channel, the
 //! controller's API, and a libvirt-TLS port on an outside address — refused until an outbound
 //! rule names them, as docs/networking.md says.
 //!
@@ -77,6 +78,13 @@ enum Op {
         payload: Vec<u8>,
         count: u32,
     },
+    /// The same from the local address `from` (which the sender may have no business using).
+    SendFrom {
+        from: Ipv4Addr,
+        to: SocketAddr,
+        payload: Vec<u8>,
+        count: u32,
+    },
     /// Print every datagram received on UDP `port` until one says `END` (`secs` at most).
     Listen {
         port: u16,
@@ -106,8 +114,15 @@ fn run_step(path: &str) {
         Op::Ensure(net) => dp().ensure_network(net).map_err(|e| e.chain()),
         Op::Remove(name) => dp().remove_network(name).map_err(|e| e.chain()),
         Op::Underlay(u) => dp().ensure_underlay(u).map_err(|e| e.chain()),
-        Op::Send { to, payload, count } => {
-            let s = UdpSocket::bind("0.0.0.0:0").expect("bind a UDP socket");
+        Op::Send { to, payload, count }
+        | Op::SendFrom {
+            to, payload, count, ..
+        } => {
+            let from = match &step.op {
+                Op::SendFrom { from, .. } => *from,
+                _ => Ipv4Addr::UNSPECIFIED,
+            };
+            let s = UdpSocket::bind((from, 0)).expect("bind a UDP socket");
             for _ in 0..*count {
                 // Unreachable destinations (a dropped packet may come back as ICMP) are fine.
                 let _ = s.send_to(payload, to);
@@ -704,6 +719,27 @@ fn a_guest_cannot_reach_other_networks_or_the_hosts_through_the_underlay() {
     assert!(
         got.iter().all(|g| !g.contains("INJECTED")),
         "a guest's crafted VXLAN packets must not reach another network: {got:?}"
+    );
+    // Spoofing a peer's address as the source (the underlay filter admits VXLAN from it) does
+    // not get the packet into r1's own host either: what comes from a guest's bridge is not
+    // VXLAN, whatever its source says.
+    w.ip(&["-n", &r1, "addr", "add", &format!("{h2}/32"), "dev", "eth0"]);
+    let spoofer = h2.parse().expect("ip");
+    let got = w.received(&[(&b1c, "h1")], |w| {
+        let op = Op::SendFrom {
+            from: spoofer,
+            to: h1_vxlan,
+            payload: to_b1("INJECTED-WITH-A-PEER-SOURCE"),
+            count: 10,
+        };
+        if let Err(e) = w.step_in(&r1c, "h1", op) {
+            panic!("send from r1: {e}");
+        }
+    });
+    w.ip(&["-n", &r1, "addr", "del", &format!("{h2}/32"), "dev", "eth0"]);
+    assert!(
+        got.iter().all(|g| !g.contains("INJECTED")),
+        "a guest spoofing a peer's address must not reach another network: {got:?}"
     );
     // Real traffic still flows.
     assert!(ping(&b2c, B1.0), "b2 still pings b1 across the hosts");
