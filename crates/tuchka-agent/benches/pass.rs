@@ -108,6 +108,8 @@ fn main() {
             accel: Accel::Tcg,
             cloud_id: CLOUD.into(),
             channel_port: None,
+            underlay_address: None,
+            controller: None,
         };
         let d = desired(n);
         let mut mem = Memory::default();

@@ -16,7 +16,7 @@
 //! job and never re-creates a domain that left.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -49,6 +49,11 @@ pub struct HostParts {
     pub cloud_id: String,
     /// Port of this host's migration channel (None: it has none).
     pub channel_port: Option<u16>,
+    /// This host's underlay address, if it has one: guests may not reach it.
+    pub underlay_address: Option<IpAddr>,
+    /// The controller's API endpoint, if it is on TCP: guests may reach neither its port
+    /// (anywhere) nor its address (unless unspecified).
+    pub controller: Option<SocketAddr>,
 }
 
 /// What the agent remembers between passes.
@@ -143,8 +148,10 @@ fn observed(id: &str, state: VmState, error: Option<Failure>) -> VmObserved {
     }
 }
 
-/// The host firewall's view of the cloud: who may reach the channel and VXLAN.
-fn underlay(desired: &HostDesired, channel_port: Option<u16>) -> Underlay {
+/// The host firewall's view of the cloud: who may reach the channel and VXLAN (the other
+/// hosts), and what guests may not reach (the hosts, this one and the controller included,
+/// and the control ports: every host's channel port, the controller's API port).
+fn underlay(desired: &HostDesired, parts: &HostParts) -> Underlay {
     let mut u = Underlay::new(
         desired
             .peers
@@ -152,7 +159,21 @@ fn underlay(desired: &HostDesired, channel_port: Option<u16>) -> Underlay {
             .filter_map(|p| p.address.parse::<IpAddr>().ok())
             .collect(),
     );
-    u.channel_port = channel_port;
+    u.channel_port = parts.channel_port;
+    // Loopback and wildcard addresses are not reachable from a guest's network anyway.
+    u.guarded = parts
+        .underlay_address
+        .into_iter()
+        .chain(parts.controller.map(|c| c.ip()))
+        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback() && !ip.is_multicast())
+        .collect();
+    u.control_ports = desired
+        .peers
+        .iter()
+        .map(|p| p.channel_port)
+        .chain(parts.controller.map(|c| c.port()))
+        .filter(|&p| p > 0)
+        .collect();
     u
 }
 
@@ -168,10 +189,7 @@ pub fn reconcile(
     let mut settled = true;
     // A host of a single-host cloud (no channel, no peers) leaves its host firewall alone.
     if parts.channel_port.is_some() || !desired.peers.is_empty() {
-        if let Err(e) = parts
-            .dataplane
-            .ensure_underlay(&underlay(desired, parts.channel_port))
-        {
+        if let Err(e) = parts.dataplane.ensure_underlay(&underlay(desired, parts)) {
             tracing::warn!(error = %e.chain(), "host firewall for the channel and VXLAN not converged");
             settled = false;
         }
@@ -1116,6 +1134,8 @@ mod tests {
             accel: Accel::Tcg,
             cloud_id: CLOUD.into(),
             channel_port: Some(7481),
+            underlay_address: Some("10.250.0.11".parse().expect("ip")),
+            controller: Some("10.250.0.1:7480".parse().expect("addr")),
         };
         Host {
             hv,
@@ -1256,6 +1276,17 @@ mod tests {
         let u = h.dp.underlay().expect("underlay applied");
         assert_eq!(u.channel_port, Some(7481));
         assert_eq!(u.peers, vec!["10.250.0.12".parse::<IpAddr>().expect("ip")]);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(
+            u.guarded,
+            vec![ip("10.250.0.1"), ip("10.250.0.11")],
+            "guests may not reach this host or the controller"
+        );
+        assert_eq!(
+            u.control_ports,
+            vec![7480, 7481],
+            "the API, the peer's channel"
+        );
         let d = h.hv.domain("tk-0f2a6c1e-web-0").expect("defined");
         assert_eq!(d.state, DomainState::Running);
         let storage = h.st.vm(VM).expect("storage");

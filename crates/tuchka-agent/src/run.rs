@@ -48,6 +48,8 @@ pub struct AgentConfig {
     pub address: String,
     /// TCP port of the migration channel (on `address`; 0: none).
     pub channel_port: u16,
+    /// The controller's TCP endpoint, if it has one (guests may not reach it).
+    pub controller: Option<std::net::SocketAddr>,
     /// Where the migration channel's unix sockets live (the same path on every host).
     pub run_dir: PathBuf,
     /// Where the host's load figures come from.
@@ -190,6 +192,8 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         accel,
         cloud_id: reg.cloud_id.clone(),
         channel_port,
+        underlay_address: config.address.parse().ok(),
+        controller: config.controller,
     });
     let captures = Captures::new(&config.pool);
     let mut client = client.clone().with_token(Some(reg.credential.clone()));

@@ -317,7 +317,9 @@ pub enum RuleCmd {
         /// Allow inbound traffic: tcp:80, tcp:8000-8100, udp:53, icmp or any.
         #[arg(long, value_name = "SPEC")]
         allow: Option<String>,
-        /// Allow outbound traffic (first matching outbound rule wins).
+        /// Allow outbound traffic (first matching outbound rule wins). The cloud's hosts are
+        /// reached only with --to naming the address itself, control ports (libvirt, migration,
+        /// the API, VXLAN) only with a SPEC naming the port.
         #[arg(long, value_name = "SPEC")]
         allow_out: Option<String>,
         /// Deny outbound traffic.

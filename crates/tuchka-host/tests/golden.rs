@@ -12,7 +12,7 @@ use tuchka_api::agent::{
 };
 use tuchka_host::domain_xml::{domain_uuid, parse_vm_metadata};
 use tuchka_host::net::dnsmasq::{
-    dnsmasq_args, render_addn_hosts, render_dhcp_hosts, DnsmasqConfig, DnsmasqFiles,
+    dnsmasq_args, render_addn_hosts, render_dhcp_hosts, DnsmasqConfig, DnsmasqFiles, DnsmasqUser,
 };
 use tuchka_host::net::nft::{render_firewall, FirewallModel};
 use tuchka_host::net::{NetPlan, Underlay};
@@ -352,6 +352,51 @@ fn nft_golden_underlay_with_networks_and_no_channel() {
     nft_golden("firewall-two-networks-underlay.nft", &render_firewall(&m));
 }
 
+/// A NAT network on the gateway host of a three-host cloud, with outbound rules that name a
+/// host (IPv4 and IPv6 underlay), a control port anywhere, and neither; a deny before them.
+#[test]
+fn nft_golden_guest_guard_with_rules_that_name_hosts_and_ports() {
+    let mut red = net("red", "tk101", "10.11.0.0/24", "10.11.0.1");
+    red.nat = true;
+    let rule = |id: &str, action: &str, m: PortMatch, to: &[&str]| EgressRule {
+        id: id.into(),
+        action: action.parse().expect("action"),
+        matches: m,
+        destinations: to.iter().map(|s| s.to_string()).collect(),
+    };
+    red.egress = vec![
+        rule("no-smtp", "deny", pm("tcp", Some(25), None), &["0.0.0.0/0"]),
+        rule(
+            "libvirt-h2",
+            "allow",
+            pm("tcp", Some(16509), None),
+            &["192.0.2.12"],
+        ),
+        rule(
+            "tls-anywhere",
+            "allow",
+            pm("tcp", Some(16514), None),
+            &["0.0.0.0/0"],
+        ),
+        rule(
+            "lan",
+            "allow",
+            pm("any", None, None),
+            &["198.51.100.0/24", "198.51.100.7", "10.11.0.1"],
+        ),
+    ];
+    let blue = net("blue", "tk100", "10.10.0.0/24", "10.10.0.1");
+    let mut m = model(&[red, blue]);
+    let mut u = underlay(&["192.0.2.12", "192.0.2.13", "fd00::12"]);
+    u.guarded = vec![
+        "192.0.2.11".parse().expect("ip"),
+        "192.0.2.1".parse().expect("ip"),
+    ];
+    u.control_ports = vec![7480, 7481];
+    m.set_underlay(&u).expect("valid underlay");
+    nft_golden("firewall-guest-guard.nft", &render_firewall(&m));
+}
+
 #[test]
 fn nft_model_refuses_forwards_of_the_ports_between_hosts() {
     let mut blue = net("blue", "tk100", "10.10.0.0/24", "10.10.0.1");
@@ -424,6 +469,10 @@ fn dnsmasq_golden() {
         net: "10.10.0.0/24".parse().expect("cidr"),
         gateway: "10.10.0.1".parse().expect("ip"),
         files: DnsmasqFiles::in_dir(Path::new("/var/lib/tuchka/net/blue")),
+        user: DnsmasqUser {
+            user: "tuchka-dnsmasq".into(),
+            group: "tuchka-dnsmasq".into(),
+        },
     };
     let mut args = dnsmasq_args(&cfg).join("\n");
     args.push('\n');

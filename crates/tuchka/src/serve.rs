@@ -228,6 +228,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .map(|ip| ip.to_string())
                 .unwrap_or_default(),
             channel_port: args.channel_port,
+            controller: args.listen,
             run_dir: PathBuf::from(tuchka_host::channel::DEFAULT_RUN_DIR),
             load_source: tuchka_agent::LoadSource::Proc,
         };
@@ -263,6 +264,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             None => local_address_towards(&args.controller).unwrap_or_default(),
         },
         channel_port: args.channel_port,
+        controller: controller_endpoint(&args.controller),
         run_dir: absolute(&args.run_dir)?,
         load_source: args.load_source.into(),
     };
@@ -274,6 +276,18 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     tokio::select! {
         r = tuchka_agent::run(config, client) => r.context("agent failed"),
         _ = shutdown_signal() => Ok(()),
+    }
+}
+
+/// The controller's address and port in `url` (`https://ADDR[:PORT]/…`, 443 by default),
+/// resolved: guests may reach neither.
+fn controller_endpoint(url: &str) -> Option<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let rest = url.split_once("://").map(|x| x.1).unwrap_or(url);
+    let hostport = rest.split('/').next()?;
+    match hostport.to_socket_addrs() {
+        Ok(mut addrs) => addrs.next(),
+        Err(_) => (hostport, 443).to_socket_addrs().ok()?.next(),
     }
 }
 
@@ -304,5 +318,29 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
         Ok(std::env::current_dir()
             .context("cannot read the current directory")?
             .join(p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::controller_endpoint;
+
+    #[test]
+    fn the_controller_endpoint_comes_from_the_url() {
+        let at = |url: &str| controller_endpoint(url).map(|a| a.to_string());
+        assert_eq!(
+            at("https://10.250.0.1:7480").as_deref(),
+            Some("10.250.0.1:7480")
+        );
+        assert_eq!(
+            at("https://10.250.0.1:7480/v1/").as_deref(),
+            Some("10.250.0.1:7480")
+        );
+        assert_eq!(at("https://10.250.0.1").as_deref(), Some("10.250.0.1:443"));
+        assert_eq!(
+            at("https://[fd00::1]:7480").as_deref(),
+            Some("[fd00::1]:7480")
+        );
+        assert_eq!(at("https://").as_deref(), None);
     }
 }

@@ -99,6 +99,8 @@ fn cloud_with(down_after: std::time::Duration) -> Cloud {
             accel: Accel::Tcg,
             cloud_id: ctl.cloud_id().to_string(),
             channel_port: Some(7481),
+            underlay_address: None,
+            controller: None,
         };
         hosts.push(FakeHost {
             id: reg.host_id,

@@ -5,6 +5,23 @@
 //! outlives the agent), reloaded with SIGHUP when the reservations change, and restarted when
 //! its arguments change. A pid from the pid file is trusted only if `/proc/<pid>/cmdline` is a
 //! dnsmasq with our `--pid-file=` argument, so a recycled pid is never signalled.
+//!
+//! Guests talk to dnsmasq, so it runs **unprivileged**: it starts as root (to bind ports 53
+//! and 67, and to open its files), then becomes [`DnsmasqUser`] — `tuchka-dnsmasq` where
+//! `scripts/install` made that user, else `nobody` — keeping only the network capabilities
+//! DHCP needs. What it opens as root stays usable: the lease file (rewritten through the open
+//! descriptor; the agent rewrites it itself only with dnsmasq stopped), the pid file and the
+//! log (chowned to the user). On SIGHUP it re-reads the hosts files as the user: they are
+//! world-readable in a traversable directory (the pool must be traversable for qemu anyway).
+//!
+//! Its **log is bounded**, because guests can make it write (a DHCP request from an unknown
+//! MAC is one line, and a guest can send thousands a second): dnsmasq runs under
+//! `RLIMIT_FSIZE` = [`file_limit`] (with `SIGXFSZ` ignored, so a write past it fails instead of
+//! killing dnsmasq), so `dnsmasq.log` can never grow beyond it, whatever the guests do and even
+//! with the agent stopped; and on every pass the agent rotates a log that reached half its
+//! limit ([`rotate_log`]: `dnsmasq.log` → `dnsmasq.log.1`, a fresh file owned by the user,
+//! SIGUSR2 to reopen). So a network's dnsmasq logs take at most twice the limit on disk, and
+//! the newest lines are kept unless a flood outruns a pass.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -20,6 +37,71 @@ use tuchka_core::ipam::Cidr;
 
 /// Lease time handed out (reservations are static, so this only paces renewals).
 pub const LEASE_TIME: &str = "1h";
+
+/// Default bound of a network's dnsmasq log, bytes.
+pub const DEFAULT_LOG_LIMIT: u64 = 1024 * 1024;
+
+/// Bytes a lease file line can take, at most, for one address (`expiry mac ip name
+/// client-id`, the name up to 63 bytes, a long client-id).
+const LEASE_LINE_MAX: u64 = 512;
+
+/// The dedicated user dnsmasq runs as when it exists (`scripts/install` creates it).
+pub const DEDICATED_USER: &str = "tuchka-dnsmasq";
+
+/// Pure: the file size limit dnsmasq runs under for network `net` with a log bound of
+/// `log_limit`: the bound, or more when the lease file of a large network could need more.
+pub fn file_limit(log_limit: u64, net: &Cidr) -> u64 {
+    let addresses = 1u64 << (32 - u32::from(net.prefix()));
+    log_limit.max(addresses * LEASE_LINE_MAX)
+}
+
+/// Who dnsmasq runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsmasqUser {
+    /// `--user`.
+    pub user: String,
+    /// `--group`.
+    pub group: String,
+}
+
+impl DnsmasqUser {
+    /// Pure: [`DEDICATED_USER`] (with its group) if `passwd` lists it, else `nobody` with
+    /// `nogroup` (Debian) or `nobody`; `passwd` and `group` as in `/etc/passwd`, `/etc/group`.
+    pub fn pick(passwd: &str, group: &str) -> Self {
+        let has = |file: &str, name: &str| {
+            file.lines()
+                .any(|l| l.split(':').next().is_some_and(|n| n == name))
+        };
+        if has(passwd, DEDICATED_USER) {
+            let group = if has(group, DEDICATED_USER) {
+                DEDICATED_USER
+            } else if has(group, "nogroup") {
+                "nogroup"
+            } else {
+                "nobody"
+            };
+            return DnsmasqUser {
+                user: DEDICATED_USER.to_string(),
+                group: group.to_string(),
+            };
+        }
+        let group = if has(group, "nogroup") {
+            "nogroup"
+        } else {
+            "nobody"
+        };
+        DnsmasqUser {
+            user: "nobody".to_string(),
+            group: group.to_string(),
+        }
+    }
+
+    /// The user of this system (from `/etc/passwd` and `/etc/group`).
+    pub fn detect() -> Self {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        Self::pick(&read("/etc/passwd"), &read("/etc/group"))
+    }
+}
 
 /// The files of one network's dnsmasq, all inside its state directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +147,8 @@ pub struct DnsmasqConfig {
     pub gateway: Ipv4Addr,
     /// Where the files live.
     pub files: DnsmasqFiles,
+    /// Who it runs as.
+    pub user: DnsmasqUser,
 }
 
 /// The dnsmasq command line (without the program name), pure.
@@ -93,7 +177,8 @@ pub fn dnsmasq_args(c: &DnsmasqConfig) -> Vec<String> {
         "--no-resolv".to_string(),
         format!("--pid-file={}", p(&c.files.pid)),
         format!("--log-facility={}", p(&c.files.log)),
-        "--user=root".to_string(),
+        format!("--user={}", c.user.user),
+        format!("--group={}", c.user.group),
     ]
 }
 
@@ -272,14 +357,22 @@ pub fn reload(pid: i32) -> Result<(), DnsmasqError> {
     signal(pid, Signal::HUP)
 }
 
-/// Start dnsmasq with `args`; returns its pid. dnsmasq forks into the background (and calls
-/// setsid) once it is ready; the foreground process's exit status reports startup errors.
-pub fn start(files: &DnsmasqFiles, args: &[String]) -> Result<i32, DnsmasqError> {
+/// Start dnsmasq with `args` under a file size limit of `file_limit` bytes (see the module
+/// docs); returns its pid. dnsmasq forks into the background (and calls setsid) once it is
+/// ready; the foreground process's exit status reports startup errors.
+pub fn start(files: &DnsmasqFiles, args: &[String], file_limit: u64) -> Result<i32, DnsmasqError> {
     let stderr = std::fs::File::create(&files.stderr).map_err(|source| DnsmasqError::Io {
         path: files.stderr.clone(),
         source,
     })?;
-    let status = Command::new(cmd::tool("dnsmasq"))
+    // `trap '' XFSZ` makes the signal ignored, and an ignored signal stays ignored across
+    // exec; prlimit sets the limit and execs dnsmasq (so its cmdline is dnsmasq's own).
+    let status = Command::new(cmd::tool("sh"))
+        .args(["-c", "trap '' XFSZ && exec \"$@\"", "sh"])
+        .arg(cmd::tool("prlimit"))
+        .arg(format!("--fsize={file_limit}"))
+        .arg("--")
+        .arg(cmd::tool("dnsmasq"))
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -310,6 +403,47 @@ pub fn start(files: &DnsmasqFiles, args: &[String]) -> Result<i32, DnsmasqError>
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Rotate the log of the dnsmasq `pid` (running with `files`) if it holds `at` bytes or more:
+/// `dnsmasq.log` becomes `dnsmasq.log.1` (replacing the previous one), a new empty log owned
+/// by dnsmasq's user is put in its place and dnsmasq is told to reopen it (SIGUSR2). Returns
+/// whether it rotated.
+pub fn rotate_log(files: &DnsmasqFiles, pid: i32, at: u64) -> Result<bool, DnsmasqError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DnsmasqError::Io { path, source }
+    };
+    let size = match std::fs::metadata(&files.log) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(&files.log)(e)),
+    };
+    if size < at {
+        return Ok(false);
+    }
+    // The owner of /proc/<pid> is the user dnsmasq runs as now.
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let uid = std::fs::metadata(&proc_dir).map_err(io(&proc_dir))?.uid();
+    let old = rotated(files);
+    std::fs::rename(&files.log, &old).map_err(io(&files.log))?;
+    let fresh = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(&files.log)
+        .map_err(io(&files.log))?;
+    std::os::unix::fs::fchown(&fresh, Some(uid), None).map_err(io(&files.log))?;
+    signal(pid, Signal::USR2)?;
+    Ok(true)
+}
+
+/// `dnsmasq.log.1`: the previous log.
+pub fn rotated(files: &DnsmasqFiles) -> PathBuf {
+    let mut name = files.log.clone().into_os_string();
+    name.push(".1");
+    PathBuf::from(name)
 }
 
 /// Stop the dnsmasq of these files if it runs (SIGTERM, then SIGKILL after 2 s); remove the
@@ -371,6 +505,40 @@ mod tests {
                 "--conf-file=/dev/null",
                 "--pid-file=/p/net/blue/dnsmasq.pid"
             ]
+        );
+    }
+
+    #[test]
+    fn dnsmasq_runs_as_the_dedicated_user_or_nobody() {
+        let passwd = "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/usr/sbin/nologin\n";
+        let group = "root:x:0:\nnogroup:x:65534:\n";
+        let nobody = DnsmasqUser::pick(passwd, group);
+        assert_eq!(
+            (nobody.user.as_str(), nobody.group.as_str()),
+            ("nobody", "nogroup")
+        );
+        let fedora = DnsmasqUser::pick(passwd, "root:x:0:\nnobody:x:65534:\n");
+        assert_eq!(fedora.group, "nobody");
+        let with = format!("{passwd}tuchka-dnsmasq:x:990:990::/nonexistent:/usr/sbin/nologin\n");
+        let dedicated = DnsmasqUser::pick(&with, &format!("{group}tuchka-dnsmasq:x:990:\n"));
+        assert_eq!(
+            (dedicated.user.as_str(), dedicated.group.as_str()),
+            ("tuchka-dnsmasq", "tuchka-dnsmasq")
+        );
+        // A user whose name only starts like it does not count.
+        let prefix = DnsmasqUser::pick("tuchka-dnsmasq2:x:1:1::/:/bin/false\n", group);
+        assert_eq!(prefix.user, "nobody");
+    }
+
+    #[test]
+    fn the_file_limit_leaves_room_for_the_lease_file() {
+        let small: Cidr = "10.1.0.0/24".parse().expect("cidr");
+        let large: Cidr = "10.0.0.0/16".parse().expect("cidr");
+        assert_eq!(file_limit(DEFAULT_LOG_LIMIT, &small), DEFAULT_LOG_LIMIT);
+        assert_eq!(file_limit(DEFAULT_LOG_LIMIT, &large), 65536 * 512);
+        assert_eq!(
+            file_limit(1000, &"10.1.0.0/29".parse().expect("cidr")),
+            8 * 512
         );
     }
 

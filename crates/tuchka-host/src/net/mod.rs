@@ -21,6 +21,7 @@
 
 pub mod dnsmasq;
 pub mod forwarding;
+pub mod guard;
 pub mod links;
 pub mod listening;
 pub mod nfgen;
@@ -38,7 +39,7 @@ use tuchka_api::agent::NetworkDesired;
 use tuchka_core::ipam::Cidr;
 use tuchka_core::names::cloud8;
 
-use self::dnsmasq::{DnsmasqConfig, DnsmasqFiles};
+use self::dnsmasq::{DnsmasqConfig, DnsmasqFiles, DnsmasqUser};
 use self::forwarding::IpForward;
 use self::nft::{Applied, Firewall, FirewallError, FirewallModel, NftFirewall};
 use self::rules::NetRules;
@@ -142,6 +143,10 @@ pub struct LinuxDataplane {
     cloud8: String,
     firewall: Box<dyn Firewall>,
     ip_forward: IpForward,
+    /// Who dnsmasq runs as.
+    dnsmasq_user: DnsmasqUser,
+    /// Bound of each dnsmasq log, bytes (see [`dnsmasq`]).
+    log_limit: u64,
     /// Serialises changes (the firewall is rendered from all networks' state) and remembers
     /// what the last firewall apply left in the kernel.
     lock: Mutex<Option<Applied>>,
@@ -171,8 +176,17 @@ impl LinuxDataplane {
             cloud_id: cloud_id.to_string(),
             cloud8: cloud8(cloud_id),
             firewall,
+            dnsmasq_user: DnsmasqUser::detect(),
+            log_limit: dnsmasq::DEFAULT_LOG_LIMIT,
             lock: Mutex::new(None),
         }
+    }
+
+    /// Bound each network's dnsmasq log to `bytes` instead of [`dnsmasq::DEFAULT_LOG_LIMIT`]
+    /// (it applies to a dnsmasq started from now on; the rotation at once).
+    pub fn with_dnsmasq_log_limit(mut self, bytes: u64) -> Self {
+        self.log_limit = bytes;
+        self
     }
 
     /// Name of this cloud's nft table (`tk_<cloud8>`).
@@ -420,13 +434,15 @@ impl LinuxDataplane {
             net: plan.net,
             gateway: plan.gateway,
             files: files.clone(),
+            user: self.dnsmasq_user.clone(),
         };
         let args = dnsmasq::dnsmasq_args(&cfg);
+        let file_limit = dnsmasq::file_limit(self.log_limit, &plan.net);
         match dnsmasq::running(&files) {
             Some((_, running_args)) if running_args != args => {
                 tracing::info!(network = %d.name, "dnsmasq arguments changed; restarting it");
                 dnsmasq::stop(&files).map_err(|e| dhcp_err(&obj, e))?;
-                dnsmasq::start(&files, &args).map_err(|e| dhcp_err(&obj, e))?;
+                dnsmasq::start(&files, &args, file_limit).map_err(|e| dhcp_err(&obj, e))?;
             }
             Some((pid, _)) => {
                 let leases = std::fs::read_to_string(&files.leases).unwrap_or_default();
@@ -446,13 +462,20 @@ impl LinuxDataplane {
                             },
                         )
                     })?;
-                    dnsmasq::start(&files, &args).map_err(|e| dhcp_err(&obj, e))?;
-                } else if hosts_changed || addn_changed {
-                    dnsmasq::reload(pid).map_err(|e| dhcp_err(&obj, e))?;
+                    dnsmasq::start(&files, &args, file_limit).map_err(|e| dhcp_err(&obj, e))?;
+                } else {
+                    if hosts_changed || addn_changed {
+                        dnsmasq::reload(pid).map_err(|e| dhcp_err(&obj, e))?;
+                    }
+                    if dnsmasq::rotate_log(&files, pid, self.log_limit / 2)
+                        .map_err(|e| dhcp_err(&obj, e))?
+                    {
+                        tracing::info!(network = %d.name, "dnsmasq log rotated");
+                    }
                 }
             }
             None => {
-                dnsmasq::start(&files, &args).map_err(|e| dhcp_err(&obj, e))?;
+                dnsmasq::start(&files, &args, file_limit).map_err(|e| dhcp_err(&obj, e))?;
                 created.dnsmasq = true;
             }
         }

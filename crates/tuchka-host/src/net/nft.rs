@@ -14,13 +14,19 @@
 //!   2. same bridge in and out (VMs of one network talking, bridged): accept;
 //!   3. `ct state established,related` accept, `ct state invalid` drop;
 //!   4. leaving network N's bridge (`out_<N>`): N's egress rules in order (deny → drop,
-//!      allow → `route_out`); then to another bridge of `B` → continue to step 5 (the destination
-//!      decides); to anything else → `route_out` if N has NAT, else drop ("no route out");
-//!      `route_out` sends traffic for a bridge of `B` on to step 5 and accepts the rest;
+//!      allow → `route_named` for the single addresses it lists, else `route_ports` when it
+//!      names ports, else `route_out`); then to another bridge of `B` → continue to step 5 (the
+//!      destination decides); to anything else → `route_out` if N has NAT, else drop ("no route
+//!      out"). Each `route_*` chain sends traffic for a bridge of `B` on to step 5 and holds the
+//!      rest to the guest guard ([`super::guard`]): `route_out` drops what goes to a host of the
+//!      cloud (sets `hosts4`/`hosts6`) or to a control port, `route_ports` what goes to a host,
+//!      `route_named` nothing; then accept;
 //!   5. entering network N's bridge (`in_<N>`): DNAT'ed traffic (a forward) accept; N's
 //!      ingress rules (source in `sources`, destination in `targets` or N's CIDR, protocol and
 //!      ports) accept; anything else drop.
-//! - **input** from a bridge of `B` to the host: replies, DHCP, DNS and ping only.
+//! - **input** from a bridge of `B` to the host: replies, DHCP, DNS and ping; then, for a
+//!   network with an outbound allow naming a single address (`host_<N>`), N's egress rules in
+//!   order (deny → drop, allow → accept for the addresses it names); everything else drop.
 //! - **prerouting / output** (nat): each forward of a network whose gateway is here:
 //!   `<proto> dport <host_port>` to a local address, arriving on anything but a bridge of `B`
 //!   (prerouting) or sent by the host itself (output, loopback excluded) → `dnat` to the VM.
@@ -49,6 +55,7 @@ use std::net::IpAddr;
 
 use tuchka_core::ipam::Cidr;
 
+use super::guard::{self, GuestGuard, Route};
 use super::rules::{NetRules, PortSpec};
 use super::underlay::Underlay;
 use crate::cmd::{self, CommandError};
@@ -253,8 +260,10 @@ fn rule(parts: &[Option<&str>]) -> String {
         .join(" ")
 }
 
-/// `out_<N>`: N's egress rules, then the default.
-fn render_egress(n: &NetRules, sets: &mut SetPool, out: &mut String) {
+/// `out_<N>`: N's egress rules, then the default. An allow goes on to `route_named` for the
+/// single addresses it lists, and to `route_ports` (it names ports) or `route_out` for the
+/// rest (see [`super::guard`]); `used` records which of those chains are needed.
+fn render_egress(n: &NetRules, sets: &mut SetPool, used: &mut RoutesUsed, out: &mut String) {
     let _ = writeln!(out, "\tchain out_{} {{", n.name);
     for e in &n.egress {
         if e.destinations.is_empty() {
@@ -265,23 +274,167 @@ fn render_egress(n: &NetRules, sets: &mut SetPool, out: &mut String) {
             );
             continue;
         }
-        let daddr = format!("ip daddr {}", sets.expr(&e.destinations));
-        let verdict = match e.action {
-            RuleAction::Allow => "goto route_out",
-            RuleAction::Deny => "drop",
-        };
         let ports = port_expr(&e.matches);
         let c = comment("egress", &e.id);
-        let line = rule(&[Some(&daddr), ports.as_deref(), Some(verdict), Some(&c)]);
-        let _ = writeln!(out, "\t\t{line}");
+        let mut line = |dests: &[Cidr], verdict: &str, sets: &mut SetPool| {
+            let daddr = format!("ip daddr {}", sets.expr(dests));
+            let line = rule(&[Some(&daddr), ports.as_deref(), Some(verdict), Some(&c)]);
+            let _ = writeln!(out, "\t\t{line}");
+        };
+        match e.action {
+            RuleAction::Deny => line(&e.destinations, "drop", sets),
+            RuleAction::Allow => {
+                let (named, rest) = guard::routes(e);
+                if !named.is_empty() {
+                    used.named = true;
+                    line(&named, "goto route_named", sets);
+                }
+                if named.len() < e.destinations.len() {
+                    let verdict = match rest {
+                        Route::Ports => {
+                            used.ports = true;
+                            "goto route_ports"
+                        }
+                        Route::Guarded | Route::Named => {
+                            used.out = true;
+                            "goto route_out"
+                        }
+                    };
+                    line(&e.destinations, verdict, sets);
+                }
+            }
+        }
     }
     if n.nat {
+        used.out = true;
         out.push_str("\t\tgoto route_out\n");
     } else {
         out.push_str("\t\toifname @bridges return\n");
         out.push_str("\t\tdrop\n");
     }
     out.push_str("\t}\n");
+}
+
+/// `host_<N>` (input hook, from N's bridge to this host): N's egress rules in order, a deny
+/// dropping, an allow accepting the single addresses it names; the rest falls back to the
+/// input chain (which drops it).
+fn render_to_host(n: &NetRules, sets: &mut SetPool, out: &mut String) {
+    let _ = writeln!(out, "\tchain host_{} {{", n.name);
+    for e in &n.egress {
+        let (dests, verdict) = match e.action {
+            RuleAction::Deny => (e.destinations.clone(), "drop"),
+            RuleAction::Allow => (guard::routes(e).0, "accept"),
+        };
+        if dests.is_empty() {
+            continue;
+        }
+        let daddr = format!("ip daddr {}", sets.expr(&dests));
+        let ports = port_expr(&e.matches);
+        let c = comment("egress", &e.id);
+        let line = rule(&[Some(&daddr), ports.as_deref(), Some(verdict), Some(&c)]);
+        let _ = writeln!(out, "\t\t{line}");
+    }
+    out.push_str("\t}\n");
+}
+
+/// Which of the chains after an allowed egress the networks use.
+#[derive(Debug, Default)]
+struct RoutesUsed {
+    out: bool,
+    ports: bool,
+    named: bool,
+}
+
+/// `tcp dport 80` / `tcp dport { 7481, 16509, 49152-49215 }` for non-empty `ranges`.
+fn dports(proto: &str, ranges: &[(u16, u16)]) -> String {
+    let items: Vec<String> = ranges
+        .iter()
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
+    match items.as_slice() {
+        [one] => format!("{proto} dport {one}"),
+        _ => format!("{proto} dport {{ {} }}", items.join(", ")),
+    }
+}
+
+/// The chains traffic an egress allow goes on to (those `used`): each returns what is bound
+/// for a bridge of the cloud (the destination network decides), drops what the guard
+/// forbids on that route and accepts the rest.
+fn render_routes(guard: &GuestGuard, used: &RoutesUsed, out: &mut String) {
+    let (v4, v6) = guard_sets(guard);
+    let hosts = |out: &mut String| {
+        if v4 {
+            out.push_str("\t\tip daddr @hosts4 drop comment \"guard: a host of the cloud\"\n");
+        }
+        if v6 {
+            out.push_str("\t\tip6 daddr @hosts6 drop comment \"guard: a host of the cloud\"\n");
+        }
+    };
+    if used.out {
+        out.push_str("\tchain route_out {\n");
+        out.push_str("\t\toifname @bridges return\n");
+        hosts(out);
+        for (proto, ranges) in [("tcp", &guard.tcp), ("udp", &guard.udp)] {
+            if !ranges.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "\t\t{} drop comment \"guard: a control port\"",
+                    dports(proto, ranges)
+                );
+            }
+        }
+        out.push_str("\t\taccept\n");
+        out.push_str("\t}\n");
+    }
+    if used.ports {
+        out.push_str("\tchain route_ports {\n");
+        out.push_str("\t\toifname @bridges return\n");
+        hosts(out);
+        out.push_str("\t\taccept\n");
+        out.push_str("\t}\n");
+    }
+    if used.named {
+        out.push_str("\tchain route_named {\n");
+        out.push_str("\t\toifname @bridges return\n");
+        out.push_str("\t\taccept\n");
+        out.push_str("\t}\n");
+    }
+}
+
+/// Whether the guard has IPv4 / IPv6 host addresses (sets `hosts4` / `hosts6`).
+fn guard_sets(guard: &GuestGuard) -> (bool, bool) {
+    (
+        guard.hosts.iter().any(IpAddr::is_ipv4),
+        guard.hosts.iter().any(IpAddr::is_ipv6),
+    )
+}
+
+/// The sets `hosts4` / `hosts6` of the guard (those with elements).
+fn render_guard_sets(guard: &GuestGuard, out: &mut String) {
+    for (set, ty, v6) in [
+        ("hosts4", "ipv4_addr", false),
+        ("hosts6", "ipv6_addr", true),
+    ] {
+        let elements: Vec<String> = guard
+            .hosts
+            .iter()
+            .filter(|ip| ip.is_ipv6() == v6)
+            .map(|ip| ip.to_string())
+            .collect();
+        if !elements.is_empty() {
+            let _ = write!(
+                out,
+                "\tset {set} {{\n\t\ttype {ty}\n\t\telements = {{ {} }}\n\t}}\n",
+                elements.join(", ")
+            );
+        }
+    }
 }
 
 /// `in_<N>`: forwards, N's ingress rules, then drop.
@@ -371,9 +524,8 @@ pub fn render_firewall(model: &FirewallModel) -> String {
     }
     let mut sets = SetPool::default();
     let mut chains = String::new();
-    if !nets.is_empty() {
-        render_networks(&nets, &mut sets, &mut chains);
-    }
+    let guard = GuestGuard::of(model.underlay.as_ref());
+    let guarded = !nets.is_empty() && render_networks(&nets, &guard, &mut sets, &mut chains);
     let mut peer_sets = String::new();
     if let Some(u) = &model.underlay {
         render_underlay(u, &mut peer_sets, &mut chains);
@@ -394,6 +546,9 @@ pub fn render_firewall(model: &FirewallModel) -> String {
         );
     }
     sets.render(&mut s);
+    if guarded {
+        render_guard_sets(&guard, &mut s);
+    }
     s.push_str(&peer_sets);
     if model.needs_forwarding() {
         let _ = write!(s, "\tchain {FORWARDING_MARKER} {{\n\t}}\n");
@@ -405,7 +560,14 @@ pub fn render_firewall(model: &FirewallModel) -> String {
 
 /// The chains of the networks `nets` (non-empty, sorted by name): forward, `route_out`, each
 /// network's `out_<N>`/`in_<N>`, input, and the nat chains; address lists go to `sets`.
-fn render_networks(nets: &[&NetRules], sets: &mut SetPool, chains: &mut String) {
+/// Traffic the networks' egress lets out is held to `guard`; returns whether the chains use
+/// its host sets.
+fn render_networks(
+    nets: &[&NetRules],
+    guard: &GuestGuard,
+    sets: &mut SetPool,
+    chains: &mut String,
+) -> bool {
     // forward
     chains.push_str("\tchain forward {\n");
     chains.push_str("\t\ttype filter hook forward priority filter; policy accept;\n");
@@ -427,18 +589,20 @@ fn render_networks(nets: &[&NetRules], sets: &mut SetPool, chains: &mut String) 
     chains.push_str("\t\tdrop\n");
     chains.push_str("\t}\n");
 
-    let routes_out = nets
-        .iter()
-        .any(|n| n.nat || n.egress.iter().any(|e| e.action == RuleAction::Allow));
-    if routes_out {
-        chains.push_str("\tchain route_out {\n");
-        chains.push_str("\t\toifname @bridges return\n");
-        chains.push_str("\t\taccept\n");
-        chains.push_str("\t}\n");
-    }
+    let mut used = RoutesUsed::default();
+    let mut per_net = String::new();
     for n in nets {
-        render_egress(n, sets, chains);
-        render_ingress(n, sets, chains);
+        render_egress(n, sets, &mut used, &mut per_net);
+        render_ingress(n, sets, &mut per_net);
+    }
+    render_routes(guard, &used, chains);
+    chains.push_str(&per_net);
+    let to_host: Vec<&&NetRules> = nets
+        .iter()
+        .filter(|n| guard::opens_the_host(&n.egress))
+        .collect();
+    for n in &to_host {
+        render_to_host(n, sets, chains);
     }
 
     // input
@@ -450,6 +614,13 @@ fn render_networks(nets: &[&NetRules], sets: &mut SetPool, chains: &mut String) 
     chains.push_str("\t\tudp dport 53 accept\n");
     chains.push_str("\t\ttcp dport 53 accept\n");
     chains.push_str("\t\ticmp type echo-request accept\n");
+    if !to_host.is_empty() {
+        let vmap: Vec<String> = to_host
+            .iter()
+            .map(|n| format!("{} : jump host_{}", q(&n.bridge), n.name))
+            .collect();
+        let _ = writeln!(chains, "\t\tiifname vmap {{ {} }}", vmap.join(", "));
+    }
     chains.push_str("\t\tdrop\n");
     chains.push_str("\t}\n");
 
@@ -494,6 +665,7 @@ fn render_networks(nets: &[&NetRules], sets: &mut SetPool, chains: &mut String) 
         }
         chains.push_str("\t}\n");
     }
+    used.out || used.ports
 }
 
 /// Pure: the inet tables that have a chain named `chain`, from `nft -j list chains` output.

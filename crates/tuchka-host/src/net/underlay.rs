@@ -15,7 +15,10 @@
 //! drop is final across nftables tables, an accept only ends this chain. With no peers (a
 //! single-host cloud) the channel port is open to loopback only and VXLAN to no one.
 //! Addresses are what is checked: VXLAN carries no authentication, the channel has mutual TLS
-//! on top.
+//! on top. That is why guests must never reach these ports with a host's address as their
+//! source (NAT would give them one): the same [`Underlay`] — with this host's own and the
+//! controller's address in `guarded` and the other control ports in `control_ports` — makes
+//! the guest guard of [`super::guard`].
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -40,6 +43,15 @@ pub struct Underlay {
     pub vxlan_port: u16,
     /// Underlay addresses of the cloud's other hosts (IPv4 or IPv6).
     pub peers: Vec<IpAddr>,
+    /// More addresses guests must not reach (besides `peers`): this host's own underlay
+    /// address, the controller's (see [`super::guard`]).
+    #[serde(default)]
+    pub guarded: Vec<IpAddr>,
+    /// More TCP ports of the cloud's control plane guests must not reach on any address
+    /// (besides `channel_port` and libvirt's): the other hosts' channel ports, the
+    /// controller's API port.
+    #[serde(default)]
+    pub control_ports: Vec<u16>,
 }
 
 impl Underlay {
@@ -49,6 +61,8 @@ impl Underlay {
             channel_port: Some(DEFAULT_CHANNEL_PORT),
             vxlan_port: DEFAULT_VXLAN_PORT,
             peers,
+            guarded: Vec::new(),
+            control_ports: Vec::new(),
         }
     }
 
@@ -63,26 +77,18 @@ impl Underlay {
                 "channel port 0 is not a valid port (the default is {DEFAULT_CHANNEL_PORT})"
             ));
         }
-        let mut peers = BTreeSet::new();
-        for &given in &self.peers {
-            // An IPv4-mapped IPv6 address would sit in the IPv6 set and never match.
-            let ip = match given {
-                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(given, IpAddr::V4),
-                v4 => v4,
-            };
-            let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-            if ip.is_unspecified() || ip.is_multicast() || broadcast || ip.is_loopback() {
-                return Err(format!(
-                    "peer {given} is not a host's underlay address (it must be a unicast, \
-                     non-loopback address)"
-                ));
-            }
-            peers.insert(ip);
+        let peers = host_addresses(&self.peers, "peer")?;
+        let guarded = host_addresses(&self.guarded, "guarded address")?;
+        if self.control_ports.contains(&0) {
+            return Err("control port 0 is not a valid port".to_string());
         }
+        let control_ports: BTreeSet<u16> = self.control_ports.iter().copied().collect();
         Ok(Underlay {
             channel_port: self.channel_port,
             vxlan_port: self.vxlan_port,
-            peers: peers.into_iter().collect(),
+            peers,
+            guarded,
+            control_ports: control_ports.into_iter().collect(),
         })
     }
 
@@ -99,6 +105,28 @@ impl Underlay {
             _ => None,
         }
     }
+}
+
+/// Validate host addresses (unicast, not loopback), sorted and deduplicated; `what` names
+/// them in the message.
+fn host_addresses(given: &[IpAddr], what: &str) -> Result<Vec<IpAddr>, String> {
+    let mut out = BTreeSet::new();
+    for &given in given {
+        // An IPv4-mapped IPv6 address would sit in the IPv6 set and never match.
+        let ip = match given {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(given, IpAddr::V4),
+            v4 => v4,
+        };
+        let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+        if ip.is_unspecified() || ip.is_multicast() || broadcast || ip.is_loopback() {
+            return Err(format!(
+                "{what} {given} is not a host's underlay address (it must be a unicast, \
+                 non-loopback address)"
+            ));
+        }
+        out.insert(ip);
+    }
+    Ok(out.into_iter().collect())
 }
 
 #[cfg(test)]
