@@ -187,7 +187,7 @@ pub fn register(ctl: &Controller, req: HostRegister, trusted: bool) -> Result<Ho
     // With a local agent (`serve` without `--no-local-agent`) the unix socket is that agent's:
     // it admits the controller's own host only.
     let bound = ctl.config().local_pool.is_some();
-    let (id, credential, what) = ctl.db().atomic(|c| {
+    let (id, credential, what, others_must_know) = ctl.db().atomic(|c| {
         let presented = match &req.identity {
             Some(i) => Some(claim(c, i)?),
             None => None,
@@ -300,6 +300,10 @@ pub fn register(ctl: &Controller, req: HostRegister, trusted: bool) -> Result<Ho
                 (h, credential, renamed)
             }
         };
+        // A host never seen before is in nobody's desired state yet but the peer lists, which
+        // every agent refreshes at its next long poll: no wake-up of all agents for it (1,000
+        // hosts joining would otherwise make 1,000 fan-outs of 1,000 desired states).
+        let others_must_know = h.last_seen_unix > 0;
         db::touch_host(c, &h.id, &req.facts, &[], &[])?;
         let what = match &renamed {
             Some(old) => format!(
@@ -308,10 +312,12 @@ pub fn register(ctl: &Controller, req: HostRegister, trusted: bool) -> Result<Ho
             ),
             None => format!("host {} registered ({})", req.name, req.facts.accel),
         };
-        Ok::<_, Error>((h.id, credential, what))
+        Ok::<_, Error>((h.id, credential, what, others_must_know))
     })?;
     ctl.emit("host.registered", &format!("host/{}", req.name), what);
-    ctl.bump();
+    if others_must_know {
+        ctl.bump();
+    }
     let (certificate_pem, ca_pem) = match &req.csr_pem {
         Some(csr) => match crate::tls::sign_host_csr(ctl, &id, csr) {
             Ok(Some((cert, ca))) => (Some(cert), Some(ca)),

@@ -99,7 +99,12 @@ impl Cache {
             // instead of each making its own.
             let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
             match slot.as_ref() {
-                Some(b) if b.generation == current && b.taken.elapsed() < BASIS_MAX_AGE => {
+                // A host that joined after it was read (joining wakes nobody) needs a new one.
+                Some(b)
+                    if b.generation == current
+                        && b.taken.elapsed() < BASIS_MAX_AGE
+                        && b.snapshot.host(host_id).is_some() =>
+                {
                     b.clone()
                 }
                 _ => {

@@ -48,8 +48,12 @@ fn main() {
     std::thread::sleep(Duration::from_secs(20));
     let cpu = 100.0 * (cpu_ticks(pid) - t0) as f64 / 100.0 / start.elapsed().as_secs_f64();
     println!(
-        "tuchka agent, idle with 10 VMs: RSS {:.1} MiB (peak {:.1} MiB), CPU {cpu:.1} % of one core",
+        "tuchka agent, idle with 10 VMs: RSS {:.1} MiB (peak {:.1} MiB; heap and stacks {:.1} MiB, \
+         mapped files {:.1} MiB), {} threads, CPU {cpu:.1} % of one core",
         status_kib(pid, "VmRSS:") as f64 / 1024.0,
         status_kib(pid, "VmHWM:") as f64 / 1024.0,
+        status_kib(pid, "RssAnon:") as f64 / 1024.0,
+        status_kib(pid, "RssFile:") as f64 / 1024.0,
+        status_kib(pid, "Threads:"),
     );
 }
