@@ -355,7 +355,8 @@ impl Client {
         };
         let resp = self.ensure_success(resp, path).await?;
         let mut options = tokio::fs::OpenOptions::new();
-        options.create(true);
+        // A new file is private (an image is guest data); an existing one keeps its mode.
+        options.create(true).mode(0o600);
         if append {
             options.append(true);
         } else {

@@ -110,7 +110,67 @@ pub fn router(ctl: Controller, transport: Transport) -> Router {
         .layer(Extension(transport))
         .layer(Extension(OpenApiDoc(Arc::new(crate::openapi::document()))))
         .layer(middleware::from_fn_with_state(ctl.clone(), observe::track))
+        .layer(middleware::from_fn(json_errors))
         .with_state(ctl)
+}
+
+/// Largest error body [`json_errors`] reads to quote it.
+const QUOTED_ERROR_MAX: usize = 4096;
+
+/// Every error answers with the stable JSON body, also those the framework makes before a
+/// handler runs (a query or path that does not parse, a method the route lacks, a body over
+/// a limit): their text becomes the message, the code follows the status.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let allow = resp.headers().get(header::ALLOW).cloned();
+    let text = match axum::body::to_bytes(resp.into_body(), QUOTED_ERROR_MAX).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let code = match status {
+        StatusCode::BAD_REQUEST => "InvalidRequest",
+        StatusCode::NOT_FOUND => "NoRoute",
+        StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "BodyTooLarge",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaType",
+        StatusCode::UNPROCESSABLE_ENTITY => "InvalidBody",
+        s if s.is_server_error() => "Internal",
+        _ => "InvalidRequest",
+    };
+    let message = match (text.is_empty(), status) {
+        (false, _) => text,
+        (true, StatusCode::METHOD_NOT_ALLOWED) => format!(
+            "this endpoint does not take this method{} (the API is described at /v1/openapi.json)",
+            allow
+                .as_ref()
+                .and_then(|a| a.to_str().ok())
+                .map(|a| format!("; it takes {a}"))
+                .unwrap_or_default()
+        ),
+        (true, s) => s
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string(),
+    };
+    let body = ApiError {
+        code: code.into(),
+        message,
+        chain: vec![],
+    };
+    let mut out = (status, Json(body)).into_response();
+    if let Some(a) = allow {
+        out.headers_mut().insert(header::ALLOW, a);
+    }
+    out
 }
 
 async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Error {

@@ -735,7 +735,11 @@ fn convert(
         Err(e) => return Err(HostError::io(&out_obj, "read", &partial, e)),
     }
     std::fs::File::open(&partial)
-        .and_then(|f| f.sync_all())
+        .and_then(|f| {
+            // Guest data: root only (the agent sends it to the controller).
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            f.sync_all()
+        })
         .map_err(|e| HostError::io(&out_obj, "flush", &partial, e))?;
     // A link, not a rename: it fails instead of replacing a file that appeared at `out`.
     std::fs::hard_link(&partial, req.out)
