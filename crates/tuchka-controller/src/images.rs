@@ -126,11 +126,13 @@ where
                 .into();
             args.push(path.clone().into_os_string());
             args.push(target.into_os_string());
-            let out_ = run_qemu_img(&args, &QemuImgLimits::CONVERT).await?;
-            if !out_.status.success() {
+            let converted = run_qemu_img(&args, &QemuImgLimits::CONVERT).await?;
+            if !converted.status.success() {
                 return Err(Error::Internal {
                     message: format!("image {name:?}: qemu-img convert failed"),
-                    chain: vec![String::from_utf8_lossy(&out_.stderr).trim().to_string()],
+                    chain: vec![String::from_utf8_lossy(&converted.stderr)
+                        .trim()
+                        .to_string()],
                 });
             }
             (out, "raw")

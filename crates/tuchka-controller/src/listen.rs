@@ -466,17 +466,6 @@ impl Drop for WatchedBody {
     }
 }
 
-/// A running listener's connection count (for tests and logs).
-#[derive(Debug, Clone)]
-pub struct ListenerStats(Arc<Limiter>);
-
-impl ListenerStats {
-    /// Connections counted now.
-    pub fn connections(&self) -> usize {
-        self.0.count()
-    }
-}
-
 /// Serve `app` on the unix socket until `shutdown` resolves; clients are counted by user id.
 pub async fn serve_unix(
     listener: UnixListener,

@@ -312,6 +312,8 @@ impl DirStorage {
         let args: Vec<std::ffi::OsString> = vec![
             "rebase".into(),
             "-u".into(),
+            "-f".into(),
+            "qcow2".into(),
             "-F".into(),
             "qcow2".into(),
             "-b".into(),

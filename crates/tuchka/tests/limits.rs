@@ -8,8 +8,9 @@
 //! - a flood on the unix socket leaves the CLI working there too;
 //! - an event stream silent for longer than the idle timeout is not cut;
 //! - uploads: one larger than `--max-upload-size` is refused before anything is stored, a
-//!   qcow2 with a huge virtual size and a file that is no image are refused, and nothing is
-//!   left behind (no temporary file, no stored file, no row).
+//!   qcow2 with a huge virtual size and a file that is no image are refused, one of unknown
+//!   length is stopped when the image store runs low, and nothing is left behind (no
+//!   temporary file, no stored file, no row).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
@@ -27,6 +28,8 @@ struct Serve {
     dir: PathBuf,
     port: u16,
     child: Child,
+    /// Remove the data directory on drop.
+    owns_dir: bool,
 }
 
 impl Serve {
@@ -37,6 +40,11 @@ impl Serve {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("data dir");
+        Self::start_in(dir, extra)
+    }
+
+    /// Start on the data directory `dir`, which exists.
+    fn start_in(dir: PathBuf, extra: &[&str]) -> Serve {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -63,7 +71,12 @@ impl Serve {
             .stdin(Stdio::null())
             .spawn()
             .expect("start tuchka serve");
-        let s = Serve { dir, port, child };
+        let s = Serve {
+            dir,
+            port,
+            child,
+            owns_dir: true,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if s.cli(&["host", "list"]).status.success() {
@@ -72,6 +85,14 @@ impl Serve {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("tuchka serve did not answer:\n{}", s.log());
+    }
+
+    /// Stop (SIGTERM) and start again on the same data directory, without extra options.
+    fn restart(mut self) -> Serve {
+        self.owns_dir = false;
+        let dir = self.dir.clone();
+        drop(self);
+        Serve::start_in(dir, &[])
     }
 
     fn socket(&self) -> PathBuf {
@@ -116,7 +137,9 @@ impl Drop for Serve {
             .arg(self.child.id().to_string())
             .status();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.owns_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -495,4 +518,144 @@ fn uploads_over_the_limits_are_refused_and_leave_nothing() {
         ]),
         "upload within the limits",
     );
+}
+
+/// A tmpfs mounted over `dir` for the test's life.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn an_upload_of_unknown_length_stops_when_the_store_runs_low() {
+    // The image store on a 72 MiB file system: after the first 64 MiB the free space (8 MiB)
+    // is under the 16 MiB kept free, and the upload (no Content-Length, so nothing could be
+    // checked before) is stopped there.
+    let dir = PathBuf::from(format!(
+        "/var/tmp/tuchka-limits-full-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).expect("dir");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=72M", "tuchka-test"])
+        .arg(&images)
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mount a tmpfs");
+    let mount = Tmpfs(images.clone());
+    let s = Serve::start_in(dir.clone(), &[]);
+    let mut sock = UnixStream::connect(s.socket()).expect("connect");
+    sock.write_all(
+        b"POST /v1/images?name=big HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    )
+    .expect("head");
+    let chunk = vec![0u8; 1 << 20];
+    for _ in 0..100 {
+        let mut piece = format!("{:x}\r\n", chunk.len()).into_bytes();
+        piece.extend_from_slice(&chunk);
+        piece.extend_from_slice(b"\r\n");
+        if sock.write_all(&piece).is_err() {
+            break;
+        }
+    }
+    let _ = sock.write_all(b"0\r\n\r\n");
+    let mut answer = String::new();
+    let _ = sock.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 409"), "{answer}");
+    assert!(answer.contains("\"code\":\"StoreFull\""), "{answer}");
+    assert!(
+        answer.contains("fell below 16 MiB free"),
+        "stopped by the check while writing: {answer}"
+    );
+    assert!(
+        files_in(&images.join("tmp")).is_empty(),
+        "the partial upload is gone: {:?}",
+        files_in(&images.join("tmp"))
+    );
+    assert!(files_in(&images).is_empty(), "nothing stored");
+    drop(s);
+    drop(mount);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn leftovers_of_interrupted_uploads_and_removals_are_swept_at_start() {
+    let s = Serve::start("sweep", &[]);
+    let d = s.dir.join("inputs");
+    std::fs::create_dir_all(&d).expect("dir");
+    let mut sha = std::collections::BTreeMap::new();
+    for (name, size) in [("kept", "16M"), ("lost", "32M")] {
+        let f = d.join(format!("{name}.qcow2"));
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&f)
+            .arg(size)
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+        let o = s.cli(&[
+            "image",
+            "upload",
+            f.to_str().expect("p"),
+            "--name",
+            name,
+            "-o",
+            "json",
+        ]);
+        ok(&o, "upload");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        sha.insert(name, v["sha256"].as_str().expect("sha").to_string());
+    }
+    let images = s.dir.join("images");
+    // A crash mid-upload (its temporary file), between an upload's file and its row (a file no
+    // row names), and mid-removal (a row whose file is gone).
+    std::fs::write(images.join("tmp/upload-4f1c"), b"half an upload").expect("plant");
+    std::fs::write(images.join("tmp/convert-77aa"), b"half a conversion").expect("plant");
+    let orphan = images.join(format!("{}.qcow2", "ab".repeat(32)));
+    std::fs::write(&orphan, b"no row names me").expect("plant");
+    std::fs::remove_file(images.join(format!("{}.qcow2", sha["lost"]))).expect("remove");
+    let unrelated = images.join("README.txt");
+    std::fs::write(&unrelated, b"not ours to judge").expect("plant");
+
+    let s = s.restart();
+    assert!(
+        files_in(&images.join("tmp")).is_empty(),
+        "temporary files swept: {:?}",
+        files_in(&images.join("tmp"))
+    );
+    assert!(!orphan.exists(), "an image file no row names is removed");
+    assert!(
+        unrelated.exists(),
+        "files that are not the store's are left alone"
+    );
+    let list = s.cli(&["image", "list", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
+    let names: Vec<&str> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["kept"],
+        "the row whose file is gone is removed, the other kept"
+    );
+    assert!(
+        images.join(format!("{}.qcow2", sha["kept"])).exists(),
+        "the kept image's file stays"
+    );
+    let log = s.log();
+    for line in [
+        "removed the temporary file of an interrupted upload",
+        "removed an image file no image names",
+        "image's file is missing and no group uses it: removed its row",
+    ] {
+        assert!(log.contains(line), "logged: {line:?}\n{log}");
+    }
 }
