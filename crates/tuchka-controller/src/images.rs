@@ -11,7 +11,7 @@
 //!
 //! The format is decided here from the file's first bytes ([`sniff_format`]), never by
 //! qemu-img's probing: every `qemu-img` run names its format with `-f`, and runs under
-//! `prlimit` (CPU seconds, address space) and a wall-clock limit ([`QemuImgLimits`]), killed
+//! `prlimit` (CPU seconds, address space) and a wall-clock limit ([`ToolLimits`]), killed
 //! past it — an image crafted to make qemu-img spin or swell fails instead of taking the
 //! controller down. Free space is checked before the upload (from its announced length) and
 //! every [`SPACE_CHECK_EVERY`] bytes while it is written.
@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tuchka_api::Image;
+use tuchka_core::limits::ToolLimits;
 use tuchka_store::{self as db, ImageRow};
 
 use crate::error::{Error, Result};
@@ -126,7 +127,7 @@ where
                 .into();
             args.push(path.clone().into_os_string());
             args.push(target.into_os_string());
-            let converted = run_qemu_img(&args, &QemuImgLimits::CONVERT).await?;
+            let converted = run_qemu_img(&args, &ToolLimits::QEMU_IMG_CONVERT).await?;
             if !converted.status.success() {
                 return Err(Error::Internal {
                     message: format!("image {name:?}: qemu-img convert failed"),
@@ -392,66 +393,24 @@ pub fn sniff_format(head: &[u8]) -> std::result::Result<&'static str, String> {
     Ok("raw")
 }
 
-/// Bounds on one `qemu-img` run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QemuImgLimits {
-    /// CPU seconds (RLIMIT_CPU).
-    pub cpu_secs: u64,
-    /// Address space, bytes (RLIMIT_AS).
-    pub address_space: u64,
-    /// Wall-clock limit: past it the process is killed.
-    pub wall: std::time::Duration,
-}
-
-impl QemuImgLimits {
-    /// `info`: what OpenStack allows it (30 CPU s, 1 GiB).
-    pub const INFO: QemuImgLimits = QemuImgLimits {
-        cpu_secs: 30,
-        address_space: 1 << 30,
-        wall: std::time::Duration::from_secs(60),
-    };
-    /// `check` and `map`: they walk the metadata of the whole image.
-    pub const CHECK: QemuImgLimits = QemuImgLimits {
-        cpu_secs: 300,
-        address_space: 2 << 30,
-        wall: std::time::Duration::from_secs(600),
-    };
-    /// `convert` of a raw upload: reads it all.
-    pub const CONVERT: QemuImgLimits = QemuImgLimits {
-        cpu_secs: 3600,
-        address_space: 2 << 30,
-        wall: std::time::Duration::from_secs(7200),
-    };
-
-    /// The `prlimit` arguments that run `qemu-img args…` under these limits.
-    pub fn prlimit_args(&self, args: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
-        let mut out: Vec<std::ffi::OsString> = vec![
-            format!("--cpu={}", self.cpu_secs).into(),
-            format!("--as={}", self.address_space).into(),
-            "--".into(),
-            "qemu-img".into(),
-        ];
-        out.extend(args.iter().cloned());
-        out
-    }
-}
-
 /// Run `qemu-img args…` under `limits` (prlimit for CPU and memory, killed past the wall-clock
 /// limit). A run killed by a limit is an `InvalidImage` refusal: only a hostile or broken image
 /// makes qemu-img need that much.
 async fn run_qemu_img(
     args: &[std::ffi::OsString],
-    limits: &QemuImgLimits,
+    limits: &ToolLimits,
 ) -> Result<std::process::Output> {
     let mut cmd = Command::new("prlimit");
-    cmd.args(limits.prlimit_args(args))
+    cmd.args(limits.prlimit_args("qemu-img", args))
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     let what = args
         .first()
         .map(|a| a.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let out = match tokio::time::timeout(limits.wall, cmd.output()).await {
+    // `timeout` kills it at the wall clock; this is the backstop should that fail.
+    let backstop = limits.wall + std::time::Duration::from_secs(10);
+    let out = match tokio::time::timeout(backstop, cmd.output()).await {
         Err(_) => {
             return Err(bad(format!(
                 "qemu-img {what} took longer than {} s on it (a damaged or hostile image?)",
@@ -465,6 +424,12 @@ async fn run_qemu_img(
             )
         })?,
     };
+    if out.status.code() == Some(tuchka_core::limits::TIMED_OUT) {
+        return Err(bad(format!(
+            "qemu-img {what} took longer than {} s on it (a damaged or hostile image?)",
+            limits.wall.as_secs()
+        )));
+    }
     {
         use std::os::unix::process::ExitStatusExt;
         if let Some(sig) = out.status.signal() {
@@ -504,7 +469,7 @@ async fn qemu_img_info(path: &Path, format: &str) -> Result<ImgInfo> {
         .map(Into::into)
         .into();
     args.push(path.as_os_str().to_owned());
-    let out = run_qemu_img(&args, &QemuImgLimits::INFO).await?;
+    let out = run_qemu_img(&args, &ToolLimits::QEMU_IMG_META).await?;
     if !out.status.success() {
         return Err(bad(format!(
             "not a {format} image qemu-img can read: {}",
@@ -558,7 +523,7 @@ async fn check_qcow2(
     };
     let out = run_qemu_img(
         &with_path(&["check", "-q", "-f", "qcow2", "-U"]),
-        &QemuImgLimits::CHECK,
+        &ToolLimits::QEMU_IMG_CHECK,
     )
     .await
     .map_err(|e| e.to_string())?;
@@ -575,7 +540,7 @@ async fn check_qcow2(
     }
     let map = run_qemu_img(
         &with_path(&["map", "--output=json", "-f", "qcow2", "-U"]),
-        &QemuImgLimits::CHECK,
+        &ToolLimits::QEMU_IMG_CHECK,
     )
     .await
     .map_err(|e| e.to_string())?;

@@ -24,6 +24,7 @@ use crate::cmd;
 use crate::qcow2;
 use crate::seed::{render_meta_data, render_user_data};
 use crate::HostError;
+use tuchka_core::limits::ToolLimits;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -320,7 +321,7 @@ impl DirStorage {
             image.as_os_str().to_owned(),
             root.as_os_str().to_owned(),
         ];
-        cmd::run("qemu-img", &args, None)
+        cmd::run_bounded(&ToolLimits::QEMU_IMG_META, "qemu-img", &args)
             .map(drop)
             .map_err(|source| HostError::Tool {
                 object: obj.to_string(),
@@ -384,7 +385,7 @@ fn grow_qcow2(path: &Path, size_mib: u64, obj: &str) -> Result<(), HostError> {
         path.as_os_str().to_owned(),
         format!("{size_mib}M").into(),
     ];
-    cmd::run("qemu-img", &args, None)
+    cmd::run_bounded(&ToolLimits::QEMU_IMG_META, "qemu-img", &args)
         .map(drop)
         .map_err(|source| HostError::Tool {
             object: obj.to_string(),
@@ -818,7 +819,7 @@ fn create_into_place(
     tmp: &Path,
     dest: &Path,
 ) -> Result<(), HostError> {
-    if let Err(source) = cmd::run("qemu-img", args, None) {
+    if let Err(source) = cmd::run_bounded(&ToolLimits::QEMU_IMG_META, "qemu-img", args) {
         let _ = fs::remove_file(tmp);
         return Err(HostError::Tool {
             object: obj.to_string(),

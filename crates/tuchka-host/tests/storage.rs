@@ -44,7 +44,12 @@ fn open_creates_a_traversable_layout() {
     let scratch = Scratch::new();
     let st = DirStorage::open(&scratch.pool()).expect("open pool");
     // Traversable for qemu, not listable by other users (net/ is dnsmasq's too).
-    for (sub, want) in [("", 0o711), ("images", 0o711), ("vms", 0o711), ("net", 0o755)] {
+    for (sub, want) in [
+        ("", 0o711),
+        ("images", 0o711),
+        ("vms", 0o711),
+        ("net", 0o755),
+    ] {
         let mode = std::fs::metadata(scratch.pool().join(sub))
             .expect("dir exists")
             .permissions()

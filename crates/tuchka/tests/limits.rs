@@ -659,3 +659,36 @@ fn leftovers_of_interrupted_uploads_and_removals_are_swept_at_start() {
         assert!(log.contains(line), "logged: {line:?}\n{log}");
     }
 }
+
+#[test]
+fn a_stalled_upload_is_abandoned_after_the_idle_timeout_and_leaves_nothing() {
+    let s = Serve::start("stall", &[]);
+    let mut sock = UnixStream::connect(s.socket()).expect("connect");
+    sock.write_all(
+        b"POST /v1/images?name=slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 10485760\r\nConnection: close\r\n\r\n",
+    )
+    .expect("head");
+    sock.write_all(&vec![0u8; 1 << 20]).expect("first MiB");
+    // Then nothing: a request in service, its body stalled.
+    let started = Instant::now();
+    sock.set_read_timeout(Some(Duration::from_secs(3 * IDLE_TIMEOUT_S)))
+        .expect("timeout");
+    let mut answer = String::new();
+    let _ = sock.read_to_string(&mut answer);
+    let took = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("stalled"), "{answer}");
+    assert!(
+        took >= Duration::from_secs(IDLE_TIMEOUT_S - 1)
+            && took < Duration::from_secs(IDLE_TIMEOUT_S + 4),
+        "abandoned after {took:?}"
+    );
+    assert!(
+        files_in(&s.dir.join("images/tmp")).is_empty(),
+        "the partial upload is gone"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&s.cli(&["image", "list", "-o", "json"]).stdout).trim(),
+        "[]"
+    );
+}
