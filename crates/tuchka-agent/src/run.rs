@@ -150,6 +150,8 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         tracing::info!("guests use KVM: {accel_reason}");
     }
     let storage = DirStorage::open(&config.pool)?;
+    let swept = storage.sweep_leftovers();
+    tracing::info!(removed = swept.len(), pool = %config.pool.display(), "swept the pool's leftovers");
     let identity_dir = config.pool.join("identity");
     let channel_port =
         (!config.address.is_empty() && config.channel_port > 0).then_some(config.channel_port);

@@ -21,7 +21,7 @@ pub use args::{
 };
 pub use commands::{client_for, resolve_endpoint};
 pub use report::{print_error, render_error};
-pub use size::{format_bytes, format_mib, parse_size_mib, SizeError};
+pub use size::{format_bytes, format_mib, parse_size_arg, parse_size_mib, SizeError};
 
 /// Run a parsed command line; returns the process exit code (errors are already printed).
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {

@@ -23,7 +23,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as LegacyClient;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyperlocal::UnixConnector;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -47,6 +47,17 @@ const OPERATION_POLL: Duration = Duration::from_millis(250);
 
 /// How long a TCP connect may take before it fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An idle pooled connection is dropped after this: before the controller's own idle timeout
+/// (`serve --idle-timeout`, 60 s by default) closes it, so a request never races that close.
+const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The connection pool's settings, the same for both transports.
+fn pooled() -> hyper_util::client::legacy::Builder {
+    let mut b = LegacyClient::builder(TokioExecutor::new());
+    b.pool_idle_timeout(POOL_IDLE).pool_timer(TokioTimer::new());
+    b
+}
 
 /// Read size of upload streaming.
 const UPLOAD_CHUNK: usize = 256 * 1024;
@@ -105,7 +116,7 @@ fn https_client(pin: Option<&str>) -> Result<HttpsClient, String> {
         .https_only()
         .enable_http1()
         .wrap_connector(http);
-    Ok(LegacyClient::builder(TokioExecutor::new()).build(connector))
+    Ok(pooled().build(connector))
 }
 
 /// A client of the tuchka API. Cheap to clone (the connection pool is shared).
@@ -132,7 +143,7 @@ impl Client {
             Endpoint::Unix(socket) => Client {
                 transport: Transport::Unix {
                     socket,
-                    http: LegacyClient::builder(TokioExecutor::new()).build(UnixConnector),
+                    http: pooled().build(UnixConnector),
                 },
                 token: None,
             },
@@ -359,7 +370,8 @@ impl Client {
         };
         let resp = self.ensure_success(resp, path).await?;
         let mut options = tokio::fs::OpenOptions::new();
-        options.create(true);
+        // A new file is private (an image is guest data); an existing one keeps its mode.
+        options.create(true).mode(0o600);
         if append {
             options.append(true);
         } else {

@@ -112,7 +112,63 @@ pub fn router(ctl: Controller, transport: Transport, desired: Arc<desired::Cache
         .layer(Extension(desired))
         .layer(Extension(OpenApiDoc(Arc::new(crate::openapi::document()))))
         .layer(middleware::from_fn_with_state(ctl.clone(), observe::track))
+        .layer(middleware::from_fn(json_errors))
         .with_state(ctl)
+}
+
+/// Largest error body [`json_errors`] reads to quote it.
+const QUOTED_ERROR_MAX: usize = 4096;
+
+/// Every error answers with the stable JSON body, also those the framework makes before a
+/// handler runs (a query or path that does not parse, a method the route lacks, a body over
+/// a limit): their text becomes the message, the code follows the status.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = match axum::body::to_bytes(body, QUOTED_ERROR_MAX).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let code = match status {
+        StatusCode::BAD_REQUEST => "InvalidRequest",
+        StatusCode::NOT_FOUND => "NoRoute",
+        StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "BodyTooLarge",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaType",
+        StatusCode::UNPROCESSABLE_ENTITY => "InvalidBody",
+        StatusCode::RANGE_NOT_SATISFIABLE => "RangeNotSatisfiable",
+        s if s.is_server_error() => "Internal",
+        _ => "InvalidRequest",
+    };
+    let message = match (text.is_empty(), status) {
+        (false, _) => text,
+        (true, StatusCode::METHOD_NOT_ALLOWED) => {
+            "this endpoint does not take this method (its Allow header says which it takes; the API is described at /v1/openapi.json)".to_string()
+        }
+        (true, s) => s.canonical_reason().unwrap_or("request refused").to_string(),
+    };
+    let body = ApiError {
+        code: code.into(),
+        message,
+        chain: vec![],
+    };
+    // Only the body changes: the other headers (Allow, Content-Range, …) stay.
+    let json = serde_json::to_vec(&body).unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(json))
 }
 
 async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Error {
@@ -214,4 +270,60 @@ fn host_auth_refused(e: agents::HostAuthError) -> Response {
         chain: vec![],
     };
     (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn framework_errors_get_the_json_body_and_keep_their_headers() {
+        let app = Router::new()
+            .route(
+                "/range",
+                get(|| async {
+                    (
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        [(header::CONTENT_RANGE, "bytes */10")],
+                    )
+                }),
+            )
+            .route("/json", get(|| async { Error::invalid("Nope", "no") }))
+            .layer(middleware::from_fn(json_errors));
+        let call = |uri: &str, method: &str| {
+            let req = axum::http::Request::builder()
+                .uri(uri)
+                .method(method)
+                .body(axum::body::Body::empty())
+                .expect("request");
+            app.clone().oneshot(req)
+        };
+        let resp = call("/range", "GET").await.expect("answer");
+        assert_eq!(resp.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(resp.headers()[header::CONTENT_RANGE], "bytes */10");
+        let body = axum::body::to_bytes(resp.into_body(), 4096)
+            .await
+            .expect("body");
+        let e: ApiError = serde_json::from_slice(&body).expect("the JSON error body");
+        assert_eq!(e.code, "RangeNotSatisfiable");
+
+        let resp = call("/range", "POST").await.expect("answer");
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert!(resp.headers().contains_key(header::ALLOW));
+        let body = axum::body::to_bytes(resp.into_body(), 4096)
+            .await
+            .expect("body");
+        let e: ApiError = serde_json::from_slice(&body).expect("the JSON error body");
+        assert_eq!(e.code, "MethodNotAllowed");
+        assert!(e.message.contains("Allow"), "{}", e.message);
+
+        // A handler's own error passes unchanged.
+        let resp = call("/json", "GET").await.expect("answer");
+        let body = axum::body::to_bytes(resp.into_body(), 4096)
+            .await
+            .expect("body");
+        let e: ApiError = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!((e.code.as_str(), e.message.as_str()), ("Nope", "no"));
+    }
 }

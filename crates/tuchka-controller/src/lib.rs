@@ -9,7 +9,8 @@
 //! `migrations`, `drain`, `balance`; the agent-facing `agents` and `desired`; `monitoring`
 //! (scrapes, load history, counting finished operations); the engine `progress`; the web
 //! `dashboard`; then `handlers`, `observe` (metrics, history and console handlers), `openapi`
-//! and the routing table `api`.
+//! and the routing table `api`; `listen` serves it (the unix socket and the HTTPS port, with
+//! their connection caps and timeouts).
 
 pub mod agents;
 pub mod api;
@@ -27,6 +28,7 @@ pub mod handlers;
 pub mod history;
 pub mod hosts;
 pub mod images;
+pub mod listen;
 pub mod metrics;
 pub mod migrations;
 pub mod monitoring;

@@ -49,6 +49,31 @@ pub struct ControllerConfig {
     pub image_cache_ttl: Duration,
     /// Share of each host's pool (0..1) never placed on (`serve --disk-reserve`).
     pub disk_reserve: f64,
+    /// What an incoming image (an upload, a capture) may be (`serve --max-upload-size`,
+    /// `--max-image-virtual-size`, `--idle-timeout`).
+    pub uploads: UploadLimits,
+}
+
+/// Bounds on incoming images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Largest file received, bytes: larger ones are refused before a byte is stored when the
+    /// sender says its length, else as soon as the limit is passed.
+    pub max_size: u64,
+    /// Largest virtual disk size an image may have, bytes.
+    pub max_virtual_size: u64,
+    /// Longest an upload's body may send nothing before it is abandoned.
+    pub stall_timeout: Duration,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        UploadLimits {
+            max_size: 64 << 30,
+            max_virtual_size: 2 << 40,
+            stall_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// How the balancer runs (`serve --balance`, `--balance-interval`).
@@ -92,6 +117,7 @@ impl ControllerConfig {
             balance: BalanceConfig::default(),
             image_cache_ttl: Duration::from_secs(24 * 3600),
             disk_reserve: 0.10,
+            uploads: UploadLimits::default(),
         }
     }
 }
@@ -125,6 +151,13 @@ impl Controller {
         for d in [dir.clone(), dir.join("images"), dir.join("images/tmp")] {
             std::fs::create_dir_all(&d)
                 .map_err(|e| Error::internal(format!("cannot create {}", d.display()), &e))?;
+        }
+        // The image store is served to agents over the API; nobody else reads it.
+        for d in [dir.join("images"), dir.join("images/tmp")] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+                Error::internal(format!("cannot set permissions of {}", d.display()), &e)
+            })?;
         }
         let mut store = Store::open(&dir.join("state.db"))?;
         let cloud_id = store.cloud_id()?;

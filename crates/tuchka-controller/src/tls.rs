@@ -10,15 +10,14 @@
 //!
 //! The server certificate covers `localhost`, the host name, 127.0.0.1, every non-loopback IPv4
 //! address of the host ([`local_ipv4s`], read from `/proc/net/fib_trie`) and the `--listen`
-//! address ([`server_names`]). [`TlsListener`] completes each TLS handshake in its own task
-//! (with a timeout) before axum sees the connection, so a slow or plain-HTTP client never holds
-//! up the others: plain HTTP gets no answer but a closed connection.
+//! address ([`server_names`]). [`crate::listen::serve_tls`] serves with it: each handshake in
+//! its connection's own task, within the header timeout, so a slow or plain-HTTP client never
+//! holds up the others (plain HTTP gets no answer but a closed connection).
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -30,10 +29,6 @@ use rustls::ServerConfig;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use time::OffsetDateTime;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 
 /// Common name of the controller's CA (fixed: re-issuing server certificates relies on it).
 const CA_COMMON_NAME: &str = "tuchka CA";
@@ -45,10 +40,6 @@ const CA_DAYS: i64 = 20 * 365;
 const SERVER_DAYS: i64 = 5 * 365;
 /// A server certificate this close to its end is re-issued at start.
 const RENEW_BEFORE_DAYS: i64 = 30;
-/// Longest a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most handshakes in progress at once.
-const MAX_HANDSHAKES: usize = 256;
 
 /// A failure to set up TLS.
 #[derive(Debug, Error)]
@@ -420,90 +411,6 @@ fn server_config(
         .map_err(TlsError::Config)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// A TCP listener that hands axum only connections whose TLS handshake completed.
-///
-/// Handshakes run in their own tasks (at most [`MAX_HANDSHAKES`] at once, each within
-/// [`HANDSHAKE_TIMEOUT`]); failed ones (plain HTTP, wrong certificate pin on the client, port
-/// scans) are logged at debug level and dropped. Dropping the listener stops accepting.
-pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-    acceptor: tokio::task::JoinHandle<()>,
-}
-
-impl TlsListener {
-    /// Serve TLS with `config` on the bound `tcp` listener.
-    pub fn new(tcp: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<TlsListener> {
-        let local = tcp.local_addr()?;
-        let (tx, ready) = mpsc::channel(64);
-        let acceptor = tokio::spawn(accept_loop(tcp, TlsAcceptor::from(config), tx));
-        Ok(TlsListener {
-            ready,
-            local,
-            acceptor,
-        })
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.acceptor.abort();
-    }
-}
-
-async fn accept_loop(
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
-    ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
-    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    loop {
-        let (stream, peer) = match tcp.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // Out of file descriptors and the like: wait instead of spinning.
-                tracing::warn!(error = %e, "cannot accept a TCP connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let (acceptor, ready) = (acceptor.clone(), ready.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _ = stream.set_nodelay(true);
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => {
-                    let _ = ready.send((tls, peer)).await;
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed (this port speaks HTTPS only)");
-                }
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
-        });
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(conn) => conn,
-            // The accept loop ended (cannot happen while the listener lives): accept nothing more.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
 }
 
 /// Sign host `host_id`'s certificate request for its migration channel with the cloud's CA.

@@ -6,6 +6,7 @@
 pub mod balance;
 pub mod digest;
 pub mod ipam;
+pub mod limits;
 pub mod migration;
 pub mod names;
 pub mod ops;

@@ -473,7 +473,8 @@ fn domain_err(name: &str, action: &'static str, source: virt::error::Error) -> H
 /// Refuse when the work directory cannot hold the copy of `disk`. Best effort: when the
 /// size cannot be measured the backup goes ahead (and a full directory fails it).
 fn check_room(disk: &DiskRef, req: &CaptureRequest<'_>, work_obj: &str) -> Result<(), HostError> {
-    let measured = cmd::run(
+    let measured = cmd::run_bounded(
+        &tuchka_core::limits::ToolLimits::QEMU_IMG_META,
         "qemu-img",
         &[
             "measure".as_ref(),
@@ -485,7 +486,6 @@ fn check_room(disk: &DiskRef, req: &CaptureRequest<'_>, work_obj: &str) -> Resul
             "qcow2".as_ref(),
             disk.file.as_os_str(),
         ],
-        None,
     );
     let need = match measured.as_deref().map(parse_measure) {
         Ok(Some(n)) => n,
@@ -714,11 +714,16 @@ fn convert(
         })
     };
     report(0);
-    cmd::run_streaming("qemu-img", &args, &mut |line| {
-        if let Some(p) = parse_percent(line) {
-            report((total as f64 * p / 100.0) as u64);
-        }
-    })
+    cmd::run_streaming_bounded(
+        &tuchka_core::limits::ToolLimits::QEMU_IMG_CONVERT,
+        "qemu-img",
+        &args,
+        &mut |line| {
+            if let Some(p) = parse_percent(line) {
+                report((total as f64 * p / 100.0) as u64);
+            }
+        },
+    )
     .map_err(|source| HostError::Tool {
         object: src_obj.clone(),
         action: "convert into a compressed qcow2 image",
@@ -735,7 +740,11 @@ fn convert(
         Err(e) => return Err(HostError::io(&out_obj, "read", &partial, e)),
     }
     std::fs::File::open(&partial)
-        .and_then(|f| f.sync_all())
+        .and_then(|f| {
+            // Guest data: root only (the agent sends it to the controller).
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            f.sync_all()
+        })
         .map_err(|e| HostError::io(&out_obj, "flush", &partial, e))?;
     // A link, not a rename: it fails instead of replacing a file that appeared at `out`.
     std::fs::hard_link(&partial, req.out)

@@ -105,6 +105,54 @@ pub fn run<S: AsRef<OsStr>>(
     }
 }
 
+/// [`run`] `program args…` under `limits` (through `prlimit` and `timeout`, see
+/// [`tuchka_core::limits`]); a run the wall clock stopped says so.
+pub fn run_bounded<S: AsRef<OsStr>>(
+    limits: &tuchka_core::limits::ToolLimits,
+    program: &str,
+    args: &[S],
+) -> Result<String, CommandError> {
+    let args: Vec<std::ffi::OsString> = args.iter().map(|a| a.as_ref().to_owned()).collect();
+    run("prlimit", &limits.prlimit_args(program, &args), None)
+        .map_err(|e| bounded_error(e, limits, program, &args))
+}
+
+/// [`run_streaming`] under `limits`, like [`run_bounded`].
+pub fn run_streaming_bounded<S: AsRef<OsStr>>(
+    limits: &tuchka_core::limits::ToolLimits,
+    program: &str,
+    args: &[S],
+    on_line: &mut dyn FnMut(&str),
+) -> Result<(), CommandError> {
+    let args: Vec<std::ffi::OsString> = args.iter().map(|a| a.as_ref().to_owned()).collect();
+    run_streaming("prlimit", &limits.prlimit_args(program, &args), on_line)
+        .map_err(|e| bounded_error(e, limits, program, &args))
+}
+
+/// The error of a bounded run, naming the tool (not prlimit) and a timeout as such.
+fn bounded_error(
+    e: CommandError,
+    limits: &tuchka_core::limits::ToolLimits,
+    program: &str,
+    args: &[std::ffi::OsString],
+) -> CommandError {
+    match e {
+        CommandError::Failed { status, stderr, .. } => {
+            let timed_out = status.ends_with(&tuchka_core::limits::TIMED_OUT.to_string());
+            CommandError::Failed {
+                command: display(program, args),
+                stderr: if timed_out {
+                    format!("killed after {} s (its time limit)", limits.wall.as_secs())
+                } else {
+                    stderr
+                },
+                status,
+            }
+        }
+        other => other,
+    }
+}
+
 /// Run `program args…` like [`run`], handing each piece of its standard output that ends in
 /// `\r` or `\n` (a progress line such as qemu-img's `    (12.50/100%)\r`) to `on_line` as it
 /// arrives (and what is left when it ends). Standard error is kept for the error message.
@@ -173,6 +221,54 @@ pub fn run_streaming<S: AsRef<OsStr>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounded_runs_are_stopped_by_the_wall_clock_the_cpu_and_the_memory_limit() {
+        use std::time::{Duration, Instant};
+        use tuchka_core::limits::ToolLimits;
+        let limits = ToolLimits {
+            cpu_secs: 1,
+            address_space: 256 << 20,
+            wall: Duration::from_secs(1),
+        };
+        let start = Instant::now();
+        let err = run_bounded(&limits, "sleep", &["30"]).expect_err("killed");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(err.to_string().contains("killed after 1 s"), "{err}");
+        assert!(
+            err.to_string().starts_with("`sleep 30`"),
+            "names the tool: {err}"
+        );
+        let spin = ToolLimits {
+            wall: Duration::from_secs(30),
+            ..limits
+        };
+        let start = Instant::now();
+        let err = run_bounded(&spin, "sh", &["-c", "while :; do :; done"]).expect_err("SIGXCPU");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?} {err}",
+            start.elapsed()
+        );
+        // 512 MiB of memory is refused under a 256 MiB address space.
+        let err = run_bounded(
+            &spin,
+            "sh",
+            &[
+                "-c",
+                "x=$(head -c 536870912 /dev/zero | tr '\\0' a); echo ${#x}",
+            ],
+        );
+        assert!(err.is_err(), "{err:?}");
+        assert_eq!(
+            run_bounded(&spin, "echo", &["ok"]).expect("runs").trim(),
+            "ok"
+        );
+    }
 
     #[test]
     fn streaming_splits_at_carriage_returns_and_keeps_stderr() {

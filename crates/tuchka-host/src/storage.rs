@@ -24,6 +24,7 @@ use crate::cmd;
 use crate::qcow2;
 use crate::seed::{render_meta_data, render_user_data};
 use crate::HostError;
+use tuchka_core::limits::ToolLimits;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -182,13 +183,15 @@ impl DirStorage {
             ));
         }
         let storage = DirStorage { pool };
-        for dir in [
-            storage.pool.clone(),
-            storage.images_dir(),
-            storage.vms_dir(),
-            storage.pool.join("net"),
+        // Traversable (qemu must reach the disks) but not listable by other users; the files
+        // in them are private (see [`PRIVATE`]).
+        for (dir, mode) in [
+            (storage.pool.clone(), 0o711),
+            (storage.images_dir(), 0o711),
+            (storage.vms_dir(), 0o711),
+            (storage.pool.join("net"), 0o755),
         ] {
-            make_dir(&dir, 0o755, &format!("pool {}", storage.pool.display()))?;
+            make_dir(&dir, mode, &format!("pool {}", storage.pool.display()))?;
         }
         Ok(storage)
     }
@@ -196,6 +199,62 @@ impl DirStorage {
     /// The pool directory (absolute).
     pub fn pool(&self) -> &Path {
         &self.pool
+    }
+
+    /// At agent start (nothing of this pool is being written yet): remove what an interrupted
+    /// pass left — temporary files of disks, volumes, seeds and network files being written
+    /// (`*.tmp<pid>`), seed staging directories (`seed.new`), and the work directories of
+    /// captures (`captures/<id>/`; a capture the controller still wants starts again). Partial
+    /// image downloads are kept (they resume). VM directories are never touched here: a VM's
+    /// removal is the controller's to name. Returns what was removed; each is logged.
+    pub fn sweep_leftovers(&self) -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = Vec::new();
+        let entries = |dir: &Path| -> Vec<PathBuf> {
+            fs::read_dir(dir)
+                .map(|rd| rd.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default()
+        };
+        let mut dirs = vec![self.images_dir(), self.volumes_dir(), self.pool.join("net")];
+        for d in entries(&self.vms_dir()) {
+            if d.is_dir() {
+                dirs.push(d);
+            }
+        }
+        for d in entries(&self.pool.join("net")) {
+            if d.is_dir() {
+                dirs.push(d);
+            }
+        }
+        for dir in &dirs {
+            for p in entries(dir) {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if is_temp_name(&name) || (name == "seed.new" && p.is_dir()) {
+                    found.push(p);
+                }
+            }
+        }
+        found.extend(entries(&self.pool.join("captures")));
+        let mut removed = Vec::new();
+        for p in found {
+            let r = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+            match r {
+                Ok(()) => {
+                    tracing::warn!(path = %p.display(), "removed a leftover of an interrupted write or capture");
+                    removed.push(p);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot remove a leftover")
+                }
+            }
+        }
+        removed
     }
 
     fn images_dir(&self) -> PathBuf {
@@ -254,13 +313,15 @@ impl DirStorage {
         let args: Vec<std::ffi::OsString> = vec![
             "rebase".into(),
             "-u".into(),
+            "-f".into(),
+            "qcow2".into(),
             "-F".into(),
             "qcow2".into(),
             "-b".into(),
             image.as_os_str().to_owned(),
             root.as_os_str().to_owned(),
         ];
-        cmd::run("qemu-img", &args, None)
+        cmd::run_bounded(&ToolLimits::QEMU_IMG_META, "qemu-img", &args)
             .map(drop)
             .map_err(|source| HostError::Tool {
                 object: obj.to_string(),
@@ -324,7 +385,7 @@ fn grow_qcow2(path: &Path, size_mib: u64, obj: &str) -> Result<(), HostError> {
         path.as_os_str().to_owned(),
         format!("{size_mib}M").into(),
     ];
-    cmd::run("qemu-img", &args, None)
+    cmd::run_bounded(&ToolLimits::QEMU_IMG_META, "qemu-img", &args)
         .map(drop)
         .map_err(|source| HostError::Tool {
             object: obj.to_string(),
@@ -344,16 +405,28 @@ fn make_dir(dir: &Path, mode: u32, obj: &str) -> Result<(), HostError> {
         .map_err(|e| HostError::io(obj, "chmod", dir, e))
 }
 
-/// Write `data` to `path` atomically (temporary file in the same dir, fsync, rename).
+/// Mode of guest data in the pool — disks, seeds and their inputs, cached images: root only.
+/// libvirt's dynamic ownership (`dynamic_ownership = 1`, the default) hands a disk to the qemu
+/// user (`libvirt-qemu`) while its domain runs, backing images included, so qemu can open them.
+pub const PRIVATE: u32 = 0o600;
+
+/// Write `data` to `path` atomically (temporary file in the same dir, fsync, rename). The file
+/// has `mode` from its creation on (never wider for a moment).
 pub(crate) fn write_atomic(
     path: &Path,
     data: &[u8],
     mode: u32,
     obj: &str,
 ) -> Result<(), HostError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = tmp_name(path);
     let res = (|| {
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
@@ -362,6 +435,13 @@ pub(crate) fn write_atomic(
     res.map_err(|e| {
         let _ = fs::remove_file(&tmp);
         HostError::io(obj, "write", path, e)
+    })
+}
+
+/// Pure: whether a file name is one of [`tmp_name`]'s (`<name>.tmp<digits>`).
+pub fn is_temp_name(name: &str) -> bool {
+    name.rsplit_once(".tmp").is_some_and(|(stem, pid)| {
+        !stem.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
     })
 }
 
@@ -433,7 +513,7 @@ impl Storage for DirStorage {
         let dest = self.image_path(sha256);
         let res = (|| {
             let f = fs::File::open(&partial)?;
-            f.set_permissions(fs::Permissions::from_mode(0o444))?;
+            f.set_permissions(fs::Permissions::from_mode(0o400))?;
             f.sync_all()?;
             fs::rename(&partial, &dest)?;
             fs::File::open(self.images_dir())?.sync_all()
@@ -546,9 +626,9 @@ impl Storage for DirStorage {
         // in between leaves stale inputs, which only causes a rebuild next time.
         let staging = dir.join("seed.new");
         let _ = fs::remove_dir_all(&staging);
-        make_dir(&staging, 0o755, &obj)?;
-        write_atomic(&staging.join("meta-data"), meta.as_bytes(), 0o644, &obj)?;
-        write_atomic(&staging.join("user-data"), user.as_bytes(), 0o644, &obj)?;
+        make_dir(&staging, 0o700, &obj)?;
+        write_atomic(&staging.join("meta-data"), meta.as_bytes(), PRIVATE, &obj)?;
+        write_atomic(&staging.join("user-data"), user.as_bytes(), PRIVATE, &obj)?;
         let tmp_iso = tmp_name(&iso);
         build_iso(&tmp_iso, &staging).map_err(|source| {
             let _ = fs::remove_file(&tmp_iso);
@@ -558,7 +638,7 @@ impl Storage for DirStorage {
                 source,
             }
         })?;
-        fs::set_permissions(&tmp_iso, fs::Permissions::from_mode(0o644))
+        fs::set_permissions(&tmp_iso, fs::Permissions::from_mode(PRIVATE))
             .map_err(|e| HostError::io(&obj, "chmod", &tmp_iso, e))?;
         fs::rename(&tmp_iso, &iso).map_err(|e| HostError::io(&obj, "move into place", &iso, e))?;
         let _ = fs::remove_dir_all(&inputs);
@@ -739,13 +819,17 @@ fn create_into_place(
     tmp: &Path,
     dest: &Path,
 ) -> Result<(), HostError> {
-    if let Err(source) = cmd::run("qemu-img", args, None) {
+    if let Err(source) = cmd::run_bounded(&ToolLimits::QEMU_IMG_META, "qemu-img", args) {
         let _ = fs::remove_file(tmp);
         return Err(HostError::Tool {
             object: obj.to_string(),
             action: "qemu-img create",
             source,
         });
+    }
+    if let Err(e) = fs::set_permissions(tmp, fs::Permissions::from_mode(PRIVATE)) {
+        let _ = fs::remove_file(tmp);
+        return Err(HostError::io(obj, "chmod", tmp, e));
     }
     fs::rename(tmp, dest).map_err(|e| HostError::io(obj, "move into place", dest, e))
 }

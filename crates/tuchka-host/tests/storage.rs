@@ -43,12 +43,18 @@ fn pool_in_a_private_dir_is_refused_with_the_reason() {
 fn open_creates_a_traversable_layout() {
     let scratch = Scratch::new();
     let st = DirStorage::open(&scratch.pool()).expect("open pool");
-    for sub in ["", "images", "vms", "net"] {
+    // Traversable for qemu, not listable by other users (net/ is dnsmasq's too).
+    for (sub, want) in [
+        ("", 0o711),
+        ("images", 0o711),
+        ("vms", 0o711),
+        ("net", 0o755),
+    ] {
         let mode = std::fs::metadata(scratch.pool().join(sub))
             .expect("dir exists")
             .permissions()
             .mode();
-        assert_eq!(mode & 0o777, 0o755, "pool/{sub}");
+        assert_eq!(mode & 0o777, want, "pool/{sub}");
     }
     let (total, free) = st.capacity().expect("capacity");
     assert!(
@@ -103,7 +109,8 @@ fn image_overlay_and_seed() {
             .permissions()
             .mode()
             & 0o777,
-        0o444
+        0o400,
+        "read-only, root's (libvirt hands it to qemu)"
     );
     assert!(!st.image_partial_path(&id).exists());
     assert_eq!(st.cached_images().expect("list"), vec![id.clone()]);

@@ -38,6 +38,15 @@ pub enum StoreError {
         /// Latest migration known.
         known: i64,
     },
+    /// The database file's mode could not be made private.
+    #[error("state database {}: cannot make it private (mode 0600)", path.display())]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Result of store calls.
@@ -168,9 +177,23 @@ pub struct Store {
 
 impl Store {
     /// Open (creating if needed) the database at `path` and bring its schema up to date.
+    ///
+    /// The database holds secrets (hashed credentials, user-data, ssh keys): it is made mode
+    /// 0600 before SQLite first opens it, and an existing one (with its `-wal` and `-shm`,
+    /// which SQLite creates with the database's mode) is narrowed to 0600.
     pub fn open(path: &Path) -> Result<Store> {
+        make_private(path)?;
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        let store = Self::init(conn)?;
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            let side = std::path::PathBuf::from(side);
+            if side.exists() {
+                make_private(&side)?;
+            }
+        }
+        Ok(store)
     }
 
     /// An in-memory database (tests).
@@ -280,4 +303,22 @@ pub fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// Create `path` empty with mode 0600 if it does not exist, else set its mode to 0600.
+fn make_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |source: std::io::Error| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io)
 }

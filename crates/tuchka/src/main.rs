@@ -106,6 +106,29 @@ pub struct ServeArgs {
     /// TCP port of the local agent's migration channel (with --listen: on the listen address).
     #[arg(long, default_value_t = tuchka_host::net::underlay::DEFAULT_CHANNEL_PORT, value_name = "PORT")]
     pub channel_port: u16,
+    /// Longest a new connection may take to complete its TLS handshake and send its first
+    /// request head, and any request head from its first byte (slow clients are closed).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub header_timeout: Duration,
+    /// A connection silent this long between requests, or that does not read its response, is
+    /// closed; an upload that sends nothing for this long is abandoned. Long polls, event
+    /// streams and `console --follow` are requests in service, never cut.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Duration,
+    /// Most connections at once, on each listener (the unix socket, the HTTPS port); past it a
+    /// new connection closes the one idle longest, or is refused when all are busy.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_connections: usize,
+    /// Most connections at once from one client: an IP address (IPv6: a /64) on the HTTPS
+    /// port, a user on the unix socket.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_connections_per_client: usize,
+    /// Largest image file accepted (uploads and captures), e.g. 64G, 512M (parsed to MiB).
+    #[arg(long, default_value = "64G", value_parser = tuchka_cli::parse_size_arg, value_name = "SIZE")]
+    pub max_upload_size: u64,
+    /// Largest virtual disk size an image may declare, e.g. 2T (parsed to MiB).
+    #[arg(long, default_value = "2T", value_parser = tuchka_cli::parse_size_arg, value_name = "SIZE")]
+    pub max_image_virtual_size: u64,
 }
 
 /// Options of `tuchka agent`.

@@ -8,8 +8,9 @@ use anyhow::{bail, Context};
 use tuchka_agent::AgentConfig;
 use tuchka_client::{Client, Endpoint};
 use tuchka_controller::api::{router, Transport};
+use tuchka_controller::listen::{self, ListenLimits};
 use tuchka_controller::state::JoinEndpoint;
-use tuchka_controller::tls::{self, TlsListener};
+use tuchka_controller::tls;
 use tuchka_controller::{Controller, ControllerConfig};
 
 use crate::{AgentArgs, ServeArgs};
@@ -121,6 +122,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     config.disk_reserve = args.disk_reserve / 100.0;
     config.image_cache_ttl = args.image_cache_ttl;
+    let limits = listen_limits(&args)?;
+    config.uploads = tuchka_controller::state::UploadLimits {
+        max_size: args.max_upload_size.saturating_mul(1 << 20),
+        max_virtual_size: args.max_image_virtual_size.saturating_mul(1 << 20),
+        stall_timeout: limits.idle_timeout,
+    };
     config.balance = tuchka_controller::state::BalanceConfig {
         mode: args.balance,
         interval: Duration::from_secs(args.balance_interval),
@@ -142,6 +149,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tcp = Some((addr, listener, server_tls));
     }
     let ctl = Controller::open(config).context("cannot open the controller state")?;
+    // Nothing is received yet: what is in the image store's tmp/ is an interrupted upload's.
+    let sweep = tuchka_controller::images::sweep_leftovers(&ctl)
+        .context("cannot sweep the image store's leftovers")?;
+    tracing::info!(
+        temp_files = sweep.temp_files.len(),
+        orphan_files = sweep.orphan_files.len(),
+        rows_removed = sweep.rows_removed.len(),
+        rows_missing_file = sweep.rows_missing_file.len(),
+        "swept the image store"
+    );
     let sock = data_dir.join("tuchka.sock");
     let unix = bind_unix(&sock).await?;
     let sock_inode = inode(&sock);
@@ -149,15 +166,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut servers = tokio::task::JoinSet::new();
     let desired = std::sync::Arc::new(tuchka_controller::desired::Cache::default());
     let app = router(ctl.clone(), Transport::Unix, desired.clone());
+    let unix_limits = limits.clone();
     servers.spawn(async move {
-        axum::serve(unix, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .context("unix socket server failed")
+        listen::serve_unix(unix, app, unix_limits, shutdown_signal()).await;
+        anyhow::Ok(())
     });
     if let Some((addr, listener, server_tls)) = tcp {
-        let listener = TlsListener::new(listener, server_tls.config.clone())
-            .with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!(
             %addr,
             token_file = %data_dir.join("token").display(),
@@ -174,11 +188,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
         let app = router(ctl.clone(), Transport::Tcp, desired.clone());
+        let tls_config = server_tls.config.clone();
+        let tcp_limits = limits.clone();
         servers.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-                .context("TCP server failed")
+            listen::serve_tls(listener, tls_config, app, tcp_limits, shutdown_signal()).await;
+            anyhow::Ok(())
         });
     }
     // The hosts' load over the last hour, for the dashboard's charts.
@@ -248,6 +262,38 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("tuchka controller stopped");
     Ok(())
+}
+
+/// The listeners' connection limits from `serve`'s flags, checked.
+fn listen_limits(args: &ServeArgs) -> anyhow::Result<ListenLimits> {
+    let limits = ListenLimits {
+        header_timeout: args.header_timeout,
+        idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections,
+        max_per_client: args.max_connections_per_client,
+    };
+    for (flag, d) in [
+        ("--header-timeout", limits.header_timeout),
+        ("--idle-timeout", limits.idle_timeout),
+    ] {
+        if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+            bail!(
+                "{flag} {} is out of range: use 1s to 1h",
+                humantime::format_duration(d)
+            );
+        }
+    }
+    if limits.max_connections == 0 || limits.max_per_client == 0 {
+        bail!("--max-connections and --max-connections-per-client must be at least 1");
+    }
+    if limits.max_per_client > limits.max_connections {
+        bail!(
+            "--max-connections-per-client {} is above --max-connections {}",
+            limits.max_per_client,
+            limits.max_connections
+        );
+    }
+    Ok(limits)
 }
 
 /// Run a host agent that joins a remote controller.

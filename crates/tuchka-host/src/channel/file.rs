@@ -177,7 +177,7 @@ where
     let file = match tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
+        .mode(0o600) // guest data (a disk, a seed): root only, libvirt hands it to qemu
         .open(&tmp)
         .await
     {
