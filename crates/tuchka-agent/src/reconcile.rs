@@ -260,7 +260,6 @@ pub fn reconcile(
     let volume_errors = Mutex::new(volume_errors);
     // VMs converge independently, a few at a time: starting or destroying a domain takes
     // libvirt hundreds of milliseconds, mostly waiting on qemu.
-    let t_vms = Instant::now();
     let shared = Mutex::new(std::mem::take(mem));
     let mut report_vms: Vec<VmObserved> = parallel_map(&desired.vms, |want| {
         let domain = domains.get(&want.id);
@@ -309,8 +308,6 @@ pub fn reconcile(
         o
     });
     *mem = shared.into_inner().unwrap_or_else(|p| p.into_inner());
-    tracing::debug!(ms = t_vms.elapsed().as_millis() as u64, "TIMING vms");
-    let t_rest = Instant::now();
     let mut volume_errors = volume_errors
         .into_inner()
         .unwrap_or_else(|p| p.into_inner());
@@ -490,7 +487,6 @@ pub fn reconcile(
         });
     }
 
-    tracing::debug!(ms = t_rest.elapsed().as_millis() as u64, "TIMING rest");
     PassResult {
         report: HostReport {
             generation: desired.generation,
@@ -611,7 +607,6 @@ fn converge_one(
     };
     match result {
         Ok(now) => {
-            let t = Instant::now();
             let state_now = now.as_ref().map(|d| &d.state);
             let mut o = observed(&want.id, observed_state(want, state_now), None);
             o.domain = now.is_some();
@@ -621,7 +616,6 @@ fn converge_one(
                 o.resize_error = resize.map(|f| f.message);
                 describe(parts, want, d, &mut o);
             }
-            tracing::debug!(vm = %want.name, ms = t.elapsed().as_millis() as u64, "TIMING shape+describe");
             o
         }
         Err(f) => {

@@ -256,16 +256,8 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
         })
         .await
         .map_err(|e| AgentError::Join(e.to_string()))?;
-        tracing::debug!(
-            ms = pass_started.elapsed().as_millis() as u64,
-            "TIMING pass"
-        );
         let mut report: HostReport = pass.report;
         report.facts = facts(parts.storage.as_ref(), load.as_ref());
-        tracing::debug!(
-            ms = pass_started.elapsed().as_millis() as u64,
-            "TIMING facts"
-        );
         report.captures = captures.observed();
         // A capture under way is reported as it goes, not only when the cloud changes.
         let capturing = report.captures.iter().any(|c| {
@@ -296,10 +288,6 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
             let e = refused(e, false)?;
             tracing::warn!(error = %e, "cannot send report");
         }
-        tracing::debug!(
-            ms = pass_started.elapsed().as_millis() as u64,
-            "TIMING reported"
-        );
         if capturing {
             after = 0;
             tokio::time::sleep(Duration::from_secs(1)).await;

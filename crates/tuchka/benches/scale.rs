@@ -131,6 +131,13 @@ async fn main() {
         .arg(&dir)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--cpu-overcommit", "16", "--memory-overcommit", "4"])
+        // Every simulated host connects from 127.0.0.1: lift the per-client cap above them.
+        .args([
+            "--max-connections",
+            "4096",
+            "--max-connections-per-client",
+            "4096",
+        ])
         .env("TUCHKA_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("serve.log")).expect("log"))
