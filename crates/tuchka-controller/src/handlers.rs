@@ -41,11 +41,43 @@ pub enum Transport {
     Tcp,
 }
 
-/// A JSON request body; a body that does not parse is a `400 InvalidBody` with serde's words
-/// (which field, what was expected), like every other error.
-#[derive(Debug, FromRequest)]
-#[from_request(via(axum::Json), rejection(Error))]
+/// A JSON request body, always an object; a body that does not parse is a `400 InvalidBody`
+/// with serde's words (which field, what was expected), like every other error.
+#[derive(Debug)]
 pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self> {
+        let axum::Json(Object(v)) = axum::Json::<Object<T>>::from_request(req, state).await?;
+        Ok(JsonBody(v))
+    }
+}
+
+/// `T` read only from a JSON object: serde would also build a struct whose fields all have
+/// defaults from an array (`[]`), which no client means.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Fields<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Fields<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Fields(std::marker::PhantomData))
+            .map(Object)
+    }
+}
 
 impl From<JsonRejection> for Error {
     fn from(r: JsonRejection) -> Error {

@@ -81,9 +81,14 @@ where
         .and_then(|()| check_announced_size(name, announced, &limits))
         .and_then(|()| check_store_space(ctl, name, announced));
     if let Err(e) = checked {
-        // Read the body before answering (a bounded part of it): a client still sending would
-        // otherwise see a broken pipe instead of this error.
-        drain(body, DRAIN_AT_MOST, &limits).await;
+        // A body small enough is read before answering: a client still sending would otherwise
+        // see a broken pipe instead of this error. A larger one is answered at once, before a
+        // byte of it is read, which an HTTP/1 client takes as the answer to the request it is
+        // still sending (reading 256 MiB of it first and then closing resets the connection
+        // under the client's feet instead).
+        if announced.is_none_or(|n| n <= DRAIN_AT_MOST) {
+            drain(body, DRAIN_AT_MOST, &limits).await;
+        }
         return Err(e);
     }
     let tmp_dir = ctl.config().data_dir.join("images/tmp");
