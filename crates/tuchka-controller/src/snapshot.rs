@@ -281,29 +281,17 @@ impl Snapshot {
 
     /// The VMs placed on host `id`, in the snapshot's order.
     pub fn vms_on(&self, id: &str) -> impl Iterator<Item = &VmRow> {
-        self.vms_on
-            .get(id)
-            .into_iter()
-            .flatten()
-            .map(|&i| &self.vms[i])
+        rows_at(&self.vms_on, id, &self.vms)
     }
 
     /// The VMs of group `name`, in the snapshot's order.
     pub fn vms_of_group(&self, name: &str) -> impl Iterator<Item = &VmRow> {
-        self.vms_of_group
-            .get(name)
-            .into_iter()
-            .flatten()
-            .map(|&i| &self.vms[i])
+        rows_at(&self.vms_of_group, name, &self.vms)
     }
 
     /// NICs of VM `id`, in order.
     pub fn vm_nics(&self, id: &str) -> impl Iterator<Item = &NicRow> {
-        self.nics_of
-            .get(id)
-            .into_iter()
-            .flatten()
-            .map(|&i| &self.nics[i])
+        rows_at(&self.nics_of, id, &self.nics)
     }
 
     /// The volumes attached (or to be attached) to VM `id`, oldest first.
@@ -321,6 +309,15 @@ impl Snapshot {
     pub fn migration_of(&self, vm_id: &str) -> Option<&MigrationRow> {
         self.migrations.iter().find(|m| m.vm_id == vm_id)
     }
+}
+
+/// The rows of `rows` that `index` lists under `key`, in order.
+fn rows_at<'a, T>(
+    index: &'a HashMap<String, Vec<usize>>,
+    key: &str,
+    rows: &'a [T],
+) -> impl Iterator<Item = &'a T> {
+    index.get(key).into_iter().flatten().map(move |&i| &rows[i])
 }
 
 /// Whether a host reported within `down_after_s` of `now_unix`.

@@ -106,6 +106,26 @@ fn report(label: &str, seconds: u64, (n, mut lat, errors): (usize, Vec<Duration>
     );
 }
 
+/// A group of `count` one-vCPU VMs of the uploaded image on `networks`.
+fn group(name: String, count: u32, memory_mib: u64, networks: Vec<String>) -> GroupCreate {
+    GroupCreate {
+        name,
+        image: "tiny".into(),
+        count,
+        cpus: 1,
+        memory_mib,
+        disk_mib: 0,
+        networks,
+        user_data: None,
+        ssh_keys: vec![],
+        placement: None,
+        anti_affinity: false,
+        volume_size_mib: None,
+        keep_volumes: false,
+        max_cpus: None,
+    }
+}
+
 async fn wait_op(client: &Client, op: Operation) -> Operation {
     client
         .wait_operation(&op.id, |_| {})
@@ -233,22 +253,12 @@ async fn main() {
             let op: Operation = user
                 .post(
                     "/v1/groups",
-                    &GroupCreate {
-                        name: format!("g{g:03}"),
-                        image: "tiny".into(),
-                        count: per as u32,
-                        cpus: 1,
-                        memory_mib: 256,
-                        disk_mib: 0,
-                        networks: vec![format!("net-{}", g % nets)],
-                        user_data: None,
-                        ssh_keys: vec![],
-                        placement: None,
-                        anti_affinity: false,
-                        volume_size_mib: None,
-                        keep_volumes: false,
-                        max_cpus: None,
-                    },
+                    &group(
+                        format!("g{g:03}"),
+                        per as u32,
+                        256,
+                        vec![format!("net-{}", g % nets)],
+                    ),
                 )
                 .await
                 .expect("group create");
@@ -344,22 +354,7 @@ async fn main() {
                 let created: Result<Operation, _> = u
                     .post(
                         "/v1/groups",
-                        &GroupCreate {
-                            name: name.clone(),
-                            image: "tiny".into(),
-                            count: 1,
-                            cpus: 1,
-                            memory_mib: 128,
-                            disk_mib: 0,
-                            networks: vec!["net-0".into()],
-                            user_data: None,
-                            ssh_keys: vec![],
-                            placement: None,
-                            anti_affinity: false,
-                            volume_size_mib: None,
-                            keep_volumes: false,
-                            max_cpus: None,
-                        },
+                        &group(name.clone(), 1, 128, vec!["net-0".into()]),
                     )
                     .await;
                 let removed = u.delete::<Operation>(&format!("/v1/groups/{name}")).await;
