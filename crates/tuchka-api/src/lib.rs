@@ -248,6 +248,9 @@ wire_enum! {
         Deleting = "deleting",
         /// Its gateway host failed to set it up; see `error`.
         Error = "error",
+        /// Its gateway host is down and no other host is up to take the role over: VMs on it
+        /// have no DHCP, DNS, NAT or forwards, and new VMs on it are refused (see `error`).
+        Degraded = "degraded",
     }
 }
 
@@ -601,8 +604,14 @@ pub struct Network {
     pub bridge: String,
     /// Its state.
     pub state: NetworkState,
-    /// Host that runs the gateway (DHCP, DNS).
+    /// Host that runs the gateway (DHCP, DNS, NAT, forwards).
     pub gateway_host: Option<String>,
+    /// The host the gateway last moved away from because it went down, if it ever moved.
+    #[serde(default)]
+    pub gateway_moved_from: Option<String>,
+    /// When the gateway last moved (RFC 3339).
+    #[serde(default)]
+    pub gateway_moved_at: Option<String>,
     /// Address reservations (one per VM NIC).
     #[serde(default)]
     pub addresses: Vec<VmAddress>,

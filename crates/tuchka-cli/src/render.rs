@@ -319,6 +319,16 @@ pub fn network_table(nets: &[Network]) -> String {
     )
 }
 
+/// The gateway host, and where the role came from when it moved ("h2 (took over from h1,
+/// down, at …)").
+fn gateway_host(n: &Network) -> String {
+    let host = or_none(n.gateway_host.as_deref());
+    match (&n.gateway_moved_from, &n.gateway_moved_at) {
+        (Some(from), Some(at)) => format!("{host} (took over from {from}, down, at {at})"),
+        _ => host,
+    }
+}
+
 /// `net show`: fields, then the address reservations.
 pub fn network_detail(n: &Network) -> String {
     let mut out = fields(&[
@@ -328,7 +338,7 @@ pub fn network_detail(n: &Network) -> String {
         ("vni", n.vni.to_string()),
         ("bridge", n.bridge.clone()),
         ("state", n.state.to_string()),
-        ("gateway host", or_none(n.gateway_host.as_deref())),
+        ("gateway host", gateway_host(n)),
         (
             "nat",
             if n.nat {

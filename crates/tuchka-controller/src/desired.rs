@@ -544,6 +544,8 @@ mod tests {
             created_at: String::new(),
             nat: false,
             gateway: None,
+            gateway_moved_from: None,
+            gateway_moved_at: None,
         }
     }
 

@@ -180,6 +180,9 @@ fn add_vms(
     indexes: std::ops::Range<u32>,
 ) -> Result<Vec<String>> {
     let s = ctl.snapshot(c)?;
+    for n in s.networks.iter().filter(|n| g.networks.contains(&n.name)) {
+        crate::networks::check_usable(n)?;
+    }
     let placements = crate::scheduler::place(ctl, &s, g, indexes.len() as u32)?;
     let mut used_macs: HashSet<String> = s.nics.iter().map(|n| n.mac.clone()).collect();
     let mut used_ips: HashMap<String, HashSet<Ipv4Addr>> = HashMap::new();

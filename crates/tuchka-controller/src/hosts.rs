@@ -250,26 +250,8 @@ pub fn remove(ctl: &Controller, name: &str, force: bool) -> Result<tuchka_api::H
             )
             .map_err(db::StoreError::from)?;
         }
-        // Networks whose gateway it was: the first up host (by name) takes the role.
-        let next = s
-            .hosts
-            .iter()
-            .filter(|x| x.id != h.id && s.is_up(x) && !x.revoked && !x.draining)
-            .min_by(|a, b| a.name.cmp(&b.name));
-        for n in s
-            .networks
-            .iter()
-            .filter(|n| n.gateway_host.as_deref() == Some(h.id.as_str()))
-        {
-            let mut n = n.clone();
-            n.gateway_host = next.map(|x| x.id.clone());
-            db::update_network(c, &n)?;
-            out.moved_gateways.push(format!(
-                "{} → {}",
-                n.name,
-                next.map(|x| x.name.as_str()).unwrap_or("none (no host is up)")
-            ));
-        }
+        // Networks whose gateway it was move to another host, as when a gateway host goes down.
+        out.moved_gateways = crate::networks::fail_over(ctl, c)?;
         Ok::<_, Error>(out)
     })?;
     ctl.emit(

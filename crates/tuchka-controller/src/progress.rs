@@ -36,6 +36,7 @@ fn try_progress(ctl: &Controller) -> Result<()> {
     ctl.db().atomic(|c| {
         crate::groups::finalize_deletions(c)?;
         finalize_networks(c)?;
+        bump |= !crate::networks::fail_over(ctl, c)?.is_empty();
         bump |= crate::migrations::advance(ctl, c, &limits)?;
         bump |= crate::drain::advance(ctl, c)?;
         bump |= crate::balance::advance(ctl, c)?;

@@ -167,6 +167,11 @@ CREATE TABLE join_tokens (
   used_unix INTEGER, used_by TEXT);
 DELETE FROM meta WHERE key = 'join_token_sha256';
 "#,
+    // 6: a network's gateway moves to another host when its host goes down
+    r#"
+ALTER TABLE networks ADD COLUMN gateway_moved_from TEXT;
+ALTER TABLE networks ADD COLUMN gateway_moved_at TEXT;
+"#,
 ];
 
 /// The open database.

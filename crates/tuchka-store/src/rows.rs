@@ -425,10 +425,14 @@ pub struct NetworkRow {
     pub nat: bool,
     /// Gateway address (None: the first usable address).
     pub gateway: Option<String>,
+    /// Name of the host the gateway last moved away from (it went down), if it ever moved.
+    pub gateway_moved_from: Option<String>,
+    /// When the gateway last moved.
+    pub gateway_moved_at: Option<String>,
 }
 
 const NET_COLS: &str =
-    "name, cidr, vni, gateway_host, state, error, deleting, created_at, nat, gateway";
+    "name, cidr, vni, gateway_host, state, error, deleting, created_at, nat, gateway, gateway_moved_from, gateway_moved_at";
 
 fn net_row(r: &Row) -> rusqlite::Result<NetworkRow> {
     Ok(NetworkRow {
@@ -442,6 +446,8 @@ fn net_row(r: &Row) -> rusqlite::Result<NetworkRow> {
         created_at: r.get(7)?,
         nat: r.get(8)?,
         gateway: r.get(9)?,
+        gateway_moved_from: r.get(10)?,
+        gateway_moved_at: r.get(11)?,
     })
 }
 
@@ -469,7 +475,7 @@ pub fn network(c: &Connection, name: &str) -> Result<Option<NetworkRow>> {
 pub fn insert_network(c: &Connection, n: &NetworkRow) -> Result<()> {
     c.execute(
         &format!(
-            "INSERT INTO networks ({NET_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            "INSERT INTO networks ({NET_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
         ),
         params![
             n.name,
@@ -481,17 +487,28 @@ pub fn insert_network(c: &Connection, n: &NetworkRow) -> Result<()> {
             n.deleting,
             n.created_at,
             n.nat,
-            n.gateway
+            n.gateway,
+            n.gateway_moved_from,
+            n.gateway_moved_at
         ],
     )?;
     Ok(())
 }
 
-/// Update state/error/deleting of a network.
+/// Update state/error/deleting/gateway host of a network.
 pub fn update_network(c: &Connection, n: &NetworkRow) -> Result<()> {
     c.execute(
-        "UPDATE networks SET state = ?2, error = ?3, deleting = ?4, gateway_host = ?5 WHERE name = ?1",
-        params![n.name, n.state.as_str(), n.error, n.deleting, n.gateway_host],
+        "UPDATE networks SET state = ?2, error = ?3, deleting = ?4, gateway_host = ?5, \
+         gateway_moved_from = ?6, gateway_moved_at = ?7 WHERE name = ?1",
+        params![
+            n.name,
+            n.state.as_str(),
+            n.error,
+            n.deleting,
+            n.gateway_host,
+            n.gateway_moved_from,
+            n.gateway_moved_at
+        ],
     )?;
     Ok(())
 }
@@ -1846,6 +1863,8 @@ mod tests {
                     created_at: crate::now(),
                     nat: false,
                     gateway: None,
+                    gateway_moved_from: None,
+                    gateway_moved_at: None,
                 },
             )?;
             insert_group(

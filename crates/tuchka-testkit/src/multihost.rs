@@ -348,6 +348,26 @@ impl MultiHost {
         self.spawn_tracked(cmd, &line, &place)
     }
 
+    /// Takes host `name` away as if its machine died (`scripts/multihost kill-host`): every
+    /// process in it (libvirtd, virtlogd, its guests, dnsmasq, an agent) gets SIGKILL and it is
+    /// unplugged from the fabric. It stays gone; teardown removes what is left.
+    pub fn kill_host(&self, name: &str) -> Result<(), MultiHostError> {
+        self.host(name)?;
+        let out = run_script(&self.script, |c| {
+            c.arg("kill-host").arg(&self.layout.dir).arg(name);
+        })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(MultiHostError::Failed {
+                command: format!("multihost kill-host {name}"),
+                place: name.to_string(),
+                status: out.status,
+                stderr: lossy(&out.stderr),
+            })
+        }
+    }
+
     /// Tears the harness down now: destroys the hosts' domains, kills their processes and
     /// everything spawned here, removes the namespaces and the directory.
     pub fn down(mut self) -> Result<(), MultiHostError> {

@@ -71,6 +71,8 @@ pub struct LinkState {
     pub forward_delay: Option<u32>,
     /// Interface alias (our ownership mark), empty when unset.
     pub alias: String,
+    /// Hardware (MAC) address.
+    pub mac: Option<[u8; 6]>,
 }
 
 fn link_state(msg: &LinkMessage) -> LinkState {
@@ -82,10 +84,12 @@ fn link_state(msg: &LinkMessage) -> LinkState {
         stp: None,
         forward_delay: None,
         alias: String::new(),
+        mac: None,
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::Mtu(m) => st.mtu = Some(*m),
+            LinkAttribute::Address(a) => st.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
             LinkAttribute::IfAlias(a) => st.alias = a.clone(),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
@@ -225,6 +229,41 @@ pub fn ensure_bridge(
     })
 }
 
+/// The MAC of a network's bridge (pure): locally administered, unicast, from a digest of the
+/// owner alias (cloud and network) and `role`. The gateway host's bridge carries the one of role
+/// `"gateway"` — the same on whichever host holds the role, so when the role moves to another
+/// host (failover) the guests' ARP entries for the gateway address stay right and nothing has
+/// to be re-learnt. Every other host's bridge carries the one of its own host name, so a former
+/// gateway host that comes back gives the gateway's MAC up.
+pub fn bridge_mac(owner: &str, role: &str) -> [u8; 6] {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("{owner}\n{role}").as_bytes());
+    [0x02, d[0], d[1], d[2], d[3], d[4]]
+}
+
+/// Give device `name` the MAC `mac` (nothing when it has it already or is absent).
+pub fn set_mac(name: &str, mac: [u8; 6]) -> Result<(), LinkError> {
+    let name = name.to_string();
+    with_handle(|h| async move {
+        let Some(msg) = get_link(&h, &name).await? else {
+            return Ok(());
+        };
+        let st = link_state(&msg);
+        if st.mac == Some(mac) {
+            return Ok(());
+        }
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(st.index)
+                    .address(mac.to_vec())
+                    .build(),
+            )
+            .execute()
+            .await?;
+        Ok(())
+    })
+}
+
 /// Delete device `name` if it carries the alias `owner` or no alias (callers only pass devices
 /// their state says they made; an unmarked one is ours after a crash before marking). Returns
 /// whether it was deleted. A device with another alias is left alone (it is not ours).
@@ -309,4 +348,34 @@ pub fn set_ipv4(name: &str, want: Option<(Ipv4Addr, u8)>) -> Result<(), LinkErro
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gateway_mac_is_the_same_on_every_host_and_differs_from_each_hosts_own() {
+        let owner = owner_alias("c1", "app");
+        let gw = bridge_mac(&owner, "gateway");
+        assert_eq!(gw, bridge_mac(&owner, "gateway"), "a pure function");
+        assert_eq!(
+            gw[0] & 0b11,
+            0b10,
+            "locally administered, unicast: {gw:02x?}"
+        );
+        assert_ne!(
+            gw,
+            bridge_mac(&owner_alias("c1", "db"), "gateway"),
+            "one per network"
+        );
+        assert_ne!(
+            gw,
+            bridge_mac(&owner_alias("c2", "app"), "gateway"),
+            "one per cloud"
+        );
+        let (h1, h2) = (bridge_mac(&owner, "host h1"), bridge_mac(&owner, "host h2"));
+        assert!(h1 != h2 && h1 != gw && h2 != gw);
+        assert_eq!(h1[0] & 0b11, 0b10);
+    }
 }

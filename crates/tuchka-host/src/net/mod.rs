@@ -407,6 +407,14 @@ impl LinuxDataplane {
                     &d.name,
                     format!("create bridge {}", plan.bridge),
                 ))?;
+        let role = if d.gateway_here {
+            "gateway".to_string()
+        } else {
+            format!("host {}", host_name())
+        };
+        links::set_mac(&plan.bridge, links::bridge_mac(&self.owner(&d.name), &role)).map_err(
+            Self::link_err(&d.name, format!("set the MAC of bridge {}", plan.bridge)),
+        )?;
         let addr = d.gateway_here.then_some((plan.gateway, plan.net.prefix()));
         links::set_ipv4(&plan.bridge, addr).map_err(Self::link_err(
             &d.name,
@@ -649,6 +657,14 @@ impl Dataplane for LinuxDataplane {
         write_if_changed(&self.underlay_path(), &json, UNDERLAY)?;
         Ok(())
     }
+}
+
+/// This machine's host name (of its UTS namespace), for the MAC of bridges it is not the
+/// gateway of ([`links::bridge_mac`]); empty if unreadable.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
