@@ -26,8 +26,9 @@ use serde_json::Value;
 /// through their gateway host's NAT).
 const OUTSIDE_HOST: u8 = 200;
 
-/// user-data: every round, renew the DHCP lease (SIGUSR1 to udhcpc; "obtained" is what udhcpc
-/// logs when the server answered), fetch every peer by name (DNS + L2 across hosts) and the
+/// user-data: every round, renew the DHCP lease (SIGUSR1 to udhcpc, whose hook rewrites
+/// `/run/net/eth0.ip` when the server answered; udhcpc itself logs nothing once in the
+/// background), fetch every peer by name (DNS + L2 across hosts) and the
 /// outside server (NAT), and print one line with the results and the address of eth0.
 fn probe(peers: &[&str], outside: &str) -> String {
     format!(
@@ -37,12 +38,11 @@ exec >/dev/ttyS0 2>&1
 n=0
 while true; do
   n=$((n+1))
-  log=/var/log/udhcpc.eth0.log
-  before=$(grep -c obtained $log 2>/dev/null)
+  touch /tmp/fo.mark
+  sleep 1
   kill -USR1 "$(cat /run/udhcpc.eth0.pid)" 2>/dev/null
   sleep 2
-  after=$(grep -c obtained $log 2>/dev/null)
-  if [ "${{after:-0}}" -gt "${{before:-0}}" ]; then line="renew=ok"; else line="renew=fail"; fi
+  if [ -n "$(find /run/net/eth0.ip -newer /tmp/fo.mark 2>/dev/null)" ]; then line="renew=ok"; else line="renew=fail"; fi
   for peer in {peers}; do
     body=$(timeout 3 wget -q -O - "http://$peer.app/" 2>/dev/null | head -n1)
     line="$line $peer=${{body:-fail}}"
@@ -199,10 +199,35 @@ fn a_network_outlives_its_gateway_host() {
                 .any(|r| all_ok(r, &peers, &vm.2))
         })
     };
-    c.wait_for(
+    // On a timeout, what the guests printed tells why.
+    let wait_working = |what: &str, offsets: [usize; 2]| {
+        let start = Instant::now();
+        while !working_since(offsets) {
+            if start.elapsed() > Duration::from_secs(180) {
+                let tails: Vec<String> = vms
+                    .iter()
+                    .map(|vm| {
+                        let text = console(vm).replace('\r', "");
+                        let lines: Vec<&str> = text.lines().collect();
+                        format!(
+                            "--- console of the VM on {} ---\n{}",
+                            vm.0,
+                            lines[lines.len().saturating_sub(25)..].join("\n")
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "timed out waiting for {what}\n{}\n{}",
+                    tails.join("\n"),
+                    c.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    wait_working(
         "both VMs to renew, resolve each other and reach the outside through h1",
-        Duration::from_secs(180),
-        || working_since([0, 0]),
+        [0, 0],
     );
 
     // A port forward on the gateway host to web-1's web server.
@@ -286,10 +311,9 @@ fn a_network_outlives_its_gateway_host() {
     );
 
     // The guests carry on: lease renewed, names resolved, NAT out — with the same addresses.
-    c.wait_for(
+    wait_working(
         "both VMs to renew, resolve and reach the outside again through the new gateway",
-        Duration::from_secs(180),
-        || working_since(offsets),
+        offsets,
     );
     let recovered = gone.elapsed();
     let new_url = format!("http://{}:8080/", address_of(&c, &new_gw));
