@@ -352,15 +352,26 @@ impl MultiHost {
     /// process in it (libvirtd, virtlogd, its guests, dnsmasq, an agent) gets SIGKILL and it is
     /// unplugged from the fabric. It stays gone; teardown removes what is left.
     pub fn kill_host(&self, name: &str) -> Result<(), MultiHostError> {
+        self.host_script("kill-host", name)
+    }
+
+    /// Crashes the libvirtd of host `name` (SIGKILL; its guests keep running) and starts it
+    /// again (`scripts/multihost restart-libvirtd`); returns once it answers.
+    pub fn restart_libvirtd(&self, name: &str) -> Result<(), MultiHostError> {
+        self.host_script("restart-libvirtd", name)
+    }
+
+    /// `scripts/multihost SUBCOMMAND DIR NAME`, its failure an error with its stderr.
+    fn host_script(&self, subcommand: &str, name: &str) -> Result<(), MultiHostError> {
         self.host(name)?;
         let out = run_script(&self.script, |c| {
-            c.arg("kill-host").arg(&self.layout.dir).arg(name);
+            c.arg(subcommand).arg(&self.layout.dir).arg(name);
         })?;
         if out.status.success() {
             Ok(())
         } else {
             Err(MultiHostError::Failed {
-                command: format!("multihost kill-host {name}"),
+                command: format!("multihost {subcommand} {name}"),
                 place: name.to_string(),
                 status: out.status,
                 stderr: lossy(&out.stderr),

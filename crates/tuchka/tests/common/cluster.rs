@@ -20,6 +20,7 @@ pub struct Cluster {
     pub dir: PathBuf,
     mh: Option<MultiHost>,
     serve: Option<Child>,
+    serve_args: Vec<String>,
     agents: HashMap<String, Child>,
     join: (String, String, String),
 }
@@ -36,24 +37,8 @@ impl Cluster {
         let mh = MultiHost::up(n).expect("multi-host harness up");
         let dir = mh.dir().join("controller");
         std::fs::create_dir_all(&dir).expect("controller dir");
-        let port = 7480;
-        let listen = format!("{}:{port}", mh.controller_ip());
-        let log = std::fs::File::create(dir.join("serve.log")).expect("log");
-        let mut cmd = mh.fabric_command(common::bin());
-        cmd.args([
-            "serve",
-            "--no-local-agent",
-            "--down-after",
-            "6",
-            "--listen",
-            &listen,
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .args(serve_args)
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
-        let serve = mh.spawn_command(&mut cmd).expect("start the controller");
+        let serve_args: Vec<String> = serve_args.iter().map(|a| a.to_string()).collect();
+        let serve = spawn_serve(&mh, &dir, &serve_args);
         let join_file = dir.join("join.txt");
         let deadline = Instant::now() + Duration::from_secs(30);
         while !join_file.exists() {
@@ -81,6 +66,7 @@ impl Cluster {
             mh: Some(mh),
             dir,
             serve: Some(serve),
+            serve_args,
             agents: HashMap::new(),
             join,
         };
@@ -158,6 +144,39 @@ impl Cluster {
             let _ = Command::new("kill").arg(a.id().to_string()).status();
             let _ = a.wait();
         }
+    }
+
+    /// Crash the agent of `host` (SIGKILL) and start it again at once.
+    pub fn crash_agent(&mut self, host: &str) {
+        if let Some(mut a) = self.agents.remove(host) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &a.id().to_string()])
+                .status();
+            let _ = a.wait();
+        }
+        self.start_agent(host);
+    }
+
+    /// Crash the controller (SIGKILL); [`Cluster::start_controller`] starts it again.
+    pub fn kill_controller(&mut self) {
+        if let Some(mut s) = self.serve.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &s.id().to_string()])
+                .status();
+            let _ = s.wait();
+        }
+    }
+
+    /// Start the controller again on its data directory (same CA, token and state) and wait
+    /// until it answers.
+    pub fn start_controller(&mut self) {
+        assert!(self.serve.is_none(), "the controller runs already");
+        self.serve = Some(spawn_serve(self.mh(), &self.dir, &self.serve_args));
+        self.wait_for(
+            "the controller to answer again",
+            Duration::from_secs(60),
+            || self.tk(&["host", "list"]).code == 0,
+        );
     }
 
     /// See the module docs.
@@ -252,6 +271,32 @@ impl Cluster {
         }
         m
     }
+}
+
+/// `tuchka serve` of the cluster in the fabric namespace (its log appended to
+/// `controller/serve.log`).
+fn spawn_serve(mh: &MultiHost, dir: &std::path::Path, serve_args: &[String]) -> Child {
+    let listen = format!("{}:7480", mh.controller_ip());
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("serve.log"))
+        .expect("log");
+    let mut cmd = mh.fabric_command(common::bin());
+    cmd.args([
+        "serve",
+        "--no-local-agent",
+        "--down-after",
+        "6",
+        "--listen",
+        &listen,
+        "--data-dir",
+    ])
+    .arg(dir)
+    .args(serve_args)
+    .stdout(log.try_clone().expect("log"))
+    .stderr(log);
+    mh.spawn_command(&mut cmd).expect("start the controller")
 }
 
 impl Drop for Cluster {
