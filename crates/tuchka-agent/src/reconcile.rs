@@ -208,13 +208,15 @@ pub fn reconcile(
         Err(e) => {
             tracing::warn!(error = %e.chain(), "cannot list domains");
             let f = Failure::of(&e);
-            // Every VM says why; a migration this host plays a part in fails with it (the
-            // controller aborts it), and every removal is still to do.
+            // libvirt cannot be asked (e.g. libvirtd restarting): the VMs' state is unknown —
+            // not failed; they most likely run on, and the next pass sees them again. A
+            // migration this host plays a part in fails with it (the controller aborts it), and
+            // every removal is still to do.
             let mut vms: Vec<VmObserved> = desired
                 .vms
                 .iter()
                 .map(|v| {
-                    let mut o = observed(&v.id, VmState::Error, Some(f.clone()));
+                    let mut o = observed(&v.id, VmState::Unknown, Some(f.clone()));
                     o.migration = match &v.migration {
                         Some(VmMigrationDesired::Incoming { id, .. }) => {
                             let mut m = crate::mover::failed(id, &f.message);
@@ -1256,6 +1258,24 @@ mod tests {
         assert_eq!(h.hv.count("list"), 1, "{:?}", h.hv.calls());
         assert_eq!(h.hv.count("start"), 40);
         assert!(h.hv.count("lookup") <= 40 * 4, "{}", h.hv.count("lookup"));
+    }
+
+    #[test]
+    fn when_libvirt_cannot_list_its_vms_are_unknown_not_failed_and_the_next_pass_sees_them() {
+        let h = host();
+        let mut mem = Memory::default();
+        let d = desired(vec![vm(PowerState::Running)]);
+        assert_eq!(pass(&h, &d, &mut mem).report.vms[0].state, VmState::Running);
+        h.hv.fail_once("list");
+        let r = pass(&h, &d, &mut mem);
+        assert_eq!(
+            r.report.vms[0].state,
+            VmState::Unknown,
+            "{:?}",
+            r.report.vms[0]
+        );
+        let r = pass(&h, &d, &mut mem);
+        assert_eq!(r.report.vms[0].state, VmState::Running);
     }
 
     #[test]
