@@ -521,27 +521,27 @@ impl Client {
             reason: e.to_string(),
         })?;
         let method = req.method().to_string();
-        let result = match &self.transport {
-            Transport::Unix { http, .. } => http.request(req).await,
-            Transport::Http { pin, http, .. } => {
-                let pin = match pin {
-                    Some(Err(reason)) => {
-                        return Err(ClientError::InvalidFingerprint {
-                            reason: reason.clone(),
-                        })
-                    }
-                    Some(Ok(p)) => Some(p.as_str()),
-                    None => None,
-                };
-                let client = http
-                    .get_or_init(|| https_client(pin))
-                    .as_ref()
-                    .map_err(|reason| ClientError::Tls {
-                        endpoint: self.endpoint(),
-                        reason: reason.clone(),
-                    })?;
-                client.request(req).await
-            }
+        // A bodiless read can be sent again: the controller may have closed the pooled
+        // connection it went out on (idle, or evicted at a connection cap) just as it was
+        // reused; then it is retried once on a fresh connection.
+        let again = matches!(*req.method(), Method::GET | Method::HEAD).then(|| {
+            let mut r = Request::new(empty_body());
+            *r.method_mut() = req.method().clone();
+            *r.uri_mut() = req.uri().clone();
+            *r.headers_mut() = req.headers().clone();
+            r
+        });
+        let result = match self.send(req).await {
+            Err(SendError::Http(e)) if closed_unanswered(&e) => match again {
+                Some(req) => self.send(req).await,
+                None => Err(SendError::Http(e)),
+            },
+            other => other,
+        };
+        let result = match result {
+            Ok(r) => Ok(r),
+            Err(SendError::Api(e)) => return Err(e),
+            Err(SendError::Http(e)) => Err(e),
         };
         result.map_err(|e| {
             if let Some(tls) = find_rustls_error(&e) {
@@ -560,6 +560,34 @@ impl Client {
                 self.transport_error(&method, path, Box::new(e))
             }
         })
+    }
+
+    /// One try of [`Self::execute`].
+    async fn send(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, SendError> {
+        match &self.transport {
+            Transport::Unix { http, .. } => http.request(req).await.map_err(SendError::Http),
+            Transport::Http { pin, http, .. } => {
+                let pin = match pin {
+                    Some(Err(reason)) => {
+                        return Err(SendError::Api(ClientError::InvalidFingerprint {
+                            reason: reason.clone(),
+                        }))
+                    }
+                    Some(Ok(p)) => Some(p.as_str()),
+                    None => None,
+                };
+                let client = http
+                    .get_or_init(|| https_client(pin))
+                    .as_ref()
+                    .map_err(|reason| {
+                        SendError::Api(ClientError::Tls {
+                            endpoint: self.endpoint(),
+                            reason: reason.clone(),
+                        })
+                    })?;
+                client.request(req).await.map_err(SendError::Http)
+            }
+        }
     }
 
     fn transport_error(&self, method: &str, path: &str, source: BoxError) -> ClientError {
@@ -619,6 +647,40 @@ impl Client {
         let resp = self.ensure_success(resp, path).await?;
         self.collect(resp, "", path).await.map(|_| ())
     }
+}
+
+/// Why one try of a request failed: before it was sent ([`ClientError`]), or in hyper.
+enum SendError {
+    Api(ClientError),
+    Http(hyper_util::client::legacy::Error),
+}
+
+/// Whether `e` is a connection that closed (or reset) before any answer came: a pooled
+/// connection the server had just closed.
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
 }
 
 fn empty_body() -> ReqBody {

@@ -471,3 +471,56 @@ async fn connect_error_over_tcp_names_the_url() {
         "{err}"
     );
 }
+
+/// Read one request head from `conn` (these requests have no body); false at end of stream.
+async fn read_head(conn: &mut tokio::net::UnixStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[tokio::test]
+async fn a_read_is_sent_again_when_the_server_closed_its_pooled_connection_under_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let socket = tmp.path().join("tuchka.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+    let answer =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n[]";
+    let server = tokio::spawn(async move {
+        // Connection 1 answers one request, then reads the next one and closes without an
+        // answer (what an idle timeout or a connection cap does in the same instant).
+        let (mut first, _) = listener.accept().await.expect("accept");
+        assert!(read_head(&mut first).await);
+        first.write_all(answer).await.expect("answer");
+        assert!(
+            read_head(&mut first).await,
+            "the client reuses the connection"
+        );
+        drop(first);
+        // Connection 2: the retried read, and then the POST that is not retried.
+        let (mut second, _) = listener.accept().await.expect("accept the retry");
+        assert!(read_head(&mut second).await);
+        second.write_all(answer).await.expect("answer");
+        let posted = read_head(&mut second).await;
+        drop(second);
+        posted
+    });
+    let c = Client::new(Endpoint::Unix(socket));
+    let v: serde_json::Value = c.get("/v1/vms").await.expect("first read");
+    assert_eq!(v, serde_json::json!([]));
+    let v: serde_json::Value = c.get("/v1/vms").await.expect("the read survives the close");
+    assert_eq!(v, serde_json::json!([]));
+    let err = c
+        .post_empty("/v1/vms/web-0/start", &serde_json::json!({}))
+        .await
+        .expect_err("a write is never sent twice");
+    assert!(matches!(err, ClientError::Transport { .. }), "{err:?}");
+    assert!(server.await.expect("server"), "the POST went out, once");
+}
