@@ -18,7 +18,6 @@ mod cluster;
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cluster::Cluster;
@@ -205,10 +204,6 @@ fn devices(c: &Cluster, host: &str, kind: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn pool(c: &Cluster, host: &str) -> PathBuf {
-    c.mh().dir().join(host).join("tuchka-pool")
-}
-
 fn dir_names(path: &std::path::Path) -> BTreeSet<String> {
     std::fs::read_dir(path)
         .map(|d| {
@@ -240,10 +235,7 @@ fn a_hundred_operations_through_crashes_converge_with_nothing_leaked() {
     let mut rng = Rng(seed);
 
     let mut c = Cluster::start(3);
-    c.wait_for("three hosts up", Duration::from_secs(60), || {
-        let hs = c.hosts();
-        hs.len() == 3 && hs.iter().all(|h| h["state"] == "up")
-    });
+    c.wait_hosts_up(3);
     c.ok(&[
         "image",
         "upload",
@@ -372,11 +364,11 @@ fn a_hundred_operations_through_crashes_converge_with_nothing_leaked() {
         .collect();
 
     // Running VMs answer: a heartbeat printed after convergence.
-    let console_of = |v: &Value| -> String {
-        let host = v["host"].as_str().unwrap_or_default();
-        let id = v["id"].as_str().unwrap_or_default();
-        std::fs::read_to_string(pool(&c, host).join("vms").join(id).join("console.log"))
-            .unwrap_or_default()
+    let console_of = |v: &Value| {
+        c.console(
+            v["host"].as_str().unwrap_or_default(),
+            v["id"].as_str().unwrap_or_default(),
+        )
     };
     let running: Vec<&Value> = vms.iter().filter(|v| v["state"] == "running").collect();
     let before: Vec<usize> = running.iter().map(|v| console_of(v).len()).collect();
@@ -466,7 +458,7 @@ fn a_hundred_operations_through_crashes_converge_with_nothing_leaked() {
         let mut active = virsh_list("--state-running");
         active.extend(virsh_list("--state-paused"));
         assert_eq!(active, want_active, "running domains on {host}");
-        let dirs = dir_names(&pool(&c, host).join("vms"));
+        let dirs = dir_names(&c.pool(host).join("vms"));
         let want_dirs: BTreeSet<String> = on_host
             .iter()
             .filter_map(|v| v["id"].as_str().map(String::from))
@@ -511,7 +503,7 @@ fn a_hundred_operations_through_crashes_converge_with_nothing_leaked() {
                 "VXLAN device {vx} on {host} of no network there ({vxlans:?})"
             );
         }
-        let net_dirs = dir_names(&pool(&c, host).join("net"));
+        let net_dirs = dir_names(&c.pool(host).join("net"));
         let want_net_dirs: BTreeSet<String> = here
             .iter()
             .filter_map(|n| n["name"].as_str().map(String::from))
@@ -519,7 +511,7 @@ fn a_hundred_operations_through_crashes_converge_with_nothing_leaked() {
         assert_eq!(net_dirs, want_net_dirs, "network directories on {host}");
         for n in &here {
             let name = n["name"].as_str().unwrap_or_default();
-            let dir = pool(&c, host).join("net").join(name);
+            let dir = c.pool(host).join("net").join(name);
             let pid = std::fs::read_to_string(dir.join("dnsmasq.pid")).unwrap_or_default();
             let dnsmasq_runs = pid
                 .trim()

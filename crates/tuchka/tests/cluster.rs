@@ -23,10 +23,7 @@ use cluster::Cluster;
 fn three_hosts_one_cloud() {
     let image = common::test_image();
     let mut c = Cluster::start(3);
-    c.wait_for("three hosts up", Duration::from_secs(60), || {
-        let hs = c.hosts();
-        hs.len() == 3 && hs.iter().all(|h| h["state"] == "up")
-    });
+    c.wait_hosts_up(3);
     for h in c.hosts() {
         assert!(
             h["cpus"].as_u64().unwrap_or(0) > 0 && h["memory_mib"].as_u64().unwrap_or(0) > 1024,
@@ -119,15 +116,7 @@ fn three_hosts_one_cloud() {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        std::fs::read_to_string(
-            c.mh()
-                .dir()
-                .join(host)
-                .join("tuchka-pool/vms")
-                .join(id)
-                .join("console.log"),
-        )
-        .unwrap_or_default()
+        c.console(host, &id)
     };
     c.wait_for(
         "web-0 to reach all six VMs across hosts by name",
@@ -183,15 +172,7 @@ fn three_hosts_one_cloud() {
         "iso-0 to finish probe rounds",
         Duration::from_secs(180),
         || {
-            let log = std::fs::read_to_string(
-                c.mh()
-                    .dir()
-                    .join(&iso_host)
-                    .join("tuchka-pool/vms")
-                    .join(&iso_id)
-                    .join("console.log"),
-            )
-            .unwrap_or_default();
+            let log = c.console(&iso_host, &iso_id);
             log.matches("PROBE-DONE").count() >= 2 && !log.contains(&format!("tcp {web3_ip} ok"))
         },
     );

@@ -84,10 +84,7 @@ fn all_ok(r: &HashMap<String, String>, peers: &[&str], ip: &str) -> bool {
 fn a_network_outlives_its_gateway_host() {
     let image = common::test_image();
     let mut c = Cluster::start(3);
-    c.wait_for("three hosts up", Duration::from_secs(60), || {
-        let hs = c.hosts();
-        hs.len() == 3 && hs.iter().all(|h| h["state"] == "up")
-    });
+    c.wait_hosts_up(3);
 
     // The outside: a web server on an extra address of the fabric.
     let fabric = c.mh().fabric().clone();
@@ -180,17 +177,7 @@ fn a_network_outlives_its_gateway_host() {
     let mut placed = [vms[0].0.clone(), vms[1].0.clone()];
     placed.sort();
     assert_eq!(placed, ["h2", "h3"], "one VM on each of h2 and h3");
-    let console = |(host, id, _): &(String, String, String)| -> String {
-        std::fs::read_to_string(
-            c.mh()
-                .dir()
-                .join(host)
-                .join("tuchka-pool/vms")
-                .join(id)
-                .join("console.log"),
-        )
-        .unwrap_or_default()
-    };
+    let console = |(host, id, _): &(String, String, String)| c.console(host, id);
     let working_since = |offsets: [usize; 2]| -> bool {
         vms.iter().zip(offsets).all(|(vm, from)| {
             let text = console(vm);

@@ -128,17 +128,7 @@ impl T {
         let v = self.vm(vm);
         let host = v["host"].as_str().unwrap_or_default();
         let id = v["id"].as_str().unwrap_or_default();
-        std::fs::read_to_string(
-            self.c
-                .mh()
-                .dir()
-                .join(host)
-                .join("tuchka-pool/vms")
-                .join(id)
-                .join("console.log"),
-        )
-        .unwrap_or_default()
-        .replace('\r', "")
+        self.c.console(host, id).replace('\r', "")
     }
 
     /// The domains of this cloud defined on `host`, from its own libvirtd.
@@ -154,13 +144,7 @@ impl T {
 
     /// True when `host` has nothing of VM `id` (no domain named `domain`, no directory).
     fn clean_on(&self, host: &str, id: &str, domain: &str) -> bool {
-        let dir = self
-            .c
-            .mh()
-            .dir()
-            .join(host)
-            .join("tuchka-pool/vms")
-            .join(id);
+        let dir = self.c.pool(host).join("vms").join(id);
         !dir.exists() && !self.domains_on(host).lines().any(|l| l.trim() == domain)
     }
 
@@ -554,7 +538,7 @@ fn vms_move_between_hosts() {
 
     // ---- a target whose pool is too small is refused, and nothing changes.
     t.c.kill_agent(&free);
-    let pool = t.c.mh().dir().join(&free).join("tuchka-pool");
+    let pool = t.c.pool(&free);
     std::fs::create_dir_all(&pool).expect("pool");
     // The same machine with a smaller disk: it keeps its identity (a host name is never
     // taken over with the join token alone).

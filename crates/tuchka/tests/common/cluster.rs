@@ -98,7 +98,7 @@ impl Cluster {
     pub fn start_agent_with(&mut self, host: &str, name: &str, token: &str) {
         let mh = self.mh.as_ref().expect("harness");
         let h = mh.host(host).expect("host");
-        let pool = mh.dir().join(host).join("tuchka-pool");
+        let pool = self.pool(host);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -242,6 +242,25 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(300));
         }
         panic!("timed out waiting for {what}\n{}", self.logs());
+    }
+
+    /// The pool directory of the agent of simulated host `host`.
+    pub fn pool(&self, host: &str) -> PathBuf {
+        self.mh().dir().join(host).join("tuchka-pool")
+    }
+
+    /// The console log of VM `id` on `host`, as its host has it (empty if there is none yet).
+    pub fn console(&self, host: &str, id: &str) -> String {
+        std::fs::read_to_string(self.pool(host).join("vms").join(id).join("console.log"))
+            .unwrap_or_default()
+    }
+
+    /// Wait until all `n` hosts are up.
+    pub fn wait_hosts_up(&self, n: usize) {
+        self.wait_for(&format!("{n} hosts up"), Duration::from_secs(60), || {
+            let hs = self.hosts();
+            hs.len() == n && hs.iter().all(|h| h["state"] == "up")
+        });
     }
 
     /// See the module docs.
