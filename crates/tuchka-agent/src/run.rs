@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
-use tuchka_api::agent::{HostDesired, HostRegister, HostRegistered, HostReport};
-use tuchka_client::{Client, ClientError};
+use tuchka_api::agent::{HostDesired, HostRegister, HostRegistered, HostReport, GENERATION_HEADER};
+use tuchka_client::{Client, ClientError, Conditional};
 
 use crate::capture::Captures;
 use tuchka_host::channel::{ChannelServer, MigrationAdmission};
@@ -207,12 +207,23 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
     let started = std::time::Instant::now();
     let mut after = 0u64;
     let mut backoff = Duration::from_millis(250);
+    // The desired state last received and its ETag: an unchanged one comes back as a `304`.
+    let mut current: Option<(HostDesired, String)> = None;
     loop {
-        let desired: HostDesired = match client
-            .get(&format!("/v1/agent/hosts/{host_id}/desired?after={after}"))
-            .await
-        {
-            Ok(d) => d,
+        let fetched = client
+            .get_if_changed::<HostDesired>(
+                &format!("/v1/agent/hosts/{host_id}/desired?after={after}"),
+                current.as_ref().map(|(_, tag)| tag.as_str()),
+            )
+            .await;
+        let desired: HostDesired = match fetched {
+            Ok(answer) => match unchanged_or_new(&mut current, answer) {
+                Some(d) => d,
+                None => {
+                    tracing::warn!("the controller said unchanged of a desired state this agent does not have; asking again");
+                    continue;
+                }
+            },
             Err(e) => {
                 let e = refused(e, false)?;
                 tracing::warn!(error = %e, "cannot fetch desired state; retrying");
@@ -228,6 +239,7 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
                     .await?;
                     host_id = reg.host_id;
                     client = client.with_token(Some(reg.credential));
+                    current = None;
                     ship_to.send_replace((client.clone(), host_id.clone()));
                 }
                 tokio::time::sleep(backoff).await;
@@ -302,6 +314,32 @@ pub async fn run(config: AgentConfig, client: Client) -> Result<(), AgentError> 
 
 /// The host's load now (CPU and memory, each VM's CPU), from /proc and libvirt; None on the
 /// first sample or when they cannot be read.
+/// What a desired-state answer means for the host holding `current`: a new desired state
+/// (kept, with its ETag, as `current`), or the one it has, at the generation the `304` names.
+/// None for a `304` about a desired state it does not have.
+pub fn unchanged_or_new(
+    current: &mut Option<(HostDesired, String)>,
+    answer: Conditional<HostDesired>,
+) -> Option<HostDesired> {
+    match answer {
+        Conditional::Fresh(d, tag) => {
+            *current = tag.map(|tag| (d.clone(), tag));
+            Some(d)
+        }
+        Conditional::NotModified(headers) => {
+            let (d, _) = current.as_mut()?;
+            if let Some(g) = headers
+                .get(GENERATION_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+            {
+                d.generation = g;
+            }
+            Some(d.clone())
+        }
+    }
+}
+
 fn sample_load(
     parts: &HostParts,
     sampler: &Mutex<LoadSampler>,

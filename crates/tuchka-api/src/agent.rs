@@ -117,6 +117,10 @@ pub struct HostFacts {
     pub pass_ms: u64,
 }
 
+/// Response header of the desired-state long poll: the generation it stands for (on a `304` as
+/// well, when the host's desired state is unchanged but the cloud's generation moved on).
+pub const GENERATION_HEADER: &str = "tuchka-generation";
+
 /// Everything one host must converge to.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct HostDesired {
@@ -312,7 +316,8 @@ pub struct NetworkDesired {
     pub gateway_here: bool,
     /// MTU of the bridge and the guests' NICs.
     pub mtu: u32,
-    /// DHCP reservations and DNS names, one per VM NIC.
+    /// DHCP reservations and DNS names, one per VM NIC — for the gateway host's dnsmasq; empty
+    /// on the network's other hosts.
     pub hosts: Vec<DhcpHost>,
     /// Outbound NAT: VMs reach the outside through the host (masquerade). Without it nothing
     /// from this network is routed out (except replies and traffic to networks whose rules allow it).

@@ -191,6 +191,29 @@ impl Client {
         self.read_json(resp, path).await
     }
 
+    /// `GET path` with `If-None-Match: etag` (when given): the answer and its `ETag`, or
+    /// [`Conditional::NotModified`] when the server answered `304` (what it has is still `etag`).
+    pub async fn get_if_changed<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        etag: Option<&str>,
+    ) -> Result<Conditional<T>, ClientError> {
+        let mut req = self.request(Method::GET, path)?;
+        if let Some(tag) = etag {
+            req = req.header(header::IF_NONE_MATCH, tag);
+        }
+        let resp = self.execute(req, empty_body(), path).await?;
+        if resp.status() == StatusCode::NOT_MODIFIED {
+            return Ok(Conditional::NotModified(resp.headers().clone()));
+        }
+        let tag = resp
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok(Conditional::Fresh(self.read_json(resp, path).await?, tag))
+    }
+
     /// `POST path` with a JSON body → JSON.
     pub async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
@@ -647,6 +670,15 @@ impl Client {
         let resp = self.ensure_success(resp, path).await?;
         self.collect(resp, "", path).await.map(|_| ())
     }
+}
+
+/// The answer of a conditional read ([`Client::get_if_changed`]).
+#[derive(Debug)]
+pub enum Conditional<T> {
+    /// Something new, with its `ETag` if the server sent one.
+    Fresh(T, Option<String>),
+    /// `304 Not Modified`: what the caller has is current; the answer's headers.
+    NotModified(header::HeaderMap),
 }
 
 /// Why one try of a request failed: before it was sent ([`ClientError`]), or in hyper.

@@ -16,6 +16,6 @@ mod encode;
 mod error;
 pub mod tls;
 
-pub use client::{Client, Endpoint, DEFAULT_SOCKET};
+pub use client::{Client, Conditional, Endpoint, DEFAULT_SOCKET};
 pub use encode::segment;
 pub use error::{BoxError, ClientError};

@@ -30,7 +30,7 @@ use tuchka_api::agent::{
 use tuchka_api::{NetworkState, VmState, CODE_HOST_NAME_TAKEN, CODE_HOST_REMOVED};
 use tuchka_core::digest::{constant_time_eq, sha256_hex};
 use tuchka_core::migration::Side;
-use tuchka_store::{self as db, HostNetworkRow, HostRow, JoinTokenRow, StoreError};
+use tuchka_store::{self as db, HostNetworkRow, HostRow, JoinTokenRow, StoreError, VmRow};
 
 use crate::error::{Error, Result};
 use crate::state::{rfc3339, Controller};
@@ -454,11 +454,30 @@ fn side_of(seen: Option<&&VmObserved>, migration_id: &str) -> Side {
     }
 }
 
-/// Record what a host observed. The caller moves operations on afterwards.
-pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Result<()> {
+/// How far a VM's reported CPU use may drift from the stored figure before it is written
+/// (cores): the balancer and the views need no finer figure, and an idle guest's jitter would
+/// otherwise make every report a write.
+const CPU_USAGE_STEP: f64 = 0.02;
+
+/// Whether the VM row `after` (from a report) differs from the `stored` one enough to write:
+/// anything but the CPU use, or the CPU use by a step or more (or to or from zero).
+fn worth_writing(stored: &VmRow, after: &VmRow) -> bool {
+    let cpu_moved = (stored.cpu_usage - after.cpu_usage).abs() >= CPU_USAGE_STEP
+        || ((stored.cpu_usage == 0.0) != (after.cpu_usage == 0.0));
+    cpu_moved
+        || stored
+            != &VmRow {
+                cpu_usage: stored.cpu_usage,
+                ..after.clone()
+            }
+}
+
+/// Record what a host observed; true if it changed anything but the host's heartbeat (then
+/// the caller moves operations on).
+pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Result<bool> {
     let mut changes: Vec<(String, String)> = vec![];
     let mut deleted_any = false;
-    ctl.db().atomic(|c| {
+    let changed = ctl.db().atomic_announced(|c| {
         let host_name = db::host(c, host_id)?
             .ok_or_else(|| Error::not_found("host", "host", host_id))?
             .name;
@@ -469,6 +488,8 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
             &report.cached_images,
             &report.orphans,
         )?;
+        // A report that only says "alive, as before" wakes no operation's long poll.
+        let heartbeat_only = c.total_changes();
         let seen: HashMap<&str, &VmObserved> =
             report.vms.iter().map(|v| (v.id.as_str(), v)).collect();
         let migrations = db::active_migrations(c)?;
@@ -497,6 +518,7 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
                 // Its domain has left for the target: the source's view says nothing now.
                 Some(o) if migrating && !o.domain => {}
                 Some(o) => {
+                    let stored = v.clone();
                     let before = (v.observed, v.error.clone());
                     v.observed = o.state;
                     if o.state == VmState::Error {
@@ -526,14 +548,14 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
                     } else if before != (v.observed, v.error.clone()) {
                         changes.push((v.name.clone(), v.observed.as_str().to_string()));
                     }
-                    db::update_vm(c, &v)?;
+                    // Most reports confirm what is stored: only a change is written.
+                    if worth_writing(&stored, &v) {
+                        db::update_vm(c, &v)?;
+                    }
                 }
             }
         }
-        for r in db::removals(c)?
-            .into_iter()
-            .filter(|r| r.host_id == host_id)
-        {
+        for r in db::host_removals(c, host_id)? {
             if !seen.contains_key(r.vm_id.as_str()) {
                 db::delete_removal(c, &r.vm_id, host_id)?;
                 changes.push((
@@ -559,11 +581,14 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
         }
         changes.extend(crate::volumes::apply_observed(c, host_id, &report.volumes)?);
         crate::captures::apply_observed(c, host_id, &report.captures)?;
-        let in_use: std::collections::HashSet<String> = db::groups(c)?
-            .into_iter()
-            .filter(|g| here.contains(&g.name))
-            .map(|g| g.image_sha256)
-            .collect();
+        here.sort();
+        here.dedup();
+        let mut in_use = std::collections::HashSet::new();
+        for name in &here {
+            if let Some(g) = db::group(c, name)? {
+                in_use.insert(g.image_sha256);
+            }
+        }
         db::touch_image_cache(c, host_id, &report.cached_images, &in_use, db::now_unix())?;
         let rows: Vec<HostNetworkRow> = report
             .networks
@@ -575,7 +600,9 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
                 error: n.error.clone(),
             })
             .collect();
-        db::set_host_networks(c, host_id, &rows)?;
+        if db::host_networks(c, host_id)? != rows {
+            db::set_host_networks(c, host_id, &rows)?;
+        }
         for n in &report.networks {
             let Some(mut row) = db::network(c, &n.name)? else {
                 continue;
@@ -595,7 +622,8 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
                 changes.push((format!("network {}", row.name), state.to_string()));
             }
         }
-        Ok::<_, Error>(())
+        let changed = c.total_changes() != heartbeat_only;
+        Ok::<_, Error>((changed, changed))
     })?;
     for (object, state) in changes {
         ctl.emit("state", &object, format!("{object}: {state}"));
@@ -603,7 +631,7 @@ pub fn apply_report(ctl: &Controller, host_id: &str, report: HostReport) -> Resu
     if deleted_any {
         ctl.bump();
     }
-    Ok(())
+    Ok(changed)
 }
 
 #[cfg(test)]

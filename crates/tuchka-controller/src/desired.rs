@@ -410,7 +410,12 @@ pub fn build_shared(
                 gateway: crate::networks::gateway_of(n),
                 gateway_here,
                 mtu: TENANT_MTU,
-                hosts: sh.dhcp.get(&n.name).cloned().unwrap_or_default(),
+                // Only the gateway's dnsmasq hands them out: the other hosts are not sent
+                // the network's every reservation.
+                hosts: match sh.dhcp.get(&n.name) {
+                    Some(hosts) if gateway_here => hosts.clone(),
+                    _ => vec![],
+                },
                 nat: n.nat,
                 ingress: r.map(|r| r.ingress.clone()).unwrap_or_default(),
                 egress: r.map(|r| r.egress.clone()).unwrap_or_default(),

@@ -16,7 +16,7 @@ use axum::{Extension, Json};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tuchka_api::agent::{HostDesired, HostRegister, HostRegistered, HostReport};
+use tuchka_api::agent::{HostDesired, HostRegister, HostRegistered, HostReport, GENERATION_HEADER};
 use tuchka_api::{
     ApiError, BalancePlan, BalanceStatus, Drain, Forward, ForwardCreate, Group, GroupCreate,
     GroupScale, Host, HostDrain, HostRemoved, Image, JoinToken, JoinTokenCreate, Network,
@@ -532,10 +532,7 @@ pub async fn get_operation(
     Query(q): Query<OperationQuery>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    let seen = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let seen = if_none_match(&headers);
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(OPERATION_WAIT_MAX);
     let deadline = tokio::time::Instant::now() + wait;
     // Subscribed before each read, so a commit between the read and the wait is not missed.
@@ -556,10 +553,26 @@ pub async fn get_operation(
 
 /// A strong ETag of an operation: a digest of what the client would see.
 fn operation_etag(op: &Operation) -> Result<String> {
-    let json =
-        serde_json::to_vec(op).map_err(|e| Error::internal("cannot encode an operation", &e))?;
-    let digest = tuchka_core::digest::sha256_hex(&json);
-    Ok(format!("\"{}\"", &digest[..16]))
+    Ok(etag_of(&encode(op, "an operation")?))
+}
+
+/// `value` as JSON.
+fn encode(value: &impl serde::Serialize, what: &str) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::internal(format!("cannot encode {what}"), &e))
+}
+
+/// A strong ETag of a JSON answer.
+fn etag_of(json: &[u8]) -> String {
+    let digest = tuchka_core::digest::sha256_hex(json);
+    format!("\"{}\"", &digest[..16])
+}
+
+/// The `If-None-Match` request header, if any.
+fn if_none_match(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// Server-sent events: one `tuchka_api::Event` (JSON) per message.
@@ -635,18 +648,34 @@ pub struct DesiredQuery {
     pub after: u64,
 }
 
-/// The desired state of a host (long poll).
-#[utoipa::path(get, path = "/v1/agent/hosts/{id}/desired", params(DesiredQuery), responses((status = 200, body = HostDesired)))]
+/// The desired state of a host (long poll). With `If-None-Match` naming what the host has, an
+/// unchanged desired state is a bodiless `304`: a long poll that ran out (or a change elsewhere
+/// in the cloud) costs the host nothing to read. The generation is in [`GENERATION_HEADER`].
+#[utoipa::path(get, path = "/v1/agent/hosts/{id}/desired", params(DesiredQuery,
+    ("If-None-Match" = Option<String>, Header, description = "The ETag of the desired state the host has")),
+    responses((status = 200, body = HostDesired, headers(("ETag" = String, description = "Of the content, not of the generation"))),
+        (status = 304, description = "What the host has is still its desired state")))]
 pub async fn host_desired(
     State(ctl): State<Controller>,
     Extension(cache): Extension<Arc<desired::Cache>>,
     Path(id): Path<String>,
     Query(q): Query<DesiredQuery>,
-) -> Result<Json<HostDesired>> {
+    headers: HeaderMap,
+) -> Result<Response> {
     ctl.wait_generation(q.after, ctl.config().long_poll).await;
-    blocking(move || cache.desired_for(&ctl, &id))
-        .await
-        .map(Json)
+    let mut d = blocking(move || cache.desired_for(&ctl, &id)).await?;
+    let generation = d.generation;
+    d.generation = 0;
+    let tag = etag_of(&encode(&d, "a desired state")?);
+    let gen_header = (
+        header::HeaderName::from_static(GENERATION_HEADER),
+        generation.to_string(),
+    );
+    if if_none_match(&headers).as_deref() == Some(tag.as_str()) {
+        return Ok(([(header::ETAG, tag), gen_header], StatusCode::NOT_MODIFIED).into_response());
+    }
+    d.generation = generation;
+    Ok(([(header::ETAG, tag), gen_header], Json(d)).into_response())
 }
 
 /// A host's report of what it observed.
@@ -657,8 +686,10 @@ pub async fn host_report(
     JsonBody(report): JsonBody<HostReport>,
 ) -> Result<StatusCode> {
     blocking(move || {
-        agents::apply_report(&ctl, &id, report)?;
-        crate::progress::progress(&ctl);
+        // A heartbeat that changed nothing leaves the operations to the engine's tick.
+        if agents::apply_report(&ctl, &id, report)? {
+            crate::progress::progress(&ctl);
+        }
         Ok(())
     })
     .await

@@ -306,6 +306,10 @@ pub fn outcome(m: &MigrationRow, from: &str, to: &str) -> String {
 /// Move every active migration on as far as the hosts' reports allow. Returns true when the
 /// desired state of some host changed.
 pub fn advance(ctl: &Controller, c: &Connection, limits: &Limits) -> Result<bool> {
+    // Called on every tick: the whole state is read only while a migration is under way.
+    if db::active_migrations(c)?.is_empty() {
+        return Ok(false);
+    }
     let s = ctl.snapshot(c)?;
     let mut changed = false;
     for mut m in s.migrations.clone() {

@@ -368,8 +368,34 @@ pub fn gateway_changes(s: &Snapshot, forwards: &[db::ForwardRow]) -> Vec<Gateway
 }
 
 /// One tick of gateway failover, in the caller's transaction: apply [`gateway_changes`].
+/// Whether [`gateway_changes`] could have anything to do: a live network without a gateway
+/// host, with one that is down, revoked or gone, or degraded while its gateway is up. Reads
+/// the networks and their gateways' rows only.
+fn gateway_in_question(ctl: &Controller, c: &Connection) -> Result<bool> {
+    let (now, down_after) = (db::now_unix(), ctl.config().down_after.as_secs() as i64);
+    for n in db::networks(c)?.iter().filter(|n| !n.deleting) {
+        let gateway = match &n.gateway_host {
+            Some(id) => db::host(c, id)?,
+            None => None,
+        };
+        match gateway {
+            Some(h) if crate::snapshot::is_up(&h, now, down_after) && !h.revoked => {
+                if n.state == NetworkState::Degraded {
+                    return Ok(true);
+                }
+            }
+            _ => return Ok(true),
+        }
+    }
+    Ok(false)
+}
+
 /// Returns what it did, as "network → host" lines for the moves.
 pub fn fail_over(ctl: &Controller, c: &Connection) -> Result<Vec<String>> {
+    // Called on every tick: the whole state is read only when some gateway is in question.
+    if !gateway_in_question(ctl, c)? {
+        return Ok(vec![]);
+    }
     let s = ctl.snapshot(c)?;
     let changes = gateway_changes(&s, &db::forwards(c)?);
     let mut moved = vec![];

@@ -52,6 +52,9 @@ pub enum StoreError {
 /// Result of store calls.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// Prepared statements kept per connection (the store has fewer distinct queries).
+const STATEMENT_CACHE: usize = 512;
+
 const MIGRATIONS: &[&str] = &[
     // 1: the single-host cloud
     r#"
@@ -211,6 +214,8 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Every query of the store is one of a few hundred fixed texts: each is parsed once.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         let known = MIGRATIONS.len() as i64;
         if version > known {
@@ -247,13 +252,23 @@ impl Store {
         &mut self,
         f: impl FnOnce(&Connection) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
+        self.atomic_announced(|c| f(c).map(|out| (out, true)))
+    }
+
+    /// [`Store::atomic`] for a transaction that often changes nothing anyone waits for (a
+    /// host's heartbeat report): `f` answers `(value, announce)`, and the commit hook runs only
+    /// when `announce` is true.
+    pub fn atomic_announced<T, E: From<StoreError>>(
+        &mut self,
+        f: impl FnOnce(&Connection) -> std::result::Result<(T, bool), E>,
+    ) -> std::result::Result<T, E> {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(StoreError::from)?;
-        let out = f(&tx)?;
+        let (out, announce) = f(&tx)?;
         tx.commit().map_err(StoreError::from)?;
-        if let Some(notify) = &self.on_commit {
+        if let (true, Some(notify)) = (announce, &self.on_commit) {
             notify();
         }
         Ok(out)

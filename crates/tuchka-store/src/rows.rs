@@ -23,9 +23,14 @@ fn query_all<T, P: rusqlite::Params>(
     p: P,
     f: impl FnMut(&Row) -> rusqlite::Result<T>,
 ) -> Result<Vec<T>> {
-    let mut st = c.prepare(sql)?;
+    let mut st = c.prepare_cached(sql)?;
     let rows = st.query_map(p, f)?.collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
+}
+
+/// Run one statement through the connection's statement cache: the number of rows changed.
+fn execute<P: rusqlite::Params>(c: &Connection, sql: &str, p: P) -> rusqlite::Result<usize> {
+    c.prepare_cached(sql)?.execute(p)
 }
 
 fn json<T: DeserializeOwned>(column: &'static str, s: &str) -> Result<T> {
@@ -145,7 +150,8 @@ pub fn insert_host(
     credential_sha256: &str,
     facts: &HostFacts,
 ) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         "INSERT INTO hosts (id, name, credential_sha256, facts, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![id, name, credential_sha256, to_json(facts), crate::now()],
     )?;
@@ -155,7 +161,8 @@ pub fn insert_host(
 /// Give host `id` a new credential and admit it again (a revoked host joining again, or a
 /// host that lost its identity joining with a token bound to it).
 pub fn set_host_credential(c: &Connection, id: &str, credential_sha256: &str) -> Result<bool> {
-    Ok(c.execute(
+    Ok(execute(
+        c,
         "UPDATE hosts SET credential_sha256 = ?2, revoked = 0 WHERE id = ?1 AND removed_at IS NULL",
         params![id, credential_sha256],
     )? > 0)
@@ -164,7 +171,8 @@ pub fn set_host_credential(c: &Connection, id: &str, credential_sha256: &str) ->
 /// Remove host `id`: it is kept as a tombstone (its lost VMs still point at it) with no
 /// credential, its name free for a new host. Returns false when there is no such host.
 pub fn remove_host(c: &Connection, id: &str) -> Result<bool> {
-    Ok(c.execute(
+    Ok(execute(
+        c,
         "UPDATE hosts SET removed_at = ?2, removed_name = name, name = '~removed-' || id, \
          credential_sha256 = '', revoked = 1, draining = 0 WHERE id = ?1 AND removed_at IS NULL",
         params![id, crate::now()],
@@ -184,22 +192,23 @@ pub fn removed_host(c: &Connection, id: &str) -> Result<Option<String>> {
 
 /// Drop what only a host's reports kept: its networks' presence and its image cache.
 pub fn forget_host_reports(c: &Connection, id: &str) -> Result<()> {
-    c.execute("DELETE FROM host_networks WHERE host_id = ?1", [id])?;
-    c.execute("DELETE FROM image_cache WHERE host_id = ?1", [id])?;
-    c.execute("DELETE FROM vm_removals WHERE host_id = ?1", [id])?;
+    execute(c, "DELETE FROM host_networks WHERE host_id = ?1", [id])?;
+    execute(c, "DELETE FROM image_cache WHERE host_id = ?1", [id])?;
+    execute(c, "DELETE FROM vm_removals WHERE host_id = ?1", [id])?;
     Ok(())
 }
 
 /// Revoke host `id`: its credential is refused from now on, until it registers again (with a
 /// join token). Returns false when there is no such host.
 pub fn revoke_host(c: &Connection, id: &str) -> Result<bool> {
-    let n = c.execute("UPDATE hosts SET revoked = 1 WHERE id = ?1", [id])?;
+    let n = execute(c, "UPDATE hosts SET revoked = 1 WHERE id = ?1", [id])?;
     Ok(n > 0)
 }
 
 /// Set or clear a host's draining flag; false if there is no such host.
 pub fn set_draining(c: &Connection, id: &str, draining: bool) -> Result<bool> {
-    Ok(c.execute(
+    Ok(execute(
+        c,
         "UPDATE hosts SET draining = ?2 WHERE id = ?1",
         params![id, draining],
     )? > 0)
@@ -213,7 +222,8 @@ pub fn touch_host(
     cached: &[String],
     orphans: &[Orphan],
 ) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         "UPDATE hosts SET facts = ?2, cached_images = ?3, last_seen = ?4, last_seen_unix = ?5, orphans = ?6 WHERE id = ?1",
         params![id, to_json(facts), to_json(&cached), crate::now(), crate::now_unix(), to_json(&orphans)],
     )?;
@@ -222,7 +232,8 @@ pub fn touch_host(
 
 /// Rename host `id`; false if there is no such host.
 pub fn rename_host(c: &Connection, id: &str, name: &str) -> Result<bool> {
-    Ok(c.execute(
+    Ok(execute(
+        c,
         "UPDATE hosts SET name = ?2 WHERE id = ?1",
         params![id, name],
     )? > 0)
@@ -256,7 +267,8 @@ pub const JOIN_TOKEN_KEEP_S: i64 = 7 * 24 * 3600;
 
 /// Record a new join token.
 pub fn insert_join_token(c: &Connection, t: &JoinTokenRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         "INSERT INTO join_tokens (id, sha256, created_at, expires_unix, single_use, host_id, used_unix, used_by) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![t.id, t.sha256, t.created_at, t.expires_unix, t.single_use, t.host_id, t.used_unix, t.used_by],
@@ -288,7 +300,8 @@ pub fn join_token_by_sha(c: &Connection, sha256: &str) -> Result<Option<JoinToke
 
 /// Mark single-use token `id` used by `host` at `now`; false when it already was.
 pub fn use_join_token(c: &Connection, id: &str, now: i64, host: &str) -> Result<bool> {
-    Ok(c.execute(
+    Ok(execute(
+        c,
         "UPDATE join_tokens SET used_unix = ?2, used_by = ?3 WHERE id = ?1 AND used_unix IS NULL",
         params![id, now, host],
     )? > 0)
@@ -296,7 +309,8 @@ pub fn use_join_token(c: &Connection, id: &str, now: i64, host: &str) -> Result<
 
 /// Drop tokens expired for longer than [`JOIN_TOKEN_KEEP_S`]; how many went.
 pub fn prune_join_tokens(c: &Connection, now: i64) -> Result<usize> {
-    Ok(c.execute(
+    Ok(execute(
+        c,
         "DELETE FROM join_tokens WHERE expires_unix < ?1",
         [now - JOIN_TOKEN_KEEP_S],
     )?)
@@ -304,7 +318,7 @@ pub fn prune_join_tokens(c: &Connection, now: i64) -> Result<usize> {
 
 /// Drop every join token (a rotation); how many went.
 pub fn delete_join_tokens(c: &Connection) -> Result<usize> {
-    Ok(c.execute("DELETE FROM join_tokens", [])?)
+    Ok(execute(c, "DELETE FROM join_tokens", [])?)
 }
 
 // ---------------------------------------------------------------- images
@@ -378,7 +392,8 @@ pub fn image_by_sha(c: &Connection, sha: &str) -> Result<Option<ImageRow>> {
 
 /// Insert an image.
 pub fn insert_image(c: &Connection, i: &ImageRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         &format!("INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
         params![
             i.name,
@@ -396,7 +411,7 @@ pub fn insert_image(c: &Connection, i: &ImageRow) -> Result<()> {
 
 /// Delete an image row.
 pub fn delete_image(c: &Connection, name: &str) -> Result<()> {
-    c.execute("DELETE FROM images WHERE name = ?1", [name])?;
+    execute(c, "DELETE FROM images WHERE name = ?1", [name])?;
     Ok(())
 }
 
@@ -473,7 +488,8 @@ pub fn network(c: &Connection, name: &str) -> Result<Option<NetworkRow>> {
 
 /// Insert a network.
 pub fn insert_network(c: &Connection, n: &NetworkRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         &format!(
             "INSERT INTO networks ({NET_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
         ),
@@ -497,7 +513,8 @@ pub fn insert_network(c: &Connection, n: &NetworkRow) -> Result<()> {
 
 /// Update state/error/deleting/gateway host of a network.
 pub fn update_network(c: &Connection, n: &NetworkRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         "UPDATE networks SET state = ?2, error = ?3, deleting = ?4, gateway_host = ?5, \
          gateway_moved_from = ?6, gateway_moved_at = ?7 WHERE name = ?1",
         params![
@@ -515,10 +532,10 @@ pub fn update_network(c: &Connection, n: &NetworkRow) -> Result<()> {
 
 /// Delete a network row, its rules, forwards and host presence rows.
 pub fn delete_network(c: &Connection, name: &str) -> Result<()> {
-    c.execute("DELETE FROM host_networks WHERE network = ?1", [name])?;
-    c.execute("DELETE FROM rules WHERE network = ?1", [name])?;
-    c.execute("DELETE FROM forwards WHERE network = ?1", [name])?;
-    c.execute("DELETE FROM networks WHERE name = ?1", [name])?;
+    execute(c, "DELETE FROM host_networks WHERE network = ?1", [name])?;
+    execute(c, "DELETE FROM rules WHERE network = ?1", [name])?;
+    execute(c, "DELETE FROM forwards WHERE network = ?1", [name])?;
+    execute(c, "DELETE FROM networks WHERE name = ?1", [name])?;
     Ok(())
 }
 
@@ -537,14 +554,32 @@ pub struct HostNetworkRow {
 
 /// Replace what a host reported about networks.
 pub fn set_host_networks(c: &Connection, host_id: &str, rows: &[HostNetworkRow]) -> Result<()> {
-    c.execute("DELETE FROM host_networks WHERE host_id = ?1", [host_id])?;
+    execute(c, "DELETE FROM host_networks WHERE host_id = ?1", [host_id])?;
     for r in rows {
-        c.execute(
+        execute(
+            c,
             "INSERT INTO host_networks (host_id, network, ready, error) VALUES (?1, ?2, ?3, ?4)",
             params![host_id, r.network, r.ready, r.error],
         )?;
     }
     Ok(())
+}
+
+/// What host `host_id` last reported about its networks, by network name.
+pub fn host_networks(c: &Connection, host_id: &str) -> Result<Vec<HostNetworkRow>> {
+    query_all(
+        c,
+        "SELECT host_id, network, ready, error FROM host_networks WHERE host_id = ?1 ORDER BY rowid",
+        [host_id],
+        |r| {
+            Ok(HostNetworkRow {
+                host_id: r.get(0)?,
+                network: r.get(1)?,
+                ready: r.get(2)?,
+                error: r.get(3)?,
+            })
+        },
+    )
 }
 
 /// Every host's reported presence of `network`.
@@ -665,7 +700,8 @@ pub fn group(c: &Connection, name: &str) -> Result<Option<GroupRow>> {
 
 /// Insert a group.
 pub fn insert_group(c: &Connection, g: &GroupRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         &format!("INSERT INTO groups ({GROUP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
         params![
             g.name,
@@ -692,7 +728,8 @@ pub fn insert_group(c: &Connection, g: &GroupRow) -> Result<()> {
 
 /// Set count / deleting of a group.
 pub fn update_group(c: &Connection, name: &str, count: u32, deleting: bool) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         "UPDATE groups SET count = ?2, deleting = ?3 WHERE name = ?1",
         params![name, count, deleting],
     )?;
@@ -701,7 +738,7 @@ pub fn update_group(c: &Connection, name: &str, count: u32, deleting: bool) -> R
 
 /// Delete a group row (its VMs must be gone).
 pub fn delete_group(c: &Connection, name: &str) -> Result<()> {
-    c.execute("DELETE FROM groups WHERE name = ?1", [name])?;
+    execute(c, "DELETE FROM groups WHERE name = ?1", [name])?;
     Ok(())
 }
 
@@ -852,7 +889,8 @@ pub fn vm_by_id(c: &Connection, id: &str) -> Result<Option<VmRow>> {
 
 /// Insert a VM.
 pub fn insert_vm(c: &Connection, v: &VmRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         &format!("INSERT INTO vms ({VM_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"),
         params![
             v.id,
@@ -880,7 +918,8 @@ pub fn insert_vm(c: &Connection, v: &VmRow) -> Result<()> {
 
 /// Write the mutable fields of a VM (its host too: a migration moves it).
 pub fn update_vm(c: &Connection, v: &VmRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         "UPDATE vms SET desired = ?2, observed = ?3, error = ?4, reboot_seq = ?5, reboot_done = ?6, force_stop = ?7, stop_timeout_s = ?8, deleting = ?9, host_id = ?10, error_chain = ?11, cpu_usage = ?12, extra = ?13 WHERE id = ?1",
         params![
             v.id,
@@ -908,16 +947,16 @@ pub fn free_vm_addresses(c: &Connection, id: &str) -> Result<Vec<(String, String
         .into_iter()
         .map(|n| (n.network, n.ip))
         .collect();
-    c.execute("DELETE FROM forwards WHERE vm_id = ?1", [id])?;
-    c.execute("DELETE FROM nics WHERE vm_id = ?1", [id])?;
+    execute(c, "DELETE FROM forwards WHERE vm_id = ?1", [id])?;
+    execute(c, "DELETE FROM nics WHERE vm_id = ?1", [id])?;
     Ok(freed)
 }
 
 /// Delete a VM, its NICs (releases its addresses) and the forwards to it.
 pub fn delete_vm(c: &Connection, id: &str) -> Result<()> {
-    c.execute("DELETE FROM forwards WHERE vm_id = ?1", [id])?;
-    c.execute("DELETE FROM nics WHERE vm_id = ?1", [id])?;
-    c.execute("DELETE FROM vms WHERE id = ?1", [id])?;
+    execute(c, "DELETE FROM forwards WHERE vm_id = ?1", [id])?;
+    execute(c, "DELETE FROM nics WHERE vm_id = ?1", [id])?;
+    execute(c, "DELETE FROM vms WHERE id = ?1", [id])?;
     Ok(())
 }
 
@@ -970,7 +1009,8 @@ pub fn vm_nics(c: &Connection, vm_id: &str) -> Result<Vec<NicRow>> {
 
 /// Insert a NIC.
 pub fn insert_nic(c: &Connection, n: &NicRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         "INSERT INTO nics (vm_id, idx, network, mac, ip) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![n.vm_id, n.idx, n.network, n.mac, n.ip],
     )?;
@@ -1036,7 +1076,8 @@ pub fn rules(c: &Connection) -> Result<Vec<RuleRow>> {
 
 /// Insert a rule.
 pub fn insert_rule(c: &Connection, r: &RuleRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         &format!(
             "INSERT INTO rules ({RULE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
         ),
@@ -1059,7 +1100,8 @@ pub fn insert_rule(c: &Connection, r: &RuleRow) -> Result<()> {
 
 /// Delete a rule of a network; false if there was none.
 pub fn delete_rule(c: &Connection, network: &str, id: &str) -> Result<bool> {
-    Ok(c.execute(
+    Ok(execute(
+        c,
         "DELETE FROM rules WHERE network = ?1 AND id = ?2",
         [network, id],
     )? > 0)
@@ -1106,7 +1148,8 @@ pub fn forwards(c: &Connection) -> Result<Vec<ForwardRow>> {
 
 /// Insert a forward.
 pub fn insert_forward(c: &Connection, f: &ForwardRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         "INSERT INTO forwards (id, network, proto, host_port, vm_id, vm_port, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![f.id, f.network, f.proto.as_str(), f.host_port, f.vm_id, f.vm_port, f.created_at],
     )?;
@@ -1115,7 +1158,8 @@ pub fn insert_forward(c: &Connection, f: &ForwardRow) -> Result<()> {
 
 /// Delete a forward of a network; false if there was none.
 pub fn delete_forward(c: &Connection, network: &str, id: &str) -> Result<bool> {
-    Ok(c.execute(
+    Ok(execute(
+        c,
         "DELETE FROM forwards WHERE network = ?1 AND id = ?2",
         [network, id],
     )? > 0)
@@ -1206,7 +1250,8 @@ pub fn volume(c: &Connection, name: &str) -> Result<Option<VolumeRow>> {
 
 /// Insert or update a volume.
 pub fn save_volume(c: &Connection, v: &VolumeRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         &format!(
             "INSERT INTO volumes ({VOLUME_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
              ON CONFLICT(id) DO UPDATE SET host_id = excluded.host_id, size_mib = excluded.size_mib, vm_id = excluded.vm_id,
@@ -1235,7 +1280,7 @@ pub fn save_volume(c: &Connection, v: &VolumeRow) -> Result<()> {
 
 /// Delete a volume row.
 pub fn delete_volume(c: &Connection, id: &str) -> Result<()> {
-    c.execute("DELETE FROM volumes WHERE id = ?1", [id])?;
+    execute(c, "DELETE FROM volumes WHERE id = ?1", [id])?;
     Ok(())
 }
 
@@ -1315,7 +1360,8 @@ pub fn capture(c: &Connection, id: &str) -> Result<Option<CaptureRow>> {
 
 /// Insert or update a capture.
 pub fn save_capture(c: &Connection, x: &CaptureRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         &format!(
             "INSERT INTO captures ({CAPTURE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT(id) DO UPDATE SET status = excluded.status, bytes = excluded.bytes,
@@ -1341,7 +1387,7 @@ pub fn save_capture(c: &Connection, x: &CaptureRow) -> Result<()> {
 
 /// Delete a capture row.
 pub fn delete_capture(c: &Connection, id: &str) -> Result<()> {
-    c.execute("DELETE FROM captures WHERE id = ?1", [id])?;
+    execute(c, "DELETE FROM captures WHERE id = ?1", [id])?;
     Ok(())
 }
 
@@ -1359,7 +1405,8 @@ pub fn image_cache(c: &Connection) -> Result<HashMap<(String, String), i64>> {
     .collect())
 }
 
-/// Record host `host_id`'s cache: `used` images are used now; others keep their time (new
+/// Record host `host_id`'s cache: `used` images are used now (a time less than a minute old is
+/// not rewritten: heartbeats stay reads); others keep their time (new
 /// ones start now); images no longer cached are forgotten.
 pub fn touch_image_cache(
     c: &Connection,
@@ -1368,19 +1415,23 @@ pub fn touch_image_cache(
     used: &HashSet<String>,
     now_unix: i64,
 ) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         "DELETE FROM image_cache WHERE host_id = ?1 AND sha256 NOT IN (SELECT value FROM json_each(?2))",
         params![host_id, to_json(&cached)],
     )?;
     for sha in cached {
         if used.contains(sha) {
-            c.execute(
+            execute(
+                c,
                 "INSERT INTO image_cache (host_id, sha256, last_used_unix) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(host_id, sha256) DO UPDATE SET last_used_unix = excluded.last_used_unix",
+                 ON CONFLICT(host_id, sha256) DO UPDATE SET last_used_unix = excluded.last_used_unix
+                 WHERE last_used_unix < excluded.last_used_unix - 60",
                 params![host_id, sha, now_unix],
             )?;
         } else {
-            c.execute(
+            execute(
+        c,
                 "INSERT OR IGNORE INTO image_cache (host_id, sha256, last_used_unix) VALUES (?1, ?2, ?3)",
                 params![host_id, sha, now_unix],
             )?;
@@ -1391,7 +1442,8 @@ pub fn touch_image_cache(
 
 /// Mark a cached image as unused for long (`image cache prune`).
 pub fn expire_cached_image(c: &Connection, host_id: &str, sha256: &str) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         "UPDATE image_cache SET last_used_unix = 0 WHERE host_id = ?1 AND sha256 = ?2",
         params![host_id, sha256],
     )?;
@@ -1485,7 +1537,8 @@ pub fn operation(c: &Connection, id: &str) -> Result<Option<OpRow>> {
 /// Insert or update an operation.
 pub fn save_operation(c: &Connection, o: &OpRow) -> Result<()> {
     let op = &o.op;
-    c.execute(
+    execute(
+        c,
         &format!(
             "INSERT INTO operations ({OP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
              ON CONFLICT(id) DO UPDATE SET state = excluded.state, done = excluded.done, total = excluded.total,
@@ -1677,7 +1730,8 @@ pub fn last_migrations(c: &Connection) -> Result<std::collections::HashMap<Strin
 
 /// Insert or update a migration. A second active migration of one VM is refused by the schema.
 pub fn save_migration(c: &Connection, m: &MigrationRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         &format!(
             "INSERT INTO migrations ({MIGRATION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)
              ON CONFLICT(id) DO UPDATE SET phase = excluded.phase, target_cleanup = excluded.target_cleanup, copied_bytes = excluded.copied_bytes,
@@ -1734,10 +1788,25 @@ pub struct RemovalRow {
 
 /// Every pending removal.
 pub fn removals(c: &Connection) -> Result<Vec<RemovalRow>> {
+    removals_where(c, "", [])
+}
+
+/// The VMs host `host_id` must remove, oldest first.
+pub fn host_removals(c: &Connection, host_id: &str) -> Result<Vec<RemovalRow>> {
+    removals_where(c, "WHERE host_id = ?1", [host_id])
+}
+
+fn removals_where(
+    c: &Connection,
+    clause: &str,
+    p: impl rusqlite::Params,
+) -> Result<Vec<RemovalRow>> {
     query_all(
         c,
-        "SELECT vm_id, host_id, name, domain, reason FROM vm_removals ORDER BY created_at, rowid",
-        [],
+        &format!(
+            "SELECT vm_id, host_id, name, domain, reason FROM vm_removals {clause} ORDER BY created_at, rowid"
+        ),
+        p,
         |r| {
             Ok(RemovalRow {
                 vm_id: r.get(0)?,
@@ -1752,7 +1821,8 @@ pub fn removals(c: &Connection) -> Result<Vec<RemovalRow>> {
 
 /// Name a VM for removal on a host (idempotent).
 pub fn insert_removal(c: &Connection, r: &RemovalRow) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         "INSERT INTO vm_removals (vm_id, host_id, name, domain, reason, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT(vm_id, host_id) DO UPDATE SET reason = excluded.reason",
         params![r.vm_id, r.host_id, r.name, r.domain, r.reason, crate::now()],
@@ -1762,7 +1832,8 @@ pub fn insert_removal(c: &Connection, r: &RemovalRow) -> Result<()> {
 
 /// The host has removed the VM.
 pub fn delete_removal(c: &Connection, vm_id: &str, host_id: &str) -> Result<()> {
-    c.execute(
+    execute(
+        c,
         "DELETE FROM vm_removals WHERE vm_id = ?1 AND host_id = ?2",
         [vm_id, host_id],
     )?;

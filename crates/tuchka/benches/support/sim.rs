@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tuchka_agent::run::unchanged_or_new;
 use tuchka_api::agent::{
     HostDesired, HostFacts, HostRegister, HostRegistered, HostReport, NetworkObserved, VmObserved,
 };
@@ -107,12 +108,19 @@ pub fn converged(d: &HostDesired, facts: &HostFacts) -> HostReport {
 pub async fn run(client: Client, host_id: String, seen: Arc<Seen>, epoch: Instant) {
     let facts = facts();
     let mut after = 0u64;
+    let mut current = None;
     loop {
-        let d: HostDesired = match client
-            .get(&format!("/v1/agent/hosts/{host_id}/desired?after={after}"))
-            .await
-        {
-            Ok(d) => d,
+        let answer = client
+            .get_if_changed(
+                &format!("/v1/agent/hosts/{host_id}/desired?after={after}"),
+                current
+                    .as_ref()
+                    .map(|(_, tag): &(HostDesired, String)| tag.as_str()),
+            )
+            .await;
+        let d: HostDesired = match answer.map(|a| unchanged_or_new(&mut current, a)) {
+            Ok(Some(d)) => d,
+            Ok(None) => continue,
             Err(e) => {
                 eprintln!("simulated host {host_id}: desired: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
