@@ -586,6 +586,32 @@ mod tests {
     use super::*;
     use tuchka_api::ApiError;
 
+    #[test]
+    fn a_304_keeps_the_desired_state_at_the_new_generation_and_a_200_replaces_it() {
+        let mut current = None;
+        let first = HostDesired {
+            generation: 5,
+            cloud_id: "c".into(),
+            ..Default::default()
+        };
+        // A 304 about something this host does not have is not taken.
+        let none = unchanged_or_new(&mut current, Conditional::NotModified(Default::default()));
+        assert!(none.is_none());
+        let got = unchanged_or_new(
+            &mut current,
+            Conditional::Fresh(first.clone(), Some("\"t1\"".into())),
+        );
+        assert_eq!(got, Some(first.clone()));
+        let mut headers = tuchka_client::HeaderMap::new();
+        headers.insert(GENERATION_HEADER, "9".parse().expect("value"));
+        let same = unchanged_or_new(&mut current, Conditional::NotModified(headers))
+            .expect("the one it has");
+        assert_eq!((same.generation, same.cloud_id.as_str()), (9, "c"));
+        // Without an ETag nothing is kept to be confirmed later.
+        unchanged_or_new(&mut current, Conditional::Fresh(first, None));
+        assert!(current.is_none());
+    }
+
     fn api(status: u16, code: &str) -> ClientError {
         ClientError::Api {
             status,

@@ -19,3 +19,5 @@ pub mod tls;
 pub use client::{Client, Conditional, Endpoint, DEFAULT_SOCKET};
 pub use encode::segment;
 pub use error::{BoxError, ClientError};
+/// The headers of an answer ([`Conditional::NotModified`]).
+pub use hyper::header::HeaderMap;

@@ -919,6 +919,47 @@ mod tests {
     }
 
     #[test]
+    fn a_report_is_written_only_when_a_vm_changed_or_its_cpu_moved_a_step() {
+        let stored = VmRow {
+            id: "v".into(),
+            name: "web-0".into(),
+            group: "web".into(),
+            idx: 0,
+            host_id: "h".into(),
+            placement_reason: String::new(),
+            desired: tuchka_api::PowerState::Running,
+            observed: VmState::Running,
+            error: None,
+            error_chain: vec![],
+            cpu_usage: 0.5,
+            reboot_seq: 0,
+            reboot_done: 0,
+            force_stop: false,
+            stop_timeout_s: 60,
+            deleting: false,
+            created_at: String::new(),
+            extra: Default::default(),
+        };
+        let with = |f: &dyn Fn(&mut VmRow)| {
+            let mut v = stored.clone();
+            f(&mut v);
+            v
+        };
+        assert!(!worth_writing(&stored, &stored));
+        assert!(!worth_writing(&stored, &with(&|v| v.cpu_usage = 0.51)));
+        assert!(worth_writing(&stored, &with(&|v| v.cpu_usage = 0.53)));
+        assert!(worth_writing(&stored, &with(&|v| v.cpu_usage = 0.0)));
+        assert!(worth_writing(
+            &stored,
+            &with(&|v| v.observed = VmState::Paused)
+        ));
+        assert!(worth_writing(
+            &stored,
+            &with(&|v| v.extra.powered_off = true)
+        ));
+    }
+
+    #[test]
     fn credential_hash_is_stable_hex() {
         assert_eq!(credential_hash("x").len(), 64);
         assert_eq!(credential_hash("x"), credential_hash("x"));

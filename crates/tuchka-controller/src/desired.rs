@@ -49,18 +49,18 @@ impl Basis {
     /// Read it now, labelled with `generation` (read before the rows, so the rows are at least
     /// as new as the label).
     fn load(ctl: &Controller, generation: u64) -> Result<Basis> {
-        let db = ctl.db();
-        let c = db.conn();
-        let snapshot = ctl.snapshot(c)?;
-        let rules = tuchka_store::rules(c)?;
-        let forwards = tuchka_store::forwards(c)?;
-        let shared = Shared::new(&snapshot, &rules, &forwards);
-        Ok(Basis {
-            generation,
-            taken: Instant::now(),
-            snapshot,
-            shared,
-            image_cache: tuchka_store::image_cache(c)?,
+        ctl.read(|c| {
+            let snapshot = ctl.snapshot(c)?;
+            let rules = tuchka_store::rules(c)?;
+            let forwards = tuchka_store::forwards(c)?;
+            let shared = Shared::new(&snapshot, &rules, &forwards);
+            Ok(Basis {
+                generation,
+                taken: Instant::now(),
+                snapshot,
+                shared,
+                image_cache: tuchka_store::image_cache(c)?,
+            })
         })
     }
 
@@ -82,6 +82,11 @@ impl Basis {
     }
 }
 
+/// How often a basis is read at most while the generation keeps moving (a stream of writes):
+/// the long polls woken in between wait for one read instead of each generation having its
+/// own.
+const BASIS_MIN_AGE: Duration = Duration::from_millis(250);
+
 /// The [`Basis`] of the current generation, kept between long polls (one per controller).
 #[derive(Default)]
 pub struct Cache {
@@ -89,6 +94,16 @@ pub struct Cache {
 }
 
 impl Cache {
+    /// How long a long poll should wait before [`Cache::desired_for`]: while the basis is of
+    /// an older generation but younger than [`BASIS_MIN_AGE`], until it is that old.
+    pub fn reload_wait(&self, ctl: &Controller) -> Option<Duration> {
+        let slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        let b = slot.as_ref()?;
+        (b.generation != ctl.generation())
+            .then(|| BASIS_MIN_AGE.checked_sub(b.taken.elapsed()))
+            .flatten()
+    }
+
     /// The desired state of `host_id`, from the cached basis when it is of the current
     /// generation and young enough; labelled with the basis' generation (the rows are at
     /// least as new).

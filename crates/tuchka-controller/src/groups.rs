@@ -48,8 +48,7 @@ fn view(s: &Snapshot, g: &GroupRow) -> tuchka_api::Group {
 
 /// All groups.
 pub fn list(ctl: &Controller) -> Result<Vec<tuchka_api::Group>> {
-    let db = ctl.db();
-    let s = ctl.snapshot(db.conn())?;
+    let s = ctl.read(|c| ctl.snapshot(c))?;
     let mut out: Vec<_> = s.groups.values().map(|g| view(&s, g)).collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
@@ -57,8 +56,7 @@ pub fn list(ctl: &Controller) -> Result<Vec<tuchka_api::Group>> {
 
 /// One group.
 pub fn get(ctl: &Controller, name: &str) -> Result<tuchka_api::Group> {
-    let db = ctl.db();
-    let s = ctl.snapshot(db.conn())?;
+    let s = ctl.read(|c| ctl.snapshot(c))?;
     let g = s
         .groups
         .get(name)

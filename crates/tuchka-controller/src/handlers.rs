@@ -663,6 +663,9 @@ pub async fn host_desired(
     headers: HeaderMap,
 ) -> Result<Response> {
     ctl.wait_generation(q.after, ctl.config().long_poll).await;
+    if let Some(wait) = cache.reload_wait(&ctl) {
+        tokio::time::sleep(wait).await;
+    }
     let mut d = blocking(move || cache.desired_for(&ctl, &id)).await?;
     let generation = d.generation;
     d.generation = 0;

@@ -39,15 +39,13 @@ pub fn view(s: &Snapshot, h: &HostRow) -> Host {
 
 /// All hosts.
 pub fn list(ctl: &Controller) -> Result<Vec<Host>> {
-    let db = ctl.db();
-    let s = ctl.snapshot(db.conn())?;
+    let s = ctl.read(|c| ctl.snapshot(c))?;
     Ok(s.hosts.iter().map(|h| view(&s, h)).collect())
 }
 
 /// One host, by name or id.
 pub fn get(ctl: &Controller, name: &str) -> Result<Host> {
-    let db = ctl.db();
-    let s = ctl.snapshot(db.conn())?;
+    let s = ctl.read(|c| ctl.snapshot(c))?;
     let h = s
         .hosts
         .iter()

@@ -131,6 +131,7 @@ pub struct Controller {
 struct Inner {
     config: ControllerConfig,
     db: Mutex<Store>,
+    readers: tuchka_store::Readers,
     cloud_id: String,
     api_token: String,
     join_token: Mutex<MadeToken>,
@@ -160,6 +161,7 @@ impl Controller {
             })?;
         }
         let mut store = Store::open(&dir.join("state.db"))?;
+        let readers = tuchka_store::Readers::new(&dir.join("state.db"));
         let cloud_id = store.cloud_id()?;
         let api_token = load_or_create_token(&dir.join("token"))?;
         let join_token = load_or_create_join_token(dir, &mut store)?;
@@ -177,6 +179,7 @@ impl Controller {
             inner: Arc::new(Inner {
                 config,
                 db: Mutex::new(store),
+                readers,
                 cloud_id,
                 api_token,
                 join_token: Mutex::new(join_token),
@@ -290,6 +293,13 @@ impl Controller {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// Run the reads of `f` on a read connection, in one read transaction: beside writes (the
+    /// writer's lock is not taken) and beside other reads. For views; never for a
+    /// read-modify-write (that is [`Store::atomic`]).
+    pub fn read<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> Result<T>) -> Result<T> {
+        self.inner.readers.read(f)
     }
 
     /// Current desired-state generation.

@@ -10,7 +10,7 @@ mod rows;
 
 pub use rows::*;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension};
 use thiserror::Error;
@@ -51,6 +51,59 @@ pub enum StoreError {
 
 /// Result of store calls.
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Read connections kept open by [`Readers`] (more readers than cores buy nothing).
+const IDLE_READERS: usize = 4;
+
+/// Read-only connections to the store's file, beside the one [`Store`] writes with: in WAL
+/// mode a reader sees the last commit and neither waits for the writer nor holds it up, so
+/// views (lists, desired states) run in parallel with writes and with each other.
+pub struct Readers {
+    path: PathBuf,
+    idle: std::sync::Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    /// Readers of the database at `path` (opened by [`Store::open`] first).
+    pub fn new(path: &Path) -> Readers {
+        Readers {
+            path: path.to_path_buf(),
+            idle: std::sync::Mutex::new(vec![]),
+        }
+    }
+
+    /// Run `f` in one read transaction: every query in it sees the same commit.
+    pub fn read<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&Connection) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => open_reader(&self.path)?,
+        };
+        let out = {
+            let tx = conn.unchecked_transaction().map_err(StoreError::from)?;
+            f(&tx)
+        };
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
+        }
+        out
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection> {
+    use rusqlite::OpenFlags;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
 
 /// Prepared statements kept per connection (the store has fewer distinct queries).
 const STATEMENT_CACHE: usize = 512;

@@ -1846,6 +1846,41 @@ mod tests {
     use crate::Store;
 
     #[test]
+    fn readers_see_every_commit_and_only_announced_commits_wake_the_hook() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("state.db");
+        let mut s = Store::open(&path).expect("open");
+        let woken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = woken.clone();
+        s.set_on_commit(move || {
+            w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        let readers = crate::Readers::new(&path);
+        let count = || readers.read(|c| Ok::<_, StoreError>(hosts(c)?.len()));
+        assert_eq!(count().expect("read"), 0);
+        s.atomic(|c| insert_host(c, "h1", "edge", "cred", &HostFacts::default()))
+            .expect("insert");
+        assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A reader opened before the commit (now idle in the pool) sees it.
+        assert_eq!(count().expect("read"), 1);
+        // A heartbeat that is not announced lands but wakes nobody.
+        s.atomic_announced(|c| {
+            touch_host(c, "h1", &HostFacts::default(), &[], &[])?;
+            Ok::<_, StoreError>(((), false))
+        })
+        .expect("touch");
+        assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let seen = readers
+            .read(|c| Ok::<_, StoreError>(host(c, "h1")?.expect("host").last_seen_unix))
+            .expect("read");
+        assert!(seen > 0, "the reader sees the heartbeat");
+        // Readers cannot write.
+        let refused = readers.read(|c| Ok::<_, StoreError>(remove_host(c, "h1")));
+        assert!(refused.expect("read").is_err());
+        assert_eq!(count().expect("read"), 1);
+    }
+
+    #[test]
     fn a_revoked_host_gets_a_new_credential_and_a_removed_one_is_a_tombstone() {
         let mut s = Store::open_in_memory().expect("open");
         s.atomic(|c| {

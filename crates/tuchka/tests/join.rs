@@ -487,6 +487,44 @@ fn curl_at(
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
+/// `GET` host `h`'s desired state (`?after=0`, answered at once), with `If-None-Match` when
+/// given: (status, ETag, generation header, body).
+fn desired_headers(
+    site: &Site,
+    h: &FakeHost,
+    etag: Option<&str>,
+) -> (u16, Option<String>, Option<u64>, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-m", "20", "-D", "-", "--cacert"])
+        .arg(site.dir.join("tls/ca.crt"))
+        .args(["-H", &format!("Authorization: Bearer {}", h.credential)]);
+    if let Some(tag) = etag {
+        cmd.args(["-H", &format!("If-None-Match: {tag}")]);
+    }
+    let url = format!(
+        "https://127.0.0.1:{}/v1/agent/hosts/{}/desired?after=0",
+        site.port, h.id
+    );
+    let out = cmd.arg(url).output().expect("curl (Debian package curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let generation = header("tuchka-generation").and_then(|g| g.parse().ok());
+    (status, header("etag"), generation, body.to_string())
+}
+
 fn fake_facts() -> Value {
     serde_json::to_value(tuchka_api::agent::HostFacts {
         cpus: 8,
@@ -764,6 +802,41 @@ fn removing_a_dead_host_frees_what_its_vms_held_and_its_identity_is_refused() {
     };
     let held: Vec<String> = ["web-0", "web-1", "db-0"].iter().map(|v| ip(v)).collect();
     assert!(held.iter().all(|a| a.starts_with("10.77.0.")), "{held:?}");
+
+    // Its desired state, read again with the ETag it came with, is a bodiless 304 (at the
+    // cloud's generation); after a change that concerns it, the new content with a new ETag.
+    let desired = |etag: Option<&str>| desired_headers(&site, &ghost, etag);
+    let (code, etag, gen1, body) = desired(None);
+    assert_eq!(code, 200, "{body}");
+    let etag = etag.expect("an ETag on the desired state");
+    assert!(body.contains("web-0"), "{body}");
+    let (code, etag2, gen2, body) = desired(Some(&etag));
+    assert_eq!((code, body.as_str()), (304, ""), "unchanged: no body");
+    assert_eq!(etag2.as_deref(), Some(etag.as_str()));
+    assert!(gen2.is_some() && gen2 >= gen1, "{gen1:?} → {gen2:?}");
+    let rule = json_of(&ok(&[
+        "net",
+        "rule",
+        "add",
+        "app",
+        "--allow",
+        "tcp:80",
+        "--from",
+        "0.0.0.0/0",
+        "-o",
+        "json",
+    ]));
+    let (code, etag3, _, body) = desired(Some(&etag));
+    assert_eq!(code, 200, "changed: {body}");
+    assert!(etag3.is_some_and(|t| t != etag), "a new ETag");
+    let d: Value = serde_json::from_str(&body).expect("desired state");
+    assert!(
+        d["networks"][0]["ingress"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty()),
+        "the rule is in it: {body}"
+    );
+    ok(&["net", "rule", "rm", "app", rule["id"].as_str().expect("id")]);
 
     // Renamed (its identity, no token): the same host with the same VMs.
     let (code, body) =
